@@ -1,0 +1,1 @@
+//! The Batch API emulator (being written).
