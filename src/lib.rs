@@ -1,6 +1,199 @@
 //! Ferry: a reverse proxy that turns deferrable OpenAI-style chat completions
 //! into Batch API jobs and hands each caller its own answer back.
+//!
+//! One deferred request travels: [`proxy`] (classify, authenticate) →
+//! [`intake`] (validate, store durably, `202`) → [`store`] (sled) →
+//! [`batch`] (flush into a JSONL file, create, poll, ingest) → [`upstream`]
+//! (the Batch API client) → back through [`delivery`] (wake held callers).
 
+pub mod admin;
 pub mod announce;
 pub mod api_error;
+pub mod batch;
+pub mod config;
+pub mod delivery;
 pub mod emulator;
+pub mod intake;
+pub mod metrics;
+pub mod proxy;
+pub mod server;
+pub mod store;
+pub mod upstream;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use config::{Config, UpstreamSettings};
+use delivery::waiters::Waiters;
+use metrics::Metrics;
+use store::{QueueKey, QueueStats, RequestRecord, Store, now_millis, now_secs};
+use upstream::BatchClient;
+
+/// Where passthrough traffic for an upstream goes.
+#[derive(Debug, Clone)]
+pub struct PassthroughTarget {
+    /// `host:port` to connect to.
+    pub addr: String,
+    pub tls: bool,
+    /// Host name for SNI and the `Host` header.
+    pub host: String,
+    /// Path prefix that replaces the caller's `/v1` (e.g. `/v1`, `/openai/v1`).
+    pub base_path: String,
+}
+
+impl PassthroughTarget {
+    /// Splits a base URL such as `https://api.openai.com/v1`.
+    pub fn parse(base_url: &str) -> Option<PassthroughTarget> {
+        let (tls, rest) = if let Some(r) = base_url.strip_prefix("https://") {
+            (true, r)
+        } else {
+            (false, base_url.strip_prefix("http://")?)
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        if authority.is_empty() {
+            return None;
+        }
+        let (host, addr) = if authority.starts_with('[') {
+            // [::1]:8080
+            let end = authority.find(']')?;
+            let host = &authority[1..end];
+            let port = authority[end + 1..].strip_prefix(':').unwrap_or(if tls { "443" } else { "80" });
+            (host.to_owned(), format!("[{host}]:{port}"))
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h.to_owned(), format!("{h}:{p}")),
+                None => (authority.to_owned(), format!("{authority}:{}", if tls { 443 } else { 80 })),
+            }
+        };
+        Some(PassthroughTarget {
+            addr,
+            tls,
+            host,
+            base_path: path.trim_end_matches('/').to_owned(),
+        })
+    }
+}
+
+/// One configured upstream with its live parts.
+pub struct Upstream {
+    pub settings: UpstreamSettings,
+    pub client: BatchClient,
+    pub passthrough: PassthroughTarget,
+    /// The key Ferry sends upstream on passthrough (`Bearer ...`).
+    pub auth_header: String,
+    /// Wakes this upstream's flush loop (new queue, threshold crossed, re-queue).
+    pub wake: tokio::sync::Notify,
+    pub manual_flush: AtomicBool,
+    /// Unix millis before which no new batch is flushed (token budget full).
+    paused_until: AtomicU64,
+}
+
+impl Upstream {
+    pub fn pause_flushes(&self, d: Duration) {
+        self.paused_until
+            .store(now_millis() + d.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    pub fn flushes_paused(&self) -> bool {
+        now_millis() < self.paused_until.load(Ordering::SeqCst)
+    }
+}
+
+/// Everything the proxy hooks and the background tasks share.
+pub struct App {
+    pub config: Config,
+    pub store: Arc<Store>,
+    pub waiters: Waiters,
+    pub metrics: Arc<Metrics>,
+    pub upstreams: Vec<Upstream>,
+    /// Recovery has finished; `/readyz` answers 200.
+    pub ready: AtomicBool,
+    /// SIGTERM received: deferred intake answers 503, held callers get their ticket.
+    pub shutting_down: AtomicBool,
+    /// Tells held callers to give up waiting (shutdown).
+    pub release_waiters: tokio::sync::Notify,
+}
+
+impl App {
+    pub fn upstream_named(&self, name: &str) -> Option<&Upstream> {
+        self.upstreams.iter().find(|u| u.settings.name == name)
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Called after a request is stored: wakes the flush loop when the
+    /// request starts a queue (its time threshold begins) or crosses the
+    /// size or byte threshold.
+    pub fn after_enqueue(&self, upstream: &Upstream, rec: &RequestRecord) {
+        let qk = QueueKey {
+            upstream: rec.upstream.clone(),
+            model: rec.model.clone(),
+        };
+        let Some(st) = self.store.queue_stats_for(&qk) else {
+            return;
+        };
+        let s = &upstream.settings;
+        if st.count == 1 || st.count >= s.max_requests as u64 || st.bytes >= s.max_bytes {
+            upstream.wake.notify_one();
+        }
+    }
+
+    /// A request reached a terminal status and it is durable: wake its
+    /// waiters and count it.
+    pub fn on_terminal(&self, rec: &RequestRecord) {
+        self.waiters.notify(rec.id);
+        self.metrics
+            .requests_finished
+            .with_label_values(&[rec.status.as_str()])
+            .inc();
+        self.metrics
+            .accept_to_result
+            .observe(now_secs().saturating_sub(rec.created_at) as f64);
+    }
+
+    /// Adds a completion's `usage` to the token counters.
+    pub fn count_tokens(&self, body: &serde_json::Value) {
+        let (Some(model), Some(usage)) = (body["model"].as_str(), body.get("usage")) else {
+            return;
+        };
+        // Model names come from the upstream's answer; cap their length so a
+        // misbehaving upstream cannot blow up label cardinality by much.
+        let model: String = model.chars().take(64).collect();
+        for kind in ["prompt", "completion"] {
+            if let Some(n) = usage[format!("{kind}_tokens")].as_u64() {
+                self.metrics.tokens.with_label_values(&[&model, kind]).inc_by(n);
+            }
+        }
+    }
+
+    pub fn publish_queue_metrics(&self, qk: &QueueKey, s: &QueueStats) {
+        let labels = [qk.upstream.as_str(), qk.model.as_str()];
+        self.metrics.queued_requests.with_label_values(&labels).set(s.count as i64);
+        self.metrics.queued_bytes.with_label_values(&labels).set(s.bytes as i64);
+        let age = if s.count == 0 { 0 } else { now_millis().saturating_sub(s.oldest_ms) / 1000 };
+        self.metrics.queue_oldest_age.with_label_values(&labels).set(age as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_urls_split_into_targets() {
+        let t = PassthroughTarget::parse("https://api.openai.com/v1").unwrap();
+        assert_eq!((t.addr.as_str(), t.tls, t.host.as_str(), t.base_path.as_str()), ("api.openai.com:443", true, "api.openai.com", "/v1"));
+        let t = PassthroughTarget::parse("http://127.0.0.1:9000/openai/v1/").unwrap();
+        assert_eq!((t.addr.as_str(), t.tls, t.base_path.as_str()), ("127.0.0.1:9000", false, "/openai/v1"));
+        let t = PassthroughTarget::parse("http://[::1]:81/v1").unwrap();
+        assert_eq!(t.addr, "[::1]:81");
+        assert!(PassthroughTarget::parse("ftp://x").is_none());
+        assert!(PassthroughTarget::parse("http:///v1").is_none());
+    }
+}

@@ -1,0 +1,48 @@
+//! The admin port: `/metrics` and operator routes, never on the public port.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+use crate::App;
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/admin/flush", post(flush))
+        .with_state(app)
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+    app.metrics.storage_size.set(app.store.size_on_disk() as i64);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.metrics.render(),
+    )
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
+    if app.ready.load(Ordering::SeqCst) && !app.is_shutting_down() {
+        (StatusCode::OK, Json(serde_json::json!({"status": "ready"})))
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": "not_ready"})))
+    }
+}
+
+/// Flushes every non-empty queue now, whatever its thresholds.
+async fn flush(State(app): State<Arc<App>>) -> impl IntoResponse {
+    let mut names = Vec::new();
+    for up in &app.upstreams {
+        up.manual_flush.store(true, Ordering::SeqCst);
+        up.wake.notify_one();
+        names.push(up.settings.name.clone());
+    }
+    (StatusCode::ACCEPTED, Json(serde_json::json!({"flushing": names})))
+}

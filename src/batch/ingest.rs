@@ -1,0 +1,144 @@
+//! Reading a finished batch's output and error files: one line at a time,
+//! matched by `custom_id`, never by position.
+
+use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
+
+use crate::store::{Outcome, RequestError, StoredResult, parse_upstream_custom_id};
+
+#[derive(Debug, Deserialize)]
+struct RawLine {
+    custom_id: Option<String>,
+    #[serde(default)]
+    response: Option<RawResponse>,
+    #[serde(default)]
+    error: Option<RawError>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawResponse {
+    status_code: u16,
+    #[serde(default)]
+    body: serde_json::Value,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawError {
+    #[serde(default)]
+    code: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum LineError {
+    #[error("line is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("line has no custom_id")]
+    MissingCustomId,
+    #[error("custom_id `{0}` is not one of Ferry's")]
+    ForeignCustomId(String),
+    #[error("line has neither a response nor an error")]
+    Empty,
+}
+
+/// Parses one output- or error-file line into the member it answers and
+/// what became of it. An HTTP-level failure (`response.status_code` 4xx/5xx)
+/// is still the upstream's answer, so it is `Completed`; `batch_expired`
+/// lines are `Expired`; `batch_cancelled` lines go back to the queue.
+pub fn parse_line(line: &[u8]) -> Result<(u64, Outcome), LineError> {
+    let raw: RawLine = serde_json::from_slice(line).map_err(|e| LineError::InvalidJson(e.to_string()))?;
+    let cid = raw.custom_id.ok_or(LineError::MissingCustomId)?;
+    let id = parse_upstream_custom_id(&cid).ok_or(LineError::ForeignCustomId(cid))?;
+    if let Some(r) = raw.response {
+        return Ok((
+            id,
+            Outcome::Completed(StoredResult {
+                status_code: r.status_code,
+                body: r.body,
+            }),
+        ));
+    }
+    let e = raw.error.ok_or(LineError::Empty)?;
+    let code = e.code.unwrap_or_else(|| "upstream_error".into());
+    let message = e.message.unwrap_or_else(|| "the upstream gave no answer for this request".into());
+    let err = RequestError { code, message };
+    Ok((
+        id,
+        match err.code.as_str() {
+            "batch_expired" => Outcome::Expired(err),
+            "batch_cancelled" => Outcome::Requeue,
+            _ => Outcome::Failed(err),
+        },
+    ))
+}
+
+/// Splits a byte stream into lines across chunk boundaries.
+#[derive(Default)]
+pub struct LineSplitter {
+    pending: BytesMut,
+}
+
+impl LineSplitter {
+    /// Feeds a chunk; returns the complete lines it finished (without `\n`,
+    /// blank lines skipped).
+    pub fn push(&mut self, chunk: &Bytes) -> Vec<Bytes> {
+        self.pending.extend_from_slice(chunk);
+        let mut lines = Vec::new();
+        while let Some(pos) = self.pending.iter().position(|b| *b == b'\n') {
+            let line = self.pending.split_to(pos + 1).freeze();
+            let line = line.slice(..line.len() - 1);
+            if !line.iter().all(u8::is_ascii_whitespace) {
+                lines.push(line);
+            }
+        }
+        lines
+    }
+
+    /// The last line, when the file does not end with a newline.
+    pub fn finish(self) -> Option<Bytes> {
+        let rest = self.pending.freeze();
+        (!rest.iter().all(u8::is_ascii_whitespace)).then_some(rest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_failures_are_answers_and_expiry_is_told_apart() {
+        let ok = br#"{"id":"batch_req_1","custom_id":"ferry-7","response":{"status_code":200,"request_id":"r","body":{"object":"chat.completion"}},"error":null}"#;
+        let (id, o) = parse_line(ok).unwrap();
+        assert_eq!(id, 7);
+        assert!(matches!(o, Outcome::Completed(StoredResult { status_code: 200, .. })));
+        let http = br#"{"custom_id":"ferry-8","response":{"status_code":429,"body":{"error":{"message":"slow"}}},"error":null}"#;
+        assert!(matches!(parse_line(http).unwrap().1, Outcome::Completed(StoredResult { status_code: 429, .. })));
+        let exp = br#"{"custom_id":"ferry-9","response":null,"error":{"code":"batch_expired","message":"late"}}"#;
+        assert!(matches!(parse_line(exp).unwrap().1, Outcome::Expired(_)));
+        let can = br#"{"custom_id":"ferry-9","response":null,"error":{"code":"batch_cancelled","message":"c"}}"#;
+        assert!(matches!(parse_line(can).unwrap().1, Outcome::Requeue));
+        let other = br#"{"custom_id":"ferry-9","response":null,"error":{"code":"server_error","message":"boom"}}"#;
+        assert!(matches!(parse_line(other).unwrap().1, Outcome::Failed(RequestError { .. })));
+    }
+
+    #[test]
+    fn bad_lines_are_reported_not_fatal() {
+        assert!(matches!(parse_line(b"{nope"), Err(LineError::InvalidJson(_))));
+        assert_eq!(parse_line(br#"{"response":null}"#).unwrap_err(), LineError::MissingCustomId);
+        assert_eq!(
+            parse_line(br#"{"custom_id":"r-2","response":null,"error":null}"#).unwrap_err(),
+            LineError::ForeignCustomId("r-2".into())
+        );
+        assert_eq!(parse_line(br#"{"custom_id":"ferry-2"}"#).unwrap_err(), LineError::Empty);
+    }
+
+    #[test]
+    fn splitter_handles_chunk_boundaries() {
+        let mut s = LineSplitter::default();
+        assert!(s.push(&Bytes::from_static(b"{\"a\"")).is_empty());
+        let l = s.push(&Bytes::from_static(b":1}\n\n{\"b\":2}\n{\"c\""));
+        assert_eq!(l, vec![Bytes::from_static(b"{\"a\":1}"), Bytes::from_static(b"{\"b\":2}")]);
+        assert_eq!(s.finish(), Some(Bytes::from_static(b"{\"c\"")));
+    }
+}

@@ -1,0 +1,634 @@
+//! Configuration: TOML deserialised into plain `Raw*` structs that reject
+//! unknown keys, then validated once into [`Config`], whose values are typed
+//! and resolved. Nothing after start-up reads the raw form.
+//!
+//! Every key is documented in README.md ("Configuration reference"); the
+//! defaults stated there are the ones written here.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::emulator::EmulatorConfig;
+use crate::upstream::profile::{ProviderKind, ProviderProfile};
+
+/// The embedded default configuration: the built-in emulator as upstream and
+/// one demo tenant, so that `cargo run --release` works with no API key.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../config/ferry.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config is not valid TOML or has an unknown/mistyped key: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+// ---------------------------------------------------------------- raw form
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    /// Present when some upstream uses `emulator = true`; knobs of the
+    /// embedded Batch API emulator.
+    #[serde(default)]
+    emulator: Option<EmulatorConfig>,
+    upstreams: Vec<RawUpstream>,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
+    default_upstream: Option<String>,
+    tenants: Vec<RawTenant>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawServer {
+    listen: String,
+    admin_listen: String,
+    data_dir: String,
+    threads: usize,
+    max_body_bytes: u64,
+    max_wait_secs: u64,
+    upstream_connect_timeout_secs: u64,
+    upstream_read_timeout_secs: u64,
+    shutdown_grace_secs: u64,
+    log_format: String,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            listen: "127.0.0.1:8080".into(),
+            admin_listen: "127.0.0.1:9090".into(),
+            data_dir: "data/ferry".into(),
+            threads: 2,
+            max_body_bytes: 16 * 1024 * 1024,
+            max_wait_secs: 900,
+            upstream_connect_timeout_secs: 10,
+            upstream_read_timeout_secs: 600,
+            shutdown_grace_secs: 10,
+            log_format: "text".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    name: String,
+    kind: ProviderKind,
+    base_url: Option<String>,
+    #[serde(default)]
+    emulator: bool,
+    api_key_env: Option<String>,
+    completion_window: Option<String>,
+    max_requests: Option<usize>,
+    max_bytes: Option<u64>,
+    max_wait_secs: Option<f64>,
+    poll_interval_secs: Option<f64>,
+    calls_per_second: Option<u32>,
+    batches_per_hour: Option<u32>,
+    forbidden_params: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    model: Option<String>,
+    prefix: Option<String>,
+    upstream: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTenant {
+    name: String,
+    #[serde(default)]
+    keys: Vec<String>,
+    #[serde(default)]
+    key_envs: Vec<String>,
+    #[serde(default)]
+    key_sha256: Vec<String>,
+    #[serde(default)]
+    default_mode: Mode,
+    #[serde(default)]
+    default_wait_secs: u64,
+}
+
+// ------------------------------------------------------------ validated form
+
+/// Whether a tenant's calls are deferred when they carry no `Prefer` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Passthrough,
+    Defer,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Public proxy address; port 0 lets the OS choose (announced on stdout).
+    pub listen: SocketAddr,
+    /// Metrics and admin routes.
+    pub admin_listen: SocketAddr,
+    /// The sled database directory.
+    pub data_dir: PathBuf,
+    /// Worker threads of the proxy service.
+    pub threads: usize,
+    /// Largest deferred request body accepted (413 above it).
+    pub max_body_bytes: u64,
+    /// The most any caller may ask to be held (`wait=N`, `?wait=S`).
+    pub max_wait: Duration,
+    pub upstream_connect_timeout: Duration,
+    pub upstream_read_timeout: Duration,
+    /// How long SIGTERM waits for held connections before exiting.
+    pub shutdown_grace: Duration,
+    pub log_format: LogFormat,
+}
+
+/// Where an upstream's API lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamTarget {
+    /// `base_url`, e.g. `https://api.openai.com/v1`.
+    Url(String),
+    /// The built-in emulator started beside Ferry; resolved at start.
+    Emulator,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    pub name: String,
+    pub profile: ProviderProfile,
+    pub target: UpstreamTarget,
+    /// Name of the environment variable holding the upstream key (absent for the emulator).
+    pub api_key_env: Option<String>,
+    pub completion_window: String,
+    /// Flush thresholds; never above the profile's limits.
+    pub max_requests: usize,
+    pub max_bytes: u64,
+    pub max_wait: Duration,
+    pub poll_interval: Duration,
+    /// Upstream API calls per second (polls, downloads, uploads), shared.
+    pub calls_per_second: u32,
+    /// Batch creations per hour.
+    pub batches_per_hour: u32,
+}
+
+#[derive(Debug, Clone)]
+pub enum RouteMatch {
+    Exact(String),
+    Prefix(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub matcher: RouteMatch,
+    pub upstream: usize,
+}
+
+#[derive(Debug)]
+pub struct Tenant {
+    pub name: String,
+    pub default_mode: Mode,
+    pub default_wait: Duration,
+}
+
+#[derive(Debug)]
+pub struct Config {
+    pub server: ServerSettings,
+    pub emulator: Option<EmulatorConfig>,
+    pub upstreams: Vec<UpstreamSettings>,
+    pub routes: Vec<Route>,
+    pub default_upstream: usize,
+    pub tenants: Vec<Arc<Tenant>>,
+    /// SHA-256 of each caller key → tenant. Keys are kept only as hashes.
+    pub keys: HashMap<[u8; 32], Arc<Tenant>>,
+}
+
+/// SHA-256 of a caller key, the form in which keys are held and compared.
+pub fn key_hash(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+impl Config {
+    /// Loads a config file, or the embedded default when `path` is `None`.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        match path {
+            None => Config::parse(EMBEDDED_DEFAULT),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?;
+                Config::parse(&text)
+            }
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text)?;
+        raw.validate(&|name| std::env::var(name).ok())
+    }
+
+    /// Like [`Config::parse`] with a custom environment, for tests.
+    pub fn parse_with_env(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text)?;
+        raw.validate(env)
+    }
+
+    /// The upstream a model is routed to: exact names first, then the longest
+    /// matching prefix, then the default.
+    pub fn upstream_for_model(&self, model: &str) -> usize {
+        let mut best: Option<(usize, usize)> = None;
+        for r in &self.routes {
+            match &r.matcher {
+                RouteMatch::Exact(m) if m == model => return r.upstream,
+                RouteMatch::Prefix(p) if model.starts_with(p.as_str()) => {
+                    if best.is_none_or(|(len, _)| p.len() > len) {
+                        best = Some((p.len(), r.upstream));
+                    }
+                }
+                _ => {}
+            }
+        }
+        best.map_or(self.default_upstream, |(_, u)| u)
+    }
+
+    pub fn tenant_for_key(&self, key: &str) -> Option<&Arc<Tenant>> {
+        self.keys.get(&key_hash(key))
+    }
+}
+
+fn parse_addr(key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse()
+        .map_err(|_| invalid(key, format!("`{s}` is not an address like 127.0.0.1:8080")))
+}
+
+fn secs(key: &str, v: f64) -> Result<Duration, ConfigError> {
+    if !v.is_finite() || v < 0.0 {
+        return Err(invalid(key, "must be a non-negative number of seconds"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+impl RawConfig {
+    fn validate(self, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let s = self.server;
+        let log_format = match s.log_format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "server.log_format",
+                    format!("`{other}` is not one of text, json"),
+                ));
+            }
+        };
+        if s.threads == 0 {
+            return Err(invalid("server.threads", "must be at least 1"));
+        }
+        if s.max_body_bytes == 0 {
+            return Err(invalid("server.max_body_bytes", "must be at least 1"));
+        }
+        let server = ServerSettings {
+            listen: parse_addr("server.listen", &s.listen)?,
+            admin_listen: parse_addr("server.admin_listen", &s.admin_listen)?,
+            data_dir: PathBuf::from(s.data_dir),
+            threads: s.threads,
+            max_body_bytes: s.max_body_bytes,
+            max_wait: Duration::from_secs(s.max_wait_secs),
+            upstream_connect_timeout: Duration::from_secs(s.upstream_connect_timeout_secs.max(1)),
+            upstream_read_timeout: Duration::from_secs(s.upstream_read_timeout_secs.max(1)),
+            shutdown_grace: Duration::from_secs(s.shutdown_grace_secs),
+            log_format,
+        };
+
+        if self.upstreams.is_empty() {
+            return Err(invalid("upstreams", "at least one [[upstreams]] is needed"));
+        }
+        let mut upstreams = Vec::new();
+        let mut by_name = BTreeMap::new();
+        for (i, u) in self.upstreams.into_iter().enumerate() {
+            let key = |k: &str| format!("upstreams[{i}].{k}");
+            if u.name.is_empty() || !u.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(invalid(key("name"), "must be non-empty [A-Za-z0-9_-]"));
+            }
+            if by_name.insert(u.name.clone(), i).is_some() {
+                return Err(invalid(key("name"), format!("`{}` is used twice", u.name)));
+            }
+            let mut profile = ProviderProfile::for_kind(u.kind);
+            if let Some(f) = u.forbidden_params {
+                profile.forbidden_params = f;
+            }
+            let target = match (u.emulator, u.base_url) {
+                (true, None) => UpstreamTarget::Emulator,
+                (true, Some(_)) => {
+                    return Err(invalid(key("base_url"), "give either base_url or emulator = true, not both"));
+                }
+                (false, Some(url)) => {
+                    let url = url.trim_end_matches('/').to_owned();
+                    if !(url.starts_with("http://") || url.starts_with("https://")) {
+                        return Err(invalid(key("base_url"), "must start with http:// or https://"));
+                    }
+                    UpstreamTarget::Url(url)
+                }
+                (false, None) => {
+                    return Err(invalid(key("base_url"), "is required (or emulator = true)"));
+                }
+            };
+            if target != UpstreamTarget::Emulator {
+                match &u.api_key_env {
+                    None => return Err(invalid(key("api_key_env"), "is required for a real upstream")),
+                    Some(name) if env(name).is_none() => {
+                        return Err(invalid(
+                            key("api_key_env"),
+                            format!("environment variable `{name}` is not set"),
+                        ));
+                    }
+                    Some(_) => {}
+                }
+            }
+            let completion_window = u
+                .completion_window
+                .unwrap_or_else(|| profile.default_window.to_owned());
+            profile
+                .check_window(&completion_window)
+                .map_err(|m| invalid(key("completion_window"), m))?;
+            let max_requests = u.max_requests.unwrap_or(profile.max_lines);
+            if max_requests == 0 || max_requests > profile.max_lines {
+                return Err(invalid(
+                    key("max_requests"),
+                    format!("must be 1..={} for a {} upstream", profile.max_lines, profile.kind.as_str()),
+                ));
+            }
+            let max_bytes = u.max_bytes.unwrap_or(profile.max_file_bytes);
+            if max_bytes < 1024 || max_bytes > profile.max_file_bytes {
+                return Err(invalid(
+                    key("max_bytes"),
+                    format!("must be 1024..={} for a {} upstream", profile.max_file_bytes, profile.kind.as_str()),
+                ));
+            }
+            let calls_per_second = u.calls_per_second.unwrap_or(10);
+            let batches_per_hour = u.batches_per_hour.unwrap_or(profile.batches_per_hour);
+            if calls_per_second == 0 {
+                return Err(invalid(key("calls_per_second"), "must be at least 1"));
+            }
+            if batches_per_hour == 0 {
+                return Err(invalid(key("batches_per_hour"), "must be at least 1"));
+            }
+            upstreams.push(UpstreamSettings {
+                name: u.name,
+                profile,
+                target,
+                api_key_env: u.api_key_env,
+                completion_window,
+                max_requests,
+                max_bytes,
+                max_wait: secs(&key("max_wait_secs"), u.max_wait_secs.unwrap_or(60.0))?,
+                poll_interval: secs(&key("poll_interval_secs"), u.poll_interval_secs.unwrap_or(30.0))?
+                    .max(Duration::from_millis(50)),
+                calls_per_second,
+                batches_per_hour,
+            });
+        }
+        let uses_emulator = upstreams.iter().any(|u| u.target == UpstreamTarget::Emulator);
+        let emulator = match (uses_emulator, self.emulator) {
+            (true, e) => Some(e.unwrap_or_default()),
+            (false, Some(_)) => {
+                return Err(invalid("emulator", "is set but no upstream has emulator = true"));
+            }
+            (false, None) => None,
+        };
+
+        let lookup = |key: String, name: &str| {
+            by_name
+                .get(name)
+                .copied()
+                .ok_or_else(|| invalid(key, format!("no upstream is named `{name}`")))
+        };
+        let mut routes = Vec::new();
+        for (i, r) in self.routes.into_iter().enumerate() {
+            let matcher = match (r.model, r.prefix) {
+                (Some(m), None) => RouteMatch::Exact(m),
+                (None, Some(p)) => RouteMatch::Prefix(p),
+                _ => return Err(invalid(format!("routes[{i}]"), "give exactly one of model, prefix")),
+            };
+            routes.push(Route {
+                matcher,
+                upstream: lookup(format!("routes[{i}].upstream"), &r.upstream)?,
+            });
+        }
+        let default_upstream = match self.default_upstream {
+            Some(name) => lookup("default_upstream".into(), &name)?,
+            None => 0,
+        };
+
+        if self.tenants.is_empty() {
+            return Err(invalid("tenants", "at least one [[tenants]] is needed"));
+        }
+        let mut tenants = Vec::new();
+        let mut keys = HashMap::new();
+        for (i, t) in self.tenants.into_iter().enumerate() {
+            let key = |k: &str| format!("tenants[{i}].{k}");
+            if t.name.is_empty() || tenants.iter().any(|x: &Arc<Tenant>| x.name == t.name) {
+                return Err(invalid(key("name"), "must be non-empty and unique"));
+            }
+            let tenant = Arc::new(Tenant {
+                name: t.name,
+                default_mode: t.default_mode,
+                default_wait: Duration::from_secs(t.default_wait_secs).min(server.max_wait),
+            });
+            let mut hashes = Vec::new();
+            for k in t.keys {
+                hashes.push(key_hash(&k));
+            }
+            for name in t.key_envs {
+                let v = env(&name).ok_or_else(|| {
+                    invalid(key("key_envs"), format!("environment variable `{name}` is not set"))
+                })?;
+                hashes.push(key_hash(&v));
+            }
+            for h in t.key_sha256 {
+                hashes.push(parse_sha256(&h).ok_or_else(|| {
+                    invalid(key("key_sha256"), format!("`{h}` is not 64 hex digits"))
+                })?);
+            }
+            if hashes.is_empty() {
+                return Err(invalid(key("keys"), "a tenant needs at least one key"));
+            }
+            for h in hashes {
+                if keys.insert(h, tenant.clone()).is_some() {
+                    return Err(invalid(key("keys"), "a key is given to two tenants"));
+                }
+            }
+            tenants.push(tenant);
+        }
+
+        Ok(Config {
+            server,
+            emulator,
+            upstreams,
+            routes,
+            default_upstream,
+            tenants,
+            keys,
+        })
+    }
+}
+
+fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, chunk) in hex.as_bytes().chunks(2).enumerate() {
+        let s = std::str::from_utf8(chunk).ok()?;
+        out[i] = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    const MIN: &str = r#"
+        [[upstreams]]
+        name = "emu"
+        kind = "openai"
+        emulator = true
+        [[tenants]]
+        name = "t"
+        keys = ["k1"]
+    "#;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::parse_with_env(EMBEDDED_DEFAULT, &no_env).unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.server.admin_listen, "127.0.0.1:9090".parse().unwrap());
+        assert!(c.tenant_for_key("ferry-demo-key").is_some());
+        assert!(c.emulator.is_some());
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse_with_env(MIN, &no_env).unwrap();
+        let u = &c.upstreams[0];
+        assert_eq!(u.max_requests, 50_000);
+        assert_eq!(u.max_bytes, 200 * 1024 * 1024);
+        assert_eq!(u.completion_window, "24h");
+        assert_eq!(c.tenant_for_key("k1").unwrap().name, "t");
+        assert!(c.tenant_for_key("k2").is_none());
+    }
+
+    #[test]
+    fn unknown_key_is_refused_by_name() {
+        let err = Config::parse_with_env(&format!("{MIN}\n[server]\nlisten_addr = \"x\""), &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn limits_above_the_provider_are_refused() {
+        let text = MIN.replace("emulator = true", "emulator = true\nmax_requests = 60000");
+        let err = Config::parse_with_env(&text, &no_env).unwrap_err().to_string();
+        assert!(err.contains("upstreams[0].max_requests"), "{err}");
+        let text = MIN.replace("kind = \"openai\"", "kind = \"moonshot\"\nmax_bytes = 150000000");
+        let err = Config::parse_with_env(&text, &no_env).unwrap_err().to_string();
+        assert!(err.contains("upstreams[0].max_bytes"), "{err}");
+    }
+
+    #[test]
+    fn bad_window_and_missing_env_name_the_key() {
+        let text = MIN.replace("emulator = true", "emulator = true\ncompletion_window = \"12h\"");
+        let err = Config::parse_with_env(&text, &no_env).unwrap_err().to_string();
+        assert!(err.contains("completion_window"), "{err}");
+        let text = MIN.replace(
+            "emulator = true",
+            "base_url = \"https://api.openai.com/v1\"\napi_key_env = \"NOPE_KEY\"",
+        );
+        let err = Config::parse_with_env(&text, &no_env).unwrap_err().to_string();
+        assert!(err.contains("NOPE_KEY"), "{err}");
+        let c = Config::parse_with_env(&text, &|_| Some("sk".into())).unwrap();
+        assert_eq!(
+            c.upstreams[0].target,
+            UpstreamTarget::Url("https://api.openai.com/v1".into())
+        );
+    }
+
+    #[test]
+    fn routes_prefer_exact_then_longest_prefix() {
+        let text = format!(
+            "{MIN}
+            [[upstreams]]
+            name = \"b\"
+            kind = \"moonshot\"
+            emulator = true
+            [[upstreams]]
+            name = \"c\"
+            kind = \"generic\"
+            emulator = true
+            [[routes]]
+            prefix = \"kimi-\"
+            upstream = \"b\"
+            [[routes]]
+            prefix = \"kimi-k2\"
+            upstream = \"c\"
+            [[routes]]
+            model = \"kimi-x\"
+            upstream = \"emu\"
+            "
+        );
+        let c = Config::parse_with_env(&text, &no_env).unwrap();
+        assert_eq!(c.upstream_for_model("kimi-k2.6"), 2);
+        assert_eq!(c.upstream_for_model("kimi-a"), 1);
+        assert_eq!(c.upstream_for_model("kimi-x"), 0);
+        assert_eq!(c.upstream_for_model("gpt-4o"), 0);
+    }
+
+    #[test]
+    fn hashed_keys_work_and_bad_hashes_are_named() {
+        let h: String = key_hash("secret").iter().map(|b| format!("{b:02x}")).collect();
+        let text = MIN.replace("keys = [\"k1\"]", &format!("key_sha256 = [\"{h}\"]"));
+        let c = Config::parse_with_env(&text, &no_env).unwrap();
+        assert!(c.tenant_for_key("secret").is_some());
+        let text = MIN.replace("keys = [\"k1\"]", "key_sha256 = [\"zz\"]");
+        let err = Config::parse_with_env(&text, &no_env).unwrap_err().to_string();
+        assert!(err.contains("tenants[0].key_sha256"), "{err}");
+    }
+}

@@ -1,0 +1,60 @@
+//! Handing results back: long-poll waiters and the status object.
+
+pub mod waiters;
+
+use serde_json::{Value, json};
+
+use crate::store::{RequestRecord, StoredResult};
+
+/// The caller-facing status object (contract section 4).
+pub fn status_object(rec: &RequestRecord, result: Option<&StoredResult>) -> Value {
+    json!({
+        "id": rec.custom_id,
+        "object": "ferry.request",
+        "status": rec.status.as_str(),
+        "model": rec.model,
+        "created_at": rec.created_at,
+        "submitted_at": rec.submitted_at,
+        "completed_at": rec.completed_at,
+        "batch_id": rec.batch_id,
+        "result": result.map(|r| json!({"status_code": r.status_code, "body": r.body})),
+        "error": rec.error.as_ref().map(|e| json!({"code": e.code, "message": e.message})),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{RequestError, RequestStatus};
+
+    #[test]
+    fn status_object_has_every_key() {
+        let rec = RequestRecord {
+            id: 5,
+            tenant: "t".into(),
+            custom_id: "invoice-1".into(),
+            model: "gpt-4o-mini".into(),
+            upstream: "u".into(),
+            body_sha256: String::new(),
+            body_len: 0,
+            status: RequestStatus::Failed,
+            created_at: 10,
+            submitted_at: Some(11),
+            completed_at: Some(12),
+            batch: Some(1),
+            batch_id: Some("batch_1".into()),
+            error: Some(RequestError { code: "invalid_request".into(), message: "bad".into() }),
+            callback_url: None,
+            stream: false,
+            attempts: 1,
+        };
+        let v = status_object(&rec, None);
+        for k in ["id", "object", "status", "model", "created_at", "submitted_at", "completed_at", "batch_id", "result", "error"] {
+            assert!(v.get(k).is_some(), "{k}");
+        }
+        assert_eq!(v["id"], "invoice-1");
+        assert_eq!(v["status"], "failed");
+        assert_eq!(v["error"]["code"], "invalid_request");
+        assert!(v["result"].is_null());
+    }
+}

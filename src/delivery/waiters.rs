@@ -1,0 +1,89 @@
+//! Callers held until a request is terminal. One `Notify` per request that
+//! someone waits on; the result ingester wakes it after the result is
+//! durable. A held caller costs one small map entry and a parked future — no
+//! polling loop, no thread.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::sync::Notify;
+
+#[derive(Default)]
+pub struct Waiters {
+    map: DashMap<u64, Arc<Notify>>,
+}
+
+impl Waiters {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Wakes everyone waiting on `id`. Call after the new state is stored.
+    pub fn notify(&self, id: u64) {
+        if let Some((_, n)) = self.map.remove(&id) {
+            n.notify_waiters();
+        }
+    }
+
+    /// Waits until `id` is notified or `timeout` passes. `is_done` is checked
+    /// after registering, so a notification between the caller's own check
+    /// and this call is never missed. Returns whether it was woken (or done).
+    pub async fn wait(&self, id: u64, timeout: Duration, is_done: impl FnOnce() -> bool) -> bool {
+        let woken = {
+            let n = self.map.entry(id).or_default().clone();
+            let notified = n.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            is_done() || tokio::time::timeout(timeout, notified).await.is_ok()
+        };
+        // Drop the entry if nobody else waits on it any more.
+        self.map.remove_if(&id, |_, n| Arc::strong_count(n) == 1);
+        woken
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn wakes_on_notify_and_times_out_otherwise() {
+        let w = Arc::new(Waiters::new());
+        let w2 = w.clone();
+        let waiter = tokio::spawn(async move { w2.wait(7, Duration::from_secs(30), || false).await });
+        tokio::task::yield_now().await;
+        assert_eq!(w.len(), 1);
+        w.notify(7);
+        assert!(waiter.await.unwrap());
+        assert!(w.is_empty());
+        // Nobody notifies: the (paused) clock runs out.
+        assert!(!w.wait(8, Duration::from_secs(5), || false).await);
+        assert!(w.is_empty());
+        // Already done: returns at once.
+        assert!(w.wait(9, Duration::from_secs(5), || true).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn many_waiters_on_one_request_all_wake() {
+        let w = Arc::new(Waiters::new());
+        let mut tasks = Vec::new();
+        for _ in 0..100 {
+            let w = w.clone();
+            tasks.push(tokio::spawn(async move { w.wait(1, Duration::from_secs(60), || false).await }));
+        }
+        tokio::task::yield_now().await;
+        w.notify(1);
+        for t in tasks {
+            assert!(t.await.unwrap());
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! Deferred calls in: decide whether a call is deferred, validate its body,
+//! assign its id, store it durably. Pure functions apart from [`accept`].
+
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use crate::api_error::ErrorEnvelope;
+use crate::config::{Mode, Tenant};
+use crate::store::{Intake, RequestRecord, RequestStatus, Store, StoreError, now_secs};
+use crate::upstream::profile::ProviderProfile;
+
+/// Errors of the intake layer; [`IntakeError::status`] is the one mapping to HTTP.
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    #[error("{message}")]
+    BadRequest {
+        message: String,
+        param: Option<&'static str>,
+        code: &'static str,
+    },
+    #[error("request body is {size} bytes, over the limit of {limit}")]
+    TooLarge { size: u64, limit: u64 },
+    #[error("custom id `{0}` is already used with a different body")]
+    Conflict(String),
+    #[error("Ferry cannot store the request right now: {0}")]
+    Unavailable(String),
+}
+
+impl IntakeError {
+    pub fn status(&self) -> u16 {
+        match self {
+            IntakeError::BadRequest { .. } => 400,
+            IntakeError::TooLarge { .. } => 413,
+            IntakeError::Conflict(_) => 409,
+            IntakeError::Unavailable(_) => 503,
+        }
+    }
+
+    pub fn envelope(&self) -> ErrorEnvelope {
+        let (param, code) = match self {
+            IntakeError::BadRequest { param, code, .. } => (*param, *code),
+            IntakeError::TooLarge { .. } => (None, "request_too_large"),
+            IntakeError::Conflict(_) => (Some("X-Ferry-Custom-Id"), "custom_id_conflict"),
+            IntakeError::Unavailable(_) => (None, "storage_unavailable"),
+        };
+        ErrorEnvelope::for_status(self.status(), self.to_string(), param, Some(code))
+    }
+}
+
+impl From<StoreError> for IntakeError {
+    fn from(e: StoreError) -> Self {
+        IntakeError::Unavailable(e.to_string())
+    }
+}
+
+fn bad(message: impl Into<String>, param: Option<&'static str>, code: &'static str) -> IntakeError {
+    IntakeError::BadRequest {
+        message: message.into(),
+        param,
+        code,
+    }
+}
+
+/// What the caller asked for in `Prefer` (RFC 7240).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Prefer {
+    pub respond_async: bool,
+    /// `wait=N` in seconds.
+    pub wait: Option<u64>,
+}
+
+/// Parses every `Prefer` header value: comma-separated preferences,
+/// case-insensitive names, optionally quoted values, parameters after `;`
+/// ignored.
+pub fn parse_prefer<'a>(values: impl Iterator<Item = &'a str>) -> Prefer {
+    let mut p = Prefer::default();
+    for value in values {
+        for pref in value.split(',') {
+            let token = pref.split(';').next().unwrap_or("").trim();
+            let (name, val) = match token.split_once('=') {
+                Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
+                None => (token, None),
+            };
+            if name.eq_ignore_ascii_case("respond-async") {
+                p.respond_async = true;
+            } else if name.eq_ignore_ascii_case("wait") {
+                if let Some(n) = val.and_then(|v| v.parse().ok()) {
+                    p.wait = Some(n);
+                }
+            }
+        }
+    }
+    p
+}
+
+/// How a chat completion call is to be handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    Passthrough,
+    /// Deferred; hold the caller up to this long for the result.
+    Deferred { wait: Duration },
+}
+
+/// Deferred when `Prefer: respond-async` is sent or the tenant defers by
+/// default; the wait is the caller's `wait=N`, else the tenant's default,
+/// clamped to `max_wait`.
+pub fn disposition(prefer: Prefer, tenant: &Tenant, max_wait: Duration) -> Disposition {
+    if !prefer.respond_async && tenant.default_mode == Mode::Passthrough {
+        return Disposition::Passthrough;
+    }
+    let wait = prefer
+        .wait
+        .map(Duration::from_secs)
+        .unwrap_or(tenant.default_wait)
+        .min(max_wait);
+    Disposition::Deferred { wait }
+}
+
+/// A body that passed validation, in the form that goes upstream.
+#[derive(Debug)]
+pub struct ValidBody {
+    pub model: String,
+    /// The caller asked to stream; the line itself never streams.
+    pub stream: bool,
+    /// Compact JSON without `stream`/`stream_options`, one line.
+    pub line_body: Vec<u8>,
+    pub sha256: String,
+}
+
+/// Validates a deferred chat completion body against the contract and the
+/// provider's batch rules; errors name the offending field.
+/// `profile_for` gives the profile of the upstream the model routes to.
+pub fn validate_body<'a>(
+    raw: &[u8],
+    profile_for: &dyn Fn(&str) -> &'a ProviderProfile,
+    waits: bool,
+) -> Result<ValidBody, IntakeError> {
+    let sha256 = hex(&Sha256::digest(raw));
+    let mut v: serde_json::Value = serde_json::from_slice(raw)
+        .map_err(|e| bad(format!("request body is not valid JSON: {e}"), None, "invalid_json"))?;
+    let obj = v
+        .as_object_mut()
+        .ok_or_else(|| bad("request body must be a JSON object", None, "invalid_json"))?;
+    let model = match obj.get("model") {
+        Some(serde_json::Value::String(m)) if !m.is_empty() => m.clone(),
+        Some(_) => return Err(bad("`model` must be a non-empty string", Some("model"), "invalid_type")),
+        None => return Err(bad("you must provide a model parameter", Some("model"), "missing_required_parameter")),
+    };
+    let profile = profile_for(&model);
+    match obj.get("messages") {
+        Some(serde_json::Value::Array(a)) if !a.is_empty() => {
+            if a.iter().any(|m| !m.is_object()) {
+                return Err(bad("each of `messages` must be an object", Some("messages"), "invalid_type"));
+            }
+        }
+        Some(serde_json::Value::Array(_)) => {
+            return Err(bad("`messages` must not be empty", Some("messages"), "invalid_value"));
+        }
+        Some(_) => return Err(bad("`messages` must be an array", Some("messages"), "invalid_type")),
+        None => return Err(bad("missing required parameter: `messages`", Some("messages"), "missing_required_parameter")),
+    }
+    for p in &profile.forbidden_params {
+        if obj.contains_key(p.as_str()) {
+            return Err(bad(
+                format!(
+                    "`{p}` is not accepted by this upstream's Batch API ({}); remove it or call without deferral",
+                    profile.kind.as_str()
+                ),
+                None,
+                "unsupported_parameter",
+            ));
+        }
+    }
+    let stream = match obj.get("stream") {
+        None | Some(serde_json::Value::Null) => false,
+        Some(serde_json::Value::Bool(b)) => *b,
+        Some(_) => return Err(bad("`stream` must be a boolean", Some("stream"), "invalid_type")),
+    };
+    if stream && !waits {
+        return Err(bad(
+            "`stream: true` cannot be deferred without a wait: the Batch API does not stream. \
+             Send `Prefer: respond-async, wait=N` to have the finished completion replayed as SSE, or drop `stream`",
+            Some("stream"),
+            "stream_requires_wait",
+        ));
+    }
+    obj.remove("stream");
+    obj.remove("stream_options");
+    let line_body = serde_json::to_vec(&v).map_err(|e| bad(e.to_string(), None, "invalid_json"))?;
+    Ok(ValidBody {
+        model,
+        stream,
+        line_body,
+        sha256,
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `X-Ferry-Custom-Id`: `[A-Za-z0-9_-]{1,64}`.
+pub fn valid_custom_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// A fresh id for callers that gave none: `req_` and 24 random characters.
+pub fn assign_custom_id() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    let tail: String = (0..24)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("req_{tail}")
+}
+
+/// Everything needed to store one deferred call.
+pub struct NewRequest<'a> {
+    pub tenant: &'a str,
+    pub custom_id: Option<String>,
+    pub upstream: &'a str,
+    pub body: ValidBody,
+    pub callback_url: Option<String>,
+}
+
+/// Stores the request and makes it durable. On `Created` the request is on
+/// disk; if the flush fails the request is removed again and the caller gets
+/// `Unavailable` (503), so Ferry holds nothing it did not promise.
+/// A stored request, and whether this call created it (else it is the
+/// earlier ticket of an idempotent retry).
+#[derive(Debug)]
+pub struct Accepted {
+    pub rec: RequestRecord,
+    pub created: bool,
+}
+
+pub async fn accept(store: &Store, req: NewRequest<'_>) -> Result<Accepted, IntakeError> {
+    let custom_id = req.custom_id.unwrap_or_else(assign_custom_id);
+    let rec = RequestRecord {
+        id: 0,
+        tenant: req.tenant.to_owned(),
+        custom_id: custom_id.clone(),
+        model: req.body.model.clone(),
+        upstream: req.upstream.to_owned(),
+        body_sha256: req.body.sha256.clone(),
+        body_len: req.body.line_body.len() as u64,
+        status: RequestStatus::Queued,
+        created_at: now_secs(),
+        submitted_at: None,
+        completed_at: None,
+        batch: None,
+        batch_id: None,
+        error: None,
+        callback_url: req.callback_url,
+        stream: req.body.stream,
+        attempts: 0,
+    };
+    match store.insert_request(rec, &req.body.line_body)? {
+        Intake::Created(rec) => {
+            if let Err(e) = store.commit().await {
+                tracing::error!(error = %e, "durable flush failed; refusing the request");
+                let _ = store.forget_request(&rec);
+                return Err(IntakeError::Unavailable(e.to_string()));
+            }
+            Ok(Accepted { rec, created: true })
+        }
+        Intake::Existing(rec) => {
+            // The earlier write may still be in flight in another task's
+            // commit; make sure it is durable before repeating its ticket.
+            store.commit().await?;
+            Ok(Accepted { rec, created: false })
+        }
+        Intake::Conflict(_) => Err(IntakeError::Conflict(custom_id)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::profile::ProviderKind;
+
+    fn tenant(mode: Mode, wait: u64) -> Tenant {
+        Tenant {
+            name: "t".into(),
+            default_mode: mode,
+            default_wait: Duration::from_secs(wait),
+        }
+    }
+
+    #[test]
+    fn prefer_parsing_follows_rfc7240() {
+        assert_eq!(
+            parse_prefer(["respond-async, wait=10"].into_iter()),
+            Prefer { respond_async: true, wait: Some(10) }
+        );
+        assert_eq!(
+            parse_prefer(["Respond-Async", "wait=\"5\"; x=y"].into_iter()),
+            Prefer { respond_async: true, wait: Some(5) }
+        );
+        assert_eq!(parse_prefer(["return=minimal"].into_iter()), Prefer::default());
+        assert_eq!(parse_prefer(["wait=abc, respond-async"].into_iter()).wait, None);
+    }
+
+    #[test]
+    fn disposition_uses_header_then_tenant_default_and_clamps() {
+        let max = Duration::from_secs(60);
+        let p = Prefer { respond_async: false, wait: None };
+        assert_eq!(disposition(p, &tenant(Mode::Passthrough, 0), max), Disposition::Passthrough);
+        assert_eq!(
+            disposition(p, &tenant(Mode::Defer, 30), max),
+            Disposition::Deferred { wait: Duration::from_secs(30) }
+        );
+        let p = Prefer { respond_async: true, wait: Some(600) };
+        assert_eq!(disposition(p, &tenant(Mode::Passthrough, 0), max), Disposition::Deferred { wait: max });
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let openai = ProviderProfile::for_kind(ProviderKind::Openai);
+        let moonshot = ProviderProfile::for_kind(ProviderKind::Moonshot);
+        let cases: &[(&str, Option<&str>, &str)] = &[
+            ("not json", None, "invalid_json"),
+            ("[1]", None, "invalid_json"),
+            (r#"{"messages":[{"role":"user","content":"x"}]}"#, Some("model"), "missing_required_parameter"),
+            (r#"{"model":5,"messages":[]}"#, Some("model"), "invalid_type"),
+            (r#"{"model":"m"}"#, Some("messages"), "missing_required_parameter"),
+            (r#"{"model":"m","messages":[]}"#, Some("messages"), "invalid_value"),
+            (r#"{"model":"m","messages":"hi"}"#, Some("messages"), "invalid_type"),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":true}"#, Some("stream"), "stream_requires_wait"),
+        ];
+        for (body, param, code) in cases {
+            let e = validate_body(body.as_bytes(), &|_| &openai, false).unwrap_err();
+            let env = e.envelope();
+            assert_eq!(e.status(), 400, "{body}");
+            assert_eq!(env.error.param.as_deref(), *param, "{body}");
+            assert_eq!(env.error.code.as_deref(), Some(*code), "{body}");
+        }
+        let t = r#"{"model":"kimi-k2.6","messages":[{"role":"user","content":"x"}],"temperature":0.2}"#;
+        assert!(validate_body(t.as_bytes(), &|_| &openai, false).is_ok());
+        let e = validate_body(t.as_bytes(), &|_| &moonshot, false).unwrap_err();
+        assert!(e.to_string().contains("temperature"));
+    }
+
+    #[test]
+    fn streaming_with_wait_is_stored_without_stream() {
+        let openai = ProviderProfile::for_kind(ProviderKind::Openai);
+        let body = "{\n \"model\": \"m\",\n \"messages\": [{\"role\":\"user\",\"content\":\"x\"}],\n \"stream\": true,\n \"stream_options\": {\"include_usage\": true}\n}";
+        let v = validate_body(body.as_bytes(), &|_| &openai, true).unwrap();
+        assert!(v.stream);
+        assert_eq!(v.model, "m");
+        let line = String::from_utf8(v.line_body).unwrap();
+        assert!(!line.contains('\n'));
+        assert!(!line.contains("stream"));
+        assert_eq!(v.sha256.len(), 64);
+    }
+
+    #[test]
+    fn custom_ids() {
+        assert!(valid_custom_id("invoice-7731"));
+        assert!(valid_custom_id(&"a".repeat(64)));
+        assert!(!valid_custom_id(&"a".repeat(65)));
+        assert!(!valid_custom_id(""));
+        assert!(!valid_custom_id("a b"));
+        assert!(!valid_custom_id("ü"));
+        let id = assign_custom_id();
+        assert!(valid_custom_id(&id) && id.starts_with("req_") && id.len() == 28);
+    }
+}

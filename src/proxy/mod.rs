@@ -1,0 +1,445 @@
+//! The pingora service: classify each call, answer Ferry's own routes,
+//! take deferred calls in, and pass everything else through unchanged.
+//! Hooks stay short; each calls one function.
+
+pub mod respond;
+pub mod routes;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use pingora::ErrorType;
+use pingora::http::RequestHeader;
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use serde_json::Value;
+use tracing::{debug, warn};
+
+use crate::App;
+use crate::config::Tenant;
+use crate::delivery::status_object;
+use crate::intake::{self, Disposition, IntakeError, NewRequest};
+use crate::store::{CancelOutcome, RequestRecord, RequestStatus};
+use respond::Result;
+use routes::{Route, classify, query_wait};
+
+/// How often an SSE replay that is still waiting sends a comment line, so
+/// that clients and middleboxes do not time the connection out.
+const SSE_KEEPALIVE_EVERY: Duration = Duration::from_secs(10);
+
+pub struct FerryProxy {
+    pub app: Arc<App>,
+}
+
+/// Per-request state shared across hooks.
+pub struct Ctx {
+    route: &'static str,
+    mode: &'static str,
+    started: Instant,
+}
+
+#[async_trait]
+impl ProxyHttp for FerryProxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            route: "unknown",
+            mode: "ferry",
+            started: Instant::now(),
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        handle(&self.app, session, ctx).await
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let up = &self.app.upstreams[self.app.config.default_upstream];
+        let t = &up.passthrough;
+        let mut peer = HttpPeer::new(t.addr.as_str(), t.tls, t.host.clone());
+        let s = &self.app.config.server;
+        peer.options.connection_timeout = Some(s.upstream_connect_timeout);
+        peer.options.total_connection_timeout = Some(s.upstream_connect_timeout);
+        peer.options.read_timeout = Some(s.upstream_read_timeout);
+        peer.options.write_timeout = Some(s.upstream_read_timeout);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(&self, session: &mut Session, req: &mut RequestHeader, _ctx: &mut Ctx) -> Result<()> {
+        let up = &self.app.upstreams[self.app.config.default_upstream];
+        let path = session.req_header().uri.path();
+        let rest = path.strip_prefix("/v1").unwrap_or(path);
+        let mut target = format!("{}{}", up.passthrough.base_path, rest);
+        if let Some(q) = session.req_header().uri.query() {
+            target.push('?');
+            target.push_str(q);
+        }
+        let uri = target
+            .parse::<http::Uri>()
+            .map_err(|e| pingora::Error::because(ErrorType::InvalidHTTPHeader, "rewriting the path", e))?;
+        req.set_uri(uri);
+        req.insert_header("host", up.passthrough.host.as_str())?;
+        // The caller's Ferry key never reaches the upstream.
+        req.insert_header("authorization", up.auth_header.as_str())?;
+        req.remove_header("x-ferry-custom-id");
+        req.remove_header("x-ferry-callback-url");
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &pingora::Error, _ctx: &mut Ctx) -> FailToProxy {
+        let (code, msg, ecode) = match e.etype() {
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout | ErrorType::TLSHandshakeTimedout => {
+                (504, "the upstream did not answer in time", "upstream_timeout")
+            }
+            ErrorType::HTTPStatus(c) if *c < 500 => (*c, "the request could not be read", "bad_request"),
+            _ => match e.esource() {
+                pingora::ErrorSource::Downstream => (0, "", ""),
+                _ => (502, "the upstream could not be reached", "upstream_unreachable"),
+            },
+        };
+        if code > 0 {
+            warn!(error = %e, status = code, "passthrough failed");
+            if let Err(we) = respond::error(session, code, msg, None, ecode).await {
+                debug!(error = %we, "could not write the error response");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&pingora::Error>, ctx: &mut Ctx) {
+        let code = session.response_written().map_or(0, |h| h.status.as_u16());
+        let m = &self.app.metrics;
+        m.http_requests
+            .with_label_values(&[ctx.route, ctx.mode, &code.to_string()])
+            .inc();
+        if ctx.mode == "passthrough" {
+            m.passthrough_duration.observe(ctx.started.elapsed().as_secs_f64());
+        }
+    }
+}
+
+fn bearer(req: &RequestHeader) -> Option<&str> {
+    let v = req.headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, key) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(key.trim())
+}
+
+fn header<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
+    req.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The request filter: answers Ferry's routes and deferred calls
+/// (returns `true`), or lets passthrough go on (`false`).
+async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+    let req = session.req_header();
+    let route = classify(&req.method, req.uri.path());
+    ctx.route = route.label();
+    match route {
+        Route::Healthz => return respond::value(session, 200, &[], &serde_json::json!({"status": "ok"})).await.map(|_| true),
+        Route::Readyz => {
+            let ready = app.ready.load(std::sync::atomic::Ordering::SeqCst) && !app.is_shutting_down();
+            let (code, status) = if ready { (200, "ready") } else { (503, "not_ready") };
+            return respond::value(session, code, &[], &serde_json::json!({"status": status})).await.map(|_| true);
+        }
+        Route::NotFound => {
+            return respond::error(session, 404, "Unknown route. Ferry serves /v1/... and /healthz, /readyz.", None, "unknown_route")
+                .await
+                .map(|_| true);
+        }
+        Route::MethodNotAllowed => {
+            return respond::error(session, 405, "Method not allowed on this Ferry route.", None, "method_not_allowed")
+                .await
+                .map(|_| true);
+        }
+        _ => {}
+    }
+    let Some(tenant) = bearer(req).and_then(|k| app.config.tenant_for_key(k)).cloned() else {
+        return respond::error(
+            session,
+            401,
+            "Missing or unknown API key. Send your Ferry key as `Authorization: Bearer <key>`.",
+            None,
+            "invalid_api_key",
+        )
+        .await
+        .map(|_| true);
+    };
+    match route {
+        Route::ChatCompletions => {
+            let prefer = intake::parse_prefer(req.headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()));
+            match intake::disposition(prefer, &tenant, app.config.server.max_wait) {
+                Disposition::Passthrough => {
+                    ctx.mode = "passthrough";
+                    Ok(false)
+                }
+                Disposition::Deferred { wait } => {
+                    ctx.mode = "deferred";
+                    deferred(app, session, &tenant, wait).await.map(|_| true)
+                }
+            }
+        }
+        Route::Lookup { id, result } => {
+            ctx.mode = "lookup";
+            let wait = query_wait(req.uri.query()).map(Duration::from_secs).unwrap_or_default();
+            lookup(app, session, &tenant, &id, result, wait.min(app.config.server.max_wait)).await.map(|_| true)
+        }
+        Route::Cancel { id } => {
+            ctx.mode = "lookup";
+            cancel(app, session, &tenant, &id).await.map(|_| true)
+        }
+        _ => {
+            ctx.mode = "passthrough";
+            Ok(false)
+        }
+    }
+}
+
+async fn intake_error(session: &mut Session, e: &IntakeError) -> Result<()> {
+    let body = Bytes::from(e.envelope().to_bytes());
+    respond::json(session, e.status(), &[], body).await
+}
+
+/// Reads the whole body, refusing it as soon as it passes `limit`.
+async fn read_body(session: &mut Session, limit: u64) -> Result<std::result::Result<Bytes, IntakeError>> {
+    let declared = header(session.req_header(), "content-length").and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = declared.filter(|n| *n > limit) {
+        session.set_keepalive(None);
+        return Ok(Err(IntakeError::TooLarge { size: n, limit }));
+    }
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = session.read_request_body().await? {
+        if (buf.len() + chunk.len()) as u64 > limit {
+            session.set_keepalive(None);
+            return Ok(Err(IntakeError::TooLarge {
+                size: (buf.len() + chunk.len()) as u64,
+                limit,
+            }));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Ok(buf.freeze()))
+}
+
+/// A deferred call: validate, store durably, then hold or answer `202`.
+async fn deferred(app: &Arc<App>, session: &mut Session, tenant: &Tenant, wait: Duration) -> Result<()> {
+    let started = Instant::now();
+    if app.is_shutting_down() {
+        let e = IntakeError::Unavailable("Ferry is shutting down; retry against another instance".into());
+        return intake_error(session, &e).await;
+    }
+    let req = session.req_header();
+    let custom_id = match header(req, "x-ferry-custom-id") {
+        Some(id) if intake::valid_custom_id(id) => Some(id.to_owned()),
+        Some(_) => {
+            let e = IntakeError::BadRequest {
+                message: "X-Ferry-Custom-Id must be 1-64 characters of A-Z, a-z, 0-9, _ and -".into(),
+                param: Some("X-Ferry-Custom-Id"),
+                code: "invalid_custom_id",
+            };
+            return intake_error(session, &e).await;
+        }
+        None => None,
+    };
+    if req.headers.contains_key("x-ferry-callback-url") {
+        let e = IntakeError::BadRequest {
+            message: "X-Ferry-Callback-Url is not in this tenant's callback allow-list".into(),
+            param: Some("X-Ferry-Callback-Url"),
+            code: "callback_not_allowed",
+        };
+        return intake_error(session, &e).await;
+    }
+    let body = match read_body(session, app.config.server.max_body_bytes).await? {
+        Ok(b) => b,
+        Err(e) => return intake_error(session, &e).await,
+    };
+    let profile_for = |model: &str| &app.upstreams[app.config.upstream_for_model(model)].settings.profile;
+    let valid = match intake::validate_body(&body, &profile_for, !wait.is_zero()) {
+        Ok(v) => v,
+        Err(e) => return intake_error(session, &e).await,
+    };
+    let up = &app.upstreams[app.config.upstream_for_model(&valid.model)];
+    let new = NewRequest {
+        tenant: &tenant.name,
+        custom_id,
+        upstream: &up.settings.name,
+        body: valid,
+        callback_url: None,
+    };
+    let rec = match intake::accept(&app.store, new).await {
+        Ok(accepted) => {
+            if accepted.created {
+                app.after_enqueue(up, &accepted.rec);
+            }
+            accepted.rec
+        }
+        Err(e) => return intake_error(session, &e).await,
+    };
+    app.metrics.intake_duration.observe(started.elapsed().as_secs_f64());
+    if rec.stream && !wait.is_zero() {
+        return stream_replay(app, session, rec, wait).await;
+    }
+    let rec = hold(app, &rec, wait).await;
+    answer_result_or_ticket(app, session, &rec).await
+}
+
+/// Holds the caller until the request is terminal, `wait` passes, or Ferry
+/// shuts down; returns the latest record.
+async fn hold(app: &Arc<App>, rec: &RequestRecord, wait: Duration) -> RequestRecord {
+    if wait.is_zero() || rec.status.is_terminal() {
+        return rec.clone();
+    }
+    app.metrics.waiters.inc();
+    let is_done = || {
+        app.store
+            .get(rec.id)
+            .ok()
+            .flatten()
+            .is_some_and(|r| r.status.is_terminal())
+    };
+    tokio::select! {
+        _ = app.waiters.wait(rec.id, wait, is_done) => {}
+        _ = app.release_waiters.notified() => {}
+    }
+    app.metrics.waiters.dec();
+    app.store.get(rec.id).ok().flatten().unwrap_or_else(|| rec.clone())
+}
+
+fn ticket_headers(rec: &RequestRecord) -> [(&'static str, String); 2] {
+    [
+        ("location", format!("/v1/ferry/requests/{}", rec.custom_id)),
+        ("preference-applied", "respond-async".to_owned()),
+    ]
+}
+
+/// The upstream's own answer if the request is finished, else the ticket.
+async fn answer_result_or_ticket(app: &Arc<App>, session: &mut Session, rec: &RequestRecord) -> Result<()> {
+    if rec.status.is_terminal() {
+        return answer_result(app, session, rec).await;
+    }
+    respond::value(session, 202, &ticket_headers(rec), &status_object(rec, None)).await
+}
+
+/// A terminal request's answer: the upstream's status code and body
+/// verbatim; for requests the upstream never answered, an error in the
+/// envelope (failed → 502, expired → 504, cancelled → 409).
+async fn answer_result(app: &Arc<App>, session: &mut Session, rec: &RequestRecord) -> Result<()> {
+    if let Ok(Some(r)) = app.store.result(rec.id) {
+        let body = Bytes::from(serde_json::to_vec(&r.body).unwrap_or_default());
+        return respond::json(session, r.status_code, &[], body).await;
+    }
+    let (status, code, message) = no_result_error(rec);
+    respond::error(session, status, &message, None, &code).await
+}
+
+fn no_result_error(rec: &RequestRecord) -> (u16, String, String) {
+    let (code, message) = rec
+        .error
+        .as_ref()
+        .map(|e| (e.code.clone(), e.message.clone()))
+        .unwrap_or_else(|| (rec.status.as_str().to_owned(), format!("the request is {}", rec.status.as_str())));
+    let status = match rec.status {
+        RequestStatus::Expired => 504,
+        RequestStatus::Cancelled => 409,
+        _ => 502,
+    };
+    (status, code, message)
+}
+
+/// `stream: true` with a wait: SSE keep-alives while the batch runs, then
+/// the finished completion replayed as chunks. Headers are sent only when the
+/// first keep-alive is due, so a result (or an error) that is ready sooner
+/// is answered with its real status code.
+async fn stream_replay(app: &Arc<App>, session: &mut Session, rec: RequestRecord, wait: Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut started = false;
+    let mut rec = rec;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        rec = hold(app, &rec, left.min(SSE_KEEPALIVE_EVERY)).await;
+        if rec.status.is_terminal() || left.is_zero() || app.is_shutting_down() {
+            break;
+        }
+        if !started {
+            respond::sse_start(session).await?;
+            started = true;
+        }
+        session.write_response_body(Some(Bytes::from_static(respond::SSE_KEEPALIVE)), false).await?;
+    }
+    let result = app.store.result(rec.id).ok().flatten();
+    match (started, rec.status.is_terminal(), result) {
+        (false, false, _) => answer_result_or_ticket(app, session, &rec).await,
+        (false, true, Some(r)) if r.status_code != 200 => answer_result(app, session, &rec).await,
+        (false, true, None) => answer_result(app, session, &rec).await,
+        (started, _, result) => {
+            if !started {
+                respond::sse_start(session).await?;
+            }
+            let mut out = BytesMut::new();
+            match result {
+                Some(r) if r.status_code == 200 => {
+                    for chunk in respond::replay_chunks(&r.body) {
+                        out.extend_from_slice(&respond::sse_event(&chunk));
+                    }
+                    out.extend_from_slice(respond::SSE_DONE);
+                }
+                other => {
+                    // Headers are gone: report as OpenAI does mid-stream, an
+                    // `error` event, then end without [DONE].
+                    let err = match other {
+                        Some(r) => r.body.get("error").cloned().unwrap_or(Value::Null),
+                        None if rec.status.is_terminal() => {
+                            let (_, code, message) = no_result_error(&rec);
+                            serde_json::json!({"message": message, "type": "ferry_error", "code": code})
+                        }
+                        None => serde_json::json!({
+                            "message": format!("the result was not ready within the wait; fetch it from /v1/ferry/requests/{}", rec.custom_id),
+                            "type": "ferry_pending", "code": "result_pending",
+                            "ferry_request": status_object(&rec, None),
+                        }),
+                    };
+                    out.extend_from_slice(&respond::sse_event(&serde_json::json!({"error": err})));
+                }
+            }
+            session.write_response_body(Some(out.freeze()), true).await
+        }
+    }
+}
+
+async fn lookup(app: &Arc<App>, session: &mut Session, tenant: &Tenant, id: &str, want_result: bool, wait: Duration) -> Result<()> {
+    let rec = match app.store.find(&tenant.name, id) {
+        Ok(Some(r)) => r,
+        Ok(None) => return respond::error(session, 404, &format!("No request with id `{id}`."), Some("id"), "request_not_found").await,
+        Err(e) => return intake_error(session, &IntakeError::from(e)).await,
+    };
+    let rec = hold(app, &rec, wait).await;
+    if want_result {
+        return answer_result_or_ticket(app, session, &rec).await;
+    }
+    let result = app.store.result(rec.id).ok().flatten();
+    respond::value(session, 200, &[], &status_object(&rec, result.as_ref())).await
+}
+
+async fn cancel(app: &Arc<App>, session: &mut Session, tenant: &Tenant, id: &str) -> Result<()> {
+    match app.store.cancel(&tenant.name, id) {
+        Ok(CancelOutcome::Cancelled(rec)) => {
+            if let Err(e) = app.store.commit().await {
+                return intake_error(session, &IntakeError::from(e)).await;
+            }
+            app.on_terminal(&rec);
+            respond::value(session, 200, &[], &status_object(&rec, None)).await
+        }
+        Ok(CancelOutcome::AlreadyCancelled(rec)) => respond::value(session, 200, &[], &status_object(&rec, None)).await,
+        Ok(CancelOutcome::TooLate(rec)) => {
+            let msg = format!("Request `{id}` is {} and can no longer be cancelled.", if rec.status.is_terminal() { rec.status.as_str() } else { "already in a batch" });
+            respond::error(session, 409, &msg, Some("id"), "cancel_too_late").await
+        }
+        Ok(CancelOutcome::NotFound) => respond::error(session, 404, &format!("No request with id `{id}`."), Some("id"), "request_not_found").await,
+        Err(e) => intake_error(session, &IntakeError::from(e)).await,
+    }
+}

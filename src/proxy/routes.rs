@@ -1,0 +1,112 @@
+//! Which route a request is: a pure function of method and path.
+
+use http::Method;
+
+use crate::intake::valid_custom_id;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    Healthz,
+    Readyz,
+    /// `POST /v1/chat/completions`: deferred or passed through.
+    ChatCompletions,
+    /// `GET /v1/ferry/requests/{id}` (`result: false`) or `.../result`.
+    Lookup { id: String, result: bool },
+    /// `DELETE /v1/ferry/requests/{id}`.
+    Cancel { id: String },
+    /// A Ferry route with the wrong method.
+    MethodNotAllowed,
+    /// Any other `/v1/...`: passthrough.
+    OtherV1,
+    NotFound,
+}
+
+impl Route {
+    /// Bounded label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Route::Healthz => "healthz",
+            Route::Readyz => "readyz",
+            Route::ChatCompletions => "chat_completions",
+            Route::Lookup { result: false, .. } => "lookup",
+            Route::Lookup { result: true, .. } => "lookup_result",
+            Route::Cancel { .. } => "cancel",
+            Route::MethodNotAllowed => "method_not_allowed",
+            Route::OtherV1 => "other_v1",
+            Route::NotFound => "not_found",
+        }
+    }
+}
+
+pub fn classify(method: &Method, path: &str) -> Route {
+    match path {
+        "/healthz" => return Route::Healthz,
+        "/readyz" => return Route::Readyz,
+        "/v1/chat/completions" if method == Method::POST => return Route::ChatCompletions,
+        _ => {}
+    }
+    if let Some(rest) = path.strip_prefix("/v1/ferry/") {
+        let parts: Vec<&str> = rest.split('/').collect();
+        return match parts.as_slice() {
+            ["requests", id] if valid_custom_id(id) => match *method {
+                Method::GET => Route::Lookup { id: (*id).to_owned(), result: false },
+                Method::DELETE => Route::Cancel { id: (*id).to_owned() },
+                _ => Route::MethodNotAllowed,
+            },
+            ["requests", id, "result"] if valid_custom_id(id) => match *method {
+                Method::GET => Route::Lookup { id: (*id).to_owned(), result: true },
+                _ => Route::MethodNotAllowed,
+            },
+            _ => Route::NotFound,
+        };
+    }
+    if path.starts_with("/v1/") {
+        return Route::OtherV1;
+    }
+    Route::NotFound
+}
+
+/// `wait=S` from a query string, if present and numeric.
+pub fn query_wait(query: Option<&str>) -> Option<u64> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == "wait")
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(classify(&Method::POST, "/v1/chat/completions"), Route::ChatCompletions);
+        assert_eq!(classify(&Method::GET, "/v1/chat/completions"), Route::OtherV1);
+        assert_eq!(classify(&Method::GET, "/v1/models"), Route::OtherV1);
+        assert_eq!(classify(&Method::POST, "/v1/batches"), Route::OtherV1);
+        assert_eq!(
+            classify(&Method::GET, "/v1/ferry/requests/abc-1"),
+            Route::Lookup { id: "abc-1".into(), result: false }
+        );
+        assert_eq!(
+            classify(&Method::GET, "/v1/ferry/requests/abc-1/result"),
+            Route::Lookup { id: "abc-1".into(), result: true }
+        );
+        assert_eq!(classify(&Method::DELETE, "/v1/ferry/requests/abc"), Route::Cancel { id: "abc".into() });
+        assert_eq!(classify(&Method::PUT, "/v1/ferry/requests/abc"), Route::MethodNotAllowed);
+        assert_eq!(classify(&Method::GET, "/v1/ferry/requests/a%20b"), Route::NotFound);
+        assert_eq!(classify(&Method::GET, "/v1/ferry/other"), Route::NotFound);
+        assert_eq!(classify(&Method::GET, "/healthz"), Route::Healthz);
+        assert_eq!(classify(&Method::GET, "/"), Route::NotFound);
+        assert_eq!(classify(&Method::GET, "/v2/x"), Route::NotFound);
+    }
+
+    #[test]
+    fn wait_query() {
+        assert_eq!(query_wait(Some("wait=30")), Some(30));
+        assert_eq!(query_wait(Some("a=1&wait=5")), Some(5));
+        assert_eq!(query_wait(Some("wait=x")), None);
+        assert_eq!(query_wait(None), None);
+    }
+}

@@ -1,0 +1,260 @@
+//! Wiring: open the store, start the embedded emulator if configured, the
+//! admin port and the pipeline on a worker runtime, then run the pingora
+//! proxy until a signal, and shut down in order.
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use pingora::prelude::Server;
+use pingora::server::ExecutionPhase;
+use pingora::server::configuration::ServerConf;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, UpstreamTarget};
+use crate::delivery::waiters::Waiters;
+use crate::metrics::Metrics;
+use crate::proxy::FerryProxy;
+use crate::store::{BatchState, Store};
+use crate::upstream::BatchClient;
+use crate::{App, PassthroughTarget, Upstream, announce, batch, emulator};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot open the store at {path}: {source}")]
+    Store {
+        path: String,
+        source: crate::store::StoreError,
+    },
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("upstream `{name}`: {message}")]
+    Upstream { name: String, message: String },
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// Binds a std listener (non-blocking, for tokio).
+fn bind(what: &'static str, addr: SocketAddr) -> Result<StdListener, ServerError> {
+    let l = StdListener::bind(addr).map_err(|source| ServerError::Bind { what, addr, source })?;
+    l.set_nonblocking(true)
+        .map_err(|source| ServerError::Bind { what, addr, source })?;
+    Ok(l)
+}
+
+/// Runs Ferry until SIGTERM/SIGINT/SIGQUIT. Blocks the calling thread.
+pub fn run(config: Config) -> Result<(), ServerError> {
+    let data_dir = config.server.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).map_err(|e| ServerError::Store {
+        path: data_dir.display().to_string(),
+        source: crate::store::StoreError::Flush(e.to_string()),
+    })?;
+    let store = Arc::new(Store::open(&data_dir).map_err(|source| ServerError::Store {
+        path: data_dir.display().to_string(),
+        source,
+    })?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("ferry-worker")
+        .enable_all()
+        .build()
+        .map_err(|e| ServerError::Runtime(e.to_string()))?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let metrics = Arc::new(Metrics::new());
+
+    // The embedded emulator, when some upstream uses it.
+    let emulator_url = match &config.emulator {
+        Some(cfg) => {
+            let l = bind("the embedded emulator", SocketAddr::from(([127, 0, 0, 1], 0)))?;
+            let addr = l.local_addr().map_err(|e| ServerError::Runtime(e.to_string()))?;
+            let cfg = cfg.clone();
+            let mut rx = shutdown_rx.clone();
+            rt.spawn(async move {
+                let listener = match tokio::net::TcpListener::from_std(l) {
+                    Ok(l) => l,
+                    Err(e) => return error!(error = %e, "embedded emulator cannot listen"),
+                };
+                let stop = async move {
+                    let _ = rx.changed().await;
+                };
+                if let Err(e) = emulator::serve(listener, cfg, stop).await {
+                    error!(error = %e, "embedded emulator stopped");
+                }
+            });
+            info!(%addr, "embedded Batch API emulator started");
+            announce::listening("emulator", addr);
+            Some(format!("http://{addr}/v1"))
+        }
+        None => None,
+    };
+
+    let mut upstreams = Vec::new();
+    for s in &config.upstreams {
+        let (base_url, key) = match &s.target {
+            UpstreamTarget::Url(u) => {
+                let env = s.api_key_env.as_deref().unwrap_or_default();
+                let key = std::env::var(env).map_err(|_| ServerError::Upstream {
+                    name: s.name.clone(),
+                    message: format!("environment variable `{env}` is not set"),
+                })?;
+                (u.clone(), key)
+            }
+            UpstreamTarget::Emulator => (
+                emulator_url.clone().unwrap_or_default(),
+                config.emulator.as_ref().map(|e| e.api_key.clone()).unwrap_or_default(),
+            ),
+        };
+        let passthrough = PassthroughTarget::parse(&base_url).ok_or_else(|| ServerError::Upstream {
+            name: s.name.clone(),
+            message: format!("cannot parse base_url `{base_url}`"),
+        })?;
+        let client = BatchClient::new(&s.name, &base_url, &key, s.calls_per_second, s.batches_per_hour, metrics.clone())
+            .map_err(|e| ServerError::Upstream {
+                name: s.name.clone(),
+                message: e.to_string(),
+            })?;
+        upstreams.push(Upstream {
+            settings: s.clone(),
+            client,
+            passthrough,
+            auth_header: format!("Bearer {key}"),
+            wake: tokio::sync::Notify::new(),
+            manual_flush: AtomicBool::new(false),
+            paused_until: AtomicU64::new(0),
+        });
+    }
+
+    let app = Arc::new(App {
+        store,
+        waiters: Waiters::new(),
+        metrics,
+        upstreams,
+        ready: AtomicBool::new(false),
+        shutting_down: AtomicBool::new(false),
+        release_waiters: tokio::sync::Notify::new(),
+        config,
+    });
+
+    // Admin port.
+    let admin = bind("the admin port", app.config.server.admin_listen)?;
+    let admin_addr = admin.local_addr().map_err(|e| ServerError::Runtime(e.to_string()))?;
+    {
+        let app = app.clone();
+        let mut rx = shutdown_rx.clone();
+        rt.spawn(async move {
+            let listener = match tokio::net::TcpListener::from_std(admin) {
+                Ok(l) => l,
+                Err(e) => return error!(error = %e, "admin port cannot listen"),
+            };
+            let serve = axum::serve(listener, crate::admin::router(app)).with_graceful_shutdown(async move {
+                let _ = rx.changed().await;
+            });
+            if let Err(e) = serve.await {
+                error!(error = %e, "admin port stopped");
+            }
+        });
+    }
+    announce::listening("admin", admin_addr);
+
+    // Recovery, then the pipeline.
+    {
+        let app = app.clone();
+        let rx = shutdown_rx.clone();
+        rt.spawn(async move {
+            match recover(&app, &rx) {
+                Ok(n) => info!(resumed_batches = n, queued = app.store.queued_total(), "recovery finished"),
+                Err(e) => return error!(error = %e, "recovery failed; Ferry stays not-ready"),
+            }
+            for i in 0..app.upstreams.len() {
+                tokio::spawn(batch::run_flusher(app.clone(), i, rx.clone()));
+            }
+            app.ready.store(true, Ordering::SeqCst);
+        });
+    }
+
+    // The proxy. Port 0 asks the OS for a free port first (pingora binds by
+    // address), and the line announcing it is printed once it accepts.
+    let mut listen = app.config.server.listen;
+    if listen.port() == 0 {
+        let probe = bind("the proxy port", listen)?;
+        listen = probe.local_addr().map_err(|e| ServerError::Runtime(e.to_string()))?;
+    }
+    let conf = ServerConf {
+        threads: app.config.server.threads,
+        grace_period_seconds: Some(app.config.server.shutdown_grace.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(5),
+        upgrade_sock: data_dir.join("ferry-upgrade.sock").display().to_string(),
+        pid_file: data_dir.join("ferry.pid").display().to_string(),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, FerryProxy { app: app.clone() });
+    proxy.add_tcp(&listen.to_string());
+    server.add_service(proxy);
+
+    let mut phases = server.watch_execution_phase();
+    {
+        let app = app.clone();
+        rt.spawn(async move {
+            while let Ok(phase) = phases.recv().await {
+                if matches!(
+                    phase,
+                    ExecutionPhase::GracefulTerminate | ExecutionPhase::GracefulUpgradeTransferringFds | ExecutionPhase::ShutdownStarted
+                ) && !app.shutting_down.swap(true, Ordering::SeqCst)
+                {
+                    info!(?phase, "shutting down: deferred intake closed, held callers get their tickets");
+                    app.release_waiters.notify_waiters();
+                }
+            }
+        });
+    }
+    rt.spawn_blocking(move || announce_when_accepting(listen));
+
+    info!(%listen, admin = %admin_addr, "Ferry starting");
+    server.run(pingora::server::RunArgs::default());
+
+    // Pingora has stopped serving: stop the pipeline and make storage durable.
+    app.shutting_down.store(true, Ordering::SeqCst);
+    let _ = shutdown_tx.send(true);
+    rt.shutdown_timeout(Duration::from_secs(5));
+    match app.store.flush_blocking() {
+        Ok(()) => info!("storage flushed; Ferry stopped"),
+        Err(e) => error!(error = %e, "final storage flush failed"),
+    }
+    Ok(())
+}
+
+/// Announces the proxy address once a connection to it succeeds.
+fn announce_when_accepting(addr: SocketAddr) {
+    for _ in 0..3000 {
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+            announce::listening("proxy", addr);
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    warn!(%addr, "the proxy port never accepted a connection");
+}
+
+/// Finishes what a previous run left: claims cut short, members of submitted
+/// batches not yet marked, and a driver for every live batch.
+fn recover(app: &Arc<App>, shutdown: &watch::Receiver<bool>) -> Result<usize, crate::store::StoreError> {
+    app.store.recover_claims()?;
+    let live = app.store.live_batches()?;
+    let n = live.len();
+    for b in live {
+        if let BatchState::Submitted { batch_id, .. } = &b.state {
+            app.store.apply_submitted(b.id, batch_id)?;
+        }
+        info!(ferry_batch = b.id, state = ?b.state, "resuming a batch");
+        batch::spawn_driver(app.clone(), b, true, shutdown.clone());
+    }
+    Ok(n)
+}

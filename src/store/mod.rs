@@ -1,0 +1,880 @@
+//! The durable state, in sled.
+//!
+//! Trees (keys are big-endian so that sled's order is numeric order):
+//! - `requests`: id → [`RequestRecord`] (JSON)
+//! - `bodies`: id → the request body as it goes into the JSONL line
+//! - `custom_ids`: tenant `\0` custom_id → id
+//! - `queue`: upstream `\0` model `\0` id → enqueued-at millis, line length
+//! - `batches`: batch id → [`BatchRecord`] (JSON)
+//! - `members`: batch id, request id → ()
+//! - `results`: id → [`StoredResult`] (JSON)
+//!
+//! Writes go to sled's page cache; [`Store::commit`] makes them durable with
+//! one fsync for every caller waiting at that moment (group commit).
+
+pub mod records;
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+pub use records::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("durable flush failed: {0}")]
+    Flush(String),
+    #[error("the queue is full ({0} requests waiting)")]
+    QueueFull(u64),
+}
+
+impl From<TransactionError<StoreError>> for StoreError {
+    fn from(e: TransactionError<StoreError>) -> Self {
+        match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => StoreError::Sled(e),
+        }
+    }
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+/// A queue: requests for one model of one upstream, flushed together.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueKey {
+    pub upstream: String,
+    pub model: String,
+}
+
+impl QueueKey {
+    fn prefix(&self) -> Vec<u8> {
+        let mut k = Vec::with_capacity(self.upstream.len() + self.model.len() + 2);
+        k.extend_from_slice(self.upstream.as_bytes());
+        k.push(0);
+        k.extend_from_slice(self.model.as_bytes());
+        k.push(0);
+        k
+    }
+
+    fn entry(&self, id: u64) -> Vec<u8> {
+        let mut k = self.prefix();
+        k.extend_from_slice(&id.to_be_bytes());
+        k
+    }
+
+    fn parse_entry(key: &[u8]) -> Option<(QueueKey, u64)> {
+        let (head, id) = key.split_at(key.len().checked_sub(8)?);
+        let id = u64::from_be_bytes(id.try_into().ok()?);
+        let head = head.strip_suffix(&[0])?;
+        let sep = head.iter().position(|b| *b == 0)?;
+        Some((
+            QueueKey {
+                upstream: String::from_utf8(head[..sep].to_vec()).ok()?,
+                model: String::from_utf8(head[sep + 1..].to_vec()).ok()?,
+            },
+            id,
+        ))
+    }
+}
+
+/// What the flush policy looks at, kept in memory and rebuilt at open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    pub count: u64,
+    /// Sum of JSONL line lengths.
+    pub bytes: u64,
+    /// Enqueue time of the oldest entry (unix millis), 0 when empty.
+    pub oldest_ms: u64,
+}
+
+fn queue_value(enqueued_ms: u64, line_len: u64) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&enqueued_ms.to_be_bytes());
+    v[8..].copy_from_slice(&line_len.to_be_bytes());
+    v
+}
+
+fn parse_queue_value(v: &[u8]) -> Option<(u64, u64)> {
+    let a = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+    let b = u64::from_be_bytes(v.get(8..16)?.try_into().ok()?);
+    Some((a, b))
+}
+
+fn custom_id_key(tenant: &str, custom_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(tenant.len() + custom_id.len() + 1);
+    k.extend_from_slice(tenant.as_bytes());
+    k.push(0);
+    k.extend_from_slice(custom_id.as_bytes());
+    k
+}
+
+fn member_key(batch: u64, id: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&batch.to_be_bytes());
+    k[8..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn id_from(bytes: &[u8]) -> Result<u64, StoreError> {
+    Ok(u64::from_be_bytes(
+        bytes.try_into().map_err(|_| corrupt("id", "not 8 bytes"))?,
+    ))
+}
+
+/// The result of storing a deferred request.
+#[derive(Debug)]
+pub enum Intake {
+    /// Stored under a new id.
+    Created(RequestRecord),
+    /// The same tenant and custom id with the same body: the earlier ticket.
+    Existing(RequestRecord),
+    /// The same tenant and custom id with a different body.
+    Conflict(RequestRecord),
+}
+
+/// The result of `DELETE /v1/ferry/requests/{id}`.
+#[derive(Debug)]
+pub enum CancelOutcome {
+    Cancelled(RequestRecord),
+    /// Cancelled by an earlier call: nothing changed.
+    AlreadyCancelled(RequestRecord),
+    /// Already in a batch or finished: nothing changed.
+    TooLate(RequestRecord),
+    NotFound,
+}
+
+/// What became of one member of a finished batch.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Completed(StoredResult),
+    Failed(RequestError),
+    Expired(RequestError),
+    /// Back to the queue for another batch, unconditionally (the batch was
+    /// cancelled upstream, or refused for a reason that is not the request's).
+    Requeue,
+    /// Back to the queue unless the request has already been sent
+    /// [`MAX_ATTEMPTS`] times; then failed with this error.
+    Retry(RequestError),
+}
+
+/// How many batches one request may be sent in before Ferry gives up on it.
+pub const MAX_ATTEMPTS: u32 = 3;
+
+pub struct Store {
+    db: sled::Db,
+    requests: sled::Tree,
+    bodies: sled::Tree,
+    custom_ids: sled::Tree,
+    queue: sled::Tree,
+    batches: sled::Tree,
+    members: sled::Tree,
+    results: sled::Tree,
+    queues: DashMap<QueueKey, QueueStats>,
+    /// Serialises claims, cancels and re-queues, which move entries out of and
+    /// into the queue tree, so a request is never both cancelled and claimed.
+    queue_lock: Mutex<()>,
+    /// Group commit: writes bump `written`; a flush records how far it got in
+    /// `flushed`; callers whose write is already covered skip the fsync.
+    written: AtomicU64,
+    flushed: AtomicU64,
+    flush_lock: tokio::sync::Mutex<()>,
+}
+
+impl Store {
+    /// Opens (or creates) the database and rebuilds the in-memory queue stats.
+    pub fn open(path: &std::path::Path) -> Result<Store, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(256 * 1024 * 1024)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        Store::from_db(db)
+    }
+
+    fn from_db(db: sled::Db) -> Result<Store, StoreError> {
+        let store = Store {
+            requests: db.open_tree("requests")?,
+            bodies: db.open_tree("bodies")?,
+            custom_ids: db.open_tree("custom_ids")?,
+            queue: db.open_tree("queue")?,
+            batches: db.open_tree("batches")?,
+            members: db.open_tree("members")?,
+            results: db.open_tree("results")?,
+            db,
+            queues: DashMap::new(),
+            queue_lock: Mutex::new(()),
+            written: AtomicU64::new(0),
+            flushed: AtomicU64::new(0),
+            flush_lock: tokio::sync::Mutex::new(()),
+        };
+        for item in store.queue.iter() {
+            let (k, v) = item?;
+            let (qk, _) = QueueKey::parse_entry(&k).ok_or_else(|| corrupt("queue key", "bad"))?;
+            let (at, len) = parse_queue_value(&v).ok_or_else(|| corrupt("queue value", "bad"))?;
+            let mut s = store.queues.entry(qk).or_default();
+            s.count += 1;
+            s.bytes += len;
+            if s.oldest_ms == 0 || at < s.oldest_ms {
+                s.oldest_ms = at;
+            }
+        }
+        Ok(store)
+    }
+
+    /// Makes every write made before this call durable. Concurrent callers
+    /// share one fsync: whoever holds the lock flushes for all writes made so
+    /// far, and those whose writes it covered return without flushing again.
+    pub async fn commit(&self) -> Result<(), StoreError> {
+        let mine = self.written.fetch_add(1, Ordering::SeqCst) + 1;
+        let _guard = self.flush_lock.lock().await;
+        if self.flushed.load(Ordering::SeqCst) >= mine {
+            return Ok(());
+        }
+        let upto = self.written.load(Ordering::SeqCst);
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StoreError::Flush(e.to_string()))??;
+        self.flushed.fetch_max(upto, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Synchronous flush, for shutdown.
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
+    pub fn new_id(&self) -> Result<u64, StoreError> {
+        // sled's ids are unique across restarts (it persists a high-water mark).
+        Ok(self.db.generate_id()? + 1)
+    }
+
+    // ------------------------------------------------------------ requests
+
+    /// Stores a new deferred request and queues it, atomically with its
+    /// custom-id claim. The caller must [`commit`](Self::commit) before
+    /// answering `202`.
+    pub fn insert_request(
+        &self,
+        mut rec: RequestRecord,
+        body: &[u8],
+    ) -> Result<Intake, StoreError> {
+        rec.id = self.new_id()?;
+        let line_len = line_len(rec.id, rec.body_len);
+        let id = rec.id.to_be_bytes();
+        let cid = custom_id_key(&rec.tenant, &rec.custom_id);
+        let qk = QueueKey {
+            upstream: rec.upstream.clone(),
+            model: rec.model.clone(),
+        };
+        let now = now_millis();
+        let qval = queue_value(now, line_len);
+        let rec_bytes = serde_json::to_vec(&rec).map_err(|e| corrupt("record", e))?;
+        let entry = qk.entry(rec.id);
+        let existing = (&self.requests, &self.bodies, &self.custom_ids, &self.queue).transaction(
+            |(r, b, c, q)| {
+                if let Some(old) = c.get(&cid)? {
+                    let old = r.get(&old)?.ok_or_else(|| {
+                        ConflictableTransactionError::Abort(corrupt("custom id", "dangling"))
+                    })?;
+                    return Ok(Some(old));
+                }
+                c.insert(cid.as_slice(), &id)?;
+                r.insert(&id, rec_bytes.as_slice())?;
+                b.insert(&id, body)?;
+                q.insert(entry.as_slice(), &qval)?;
+                Ok(None)
+            },
+        )?;
+        match existing {
+            Some(old) => {
+                let old: RequestRecord =
+                    serde_json::from_slice(&old).map_err(|e| corrupt("record", e))?;
+                if old.body_sha256 == rec.body_sha256 {
+                    Ok(Intake::Existing(old))
+                } else {
+                    Ok(Intake::Conflict(old))
+                }
+            }
+            None => {
+                let mut s = self.queues.entry(qk).or_default();
+                s.count += 1;
+                s.bytes += line_len;
+                if s.oldest_ms == 0 {
+                    s.oldest_ms = now;
+                }
+                Ok(Intake::Created(rec))
+            }
+        }
+    }
+
+    /// Removes a request that was stored but could not be made durable, so
+    /// that Ferry holds nothing for a caller that was answered 503.
+    pub fn forget_request(&self, rec: &RequestRecord) -> Result<(), StoreError> {
+        let _g = self.queue_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let id = rec.id.to_be_bytes();
+        let qk = QueueKey {
+            upstream: rec.upstream.clone(),
+            model: rec.model.clone(),
+        };
+        if let Some(v) = self.queue.remove(qk.entry(rec.id))? {
+            self.unaccount(&qk, &v);
+        }
+        self.custom_ids.remove(custom_id_key(&rec.tenant, &rec.custom_id))?;
+        self.requests.remove(id)?;
+        self.bodies.remove(id)?;
+        Ok(())
+    }
+
+    fn unaccount(&self, qk: &QueueKey, qval: &[u8]) {
+        let len = parse_queue_value(qval).map_or(0, |(_, l)| l);
+        if let Some(mut s) = self.queues.get_mut(qk) {
+            s.count = s.count.saturating_sub(1);
+            s.bytes = s.bytes.saturating_sub(len);
+        }
+    }
+
+    /// Recomputes the oldest entry of a queue after entries left it.
+    fn refresh_oldest(&self, qk: &QueueKey) -> Result<(), StoreError> {
+        let first = self.queue.scan_prefix(qk.prefix()).next().transpose()?;
+        let oldest = first
+            .and_then(|(_, v)| parse_queue_value(&v))
+            .map_or(0, |(at, _)| at);
+        if let Some(mut s) = self.queues.get_mut(qk) {
+            s.oldest_ms = oldest;
+            if s.count == 0 {
+                s.bytes = 0;
+                s.oldest_ms = 0;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, id: u64) -> Result<Option<RequestRecord>, StoreError> {
+        self.requests
+            .get(id.to_be_bytes())?
+            .map(|v| serde_json::from_slice(&v).map_err(|e| corrupt("record", e)))
+            .transpose()
+    }
+
+    pub fn find(&self, tenant: &str, custom_id: &str) -> Result<Option<RequestRecord>, StoreError> {
+        match self.custom_ids.get(custom_id_key(tenant, custom_id))? {
+            Some(id) => self.get(id_from(&id)?),
+            None => Ok(None),
+        }
+    }
+
+    pub fn body(&self, id: u64) -> Result<Option<sled::IVec>, StoreError> {
+        Ok(self.bodies.get(id.to_be_bytes())?)
+    }
+
+    pub fn result(&self, id: u64) -> Result<Option<StoredResult>, StoreError> {
+        self.results
+            .get(id.to_be_bytes())?
+            .map(|v| serde_json::from_slice(&v).map_err(|e| corrupt("result", e)))
+            .transpose()
+    }
+
+    fn put_record(&self, rec: &RequestRecord) -> Result<(), StoreError> {
+        let v = serde_json::to_vec(rec).map_err(|e| corrupt("record", e))?;
+        self.requests.insert(rec.id.to_be_bytes(), v)?;
+        Ok(())
+    }
+
+    /// Cancels a request that is still queued and not claimed by a flush.
+    pub fn cancel(&self, tenant: &str, custom_id: &str) -> Result<CancelOutcome, StoreError> {
+        let _g = self.queue_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(mut rec) = self.find(tenant, custom_id)? else {
+            return Ok(CancelOutcome::NotFound);
+        };
+        if rec.status == RequestStatus::Cancelled {
+            return Ok(CancelOutcome::AlreadyCancelled(rec));
+        }
+        if rec.status != RequestStatus::Queued || rec.batch.is_some() {
+            return Ok(CancelOutcome::TooLate(rec));
+        }
+        let qk = QueueKey {
+            upstream: rec.upstream.clone(),
+            model: rec.model.clone(),
+        };
+        if let Some(v) = self.queue.remove(qk.entry(rec.id))? {
+            self.unaccount(&qk, &v);
+        }
+        rec.status = RequestStatus::Cancelled;
+        rec.completed_at = Some(now_secs());
+        self.put_record(&rec)?;
+        self.bodies.remove(rec.id.to_be_bytes())?;
+        self.refresh_oldest(&qk)?;
+        Ok(CancelOutcome::Cancelled(rec))
+    }
+
+    // -------------------------------------------------------------- queues
+
+    pub fn queue_stats(&self) -> Vec<(QueueKey, QueueStats)> {
+        self.queues
+            .iter()
+            .map(|e| (e.key().clone(), *e.value()))
+            .collect()
+    }
+
+    pub fn queue_stats_for(&self, qk: &QueueKey) -> Option<QueueStats> {
+        self.queues.get(qk).map(|s| *s)
+    }
+
+    pub fn queued_total(&self) -> u64 {
+        self.queues.iter().map(|e| e.value().count).sum()
+    }
+
+    /// Moves the oldest entries of a queue (at most `max_requests` lines and
+    /// `max_bytes` of JSONL) into a new batch. The batch record is written
+    /// first, then its members, then the queue entries leave: recovery
+    /// finishes whatever a crash cut short ([`Store::recover_claims`]).
+    pub fn claim_batch(
+        &self,
+        qk: &QueueKey,
+        max_requests: usize,
+        max_bytes: u64,
+        reason: &str,
+    ) -> Result<Option<BatchRecord>, StoreError> {
+        let _g = self.queue_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ids = Vec::new();
+        let mut bytes = 0u64;
+        for item in self.queue.scan_prefix(qk.prefix()) {
+            let (k, v) = item?;
+            let (_, id) = QueueKey::parse_entry(&k).ok_or_else(|| corrupt("queue key", "bad"))?;
+            let (_, len) = parse_queue_value(&v).ok_or_else(|| corrupt("queue value", "bad"))?;
+            if ids.len() >= max_requests || (bytes + len > max_bytes && !ids.is_empty()) {
+                break;
+            }
+            ids.push((id, k, v));
+            bytes += len;
+        }
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        let batch = BatchRecord {
+            id: self.new_id()?,
+            upstream: qk.upstream.clone(),
+            model: qk.model.clone(),
+            state: BatchState::Claimed,
+            created_at: now_secs(),
+            request_count: ids.len() as u64,
+            bytes,
+            reason: reason.to_owned(),
+        };
+        self.put_batch(&batch)?;
+        let mut members = sled::Batch::default();
+        for (id, _, _) in &ids {
+            members.insert(&member_key(batch.id, *id), &[]);
+        }
+        self.members.apply_batch(members)?;
+        self.apply_claim(&batch, ids.iter().map(|(id, _, _)| *id))?;
+        Ok(Some(batch))
+    }
+
+    /// Takes claimed members out of the queue and points them at the batch.
+    /// Idempotent, so recovery can run it again.
+    fn apply_claim(&self, batch: &BatchRecord, ids: impl Iterator<Item = u64>) -> Result<(), StoreError> {
+        let qk = QueueKey {
+            upstream: batch.upstream.clone(),
+            model: batch.model.clone(),
+        };
+        let mut queue = sled::Batch::default();
+        let mut reqs = sled::Batch::default();
+        for id in ids {
+            let entry = qk.entry(id);
+            if let Some(v) = self.queue.get(&entry)? {
+                self.unaccount(&qk, &v);
+                queue.remove(entry);
+            }
+            if let Some(mut rec) = self.get(id)? {
+                if rec.batch != Some(batch.id) && rec.status == RequestStatus::Queued {
+                    rec.batch = Some(batch.id);
+                    reqs.insert(&id.to_be_bytes(), serde_json::to_vec(&rec).map_err(|e| corrupt("record", e))?);
+                }
+            }
+        }
+        self.queue.apply_batch(queue)?;
+        self.requests.apply_batch(reqs)?;
+        self.refresh_oldest(&qk)
+    }
+
+    // ------------------------------------------------------------- batches
+
+    pub fn put_batch(&self, b: &BatchRecord) -> Result<(), StoreError> {
+        let v = serde_json::to_vec(b).map_err(|e| corrupt("batch", e))?;
+        self.batches.insert(b.id.to_be_bytes(), v)?;
+        Ok(())
+    }
+
+    pub fn get_batch(&self, id: u64) -> Result<Option<BatchRecord>, StoreError> {
+        self.batches
+            .get(id.to_be_bytes())?
+            .map(|v| serde_json::from_slice(&v).map_err(|e| corrupt("batch", e)))
+            .transpose()
+    }
+
+    pub fn live_batches(&self) -> Result<Vec<BatchRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.batches.iter() {
+            let (_, v) = item?;
+            let b: BatchRecord = serde_json::from_slice(&v).map_err(|e| corrupt("batch", e))?;
+            if b.is_live() {
+                out.push(b);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Member ids of a batch, in id (arrival) order.
+    pub fn members(&self, batch: u64) -> impl Iterator<Item = Result<u64, StoreError>> + '_ {
+        self.members.scan_prefix(batch.to_be_bytes()).map(|item| {
+            let (k, _) = item?;
+            id_from(k.get(8..16).ok_or_else(|| corrupt("member key", "short"))?)
+        })
+    }
+
+    /// Finishes claims that a crash cut short, and drops batch records that
+    /// never got members.
+    pub fn recover_claims(&self) -> Result<usize, StoreError> {
+        let _g = self.queue_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        for b in self.live_batches()? {
+            let ids: Vec<u64> = self.members(b.id).collect::<Result<_, _>>()?;
+            if ids.is_empty() && b.state == BatchState::Claimed {
+                self.batches.remove(b.id.to_be_bytes())?;
+                continue;
+            }
+            if b.state == BatchState::Claimed {
+                self.apply_claim(&b, ids.into_iter())?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Records the upstream batch and moves every member to `submitted`.
+    pub fn mark_submitted(
+        &self,
+        batch: &mut BatchRecord,
+        file_id: &str,
+        batch_id: &str,
+    ) -> Result<(), StoreError> {
+        batch.state = BatchState::Submitted {
+            file_id: file_id.to_owned(),
+            batch_id: batch_id.to_owned(),
+        };
+        self.put_batch(batch)?;
+        self.apply_submitted(batch.id, batch_id)
+    }
+
+    /// Idempotent: recovery runs it again for batches recorded as submitted.
+    pub fn apply_submitted(&self, batch: u64, batch_id: &str) -> Result<(), StoreError> {
+        let now = now_secs();
+        let mut reqs = sled::Batch::default();
+        for id in self.members(batch) {
+            let id = id?;
+            let Some(mut rec) = self.get(id)? else { continue };
+            if rec.status == RequestStatus::Queued && rec.batch == Some(batch) {
+                rec.status = RequestStatus::Submitted;
+                rec.batch_id = Some(batch_id.to_owned());
+                rec.submitted_at = Some(now);
+                rec.attempts += 1;
+                reqs.insert(&id.to_be_bytes(), serde_json::to_vec(&rec).map_err(|e| corrupt("record", e))?);
+            }
+        }
+        self.requests.apply_batch(reqs)?;
+        Ok(())
+    }
+
+    /// Applies the outcomes of a finished batch's members. Only members still
+    /// `submitted` in this batch change, so applying twice is harmless.
+    /// Returns the records that reached a terminal status.
+    pub fn apply_outcomes(
+        &self,
+        batch: u64,
+        outcomes: Vec<(u64, Outcome)>,
+    ) -> Result<Vec<RequestRecord>, StoreError> {
+        let _g = self.queue_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let now = now_secs();
+        let now_ms = now_millis();
+        let mut reqs = sled::Batch::default();
+        let mut results = sled::Batch::default();
+        let mut queue = sled::Batch::default();
+        let mut bodies = sled::Batch::default();
+        let mut done = Vec::new();
+        let mut requeued: Vec<(QueueKey, u64)> = Vec::new();
+        for (id, outcome) in outcomes {
+            let Some(mut rec) = self.get(id)? else { continue };
+            if rec.batch != Some(batch) || rec.status.is_terminal() {
+                continue;
+            }
+            let outcome = match outcome {
+                Outcome::Retry(e) if rec.attempts >= MAX_ATTEMPTS => Outcome::Failed(e),
+                Outcome::Retry(_) => Outcome::Requeue,
+                o => o,
+            };
+            match outcome {
+                Outcome::Completed(r) => {
+                    results.insert(&id.to_be_bytes(), serde_json::to_vec(&r).map_err(|e| corrupt("result", e))?);
+                    rec.status = RequestStatus::Completed;
+                }
+                Outcome::Failed(e) => {
+                    rec.status = RequestStatus::Failed;
+                    rec.error = Some(e);
+                }
+                Outcome::Expired(e) => {
+                    rec.status = RequestStatus::Expired;
+                    rec.error = Some(e);
+                }
+                Outcome::Requeue | Outcome::Retry(_) => {
+                    let qk = QueueKey {
+                        upstream: rec.upstream.clone(),
+                        model: rec.model.clone(),
+                    };
+                    let len = line_len(id, rec.body_len);
+                    queue.insert(qk.entry(id), &queue_value(now_ms, len));
+                    requeued.push((qk, len));
+                    rec.status = RequestStatus::Queued;
+                    rec.batch = None;
+                    rec.batch_id = None;
+                    rec.submitted_at = None;
+                    reqs.insert(&id.to_be_bytes(), serde_json::to_vec(&rec).map_err(|e| corrupt("record", e))?);
+                    continue;
+                }
+            }
+            rec.completed_at = Some(now);
+            // A finished request's body is no longer needed.
+            bodies.remove(&id.to_be_bytes());
+            reqs.insert(&id.to_be_bytes(), serde_json::to_vec(&rec).map_err(|e| corrupt("record", e))?);
+            done.push(rec);
+        }
+        // Results before states: a reader that sees `completed` finds its result.
+        self.results.apply_batch(results)?;
+        self.queue.apply_batch(queue)?;
+        self.requests.apply_batch(reqs)?;
+        self.bodies.apply_batch(bodies)?;
+        for (qk, len) in requeued {
+            let mut s = self.queues.entry(qk).or_default();
+            s.count += 1;
+            s.bytes += len;
+            if s.oldest_ms == 0 || now_ms < s.oldest_ms {
+                s.oldest_ms = now_ms;
+            }
+        }
+        Ok(done)
+    }
+}
+
+/// Bytes of the JSONL line for a request whose body is `body_len` long:
+/// `{"custom_id":"ferry-<id>","method":"POST","url":"/v1/chat/completions","body":<body>}\n`.
+pub fn line_len(id: u64, body_len: u64) -> u64 {
+    (line_prefix(id).len() + LINE_SUFFIX.len()) as u64 + body_len
+}
+
+pub fn line_prefix(id: u64) -> String {
+    format!(
+        "{{\"custom_id\":\"{}\",\"method\":\"POST\",\"url\":\"{CHAT_COMPLETIONS}\",\"body\":",
+        upstream_custom_id(id)
+    )
+}
+
+pub const LINE_SUFFIX: &str = "}\n";
+pub const CHAT_COMPLETIONS: &str = "/v1/chat/completions";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        (dir, s)
+    }
+
+    fn rec(tenant: &str, cid: &str, body_hash: &str) -> RequestRecord {
+        RequestRecord {
+            id: 0,
+            tenant: tenant.into(),
+            custom_id: cid.into(),
+            model: "m".into(),
+            upstream: "u".into(),
+            body_sha256: body_hash.into(),
+            body_len: 2,
+            status: RequestStatus::Queued,
+            created_at: 1,
+            submitted_at: None,
+            completed_at: None,
+            batch: None,
+            batch_id: None,
+            error: None,
+            callback_url: None,
+            stream: false,
+            attempts: 0,
+        }
+    }
+
+    fn qk() -> QueueKey {
+        QueueKey {
+            upstream: "u".into(),
+            model: "m".into(),
+        }
+    }
+
+    #[test]
+    fn custom_ids_are_idempotent_per_tenant() {
+        let (_d, s) = store();
+        let Intake::Created(a) = s.insert_request(rec("t1", "x", "h1"), b"{}").unwrap() else {
+            panic!()
+        };
+        let Intake::Existing(b) = s.insert_request(rec("t1", "x", "h1"), b"{}").unwrap() else {
+            panic!()
+        };
+        assert_eq!(a.id, b.id);
+        assert!(matches!(
+            s.insert_request(rec("t1", "x", "h2"), b"{}").unwrap(),
+            Intake::Conflict(_)
+        ));
+        assert!(matches!(
+            s.insert_request(rec("t2", "x", "h2"), b"{}").unwrap(),
+            Intake::Created(_)
+        ));
+        assert_eq!(s.queue_stats()[0].1.count, 2);
+        assert!(s.find("t3", "x").unwrap().is_none());
+    }
+
+    #[test]
+    fn claim_respects_limits_and_order_and_cancel_loses_race() {
+        let (_d, s) = store();
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            let Intake::Created(r) = s.insert_request(rec("t", &format!("c{i}"), "h"), b"{}").unwrap() else {
+                panic!()
+            };
+            ids.push(r.id);
+        }
+        let b = s.claim_batch(&qk(), 3, 1_000_000, "size").unwrap().unwrap();
+        let members: Vec<u64> = s.members(b.id).map(Result::unwrap).collect();
+        assert_eq!(members, ids[..3]);
+        assert_eq!(s.queue_stats()[0].1.count, 2);
+        // Byte limit: one and a half lines' worth takes one line.
+        let one = line_len(ids[3], 2);
+        let b2 = s.claim_batch(&qk(), 10, one + one / 2, "bytes").unwrap().unwrap();
+        assert_eq!(b2.request_count, 1);
+        assert_eq!(b2.bytes, one);
+        // Claimed: too late to cancel. Still queued: cancellable.
+        assert!(matches!(s.cancel("t", "c0").unwrap(), CancelOutcome::TooLate(_)));
+        assert!(matches!(s.cancel("t", "c4").unwrap(), CancelOutcome::Cancelled(_)));
+        assert!(matches!(s.cancel("t", "c4").unwrap(), CancelOutcome::AlreadyCancelled(_)));
+        assert!(matches!(s.cancel("other", "c4").unwrap(), CancelOutcome::NotFound));
+        assert!(s.claim_batch(&qk(), 10, 1 << 20, "time").unwrap().is_none());
+        assert_eq!(s.queue_stats()[0].1, QueueStats::default());
+    }
+
+    #[test]
+    fn outcomes_apply_once_and_requeue_returns_to_queue() {
+        let (_d, s) = store();
+        for i in 0..3 {
+            s.insert_request(rec("t", &format!("c{i}"), "h"), b"{}").unwrap();
+        }
+        let mut b = s.claim_batch(&qk(), 10, 1 << 20, "size").unwrap().unwrap();
+        s.mark_submitted(&mut b, "file-1", "batch_1").unwrap();
+        let ids: Vec<u64> = s.members(b.id).map(Result::unwrap).collect();
+        assert_eq!(s.get(ids[0]).unwrap().unwrap().status, RequestStatus::Submitted);
+        let res = StoredResult {
+            status_code: 200,
+            body: serde_json::json!({"ok": true}),
+        };
+        let done = s
+            .apply_outcomes(
+                b.id,
+                vec![
+                    (ids[0], Outcome::Completed(res.clone())),
+                    (ids[1], Outcome::Requeue),
+                    (ids[2], Outcome::Expired(RequestError { code: "batch_expired".into(), message: "late".into() })),
+                ],
+            )
+            .unwrap();
+        assert_eq!(done.len(), 2);
+        assert_eq!(s.result(ids[0]).unwrap().unwrap(), res);
+        assert_eq!(s.get(ids[1]).unwrap().unwrap().status, RequestStatus::Queued);
+        assert_eq!(s.get(ids[2]).unwrap().unwrap().status, RequestStatus::Expired);
+        assert_eq!(s.queue_stats()[0].1.count, 1);
+        // Applying again changes nothing.
+        let again = s.apply_outcomes(b.id, vec![(ids[0], Outcome::Failed(RequestError { code: "x".into(), message: "y".into() }))]).unwrap();
+        assert!(again.is_empty());
+        assert_eq!(s.get(ids[0]).unwrap().unwrap().status, RequestStatus::Completed);
+    }
+
+    #[test]
+    fn queue_stats_and_claims_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            for i in 0..4 {
+                s.insert_request(rec("t", &format!("c{i}"), "h"), b"{}").unwrap();
+            }
+            // A claim whose batch record was written but whose queue
+            // entries were not yet removed (as if the process died).
+            let b = BatchRecord {
+                id: 999,
+                upstream: "u".into(),
+                model: "m".into(),
+                state: BatchState::Claimed,
+                created_at: 0,
+                request_count: 1,
+                bytes: 10,
+                reason: "size".into(),
+            };
+            s.put_batch(&b).unwrap();
+            let first = s.find("t", "c0").unwrap().unwrap().id;
+            s.members.insert(member_key(999, first), &[]).unwrap();
+            s.flush_blocking().unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.queue_stats()[0].1.count, 4);
+        assert_eq!(s.recover_claims().unwrap(), 1);
+        assert_eq!(s.queue_stats()[0].1.count, 3);
+        assert_eq!(s.find("t", "c0").unwrap().unwrap().batch, Some(999));
+    }
+
+    #[tokio::test]
+    async fn group_commit_serves_concurrent_callers() {
+        let (_d, s) = store();
+        let s = std::sync::Arc::new(s);
+        let mut tasks = Vec::new();
+        for i in 0..32 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                s.insert_request(rec("t", &format!("g{i}"), "h"), b"{}").unwrap();
+                s.commit().await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(s.flushed.load(Ordering::SeqCst), 32);
+    }
+
+    #[test]
+    fn line_len_matches_the_line() {
+        let line = format!("{}{}{}", line_prefix(77), "{\"a\":1}", LINE_SUFFIX);
+        assert_eq!(line.len() as u64, line_len(77, 7));
+        let v: serde_json::Value = serde_json::from_str(line.trim_end()).unwrap();
+        assert_eq!(v["custom_id"], "ferry-77");
+    }
+}
