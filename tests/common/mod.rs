@@ -1,0 +1,229 @@
+//! Shared harness for the integration tests: the real `ferry` binary and a
+//! standalone `ferry emulator`, each started on port 0 in its own process,
+//! talking real HTTP over loopback.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_ferry");
+pub const UPSTREAM_KEY: &str = "upstream-secret";
+
+/// A child process that is killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub addrs: HashMap<String, SocketAddr>,
+    pub log: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    pub fn addr(&self, service: &str) -> SocketAddr {
+        self.addrs[service]
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a signal and waits for the process to exit.
+    pub fn signal_and_wait(&mut self, signal: &str) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args([&format!("-{signal}"), &pid]).status().expect("kill");
+        self.child.wait().expect("wait")
+    }
+}
+
+/// Starts `cmd`, waits until it has announced every service in `services`
+/// on stdout (the `{"event":"listening"}` lines), and keeps draining stdout.
+pub fn spawn(mut cmd: Command, services: &[&str], log: PathBuf) -> Proc {
+    let logfile = std::fs::File::create(&log).expect("log file");
+    cmd.stdout(Stdio::piped()).stderr(Stdio::from(logfile)).stdin(Stdio::null());
+    let mut child = cmd.spawn().expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                if v["event"] == "listening" {
+                    let _ = tx.send((v["service"].as_str().unwrap_or("").to_owned(), v["addr"].as_str().unwrap_or("").to_owned()));
+                }
+            }
+        }
+    });
+    let mut addrs = HashMap::new();
+    while !services.iter().all(|s| addrs.contains_key(*s)) {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok((service, addr)) => {
+                addrs.insert(service, addr.parse().expect("announced address"));
+            }
+            Err(_) => {
+                let _ = child.kill();
+                panic!("process did not announce {services:?}; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+        }
+    }
+    Proc { child, addrs, log }
+}
+
+pub fn emulator(dir: &Path, args: &[&str]) -> Proc {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["emulator", "--listen", "127.0.0.1:0", "--api-key", UPSTREAM_KEY]).args(args);
+    spawn(cmd, &["emulator"], dir.join("emulator.log"))
+}
+
+/// The tenants every test config has.
+pub const TENANTS: &str = r#"
+[[tenants]]
+name = "alice"
+keys = ["alice-key"]
+
+[[tenants]]
+name = "bob"
+keys = ["bob-key"]
+
+[[tenants]]
+name = "batchy"
+keys = ["batchy-key"]
+default_mode = "defer"
+default_wait_secs = 30
+"#;
+
+/// A Ferry config against the emulator at `upstream`, with `upstream_extra`
+/// lines added to its `[[upstreams]]` table and `server_extra` to `[server]`.
+pub fn config(dir: &Path, upstream: SocketAddr, upstream_extra: &str, server_extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+data_dir = "{data}"
+threads = 1
+shutdown_grace_secs = 0
+{server_extra}
+
+[[upstreams]]
+name = "emu"
+kind = "openai"
+base_url = "http://{upstream}/v1"
+api_key_env = "FERRY_TEST_UPSTREAM_KEY"
+poll_interval_secs = 0.05
+{max_wait}
+{upstream_extra}
+{TENANTS}
+"#,
+        data = dir.join("data").display(),
+        // Nothing flushes by time unless a test asks for it.
+        max_wait = if upstream_extra.contains("max_wait_secs") { "" } else { "max_wait_secs = 3600" },
+    )
+}
+
+pub fn ferry(dir: &Path, config: &str) -> Proc {
+    let path = dir.join("ferry.toml");
+    std::fs::write(&path, config).expect("write config");
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--config").arg(&path).env("FERRY_TEST_UPSTREAM_KEY", UPSTREAM_KEY).env("FERRY_LOG", "info,pingora_core=warn,pingora_proxy=warn");
+    spawn(cmd, &["proxy", "admin"], dir.join(format!("ferry-{}.log", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()))))
+}
+
+/// An emulator and a Ferry in front of it.
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub emulator: Proc,
+    pub ferry: Proc,
+    pub http: reqwest::Client,
+}
+
+impl Stack {
+    pub fn start(upstream_extra: &str, server_extra: &str) -> Stack {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let emulator = emulator(dir.path(), &[]);
+        let cfg = config(dir.path(), emulator.addr("emulator"), upstream_extra, server_extra);
+        let ferry = ferry(dir.path(), &cfg);
+        Stack {
+            dir,
+            emulator,
+            ferry,
+            http: reqwest::Client::builder().timeout(Duration::from_secs(120)).build().expect("client"),
+        }
+    }
+
+    /// Stops Ferry (SIGKILL) and starts it again on the same data and config.
+    pub fn restart_ferry(&mut self) {
+        let _ = self.ferry.child.kill();
+        let _ = self.ferry.child.wait();
+        let cfg = std::fs::read_to_string(self.dir.path().join("ferry.toml")).expect("config");
+        self.ferry = ferry(self.dir.path(), &cfg);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.ferry.addr("proxy"))
+    }
+
+    pub fn admin(&self, path: &str) -> String {
+        format!("http://{}{path}", self.ferry.addr("admin"))
+    }
+
+    pub fn emu(&self, path: &str) -> String {
+        format!("http://{}{path}", self.emulator.addr("emulator"))
+    }
+
+    pub async fn emulator_stats(&self) -> Value {
+        self.http.get(self.emu("/_emulator/stats")).send().await.unwrap().json().await.unwrap()
+    }
+
+    pub async fn emulator_config(&self, patch: Value) {
+        let r = self.http.post(self.emu("/_emulator/config")).json(&patch).send().await.unwrap();
+        assert!(r.status().is_success(), "emulator config: {}", r.text().await.unwrap());
+    }
+
+    /// Flushes every queue now (admin route).
+    pub async fn flush(&self) {
+        let r = self.http.post(self.admin("/admin/flush")).send().await.unwrap();
+        assert_eq!(r.status(), 202);
+    }
+
+    /// A deferred chat completion (`Prefer: respond-async[, wait=N]`).
+    pub async fn defer(&self, key: &str, body: &Value, wait: Option<u64>, custom_id: Option<&str>) -> reqwest::Response {
+        let prefer = match wait {
+            Some(w) => format!("respond-async, wait={w}"),
+            None => "respond-async".to_owned(),
+        };
+        let mut req = self.http.post(self.url("/v1/chat/completions")).bearer_auth(key).header("prefer", prefer).json(body);
+        if let Some(id) = custom_id {
+            req = req.header("x-ferry-custom-id", id);
+        }
+        req.send().await.unwrap()
+    }
+
+    /// `GET /v1/ferry/requests/{id}?wait=S` as `key`.
+    pub async fn status(&self, key: &str, id: &str, wait: u64) -> (u16, Value) {
+        let r = self
+            .http
+            .get(self.url(&format!("/v1/ferry/requests/{id}?wait={wait}")))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        let code = r.status().as_u16();
+        (code, r.json().await.unwrap())
+    }
+}
+
+pub fn chat(model: &str, text: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": text}]})
+}
