@@ -14,14 +14,19 @@ use crate::App;
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route(
+            "/healthz",
+            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+        )
         .route("/readyz", get(readyz))
         .route("/admin/flush", post(flush))
         .with_state(app)
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
-    app.metrics.storage_size.set(app.store.size_on_disk() as i64);
+    app.metrics
+        .storage_size
+        .set(app.store.size_on_disk() as i64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         app.metrics.render(),
@@ -32,7 +37,10 @@ async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
     if app.ready.load(Ordering::SeqCst) && !app.is_shutting_down() {
         (StatusCode::OK, Json(serde_json::json!({"status": "ready"})))
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": "not_ready"})))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "not_ready"})),
+        )
     }
 }
 
@@ -44,5 +52,8 @@ async fn flush(State(app): State<Arc<App>>) -> impl IntoResponse {
         up.wake.notify_one();
         names.push(up.settings.name.clone());
     }
-    (StatusCode::ACCEPTED, Json(serde_json::json!({"flushing": names})))
+    (
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"flushing": names})),
+    )
 }

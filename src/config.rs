@@ -272,10 +272,11 @@ impl Config {
         for r in &self.routes {
             match &r.matcher {
                 RouteMatch::Exact(m) if m == model => return r.upstream,
-                RouteMatch::Prefix(p) if model.starts_with(p.as_str()) => {
-                    if best.is_none_or(|(len, _)| p.len() > len) {
-                        best = Some((p.len(), r.upstream));
-                    }
+                RouteMatch::Prefix(p)
+                    if model.starts_with(p.as_str())
+                        && best.is_none_or(|(len, _)| p.len() > len) =>
+                {
+                    best = Some((p.len(), r.upstream));
                 }
                 _ => {}
             }
@@ -339,7 +340,12 @@ impl RawConfig {
         let mut by_name = BTreeMap::new();
         for (i, u) in self.upstreams.into_iter().enumerate() {
             let key = |k: &str| format!("upstreams[{i}].{k}");
-            if u.name.is_empty() || !u.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            if u.name.is_empty()
+                || !u
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
                 return Err(invalid(key("name"), "must be non-empty [A-Za-z0-9_-]"));
             }
             if by_name.insert(u.name.clone(), i).is_some() {
@@ -352,12 +358,18 @@ impl RawConfig {
             let target = match (u.emulator, u.base_url) {
                 (true, None) => UpstreamTarget::Emulator,
                 (true, Some(_)) => {
-                    return Err(invalid(key("base_url"), "give either base_url or emulator = true, not both"));
+                    return Err(invalid(
+                        key("base_url"),
+                        "give either base_url or emulator = true, not both",
+                    ));
                 }
                 (false, Some(url)) => {
                     let url = url.trim_end_matches('/').to_owned();
                     if !(url.starts_with("http://") || url.starts_with("https://")) {
-                        return Err(invalid(key("base_url"), "must start with http:// or https://"));
+                        return Err(invalid(
+                            key("base_url"),
+                            "must start with http:// or https://",
+                        ));
                     }
                     UpstreamTarget::Url(url)
                 }
@@ -367,7 +379,12 @@ impl RawConfig {
             };
             if target != UpstreamTarget::Emulator {
                 match &u.api_key_env {
-                    None => return Err(invalid(key("api_key_env"), "is required for a real upstream")),
+                    None => {
+                        return Err(invalid(
+                            key("api_key_env"),
+                            "is required for a real upstream",
+                        ));
+                    }
                     Some(name) if env(name).is_none() => {
                         return Err(invalid(
                             key("api_key_env"),
@@ -387,14 +404,22 @@ impl RawConfig {
             if max_requests == 0 || max_requests > profile.max_lines {
                 return Err(invalid(
                     key("max_requests"),
-                    format!("must be 1..={} for a {} upstream", profile.max_lines, profile.kind.as_str()),
+                    format!(
+                        "must be 1..={} for a {} upstream",
+                        profile.max_lines,
+                        profile.kind.as_str()
+                    ),
                 ));
             }
             let max_bytes = u.max_bytes.unwrap_or(profile.max_file_bytes);
             if max_bytes < 1024 || max_bytes > profile.max_file_bytes {
                 return Err(invalid(
                     key("max_bytes"),
-                    format!("must be 1024..={} for a {} upstream", profile.max_file_bytes, profile.kind.as_str()),
+                    format!(
+                        "must be 1024..={} for a {} upstream",
+                        profile.max_file_bytes,
+                        profile.kind.as_str()
+                    ),
                 ));
             }
             let calls_per_second = u.calls_per_second.unwrap_or(10);
@@ -414,17 +439,25 @@ impl RawConfig {
                 max_requests,
                 max_bytes,
                 max_wait: secs(&key("max_wait_secs"), u.max_wait_secs.unwrap_or(60.0))?,
-                poll_interval: secs(&key("poll_interval_secs"), u.poll_interval_secs.unwrap_or(30.0))?
-                    .max(Duration::from_millis(50)),
+                poll_interval: secs(
+                    &key("poll_interval_secs"),
+                    u.poll_interval_secs.unwrap_or(30.0),
+                )?
+                .max(Duration::from_millis(50)),
                 calls_per_second,
                 batches_per_hour,
             });
         }
-        let uses_emulator = upstreams.iter().any(|u| u.target == UpstreamTarget::Emulator);
+        let uses_emulator = upstreams
+            .iter()
+            .any(|u| u.target == UpstreamTarget::Emulator);
         let emulator = match (uses_emulator, self.emulator) {
             (true, e) => Some(e.unwrap_or_default()),
             (false, Some(_)) => {
-                return Err(invalid("emulator", "is set but no upstream has emulator = true"));
+                return Err(invalid(
+                    "emulator",
+                    "is set but no upstream has emulator = true",
+                ));
             }
             (false, None) => None,
         };
@@ -440,7 +473,12 @@ impl RawConfig {
             let matcher = match (r.model, r.prefix) {
                 (Some(m), None) => RouteMatch::Exact(m),
                 (None, Some(p)) => RouteMatch::Prefix(p),
-                _ => return Err(invalid(format!("routes[{i}]"), "give exactly one of model, prefix")),
+                _ => {
+                    return Err(invalid(
+                        format!("routes[{i}]"),
+                        "give exactly one of model, prefix",
+                    ));
+                }
             };
             routes.push(Route {
                 matcher,
@@ -473,7 +511,10 @@ impl RawConfig {
             }
             for name in t.key_envs {
                 let v = env(&name).ok_or_else(|| {
-                    invalid(key("key_envs"), format!("environment variable `{name}` is not set"))
+                    invalid(
+                        key("key_envs"),
+                        format!("environment variable `{name}` is not set"),
+                    )
                 })?;
                 hashes.push(key_hash(&v));
             }
@@ -566,23 +607,37 @@ mod tests {
     #[test]
     fn limits_above_the_provider_are_refused() {
         let text = MIN.replace("emulator = true", "emulator = true\nmax_requests = 60000");
-        let err = Config::parse_with_env(&text, &no_env).unwrap_err().to_string();
+        let err = Config::parse_with_env(&text, &no_env)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("upstreams[0].max_requests"), "{err}");
-        let text = MIN.replace("kind = \"openai\"", "kind = \"moonshot\"\nmax_bytes = 150000000");
-        let err = Config::parse_with_env(&text, &no_env).unwrap_err().to_string();
+        let text = MIN.replace(
+            "kind = \"openai\"",
+            "kind = \"moonshot\"\nmax_bytes = 150000000",
+        );
+        let err = Config::parse_with_env(&text, &no_env)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("upstreams[0].max_bytes"), "{err}");
     }
 
     #[test]
     fn bad_window_and_missing_env_name_the_key() {
-        let text = MIN.replace("emulator = true", "emulator = true\ncompletion_window = \"12h\"");
-        let err = Config::parse_with_env(&text, &no_env).unwrap_err().to_string();
+        let text = MIN.replace(
+            "emulator = true",
+            "emulator = true\ncompletion_window = \"12h\"",
+        );
+        let err = Config::parse_with_env(&text, &no_env)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("completion_window"), "{err}");
         let text = MIN.replace(
             "emulator = true",
             "base_url = \"https://api.openai.com/v1\"\napi_key_env = \"NOPE_KEY\"",
         );
-        let err = Config::parse_with_env(&text, &no_env).unwrap_err().to_string();
+        let err = Config::parse_with_env(&text, &no_env)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("NOPE_KEY"), "{err}");
         let c = Config::parse_with_env(&text, &|_| Some("sk".into())).unwrap();
         assert_eq!(
@@ -623,12 +678,17 @@ mod tests {
 
     #[test]
     fn hashed_keys_work_and_bad_hashes_are_named() {
-        let h: String = key_hash("secret").iter().map(|b| format!("{b:02x}")).collect();
+        let h: String = key_hash("secret")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         let text = MIN.replace("keys = [\"k1\"]", &format!("key_sha256 = [\"{h}\"]"));
         let c = Config::parse_with_env(&text, &no_env).unwrap();
         assert!(c.tenant_for_key("secret").is_some());
         let text = MIN.replace("keys = [\"k1\"]", "key_sha256 = [\"zz\"]");
-        let err = Config::parse_with_env(&text, &no_env).unwrap_err().to_string();
+        let err = Config::parse_with_env(&text, &no_env)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("tenants[0].key_sha256"), "{err}");
     }
 }

@@ -61,12 +61,18 @@ impl PassthroughTarget {
             // [::1]:8080
             let end = authority.find(']')?;
             let host = &authority[1..end];
-            let port = authority[end + 1..].strip_prefix(':').unwrap_or(if tls { "443" } else { "80" });
+            let port =
+                authority[end + 1..]
+                    .strip_prefix(':')
+                    .unwrap_or(if tls { "443" } else { "80" });
             (host.to_owned(), format!("[{host}]:{port}"))
         } else {
             match authority.rsplit_once(':') {
                 Some((h, p)) => (h.to_owned(), format!("{h}:{p}")),
-                None => (authority.to_owned(), format!("{authority}:{}", if tls { 443 } else { 80 })),
+                None => (
+                    authority.to_owned(),
+                    format!("{authority}:{}", if tls { 443 } else { 80 }),
+                ),
             }
         };
         Some(PassthroughTarget {
@@ -167,17 +173,33 @@ impl App {
         let model: String = model.chars().take(64).collect();
         for kind in ["prompt", "completion"] {
             if let Some(n) = usage[format!("{kind}_tokens")].as_u64() {
-                self.metrics.tokens.with_label_values(&[&model, kind]).inc_by(n);
+                self.metrics
+                    .tokens
+                    .with_label_values(&[&model, kind])
+                    .inc_by(n);
             }
         }
     }
 
     pub fn publish_queue_metrics(&self, qk: &QueueKey, s: &QueueStats) {
         let labels = [qk.upstream.as_str(), qk.model.as_str()];
-        self.metrics.queued_requests.with_label_values(&labels).set(s.count as i64);
-        self.metrics.queued_bytes.with_label_values(&labels).set(s.bytes as i64);
-        let age = if s.count == 0 { 0 } else { now_millis().saturating_sub(s.oldest_ms) / 1000 };
-        self.metrics.queue_oldest_age.with_label_values(&labels).set(age as i64);
+        self.metrics
+            .queued_requests
+            .with_label_values(&labels)
+            .set(s.count as i64);
+        self.metrics
+            .queued_bytes
+            .with_label_values(&labels)
+            .set(s.bytes as i64);
+        let age = if s.count == 0 {
+            0
+        } else {
+            now_millis().saturating_sub(s.oldest_ms) / 1000
+        };
+        self.metrics
+            .queue_oldest_age
+            .with_label_values(&labels)
+            .set(age as i64);
     }
 }
 
@@ -188,9 +210,20 @@ mod tests {
     #[test]
     fn base_urls_split_into_targets() {
         let t = PassthroughTarget::parse("https://api.openai.com/v1").unwrap();
-        assert_eq!((t.addr.as_str(), t.tls, t.host.as_str(), t.base_path.as_str()), ("api.openai.com:443", true, "api.openai.com", "/v1"));
+        assert_eq!(
+            (
+                t.addr.as_str(),
+                t.tls,
+                t.host.as_str(),
+                t.base_path.as_str()
+            ),
+            ("api.openai.com:443", true, "api.openai.com", "/v1")
+        );
         let t = PassthroughTarget::parse("http://127.0.0.1:9000/openai/v1/").unwrap();
-        assert_eq!((t.addr.as_str(), t.tls, t.base_path.as_str()), ("127.0.0.1:9000", false, "/openai/v1"));
+        assert_eq!(
+            (t.addr.as_str(), t.tls, t.base_path.as_str()),
+            ("127.0.0.1:9000", false, "/openai/v1")
+        );
         let t = PassthroughTarget::parse("http://[::1]:81/v1").unwrap();
         assert_eq!(t.addr, "[::1]:81");
         assert!(PassthroughTarget::parse("ftp://x").is_none());

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use ferry::config::{Config, LogFormat};
 
 #[derive(Parser)]
-#[command(name = "ferry", version, about = "A reverse proxy that turns deferrable OpenAI chat completions into Batch API jobs")]
+#[command(
+    name = "ferry",
+    version,
+    about = "A reverse proxy that turns deferrable OpenAI chat completions into Batch API jobs"
+)]
 struct Cli {
     /// Config file (TOML). Without it Ferry runs on its embedded default:
     /// the built-in Batch API emulator as upstream, on 127.0.0.1:8080.
@@ -24,13 +28,15 @@ enum Command {
     /// Validate the config and exit.
     CheckConfig,
     /// Run the Batch API emulator standalone.
-    Emulator(ferry::emulator::EmulatorArgs),
+    Emulator(Box<ferry::emulator::EmulatorArgs>),
 }
 
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -49,14 +55,17 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Emulator(args)) => {
             init_logs(LogFormat::Text);
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("ferry: cannot start a runtime: {e}");
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(ferry::emulator::run_cli(args)) {
+            match rt.block_on(ferry::emulator::run_cli(*args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("ferry emulator: {e}");

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -54,27 +54,62 @@ impl Metrics {
             g
         };
         let hist = |name: &str, help: &str, buckets: Vec<f64>| {
-            let h = must(Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)));
+            let h = must(Histogram::with_opts(
+                HistogramOpts::new(name, help).buckets(buckets),
+            ));
             reg(Box::new(h.clone()));
             h
         };
         let latency = || {
-            vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+            vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0,
+            ]
         };
-        let long = || vec![1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 3.0 * 3600.0, 6.0 * 3600.0, 12.0 * 3600.0, 24.0 * 3600.0, 72.0 * 3600.0];
+        let long = || {
+            vec![
+                1.0,
+                10.0,
+                60.0,
+                300.0,
+                900.0,
+                1800.0,
+                3600.0,
+                3.0 * 3600.0,
+                6.0 * 3600.0,
+                12.0 * 3600.0,
+                24.0 * 3600.0,
+                72.0 * 3600.0,
+            ]
+        };
         let upstream_call_duration = must(HistogramVec::new(
-            HistogramOpts::new("ferry_upstream_call_duration_seconds", "Duration of Batch API calls to the upstream.")
-                .buckets(latency()),
+            HistogramOpts::new(
+                "ferry_upstream_call_duration_seconds",
+                "Duration of Batch API calls to the upstream.",
+            )
+            .buckets(latency()),
             &["upstream", "operation"],
         ));
         reg(Box::new(upstream_call_duration.clone()));
-        let upstream_retries = must(IntCounter::new("ferry_upstream_retries_total", "Upstream API calls retried after a transient failure."));
+        let upstream_retries = must(IntCounter::new(
+            "ferry_upstream_retries_total",
+            "Upstream API calls retried after a transient failure.",
+        ));
         reg(Box::new(upstream_retries.clone()));
-        let live_batches = must(IntGauge::new("ferry_live_batches", "Batches not yet finished (claimed, uploaded or submitted)."));
+        let live_batches = must(IntGauge::new(
+            "ferry_live_batches",
+            "Batches not yet finished (claimed, uploaded or submitted).",
+        ));
         reg(Box::new(live_batches.clone()));
-        let waiters = must(IntGauge::new("ferry_waiters", "Callers currently held for a result (wait=N and ?wait=S)."));
+        let waiters = must(IntGauge::new(
+            "ferry_waiters",
+            "Callers currently held for a result (wait=N and ?wait=S).",
+        ));
         reg(Box::new(waiters.clone()));
-        let storage_size = must(IntGauge::new("ferry_storage_size_bytes", "Size of the sled database on disk."));
+        let storage_size = must(IntGauge::new(
+            "ferry_storage_size_bytes",
+            "Size of the sled database on disk.",
+        ));
         reg(Box::new(storage_size.clone()));
         Metrics {
             http_requests: counter_vec(
@@ -82,18 +117,62 @@ impl Metrics {
                 "Requests answered on the proxy port, by route, mode and status code.",
                 &["route", "mode", "code"],
             ),
-            passthrough_duration: hist("ferry_passthrough_duration_seconds", "Time to serve a passthrough call, first byte in to last byte out.", latency()),
-            intake_duration: hist("ferry_intake_duration_seconds", "Time from a deferred call's arrival to its 202 (durable).", latency()),
-            queued_requests: gauge_vec("ferry_queued_requests", "Requests waiting in a queue.", &["upstream", "model"]),
-            queued_bytes: gauge_vec("ferry_queued_bytes", "JSONL bytes waiting in a queue.", &["upstream", "model"]),
-            queue_oldest_age: gauge_vec("ferry_queue_oldest_age_seconds", "Age of the oldest queued request.", &["upstream", "model"]),
-            flushes: counter_vec("ferry_flushes_total", "Queues flushed into a batch, by reason.", &["upstream", "reason"]),
-            batches: counter_vec("ferry_batches_total", "Batch lifecycle events (created, completed, failed, expired, cancelled).", &["upstream", "event"]),
+            passthrough_duration: hist(
+                "ferry_passthrough_duration_seconds",
+                "Time to serve a passthrough call, first byte in to last byte out.",
+                latency(),
+            ),
+            intake_duration: hist(
+                "ferry_intake_duration_seconds",
+                "Time from a deferred call's arrival to its 202 (durable).",
+                latency(),
+            ),
+            queued_requests: gauge_vec(
+                "ferry_queued_requests",
+                "Requests waiting in a queue.",
+                &["upstream", "model"],
+            ),
+            queued_bytes: gauge_vec(
+                "ferry_queued_bytes",
+                "JSONL bytes waiting in a queue.",
+                &["upstream", "model"],
+            ),
+            queue_oldest_age: gauge_vec(
+                "ferry_queue_oldest_age_seconds",
+                "Age of the oldest queued request.",
+                &["upstream", "model"],
+            ),
+            flushes: counter_vec(
+                "ferry_flushes_total",
+                "Queues flushed into a batch, by reason.",
+                &["upstream", "reason"],
+            ),
+            batches: counter_vec(
+                "ferry_batches_total",
+                "Batch lifecycle events (created, completed, failed, expired, cancelled).",
+                &["upstream", "event"],
+            ),
             live_batches,
-            batch_size: hist("ferry_batch_size_requests", "Requests per batch.", vec![1.0, 10.0, 100.0, 1000.0, 5000.0, 10000.0, 25000.0, 50000.0]),
-            batch_duration: hist("ferry_batch_duration_seconds", "Time from batch creation upstream to its results stored.", long()),
-            requests_finished: counter_vec("ferry_requests_finished_total", "Deferred requests reaching a terminal status.", &["status"]),
-            accept_to_result: hist("ferry_accept_to_result_seconds", "Time from a deferred call's 202 to its terminal status.", long()),
+            batch_size: hist(
+                "ferry_batch_size_requests",
+                "Requests per batch.",
+                vec![1.0, 10.0, 100.0, 1000.0, 5000.0, 10000.0, 25000.0, 50000.0],
+            ),
+            batch_duration: hist(
+                "ferry_batch_duration_seconds",
+                "Time from batch creation upstream to its results stored.",
+                long(),
+            ),
+            requests_finished: counter_vec(
+                "ferry_requests_finished_total",
+                "Deferred requests reaching a terminal status.",
+                &["status"],
+            ),
+            accept_to_result: hist(
+                "ferry_accept_to_result_seconds",
+                "Time from a deferred call's 202 to its terminal status.",
+                long(),
+            ),
             waiters,
             upstream_calls: counter_vec(
                 "ferry_upstream_calls_total",
@@ -102,15 +181,25 @@ impl Metrics {
             ),
             upstream_call_duration,
             upstream_retries,
-            tokens: counter_vec("ferry_tokens_total", "Tokens reported in batch results, by model and kind (prompt, completion).", &["model", "kind"]),
+            tokens: counter_vec(
+                "ferry_tokens_total",
+                "Tokens reported in batch results, by model and kind (prompt, completion).",
+                &["model", "kind"],
+            ),
             storage_size,
-            storage_flush_duration: hist("ferry_storage_flush_duration_seconds", "Duration of durable flushes (group commits).", latency()),
+            storage_flush_duration: hist(
+                "ferry_storage_flush_duration_seconds",
+                "Duration of durable flushes (group commits).",
+                latency(),
+            ),
             registry,
         }
     }
 
     pub fn upstream_call(&self, upstream: &str, op: &str, outcome: &str, took: Duration) {
-        self.upstream_calls.with_label_values(&[upstream, op, outcome]).inc();
+        self.upstream_calls
+            .with_label_values(&[upstream, op, outcome])
+            .inc();
         self.upstream_call_duration
             .with_label_values(&[upstream, op])
             .observe(took.as_secs_f64());
@@ -119,7 +208,10 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        if TextEncoder::new().encode(&self.registry.gather(), &mut buf).is_err() {
+        if TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .is_err()
+        {
             return String::new();
         }
         String::from_utf8(buf).unwrap_or_default()
@@ -139,10 +231,14 @@ mod tests {
     #[test]
     fn metrics_register_and_render() {
         let m = Metrics::new();
-        m.http_requests.with_label_values(&["chat", "deferred", "202"]).inc();
+        m.http_requests
+            .with_label_values(&["chat", "deferred", "202"])
+            .inc();
         m.upstream_call("emu", "get_batch", "200", Duration::from_millis(3));
         let text = m.render();
-        assert!(text.contains("ferry_http_requests_total{code=\"202\",mode=\"deferred\",route=\"chat\"} 1"));
+        assert!(text.contains(
+            "ferry_http_requests_total{code=\"202\",mode=\"deferred\",route=\"chat\"} 1"
+        ));
         assert!(text.contains("ferry_upstream_call_duration_seconds_bucket"));
     }
 }

@@ -71,8 +71,13 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     // The embedded emulator, when some upstream uses it.
     let emulator_url = match &config.emulator {
         Some(cfg) => {
-            let l = bind("the embedded emulator", SocketAddr::from(([127, 0, 0, 1], 0)))?;
-            let addr = l.local_addr().map_err(|e| ServerError::Runtime(e.to_string()))?;
+            let l = bind(
+                "the embedded emulator",
+                SocketAddr::from(([127, 0, 0, 1], 0)),
+            )?;
+            let addr = l
+                .local_addr()
+                .map_err(|e| ServerError::Runtime(e.to_string()))?;
             let cfg = cfg.clone();
             let mut rx = shutdown_rx.clone();
             rt.spawn(async move {
@@ -107,18 +112,30 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             }
             UpstreamTarget::Emulator => (
                 emulator_url.clone().unwrap_or_default(),
-                config.emulator.as_ref().map(|e| e.api_key.clone()).unwrap_or_default(),
+                config
+                    .emulator
+                    .as_ref()
+                    .map(|e| e.api_key.clone())
+                    .unwrap_or_default(),
             ),
         };
-        let passthrough = PassthroughTarget::parse(&base_url).ok_or_else(|| ServerError::Upstream {
-            name: s.name.clone(),
-            message: format!("cannot parse base_url `{base_url}`"),
-        })?;
-        let client = BatchClient::new(&s.name, &base_url, &key, s.calls_per_second, s.batches_per_hour, metrics.clone())
-            .map_err(|e| ServerError::Upstream {
+        let passthrough =
+            PassthroughTarget::parse(&base_url).ok_or_else(|| ServerError::Upstream {
                 name: s.name.clone(),
-                message: e.to_string(),
+                message: format!("cannot parse base_url `{base_url}`"),
             })?;
+        let client = BatchClient::new(
+            &s.name,
+            &base_url,
+            &key,
+            s.calls_per_second,
+            s.batches_per_hour,
+            metrics.clone(),
+        )
+        .map_err(|e| ServerError::Upstream {
+            name: s.name.clone(),
+            message: e.to_string(),
+        })?;
         upstreams.push(Upstream {
             settings: s.clone(),
             client,
@@ -143,7 +160,9 @@ pub fn run(config: Config) -> Result<(), ServerError> {
 
     // Admin port.
     let admin = bind("the admin port", app.config.server.admin_listen)?;
-    let admin_addr = admin.local_addr().map_err(|e| ServerError::Runtime(e.to_string()))?;
+    let admin_addr = admin
+        .local_addr()
+        .map_err(|e| ServerError::Runtime(e.to_string()))?;
     {
         let app = app.clone();
         let mut rx = shutdown_rx.clone();
@@ -152,9 +171,11 @@ pub fn run(config: Config) -> Result<(), ServerError> {
                 Ok(l) => l,
                 Err(e) => return error!(error = %e, "admin port cannot listen"),
             };
-            let serve = axum::serve(listener, crate::admin::router(app)).with_graceful_shutdown(async move {
-                let _ = rx.changed().await;
-            });
+            let serve = axum::serve(listener, crate::admin::router(app)).with_graceful_shutdown(
+                async move {
+                    let _ = rx.changed().await;
+                },
+            );
             if let Err(e) = serve.await {
                 error!(error = %e, "admin port stopped");
             }
@@ -168,7 +189,11 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         let rx = shutdown_rx.clone();
         rt.spawn(async move {
             match recover(&app, &rx) {
-                Ok(n) => info!(resumed_batches = n, queued = app.store.queued_total(), "recovery finished"),
+                Ok(n) => info!(
+                    resumed_batches = n,
+                    queued = app.store.queued_total(),
+                    "recovery finished"
+                ),
                 Err(e) => return error!(error = %e, "recovery failed; Ferry stays not-ready"),
             }
             for i in 0..app.upstreams.len() {
@@ -183,7 +208,9 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     let mut listen = app.config.server.listen;
     if listen.port() == 0 {
         let probe = bind("the proxy port", listen)?;
-        listen = probe.local_addr().map_err(|e| ServerError::Runtime(e.to_string()))?;
+        listen = probe
+            .local_addr()
+            .map_err(|e| ServerError::Runtime(e.to_string()))?;
     }
     let conf = ServerConf {
         threads: app.config.server.threads,
@@ -195,7 +222,8 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, FerryProxy { app: app.clone() });
+    let mut proxy =
+        pingora::proxy::http_proxy_service(&server.configuration, FerryProxy { app: app.clone() });
     proxy.add_tcp(&listen.to_string());
     server.add_service(proxy);
 
@@ -206,10 +234,15 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             while let Ok(phase) = phases.recv().await {
                 if matches!(
                     phase,
-                    ExecutionPhase::GracefulTerminate | ExecutionPhase::GracefulUpgradeTransferringFds | ExecutionPhase::ShutdownStarted
+                    ExecutionPhase::GracefulTerminate
+                        | ExecutionPhase::GracefulUpgradeTransferringFds
+                        | ExecutionPhase::ShutdownStarted
                 ) && !app.shutting_down.swap(true, Ordering::SeqCst)
                 {
-                    info!(?phase, "shutting down: deferred intake closed, held callers get their tickets");
+                    info!(
+                        ?phase,
+                        "shutting down: deferred intake closed, held callers get their tickets"
+                    );
                     app.release_waiters.notify_waiters();
                 }
             }
@@ -245,7 +278,10 @@ fn announce_when_accepting(addr: SocketAddr) {
 
 /// Finishes what a previous run left: claims cut short, members of submitted
 /// batches not yet marked, and a driver for every live batch.
-fn recover(app: &Arc<App>, shutdown: &watch::Receiver<bool>) -> Result<usize, crate::store::StoreError> {
+fn recover(
+    app: &Arc<App>,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<usize, crate::store::StoreError> {
     app.store.recover_claims()?;
     let live = app.store.live_batches()?;
     let n = live.len();

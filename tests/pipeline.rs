@@ -13,7 +13,13 @@ use serde_json::{Value, json};
 async fn passthrough_replaces_the_key_and_answers_unchanged() {
     let s = Stack::start("", "");
     // The emulator accepts only its own key: success proves the swap.
-    let r = s.http.get(s.url("/v1/models")).bearer_auth("alice-key").send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url("/v1/models"))
+        .bearer_auth("alice-key")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let models: Value = r.json().await.unwrap();
     assert_eq!(models["object"], "list");
@@ -51,7 +57,10 @@ async fn passthrough_replaces_the_key_and_answers_unchanged() {
 async fn missing_or_unknown_keys_are_401_in_the_envelope() {
     let s = Stack::start("", "");
     for key in [None, Some("nope")] {
-        let mut req = s.http.post(s.url("/v1/chat/completions")).json(&chat("gpt-4o-mini", "x"));
+        let mut req = s
+            .http
+            .post(s.url("/v1/chat/completions"))
+            .json(&chat("gpt-4o-mini", "x"));
         if let Some(k) = key {
             req = req.bearer_auth(k);
         }
@@ -72,25 +81,46 @@ async fn passthrough_streams_sse_and_carries_large_bodies_intact() {
     let s = Stack::start("", "");
     let mut body = chat("gpt-4o-mini", "stream me");
     body["stream"] = json!(true);
-    let r = s.http.post(s.url("/v1/chat/completions")).bearer_auth("alice-key").json(&body).send().await.unwrap();
+    let r = s
+        .http
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth("alice-key")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
     let mut text = String::new();
     let mut stream = r.bytes_stream();
     while let Some(chunk) = stream.next().await {
         text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
     }
-    let events: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
     assert_eq!(events.last(), Some(&"[DONE]"));
     let content: String = events[..events.len() - 1]
         .iter()
         .map(|e| serde_json::from_str::<Value>(e).unwrap())
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
         .collect();
     assert_eq!(content, "echo: stream me");
 
     // 200 KiB of text, well over 64 KiB, comes back whole.
-    let big: String = (0..200 * 1024).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let big: String = (0..200 * 1024)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
     let r = s
         .http
         .post(s.url("/v1/chat/completions"))
@@ -101,14 +131,20 @@ async fn passthrough_streams_sse_and_carries_large_bodies_intact() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let c: Value = r.json().await.unwrap();
-    assert_eq!(c["choices"][0]["message"]["content"].as_str().unwrap(), format!("echo: {big}"));
+    assert_eq!(
+        c["choices"][0]["message"]["content"].as_str().unwrap(),
+        format!("echo: {big}")
+    );
 }
 
 #[tokio::test]
 async fn unreachable_upstream_is_502_and_a_silent_one_504() {
     let dir = tempfile::tempdir().unwrap();
     // A port with nobody listening.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let cfg = common::config(dir.path(), closed, "", "");
     let ferry = common::ferry(dir.path(), &cfg);
     let http = reqwest::Client::new();
@@ -136,7 +172,12 @@ async fn unreachable_upstream_is_502_and_a_silent_one_504() {
         }
     });
     let dir2 = tempfile::tempdir().unwrap();
-    let cfg = common::config(dir2.path(), silent_addr, "", "upstream_read_timeout_secs = 1");
+    let cfg = common::config(
+        dir2.path(),
+        silent_addr,
+        "",
+        "upstream_read_timeout_secs = 1",
+    );
     let ferry = common::ferry(dir2.path(), &cfg);
     let r = http
         .get(format!("http://{}/v1/models", ferry.addr("proxy")))
@@ -152,7 +193,14 @@ async fn unreachable_upstream_is_502_and_a_silent_one_504() {
 #[tokio::test]
 async fn deferred_call_gets_a_ticket_then_its_result_by_long_poll() {
     let s = Stack::start("", "");
-    let r = s.defer("alice-key", &chat("gpt-4o-mini", "hello batch"), None, Some("invoice-7731")).await;
+    let r = s
+        .defer(
+            "alice-key",
+            &chat("gpt-4o-mini", "hello batch"),
+            None,
+            Some("invoice-7731"),
+        )
+        .await;
     assert_eq!(r.status(), 202);
     assert_eq!(r.headers()["location"], "/v1/ferry/requests/invoice-7731");
     assert_eq!(r.headers()["preference-applied"], "respond-async");
@@ -174,7 +222,10 @@ async fn deferred_call_gets_a_ticket_then_its_result_by_long_poll() {
     assert!(st["batch_id"].as_str().unwrap().starts_with("batch_"));
     assert!(st["submitted_at"].as_u64().is_some() && st["completed_at"].as_u64().is_some());
     assert_eq!(st["result"]["status_code"], 200);
-    assert_eq!(st["result"]["body"]["choices"][0]["message"]["content"], "echo: hello batch");
+    assert_eq!(
+        st["result"]["body"]["choices"][0]["message"]["content"],
+        "echo: hello batch"
+    );
 
     // The result route answers with the upstream's response verbatim.
     let r = s
@@ -208,7 +259,9 @@ async fn deferred_call_gets_a_ticket_then_its_result_by_long_poll() {
 async fn wait_returns_the_chat_completion_itself() {
     // Flush by time after 0.2 s: the held call comes back with the answer.
     let s = Stack::start("max_wait_secs = 0.2", "");
-    let r = s.defer("alice-key", &chat("gpt-4o-mini", "hold me"), Some(60), None).await;
+    let r = s
+        .defer("alice-key", &chat("gpt-4o-mini", "hold me"), Some(60), None)
+        .await;
     assert_eq!(r.status(), 200);
     let c: Value = r.json().await.unwrap();
     assert_eq!(c["object"], "chat.completion");
@@ -235,20 +288,46 @@ async fn flush_by_size_puts_exactly_max_requests_in_a_batch() {
     let s = Stack::start("max_requests = 3", "");
     let mut ids = Vec::new();
     for i in 0..3 {
-        let r = s.defer("alice-key", &chat("gpt-4o-mini", &format!("n{i}")), None, None).await;
+        let r = s
+            .defer(
+                "alice-key",
+                &chat("gpt-4o-mini", &format!("n{i}")),
+                None,
+                None,
+            )
+            .await;
         assert_eq!(r.status(), 202);
-        ids.push(r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned());
+        ids.push(
+            r.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
     }
     for (i, id) in ids.iter().enumerate() {
         let (_, st) = s.status("alice-key", id, 60).await;
         assert_eq!(st["status"], "completed");
-        assert_eq!(st["result"]["body"]["choices"][0]["message"]["content"], format!("echo: n{i}"));
+        assert_eq!(
+            st["result"]["body"]["choices"][0]["message"]["content"],
+            format!("echo: n{i}")
+        );
     }
     let stats = s.emulator_stats().await;
     assert_eq!(stats["lines_submitted"], 3);
     assert_eq!(stats["batches_by_status"]["completed"], 1, "{stats}");
-    let metrics = s.http.get(s.admin("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("ferry_flushes_total{reason=\"size\",upstream=\"emu\"} 1"), "{metrics}");
+    let metrics = s
+        .http
+        .get(s.admin("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("ferry_flushes_total{reason=\"size\",upstream=\"emu\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -257,17 +336,49 @@ async fn flush_by_bytes_and_two_models_make_separate_batches() {
     let s = Stack::start("max_bytes = 1024", "");
     let mut ids = Vec::new();
     for i in 0..7 {
-        let r = s.defer("alice-key", &chat("gpt-4o-mini", &format!("bytes {i}")), None, None).await;
-        ids.push(r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned());
+        let r = s
+            .defer(
+                "alice-key",
+                &chat("gpt-4o-mini", &format!("bytes {i}")),
+                None,
+                None,
+            )
+            .await;
+        ids.push(
+            r.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
     }
     let (_, st) = s.status("alice-key", &ids[0], 60).await;
     assert_eq!(st["status"], "completed");
-    let metrics = s.http.get(s.admin("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("ferry_flushes_total{reason=\"bytes\",upstream=\"emu\"} 1"), "{metrics}");
+    let metrics = s
+        .http
+        .get(s.admin("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("ferry_flushes_total{reason=\"bytes\",upstream=\"emu\"} 1"),
+        "{metrics}"
+    );
 
     // Two models queued together flush into two batches.
-    let a = s.defer("alice-key", &chat("gpt-4o", "model a"), None, Some("ma")).await;
-    let b = s.defer("alice-key", &chat("gpt-4.1-mini", "model b"), None, Some("mb")).await;
+    let a = s
+        .defer("alice-key", &chat("gpt-4o", "model a"), None, Some("ma"))
+        .await;
+    let b = s
+        .defer(
+            "alice-key",
+            &chat("gpt-4.1-mini", "model b"),
+            None,
+            Some("mb"),
+        )
+        .await;
     assert_eq!((a.status().as_u16(), b.status().as_u16()), (202, 202));
     let (st_a, _) = tokio::join!(s.status("alice-key", "ma", 60), s.flush());
     let (_, st_b) = s.status("alice-key", "mb", 60).await;
@@ -280,12 +391,30 @@ async fn flush_by_bytes_and_two_models_make_separate_batches() {
 #[tokio::test]
 async fn per_request_upstream_errors_are_results() {
     let s = Stack::start("max_requests = 2", "");
-    s.defer("alice-key", &chat("gpt-4o-mini", "fine"), None, Some("ok-1")).await;
-    s.defer("alice-key", &chat("gpt-4o-mini", "slow down [emulator:status=429]"), None, Some("bad-1")).await;
+    s.defer(
+        "alice-key",
+        &chat("gpt-4o-mini", "fine"),
+        None,
+        Some("ok-1"),
+    )
+    .await;
+    s.defer(
+        "alice-key",
+        &chat("gpt-4o-mini", "slow down [emulator:status=429]"),
+        None,
+        Some("bad-1"),
+    )
+    .await;
     let (_, st) = s.status("alice-key", "bad-1", 60).await;
     assert_eq!(st["status"], "completed", "{st}");
     assert_eq!(st["result"]["status_code"], 429);
-    let r = s.http.get(s.url("/v1/ferry/requests/bad-1/result")).bearer_auth("alice-key").send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url("/v1/ferry/requests/bad-1/result"))
+        .bearer_auth("alice-key")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 429);
     let body: Value = r.json().await.unwrap();
     assert!(body["error"]["message"].is_string());
@@ -297,13 +426,32 @@ async fn per_request_upstream_errors_are_results() {
 async fn expired_batch_lines_become_expired_requests() {
     let s = Stack::start("max_requests = 2", "");
     // Lines take an hour each and the batch expires at once.
-    s.emulator_config(json!({"per_request_seconds": 3600.0, "expire_after_seconds": 0.0})).await;
-    s.defer("alice-key", &chat("gpt-4o-mini", "late 1"), None, Some("late-1")).await;
-    s.defer("alice-key", &chat("gpt-4o-mini", "late 2"), None, Some("late-2")).await;
+    s.emulator_config(json!({"per_request_seconds": 3600.0, "expire_after_seconds": 0.0}))
+        .await;
+    s.defer(
+        "alice-key",
+        &chat("gpt-4o-mini", "late 1"),
+        None,
+        Some("late-1"),
+    )
+    .await;
+    s.defer(
+        "alice-key",
+        &chat("gpt-4o-mini", "late 2"),
+        None,
+        Some("late-2"),
+    )
+    .await;
     let (_, st) = s.status("alice-key", "late-1", 60).await;
     assert_eq!(st["status"], "expired", "{st}");
     assert_eq!(st["error"]["code"], "batch_expired");
-    let r = s.http.get(s.url("/v1/ferry/requests/late-2/result?wait=60")).bearer_auth("alice-key").send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url("/v1/ferry/requests/late-2/result?wait=60"))
+        .bearer_auth("alice-key")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 504);
     assert_eq!(s.emulator_stats().await["executed_lines"], 0);
 }
@@ -313,12 +461,25 @@ async fn a_line_refused_by_validation_fails_alone() {
     // The emulator does not know this model: its line fails validation
     // (model_not_found), and the batch with it.
     let s = Stack::start("max_requests = 1", "");
-    let r = s.defer("alice-key", &chat("gpt-unknown", "who am i"), None, Some("unk")).await;
+    let r = s
+        .defer(
+            "alice-key",
+            &chat("gpt-unknown", "who am i"),
+            None,
+            Some("unk"),
+        )
+        .await;
     assert_eq!(r.status(), 202);
     let (_, st) = s.status("alice-key", "unk", 60).await;
     assert_eq!(st["status"], "failed", "{st}");
     assert_eq!(st["error"]["code"], "model_not_found");
-    let r = s.http.get(s.url("/v1/ferry/requests/unk/result")).bearer_auth("alice-key").send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url("/v1/ferry/requests/unk/result"))
+        .bearer_auth("alice-key")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 502);
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["code"], "model_not_found");
@@ -327,14 +488,40 @@ async fn a_line_refused_by_validation_fails_alone() {
 #[tokio::test]
 async fn tenants_see_only_their_own_requests() {
     let s = Stack::start("", "");
-    assert_eq!(s.defer("alice-key", &chat("gpt-4o-mini", "mine"), None, Some("shared-id")).await.status(), 202);
+    assert_eq!(
+        s.defer(
+            "alice-key",
+            &chat("gpt-4o-mini", "mine"),
+            None,
+            Some("shared-id")
+        )
+        .await
+        .status(),
+        202
+    );
     let (code, body) = s.status("bob-key", "shared-id", 0).await;
     assert_eq!(code, 404);
     assert_eq!(body["error"]["code"], "request_not_found");
-    let r = s.http.delete(s.url("/v1/ferry/requests/shared-id")).bearer_auth("bob-key").send().await.unwrap();
+    let r = s
+        .http
+        .delete(s.url("/v1/ferry/requests/shared-id"))
+        .bearer_auth("bob-key")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     // Bob may use the same custom id for his own request.
-    assert_eq!(s.defer("bob-key", &chat("gpt-4o-mini", "his"), None, Some("shared-id")).await.status(), 202);
+    assert_eq!(
+        s.defer(
+            "bob-key",
+            &chat("gpt-4o-mini", "his"),
+            None,
+            Some("shared-id")
+        )
+        .await
+        .status(),
+        202
+    );
     let (code, st) = s.status("alice-key", "shared-id", 0).await;
     assert_eq!(code, 200);
     assert_eq!(st["status"], "queued");
@@ -344,9 +531,17 @@ async fn tenants_see_only_their_own_requests() {
 async fn bad_deferred_calls_are_refused_with_the_field_named() {
     let s = Stack::start("", "max_body_bytes = 2048");
     let cases = [
-        (json!({"messages": [{"role": "user", "content": "x"}]}), 400, Some("model")),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}]}),
+            400,
+            Some("model"),
+        ),
         (json!({"model": "gpt-4o-mini"}), 400, Some("messages")),
-        (json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "stream": true}), 400, Some("stream")),
+        (
+            json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "stream": true}),
+            400,
+            Some("stream"),
+        ),
         (chat("gpt-4o-mini", &"x".repeat(4096)), 413, None),
     ];
     for (body, code, param) in cases {
@@ -365,11 +560,29 @@ async fn bad_deferred_calls_are_refused_with_the_field_named() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    let r = s.defer("alice-key", &chat("gpt-4o-mini", "x"), None, Some("bad id!")).await;
+    let r = s
+        .defer(
+            "alice-key",
+            &chat("gpt-4o-mini", "x"),
+            None,
+            Some("bad id!"),
+        )
+        .await;
     assert_eq!(r.status(), 400);
     // Nothing was stored, and the server is still up.
-    assert_eq!(s.http.get(s.url("/healthz")).send().await.unwrap().status(), 200);
-    let metrics = s.http.get(s.admin("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert_eq!(
+        s.http.get(s.url("/healthz")).send().await.unwrap().status(),
+        200
+    );
+    let metrics = s
+        .http
+        .get(s.admin("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(!metrics.contains("ferry_queued_requests{"), "{metrics}");
 }
 
@@ -377,7 +590,14 @@ async fn bad_deferred_calls_are_refused_with_the_field_named() {
 async fn accepted_requests_survive_a_crash_and_finish_after_restart() {
     let mut s = Stack::start("", "");
     for i in 0..5 {
-        let r = s.defer("alice-key", &chat("gpt-4o-mini", &format!("durable {i}")), None, Some(&format!("d{i}"))).await;
+        let r = s
+            .defer(
+                "alice-key",
+                &chat("gpt-4o-mini", &format!("durable {i}")),
+                None,
+                Some(&format!("d{i}")),
+            )
+            .await;
         assert_eq!(r.status(), 202);
     }
     // SIGKILL: no chance to flush anything that was not already durable.
@@ -388,7 +608,10 @@ async fn accepted_requests_survive_a_crash_and_finish_after_restart() {
     assert_eq!(st0.1["status"], "completed");
     for i in 1..5 {
         let (_, st) = s.status("alice-key", &format!("d{i}"), 60).await;
-        assert_eq!(st["result"]["body"]["choices"][0]["message"]["content"], format!("echo: durable {i}"));
+        assert_eq!(
+            st["result"]["body"]["choices"][0]["message"]["content"],
+            format!("echo: durable {i}")
+        );
     }
     let stats = s.emulator_stats().await;
     assert_eq!(stats["lines_submitted"], 5);
@@ -398,15 +621,39 @@ async fn accepted_requests_survive_a_crash_and_finish_after_restart() {
 #[tokio::test]
 async fn cancel_before_submission_and_409_after() {
     let s = Stack::start("", "");
-    s.defer("alice-key", &chat("gpt-4o-mini", "never mind"), None, Some("c1")).await;
-    let r = s.http.delete(s.url("/v1/ferry/requests/c1")).bearer_auth("alice-key").send().await.unwrap();
+    s.defer(
+        "alice-key",
+        &chat("gpt-4o-mini", "never mind"),
+        None,
+        Some("c1"),
+    )
+    .await;
+    let r = s
+        .http
+        .delete(s.url("/v1/ferry/requests/c1"))
+        .bearer_auth("alice-key")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let st: Value = r.json().await.unwrap();
     assert_eq!(st["status"], "cancelled");
-    s.defer("alice-key", &chat("gpt-4o-mini", "keep me"), None, Some("c2")).await;
+    s.defer(
+        "alice-key",
+        &chat("gpt-4o-mini", "keep me"),
+        None,
+        Some("c2"),
+    )
+    .await;
     let (st, _) = tokio::join!(s.status("alice-key", "c2", 60), s.flush());
     assert_eq!(st.1["status"], "completed");
-    let r = s.http.delete(s.url("/v1/ferry/requests/c2")).bearer_auth("alice-key").send().await.unwrap();
+    let r = s
+        .http
+        .delete(s.url("/v1/ferry/requests/c2"))
+        .bearer_auth("alice-key")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 409);
     // The cancelled one never reached the upstream.
     assert_eq!(s.emulator_stats().await["lines_submitted"], 1);

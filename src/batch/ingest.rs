@@ -47,7 +47,8 @@ pub enum LineError {
 /// is still the upstream's answer, so it is `Completed`; `batch_expired`
 /// lines are `Expired`; `batch_cancelled` lines go back to the queue.
 pub fn parse_line(line: &[u8]) -> Result<(u64, Outcome), LineError> {
-    let raw: RawLine = serde_json::from_slice(line).map_err(|e| LineError::InvalidJson(e.to_string()))?;
+    let raw: RawLine =
+        serde_json::from_slice(line).map_err(|e| LineError::InvalidJson(e.to_string()))?;
     let cid = raw.custom_id.ok_or(LineError::MissingCustomId)?;
     let id = parse_upstream_custom_id(&cid).ok_or(LineError::ForeignCustomId(cid))?;
     if let Some(r) = raw.response {
@@ -61,7 +62,9 @@ pub fn parse_line(line: &[u8]) -> Result<(u64, Outcome), LineError> {
     }
     let e = raw.error.ok_or(LineError::Empty)?;
     let code = e.code.unwrap_or_else(|| "upstream_error".into());
-    let message = e.message.unwrap_or_else(|| "the upstream gave no answer for this request".into());
+    let message = e
+        .message
+        .unwrap_or_else(|| "the upstream gave no answer for this request".into());
     let err = RequestError { code, message };
     Ok((
         id,
@@ -111,26 +114,50 @@ mod tests {
         let ok = br#"{"id":"batch_req_1","custom_id":"ferry-7","response":{"status_code":200,"request_id":"r","body":{"object":"chat.completion"}},"error":null}"#;
         let (id, o) = parse_line(ok).unwrap();
         assert_eq!(id, 7);
-        assert!(matches!(o, Outcome::Completed(StoredResult { status_code: 200, .. })));
+        assert!(matches!(
+            o,
+            Outcome::Completed(StoredResult {
+                status_code: 200,
+                ..
+            })
+        ));
         let http = br#"{"custom_id":"ferry-8","response":{"status_code":429,"body":{"error":{"message":"slow"}}},"error":null}"#;
-        assert!(matches!(parse_line(http).unwrap().1, Outcome::Completed(StoredResult { status_code: 429, .. })));
+        assert!(matches!(
+            parse_line(http).unwrap().1,
+            Outcome::Completed(StoredResult {
+                status_code: 429,
+                ..
+            })
+        ));
         let exp = br#"{"custom_id":"ferry-9","response":null,"error":{"code":"batch_expired","message":"late"}}"#;
         assert!(matches!(parse_line(exp).unwrap().1, Outcome::Expired(_)));
         let can = br#"{"custom_id":"ferry-9","response":null,"error":{"code":"batch_cancelled","message":"c"}}"#;
         assert!(matches!(parse_line(can).unwrap().1, Outcome::Requeue));
         let other = br#"{"custom_id":"ferry-9","response":null,"error":{"code":"server_error","message":"boom"}}"#;
-        assert!(matches!(parse_line(other).unwrap().1, Outcome::Failed(RequestError { .. })));
+        assert!(matches!(
+            parse_line(other).unwrap().1,
+            Outcome::Failed(RequestError { .. })
+        ));
     }
 
     #[test]
     fn bad_lines_are_reported_not_fatal() {
-        assert!(matches!(parse_line(b"{nope"), Err(LineError::InvalidJson(_))));
-        assert_eq!(parse_line(br#"{"response":null}"#).unwrap_err(), LineError::MissingCustomId);
+        assert!(matches!(
+            parse_line(b"{nope"),
+            Err(LineError::InvalidJson(_))
+        ));
+        assert_eq!(
+            parse_line(br#"{"response":null}"#).unwrap_err(),
+            LineError::MissingCustomId
+        );
         assert_eq!(
             parse_line(br#"{"custom_id":"r-2","response":null,"error":null}"#).unwrap_err(),
             LineError::ForeignCustomId("r-2".into())
         );
-        assert_eq!(parse_line(br#"{"custom_id":"ferry-2"}"#).unwrap_err(), LineError::Empty);
+        assert_eq!(
+            parse_line(br#"{"custom_id":"ferry-2"}"#).unwrap_err(),
+            LineError::Empty
+        );
     }
 
     #[test]
@@ -138,7 +165,13 @@ mod tests {
         let mut s = LineSplitter::default();
         assert!(s.push(&Bytes::from_static(b"{\"a\"")).is_empty());
         let l = s.push(&Bytes::from_static(b":1}\n\n{\"b\":2}\n{\"c\""));
-        assert_eq!(l, vec![Bytes::from_static(b"{\"a\":1}"), Bytes::from_static(b"{\"b\":2}")]);
+        assert_eq!(
+            l,
+            vec![
+                Bytes::from_static(b"{\"a\":1}"),
+                Bytes::from_static(b"{\"b\":2}")
+            ]
+        );
         assert_eq!(s.finish(), Some(Bytes::from_static(b"{\"c\"")));
     }
 }

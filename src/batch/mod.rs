@@ -16,7 +16,9 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::App;
-use crate::store::{BatchRecord, BatchState, Outcome, QueueKey, RequestError, RequestRecord, now_millis};
+use crate::store::{
+    BatchRecord, BatchState, Outcome, QueueKey, RequestError, RequestRecord, now_millis,
+};
 use crate::upstream::{BatchObject, UpstreamError, with_retry};
 use policy::{FlushPolicy, FlushReason, flush_reason, time_to_deadline};
 
@@ -40,7 +42,9 @@ pub async fn run_flusher(app: Arc<App>, upstream: usize, mut shutdown: watch::Re
     };
     loop {
         let mut sleep = MAX_IDLE;
-        let manual = up.manual_flush.swap(false, std::sync::atomic::Ordering::SeqCst);
+        let manual = up
+            .manual_flush
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
         for (qk, stats) in app.store.queue_stats() {
             if qk.upstream != up.settings.name {
                 continue;
@@ -50,7 +54,8 @@ pub async fn run_flusher(app: Arc<App>, upstream: usize, mut shutdown: watch::Re
             }
             app.publish_queue_metrics(&qk, &stats);
             let now = now_millis();
-            let reason = flush_reason(&stats, &policy, now).or((manual && stats.count > 0).then_some(FlushReason::Manual));
+            let reason = flush_reason(&stats, &policy, now)
+                .or((manual && stats.count > 0).then_some(FlushReason::Manual));
             match reason {
                 Some(reason) => flush_queue(&app, &qk, &policy, reason, &shutdown).await,
                 None => {
@@ -70,11 +75,17 @@ pub async fn run_flusher(app: Arc<App>, upstream: usize, mut shutdown: watch::Re
 
 /// Claims batches from a queue while its threshold holds, and starts a
 /// driver for each.
-async fn flush_queue(app: &Arc<App>, qk: &QueueKey, policy: &FlushPolicy, mut reason: FlushReason, shutdown: &watch::Receiver<bool>) {
+async fn flush_queue(
+    app: &Arc<App>,
+    qk: &QueueKey,
+    policy: &FlushPolicy,
+    mut reason: FlushReason,
+    shutdown: &watch::Receiver<bool>,
+) {
     loop {
-        let claimed = app
-            .store
-            .claim_batch(qk, policy.max_requests, policy.max_bytes, reason.as_str());
+        let claimed =
+            app.store
+                .claim_batch(qk, policy.max_requests, policy.max_bytes, reason.as_str());
         let batch = match claimed {
             Ok(Some(b)) => b,
             Ok(None) => return,
@@ -91,19 +102,31 @@ async fn flush_queue(app: &Arc<App>, qk: &QueueKey, policy: &FlushPolicy, mut re
             requests = batch.request_count, bytes = batch.bytes, reason = reason.as_str(),
             "queue flushed into a batch"
         );
-        app.metrics.flushes.with_label_values(&[&qk.upstream, reason.as_str()]).inc();
+        app.metrics
+            .flushes
+            .with_label_values(&[&qk.upstream, reason.as_str()])
+            .inc();
         app.metrics.batch_size.observe(batch.request_count as f64);
         spawn_driver(app.clone(), batch, false, shutdown.clone());
         // Keep going while what is left still meets a threshold (a queue of
         // 120,000 at 50,000 per batch becomes three batches).
-        match app.store.queue_stats_for(qk).and_then(|s| flush_reason(&s, policy, now_millis())) {
+        match app
+            .store
+            .queue_stats_for(qk)
+            .and_then(|s| flush_reason(&s, policy, now_millis()))
+        {
             Some(r) => reason = r,
             None => return,
         }
     }
 }
 
-pub fn spawn_driver(app: Arc<App>, batch: BatchRecord, resumed: bool, shutdown: watch::Receiver<bool>) {
+pub fn spawn_driver(
+    app: Arc<App>,
+    batch: BatchRecord,
+    resumed: bool,
+    shutdown: watch::Receiver<bool>,
+) {
     app.metrics.live_batches.inc();
     tokio::spawn(async move {
         let id = batch.id;
@@ -115,7 +138,12 @@ pub fn spawn_driver(app: Arc<App>, batch: BatchRecord, resumed: bool, shutdown: 
 
 /// Walks one batch to `done`. Returns early on shutdown; the recorded state
 /// lets the next start carry on.
-async fn drive(app: &Arc<App>, mut batch: BatchRecord, mut resumed: bool, mut shutdown: watch::Receiver<bool>) {
+async fn drive(
+    app: &Arc<App>,
+    mut batch: BatchRecord,
+    mut resumed: bool,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let Some(up) = app.upstream_named(&batch.upstream) else {
         error!(ferry_batch = batch.id, upstream = %batch.upstream, "batch names an upstream that is no longer configured; leaving it");
         return;
@@ -127,9 +155,20 @@ async fn drive(app: &Arc<App>, mut batch: BatchRecord, mut resumed: bool, mut sh
         }
         let step = match batch.state.clone() {
             BatchState::Claimed => upload(app, up, &mut batch, &shutdown).await,
-            BatchState::Uploaded { file_id } => create(app, up, &mut batch, &file_id, resumed, &shutdown).await,
+            BatchState::Uploaded { file_id } => {
+                create(app, up, &mut batch, &file_id, resumed, &shutdown).await
+            }
             BatchState::Submitted { file_id, batch_id } => {
-                poll_and_ingest(app, up, &mut batch, &file_id, &batch_id, resumed, &mut shutdown).await
+                poll_and_ingest(
+                    app,
+                    up,
+                    &mut batch,
+                    &file_id,
+                    &batch_id,
+                    resumed,
+                    &mut shutdown,
+                )
+                .await
             }
             BatchState::Done { .. } => return,
         };
@@ -137,7 +176,12 @@ async fn drive(app: &Arc<App>, mut batch: BatchRecord, mut resumed: bool, mut sh
             Ok(()) => failures = 0,
             Err(e) => {
                 failures += 1;
-                let wait = crate::upstream::backoff(failures, Duration::from_secs(1), Duration::from_secs(300), rand::random());
+                let wait = crate::upstream::backoff(
+                    failures,
+                    Duration::from_secs(1),
+                    Duration::from_secs(300),
+                    rand::random(),
+                );
                 warn!(ferry_batch = batch.id, error = %e, retry_in_ms = wait.as_millis() as u64, "batch step failed; will retry");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -157,14 +201,25 @@ enum StepError {
     Store(#[from] crate::store::StoreError),
 }
 
-async fn upload(app: &Arc<App>, up: &crate::Upstream, batch: &mut BatchRecord, shutdown: &watch::Receiver<bool>) -> Result<(), StepError> {
+async fn upload(
+    app: &Arc<App>,
+    up: &crate::Upstream,
+    batch: &mut BatchRecord,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<(), StepError> {
     let members: Vec<u64> = app.store.members(batch.id).collect::<Result<_, _>>()?;
     let filename = format!("ferry-batch-{}.jsonl", batch.id);
     let started = Instant::now();
-    let res = with_retry("upload_file", STEP_ATTEMPTS, &app.metrics, shutdown.clone(), || {
-        let stream = jsonl::stream_batch(app.store.clone(), members.clone());
-        up.client.upload_jsonl(&filename, batch.bytes, stream)
-    })
+    let res = with_retry(
+        "upload_file",
+        STEP_ATTEMPTS,
+        &app.metrics,
+        shutdown.clone(),
+        || {
+            let stream = jsonl::stream_batch(app.store.clone(), members.clone());
+            up.client.upload_jsonl(&filename, batch.bytes, stream)
+        },
+    )
     .await;
     let file_id = match res {
         Ok(f) => f,
@@ -184,12 +239,19 @@ async fn upload(app: &Arc<App>, up: &crate::Upstream, batch: &mut BatchRecord, s
 
 /// Finds the upstream batch Ferry created for `batch` before a restart, by
 /// the `ferry_batch_id` it put in the metadata.
-async fn find_created(up: &crate::Upstream, batch: &BatchRecord) -> Result<Option<BatchObject>, UpstreamError> {
+async fn find_created(
+    up: &crate::Upstream,
+    batch: &BatchRecord,
+) -> Result<Option<BatchObject>, UpstreamError> {
     let want = batch.id.to_string();
     let mut after: Option<String> = None;
     for _ in 0..10 {
         let page = up.client.list_batches(after.as_deref(), 100).await?;
-        if let Some(b) = page.data.iter().find(|b| b.metadata_str("ferry_batch_id") == Some(want.as_str())) {
+        if let Some(b) = page
+            .data
+            .iter()
+            .find(|b| b.metadata_str("ferry_batch_id") == Some(want.as_str()))
+        {
             return Ok(Some(b.clone()));
         }
         match (page.has_more, page.data.last()) {
@@ -210,7 +272,11 @@ async fn create(
 ) -> Result<(), StepError> {
     // After a restart the batch may exist already: creating it again would
     // pay for every request twice.
-    let existing = if resumed { find_created(up, batch).await? } else { None };
+    let existing = if resumed {
+        find_created(up, batch).await?
+    } else {
+        None
+    };
     let created = match existing {
         Some(b) => {
             info!(ferry_batch = batch.id, batch_id = %b.id, "found the batch created before the restart");
@@ -222,9 +288,19 @@ async fn create(
                 "ferry_model": batch.model.chars().take(500).collect::<String>(),
                 "created_by": "ferry",
             });
-            let res = with_retry("create_batch", STEP_ATTEMPTS, &app.metrics, shutdown.clone(), || {
-                up.client.create_batch(file_id, &up.settings.completion_window, metadata.clone())
-            })
+            let res = with_retry(
+                "create_batch",
+                STEP_ATTEMPTS,
+                &app.metrics,
+                shutdown.clone(),
+                || {
+                    up.client.create_batch(
+                        file_id,
+                        &up.settings.completion_window,
+                        metadata.clone(),
+                    )
+                },
+            )
             .await;
             match res {
                 Ok(b) => b,
@@ -239,7 +315,10 @@ async fn create(
     };
     app.store.mark_submitted(batch, file_id, &created.id)?;
     app.store.commit().await?;
-    app.metrics.batches.with_label_values(&[&batch.upstream, "created"]).inc();
+    app.metrics
+        .batches
+        .with_label_values(&[&batch.upstream, "created"])
+        .inc();
     info!(
         ferry_batch = batch.id, batch_id = %created.id, upstream = %batch.upstream, model = %batch.model,
         requests = batch.request_count, "batch created upstream"
@@ -263,25 +342,44 @@ async fn poll_and_ingest(
             let interval = up.settings.poll_interval;
             // ±20 % jitter keeps many batches from polling in lock-step.
             let wait = interval.mul_f64(0.8 + 0.4 * rand::random::<f64>());
-            let wait = if first { wait.min(Duration::from_secs(1)) } else { wait };
+            let wait = if first {
+                wait.min(Duration::from_secs(1))
+            } else {
+                wait
+            };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => return Ok(()),
             }
         }
         first = false;
-        let obj = with_retry("get_batch", STEP_ATTEMPTS, &app.metrics, shutdown.clone(), || up.client.get_batch(batch_id)).await?;
+        let obj = with_retry(
+            "get_batch",
+            STEP_ATTEMPTS,
+            &app.metrics,
+            shutdown.clone(),
+            || up.client.get_batch(batch_id),
+        )
+        .await?;
         if obj.is_terminal() {
             break obj;
         }
     };
     info!(ferry_batch = batch.id, batch_id, status = %obj.status, "batch finished upstream");
     let finished = ingest_batch(app, up, batch, &obj, shutdown).await?;
-    app.metrics.batches.with_label_values(&[&batch.upstream, obj.status.as_str()]).inc();
-    app.metrics.batch_duration.observe(submitted.elapsed().as_secs_f64());
+    app.metrics
+        .batches
+        .with_label_values(&[&batch.upstream, obj.status.as_str()])
+        .inc();
+    app.metrics
+        .batch_duration
+        .observe(submitted.elapsed().as_secs_f64());
     // Moonshot allows 1,000 batch files per organisation: clean up. A
     // failed delete is only logged; the results are already safe.
-    for f in [Some(file_id), obj.output_file(), obj.error_file()].into_iter().flatten() {
+    for f in [Some(file_id), obj.output_file(), obj.error_file()]
+        .into_iter()
+        .flatten()
+    {
         if let Err(e) = up.client.delete_file(f).await {
             warn!(ferry_batch = batch.id, file_id = f, error = %e, "could not delete an upstream file");
         }
@@ -293,7 +391,12 @@ async fn poll_and_ingest(
     };
     app.store.put_batch(batch)?;
     app.store.commit().await?;
-    info!(ferry_batch = batch.id, batch_id, terminal = finished, "batch done");
+    info!(
+        ferry_batch = batch.id,
+        batch_id,
+        terminal = finished,
+        "batch done"
+    );
     Ok(())
 }
 
@@ -321,15 +424,20 @@ async fn ingest_batch(
         let missing = match obj.status.as_str() {
             "expired" => Outcome::Expired(RequestError {
                 code: "batch_expired".into(),
-                message: "This request could not be executed before the completion window expired.".into(),
+                message: "This request could not be executed before the completion window expired."
+                    .into(),
             }),
             "cancelled" => Outcome::Requeue,
             _ => Outcome::Retry(RequestError {
                 code: "missing_result".into(),
-                message: "the upstream batch finished without a result line for this request".into(),
+                message: "the upstream batch finished without a result line for this request"
+                    .into(),
             }),
         };
-        let absent = members.iter().filter(|id| !outcomes.contains_key(id)).count();
+        let absent = members
+            .iter()
+            .filter(|id| !outcomes.contains_key(id))
+            .count();
         if absent > 0 {
             warn!(ferry_batch = batch.id, absent, status = %obj.status, "members without a result line");
         }
@@ -358,20 +466,34 @@ async fn ingest_batch(
 /// error; the rest are sent again (they were not at fault). Errors that name
 /// no line (`token_limit_exceeded`, a missing file) re-queue everyone.
 fn failed_batch_outcomes(obj: &BatchObject, members: &[u64], outcomes: &mut HashMap<u64, Outcome>) {
-    let errors = obj.errors.as_ref().map(|e| e.data.as_slice()).unwrap_or_default();
+    let errors = obj
+        .errors
+        .as_ref()
+        .map(|e| e.data.as_slice())
+        .unwrap_or_default();
     for e in errors {
         let Some(line) = e.line else { continue };
-        let Some(id) = usize::try_from(line).ok().and_then(|l| l.checked_sub(1)).and_then(|i| members.get(i)) else {
+        let Some(id) = usize::try_from(line)
+            .ok()
+            .and_then(|l| l.checked_sub(1))
+            .and_then(|i| members.get(i))
+        else {
             continue;
         };
-        let mut message = e.message.clone().unwrap_or_else(|| "the upstream refused this request".into());
+        let mut message = e
+            .message
+            .clone()
+            .unwrap_or_else(|| "the upstream refused this request".into());
         if let Some(p) = &e.param {
             message = format!("{message} (param: {p})");
         }
-        outcomes.insert(*id, Outcome::Failed(RequestError {
-            code: e.code.clone().unwrap_or_else(|| "invalid_request".into()),
-            message,
-        }));
+        outcomes.insert(
+            *id,
+            Outcome::Failed(RequestError {
+                code: e.code.clone().unwrap_or_else(|| "invalid_request".into()),
+                message,
+            }),
+        );
     }
     let first = errors.first();
     let token_limit = first.and_then(|e| e.code.as_deref()) == Some("token_limit_exceeded");
@@ -379,7 +501,9 @@ fn failed_batch_outcomes(obj: &BatchObject, members: &[u64], outcomes: &mut Hash
         Outcome::Requeue
     } else {
         Outcome::Retry(RequestError {
-            code: first.and_then(|e| e.code.clone()).unwrap_or_else(|| "batch_failed".into()),
+            code: first
+                .and_then(|e| e.code.clone())
+                .unwrap_or_else(|| "batch_failed".into()),
             message: first
                 .and_then(|e| e.message.clone())
                 .unwrap_or_else(|| "the upstream batch failed".into()),
@@ -398,27 +522,39 @@ async fn read_result_file(
     outcomes: &mut HashMap<u64, Outcome>,
     shutdown: &watch::Receiver<bool>,
 ) -> Result<(), StepError> {
-    let res = with_retry("download_file", STEP_ATTEMPTS, &app.metrics, shutdown.clone(), || up.client.file_content(file_id)).await?;
+    let res = with_retry(
+        "download_file",
+        STEP_ATTEMPTS,
+        &app.metrics,
+        shutdown.clone(),
+        || up.client.file_content(file_id),
+    )
+    .await?;
     let member_set: std::collections::HashSet<u64> = members.iter().copied().collect();
     let mut splitter = ingest::LineSplitter::default();
     let mut stream = res.bytes_stream();
     let mut bad_lines = 0usize;
-    let mut handle = |line: &[u8], outcomes: &mut HashMap<u64, Outcome>| match ingest::parse_line(line) {
-        Ok((id, outcome)) if member_set.contains(&id) => {
-            if let Outcome::Completed(r) = &outcome {
-                app.count_tokens(&r.body);
+    let mut handle =
+        |line: &[u8], outcomes: &mut HashMap<u64, Outcome>| match ingest::parse_line(line) {
+            Ok((id, outcome)) if member_set.contains(&id) => {
+                if let Outcome::Completed(r) = &outcome {
+                    app.count_tokens(&r.body);
+                }
+                outcomes.insert(id, outcome);
             }
-            outcomes.insert(id, outcome);
-        }
-        Ok((id, _)) => {
-            bad_lines += 1;
-            warn!(file_id, request = id, "result line for a request not in this batch; ignored");
-        }
-        Err(e) => {
-            bad_lines += 1;
-            warn!(file_id, error = %e, "unreadable result line; ignored");
-        }
-    };
+            Ok((id, _)) => {
+                bad_lines += 1;
+                warn!(
+                    file_id,
+                    request = id,
+                    "result line for a request not in this batch; ignored"
+                );
+            }
+            Err(e) => {
+                bad_lines += 1;
+                warn!(file_id, error = %e, "unreadable result line; ignored");
+            }
+        };
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| UpstreamError::Transport(e.to_string()))?;
         for line in splitter.push(&chunk) {
@@ -429,14 +565,25 @@ async fn read_result_file(
         handle(&line, outcomes);
     }
     if bad_lines > 0 {
-        warn!(file_id, bad_lines, "result file had lines Ferry could not use");
+        warn!(
+            file_id,
+            bad_lines, "result file had lines Ferry could not use"
+        );
     }
     Ok(())
 }
 
 /// Fails every member of a batch the upstream refused outright.
-async fn fail_all(app: &Arc<App>, batch: &mut BatchRecord, code: &str, message: &str) -> Result<(), StepError> {
-    error!(ferry_batch = batch.id, code, message, "upstream refused the batch; failing its requests");
+async fn fail_all(
+    app: &Arc<App>,
+    batch: &mut BatchRecord,
+    code: &str,
+    message: &str,
+) -> Result<(), StepError> {
+    error!(
+        ferry_batch = batch.id,
+        code, message, "upstream refused the batch; failing its requests"
+    );
     let members: Vec<u64> = app.store.members(batch.id).collect::<Result<_, _>>()?;
     let err = RequestError {
         code: code.to_owned(),
@@ -444,7 +591,10 @@ async fn fail_all(app: &Arc<App>, batch: &mut BatchRecord, code: &str, message: 
     };
     let mut done = Vec::new();
     for chunk in members.chunks(OUTCOME_CHUNK) {
-        let outcomes = chunk.iter().map(|id| (*id, Outcome::Failed(err.clone()))).collect();
+        let outcomes = chunk
+            .iter()
+            .map(|id| (*id, Outcome::Failed(err.clone())))
+            .collect();
         done.extend(app.store.apply_outcomes(batch.id, outcomes)?);
     }
     batch.state = BatchState::Done {
@@ -457,7 +607,10 @@ async fn fail_all(app: &Arc<App>, batch: &mut BatchRecord, code: &str, message: 
     for rec in &done {
         app.on_terminal(rec);
     }
-    app.metrics.batches.with_label_values(&[&batch.upstream, "refused"]).inc();
+    app.metrics
+        .batches
+        .with_label_values(&[&batch.upstream, "refused"])
+        .inc();
     Ok(())
 }
 
@@ -479,13 +632,22 @@ mod tests {
     }
 
     fn entry(code: &str, line: Option<u64>) -> BatchErrorEntry {
-        BatchErrorEntry { code: Some(code.into()), message: Some("m".into()), param: None, line }
+        BatchErrorEntry {
+            code: Some(code.into()),
+            message: Some("m".into()),
+            param: None,
+            line,
+        }
     }
 
     #[test]
     fn a_bad_line_fails_alone_and_its_neighbours_retry() {
         let mut o = HashMap::new();
-        failed_batch_outcomes(&failed(vec![entry("invalid_request", Some(2))]), &[10, 11, 12], &mut o);
+        failed_batch_outcomes(
+            &failed(vec![entry("invalid_request", Some(2))]),
+            &[10, 11, 12],
+            &mut o,
+        );
         assert!(matches!(&o[&11], Outcome::Failed(e) if e.code == "invalid_request"));
         assert!(matches!(o[&10], Outcome::Retry(_)));
         assert!(matches!(o[&12], Outcome::Retry(_)));
@@ -494,7 +656,11 @@ mod tests {
     #[test]
     fn token_limit_requeues_everyone() {
         let mut o = HashMap::new();
-        failed_batch_outcomes(&failed(vec![entry("token_limit_exceeded", None)]), &[1, 2], &mut o);
+        failed_batch_outcomes(
+            &failed(vec![entry("token_limit_exceeded", None)]),
+            &[1, 2],
+            &mut o,
+        );
         assert!(o.values().all(|x| matches!(x, Outcome::Requeue)));
         let mut o = HashMap::new();
         failed_batch_outcomes(&failed(vec![]), &[1], &mut o);
@@ -504,7 +670,11 @@ mod tests {
     #[test]
     fn line_numbers_out_of_range_are_ignored() {
         let mut o = HashMap::new();
-        failed_batch_outcomes(&failed(vec![entry("x", Some(0)), entry("x", Some(9))]), &[1], &mut o);
+        failed_batch_outcomes(
+            &failed(vec![entry("x", Some(0)), entry("x", Some(9))]),
+            &[1],
+            &mut o,
+        );
         assert!(matches!(o[&1], Outcome::Retry(_)));
     }
 }

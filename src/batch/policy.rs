@@ -56,7 +56,9 @@ pub fn time_to_deadline(stats: &QueueStats, policy: &FlushPolicy, now_ms: u64) -
     if stats.count == 0 {
         return None;
     }
-    let due = stats.oldest_ms.saturating_add(policy.max_wait.as_millis() as u64);
+    let due = stats
+        .oldest_ms
+        .saturating_add(policy.max_wait.as_millis() as u64);
     Some(Duration::from_millis(due.saturating_sub(now_ms)))
 }
 
@@ -71,22 +73,41 @@ mod tests {
     };
 
     fn stats(count: u64, bytes: u64, oldest_ms: u64) -> QueueStats {
-        QueueStats { count, bytes, oldest_ms }
+        QueueStats {
+            count,
+            bytes,
+            oldest_ms,
+        }
     }
 
     #[test]
     fn each_threshold_fires_with_its_reason() {
         assert_eq!(flush_reason(&stats(0, 0, 0), &P, 1_000_000), None);
-        assert_eq!(flush_reason(&stats(10, 10, 1000), &P, 1000), Some(FlushReason::Size));
-        assert_eq!(flush_reason(&stats(2, 1000, 1000), &P, 1000), Some(FlushReason::Bytes));
+        assert_eq!(
+            flush_reason(&stats(10, 10, 1000), &P, 1000),
+            Some(FlushReason::Size)
+        );
+        assert_eq!(
+            flush_reason(&stats(2, 1000, 1000), &P, 1000),
+            Some(FlushReason::Bytes)
+        );
         assert_eq!(flush_reason(&stats(2, 10, 1000), &P, 60_999), None);
-        assert_eq!(flush_reason(&stats(2, 10, 1000), &P, 61_000), Some(FlushReason::Time));
+        assert_eq!(
+            flush_reason(&stats(2, 10, 1000), &P, 61_000),
+            Some(FlushReason::Time)
+        );
     }
 
     #[test]
     fn deadline_counts_down() {
-        assert_eq!(time_to_deadline(&stats(1, 1, 1000), &P, 31_000), Some(Duration::from_secs(30)));
-        assert_eq!(time_to_deadline(&stats(1, 1, 1000), &P, 99_000), Some(Duration::ZERO));
+        assert_eq!(
+            time_to_deadline(&stats(1, 1, 1000), &P, 31_000),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            time_to_deadline(&stats(1, 1, 1000), &P, 99_000),
+            Some(Duration::ZERO)
+        );
         assert_eq!(time_to_deadline(&stats(0, 0, 0), &P, 0), None);
     }
 }

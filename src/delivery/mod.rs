@@ -43,13 +43,27 @@ mod tests {
             completed_at: Some(12),
             batch: Some(1),
             batch_id: Some("batch_1".into()),
-            error: Some(RequestError { code: "invalid_request".into(), message: "bad".into() }),
+            error: Some(RequestError {
+                code: "invalid_request".into(),
+                message: "bad".into(),
+            }),
             callback_url: None,
             stream: false,
             attempts: 1,
         };
         let v = status_object(&rec, None);
-        for k in ["id", "object", "status", "model", "created_at", "submitted_at", "completed_at", "batch_id", "result", "error"] {
+        for k in [
+            "id",
+            "object",
+            "status",
+            "model",
+            "created_at",
+            "submitted_at",
+            "completed_at",
+            "batch_id",
+            "result",
+            "error",
+        ] {
             assert!(v.get(k).is_some(), "{k}");
         }
         assert_eq!(v["id"], "invoice-1");

@@ -59,7 +59,8 @@ mod tests {
     async fn wakes_on_notify_and_times_out_otherwise() {
         let w = Arc::new(Waiters::new());
         let w2 = w.clone();
-        let waiter = tokio::spawn(async move { w2.wait(7, Duration::from_secs(30), || false).await });
+        let waiter =
+            tokio::spawn(async move { w2.wait(7, Duration::from_secs(30), || false).await });
         tokio::task::yield_now().await;
         assert_eq!(w.len(), 1);
         w.notify(7);
@@ -78,7 +79,9 @@ mod tests {
         let mut tasks = Vec::new();
         for _ in 0..100 {
             let w = w.clone();
-            tasks.push(tokio::spawn(async move { w.wait(1, Duration::from_secs(60), || false).await }));
+            tasks.push(tokio::spawn(async move {
+                w.wait(1, Duration::from_secs(60), || false).await
+            }));
         }
         tokio::task::yield_now().await;
         w.notify(1);

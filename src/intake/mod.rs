@@ -84,10 +84,10 @@ pub fn parse_prefer<'a>(values: impl Iterator<Item = &'a str>) -> Prefer {
             };
             if name.eq_ignore_ascii_case("respond-async") {
                 p.respond_async = true;
-            } else if name.eq_ignore_ascii_case("wait") {
-                if let Some(n) = val.and_then(|v| v.parse().ok()) {
-                    p.wait = Some(n);
-                }
+            } else if name.eq_ignore_ascii_case("wait")
+                && let Some(n) = val.and_then(|v| v.parse().ok())
+            {
+                p.wait = Some(n);
             }
         }
     }
@@ -99,7 +99,9 @@ pub fn parse_prefer<'a>(values: impl Iterator<Item = &'a str>) -> Prefer {
 pub enum Disposition {
     Passthrough,
     /// Deferred; hold the caller up to this long for the result.
-    Deferred { wait: Duration },
+    Deferred {
+        wait: Duration,
+    },
 }
 
 /// Deferred when `Prefer: respond-async` is sent or the tenant defers by
@@ -137,28 +139,65 @@ pub fn validate_body<'a>(
     waits: bool,
 ) -> Result<ValidBody, IntakeError> {
     let sha256 = hex(&Sha256::digest(raw));
-    let mut v: serde_json::Value = serde_json::from_slice(raw)
-        .map_err(|e| bad(format!("request body is not valid JSON: {e}"), None, "invalid_json"))?;
+    let mut v: serde_json::Value = serde_json::from_slice(raw).map_err(|e| {
+        bad(
+            format!("request body is not valid JSON: {e}"),
+            None,
+            "invalid_json",
+        )
+    })?;
     let obj = v
         .as_object_mut()
         .ok_or_else(|| bad("request body must be a JSON object", None, "invalid_json"))?;
     let model = match obj.get("model") {
         Some(serde_json::Value::String(m)) if !m.is_empty() => m.clone(),
-        Some(_) => return Err(bad("`model` must be a non-empty string", Some("model"), "invalid_type")),
-        None => return Err(bad("you must provide a model parameter", Some("model"), "missing_required_parameter")),
+        Some(_) => {
+            return Err(bad(
+                "`model` must be a non-empty string",
+                Some("model"),
+                "invalid_type",
+            ));
+        }
+        None => {
+            return Err(bad(
+                "you must provide a model parameter",
+                Some("model"),
+                "missing_required_parameter",
+            ));
+        }
     };
     let profile = profile_for(&model);
     match obj.get("messages") {
         Some(serde_json::Value::Array(a)) if !a.is_empty() => {
             if a.iter().any(|m| !m.is_object()) {
-                return Err(bad("each of `messages` must be an object", Some("messages"), "invalid_type"));
+                return Err(bad(
+                    "each of `messages` must be an object",
+                    Some("messages"),
+                    "invalid_type",
+                ));
             }
         }
         Some(serde_json::Value::Array(_)) => {
-            return Err(bad("`messages` must not be empty", Some("messages"), "invalid_value"));
+            return Err(bad(
+                "`messages` must not be empty",
+                Some("messages"),
+                "invalid_value",
+            ));
         }
-        Some(_) => return Err(bad("`messages` must be an array", Some("messages"), "invalid_type")),
-        None => return Err(bad("missing required parameter: `messages`", Some("messages"), "missing_required_parameter")),
+        Some(_) => {
+            return Err(bad(
+                "`messages` must be an array",
+                Some("messages"),
+                "invalid_type",
+            ));
+        }
+        None => {
+            return Err(bad(
+                "missing required parameter: `messages`",
+                Some("messages"),
+                "missing_required_parameter",
+            ));
+        }
     }
     for p in &profile.forbidden_params {
         if obj.contains_key(p.as_str()) {
@@ -175,7 +214,13 @@ pub fn validate_body<'a>(
     let stream = match obj.get("stream") {
         None | Some(serde_json::Value::Null) => false,
         Some(serde_json::Value::Bool(b)) => *b,
-        Some(_) => return Err(bad("`stream` must be a boolean", Some("stream"), "invalid_type")),
+        Some(_) => {
+            return Err(bad(
+                "`stream` must be a boolean",
+                Some("stream"),
+                "invalid_type",
+            ));
+        }
     };
     if stream && !waits {
         return Err(bad(
@@ -202,7 +247,10 @@ fn hex(bytes: &[u8]) -> String {
 
 /// `X-Ferry-Custom-Id`: `[A-Za-z0-9_-]{1,64}`.
 pub fn valid_custom_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// A fresh id for callers that gave none: `req_` and 24 random characters.
@@ -270,7 +318,10 @@ pub async fn accept(store: &Store, req: NewRequest<'_>) -> Result<Accepted, Inta
             // The earlier write may still be in flight in another task's
             // commit; make sure it is durable before repeating its ticket.
             store.commit().await?;
-            Ok(Accepted { rec, created: false })
+            Ok(Accepted {
+                rec,
+                created: false,
+            })
         }
         Intake::Conflict(_) => Err(IntakeError::Conflict(custom_id)),
     }
@@ -293,27 +344,53 @@ mod tests {
     fn prefer_parsing_follows_rfc7240() {
         assert_eq!(
             parse_prefer(["respond-async, wait=10"].into_iter()),
-            Prefer { respond_async: true, wait: Some(10) }
+            Prefer {
+                respond_async: true,
+                wait: Some(10)
+            }
         );
         assert_eq!(
             parse_prefer(["Respond-Async", "wait=\"5\"; x=y"].into_iter()),
-            Prefer { respond_async: true, wait: Some(5) }
+            Prefer {
+                respond_async: true,
+                wait: Some(5)
+            }
         );
-        assert_eq!(parse_prefer(["return=minimal"].into_iter()), Prefer::default());
-        assert_eq!(parse_prefer(["wait=abc, respond-async"].into_iter()).wait, None);
+        assert_eq!(
+            parse_prefer(["return=minimal"].into_iter()),
+            Prefer::default()
+        );
+        assert_eq!(
+            parse_prefer(["wait=abc, respond-async"].into_iter()).wait,
+            None
+        );
     }
 
     #[test]
     fn disposition_uses_header_then_tenant_default_and_clamps() {
         let max = Duration::from_secs(60);
-        let p = Prefer { respond_async: false, wait: None };
-        assert_eq!(disposition(p, &tenant(Mode::Passthrough, 0), max), Disposition::Passthrough);
+        let p = Prefer {
+            respond_async: false,
+            wait: None,
+        };
+        assert_eq!(
+            disposition(p, &tenant(Mode::Passthrough, 0), max),
+            Disposition::Passthrough
+        );
         assert_eq!(
             disposition(p, &tenant(Mode::Defer, 30), max),
-            Disposition::Deferred { wait: Duration::from_secs(30) }
+            Disposition::Deferred {
+                wait: Duration::from_secs(30)
+            }
         );
-        let p = Prefer { respond_async: true, wait: Some(600) };
-        assert_eq!(disposition(p, &tenant(Mode::Passthrough, 0), max), Disposition::Deferred { wait: max });
+        let p = Prefer {
+            respond_async: true,
+            wait: Some(600),
+        };
+        assert_eq!(
+            disposition(p, &tenant(Mode::Passthrough, 0), max),
+            Disposition::Deferred { wait: max }
+        );
     }
 
     #[test]
@@ -323,12 +400,36 @@ mod tests {
         let cases: &[(&str, Option<&str>, &str)] = &[
             ("not json", None, "invalid_json"),
             ("[1]", None, "invalid_json"),
-            (r#"{"messages":[{"role":"user","content":"x"}]}"#, Some("model"), "missing_required_parameter"),
-            (r#"{"model":5,"messages":[]}"#, Some("model"), "invalid_type"),
-            (r#"{"model":"m"}"#, Some("messages"), "missing_required_parameter"),
-            (r#"{"model":"m","messages":[]}"#, Some("messages"), "invalid_value"),
-            (r#"{"model":"m","messages":"hi"}"#, Some("messages"), "invalid_type"),
-            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":true}"#, Some("stream"), "stream_requires_wait"),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}]}"#,
+                Some("model"),
+                "missing_required_parameter",
+            ),
+            (
+                r#"{"model":5,"messages":[]}"#,
+                Some("model"),
+                "invalid_type",
+            ),
+            (
+                r#"{"model":"m"}"#,
+                Some("messages"),
+                "missing_required_parameter",
+            ),
+            (
+                r#"{"model":"m","messages":[]}"#,
+                Some("messages"),
+                "invalid_value",
+            ),
+            (
+                r#"{"model":"m","messages":"hi"}"#,
+                Some("messages"),
+                "invalid_type",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":true}"#,
+                Some("stream"),
+                "stream_requires_wait",
+            ),
         ];
         for (body, param, code) in cases {
             let e = validate_body(body.as_bytes(), &|_| &openai, false).unwrap_err();
@@ -337,7 +438,8 @@ mod tests {
             assert_eq!(env.error.param.as_deref(), *param, "{body}");
             assert_eq!(env.error.code.as_deref(), Some(*code), "{body}");
         }
-        let t = r#"{"model":"kimi-k2.6","messages":[{"role":"user","content":"x"}],"temperature":0.2}"#;
+        let t =
+            r#"{"model":"kimi-k2.6","messages":[{"role":"user","content":"x"}],"temperature":0.2}"#;
         assert!(validate_body(t.as_bytes(), &|_| &openai, false).is_ok());
         let e = validate_body(t.as_bytes(), &|_| &moonshot, false).unwrap_err();
         assert!(e.to_string().contains("temperature"));

@@ -68,7 +68,12 @@ impl ProxyHttp for FerryProxy {
         Ok(Box::new(peer))
     }
 
-    async fn upstream_request_filter(&self, session: &mut Session, req: &mut RequestHeader, _ctx: &mut Ctx) -> Result<()> {
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        req: &mut RequestHeader,
+        _ctx: &mut Ctx,
+    ) -> Result<()> {
         let up = &self.app.upstreams[self.app.config.default_upstream];
         let path = session.req_header().uri.path();
         let rest = path.strip_prefix("/v1").unwrap_or(path);
@@ -77,9 +82,9 @@ impl ProxyHttp for FerryProxy {
             target.push('?');
             target.push_str(q);
         }
-        let uri = target
-            .parse::<http::Uri>()
-            .map_err(|e| pingora::Error::because(ErrorType::InvalidHTTPHeader, "rewriting the path", e))?;
+        let uri = target.parse::<http::Uri>().map_err(|e| {
+            pingora::Error::because(ErrorType::InvalidHTTPHeader, "rewriting the path", e)
+        })?;
         req.set_uri(uri);
         req.insert_header("host", up.passthrough.host.as_str())?;
         // The caller's Ferry key never reaches the upstream.
@@ -89,15 +94,31 @@ impl ProxyHttp for FerryProxy {
         Ok(())
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &pingora::Error, _ctx: &mut Ctx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &pingora::Error,
+        _ctx: &mut Ctx,
+    ) -> FailToProxy {
         let (code, msg, ecode) = match e.etype() {
-            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout | ErrorType::TLSHandshakeTimedout => {
-                (504, "the upstream did not answer in time", "upstream_timeout")
+            ErrorType::ConnectTimedout
+            | ErrorType::ReadTimedout
+            | ErrorType::WriteTimedout
+            | ErrorType::TLSHandshakeTimedout => (
+                504,
+                "the upstream did not answer in time",
+                "upstream_timeout",
+            ),
+            ErrorType::HTTPStatus(c) if *c < 500 => {
+                (*c, "the request could not be read", "bad_request")
             }
-            ErrorType::HTTPStatus(c) if *c < 500 => (*c, "the request could not be read", "bad_request"),
             _ => match e.esource() {
                 pingora::ErrorSource::Downstream => (0, "", ""),
-                _ => (502, "the upstream could not be reached", "upstream_unreachable"),
+                _ => (
+                    502,
+                    "the upstream could not be reached",
+                    "upstream_unreachable",
+                ),
             },
         };
         if code > 0 {
@@ -119,13 +140,18 @@ impl ProxyHttp for FerryProxy {
             .with_label_values(&[ctx.route, ctx.mode, &code.to_string()])
             .inc();
         if ctx.mode == "passthrough" {
-            m.passthrough_duration.observe(ctx.started.elapsed().as_secs_f64());
+            m.passthrough_duration
+                .observe(ctx.started.elapsed().as_secs_f64());
         }
     }
 }
 
 fn bearer(req: &RequestHeader) -> Option<&str> {
-    let v = req.headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let v = req
+        .headers
+        .get(http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
     let (scheme, key) = v.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then_some(key.trim())
 }
@@ -141,25 +167,51 @@ async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<
     let route = classify(&req.method, req.uri.path());
     ctx.route = route.label();
     match route {
-        Route::Healthz => return respond::value(session, 200, &[], &serde_json::json!({"status": "ok"})).await.map(|_| true),
+        Route::Healthz => {
+            return respond::value(session, 200, &[], &serde_json::json!({"status": "ok"}))
+                .await
+                .map(|_| true);
+        }
         Route::Readyz => {
-            let ready = app.ready.load(std::sync::atomic::Ordering::SeqCst) && !app.is_shutting_down();
-            let (code, status) = if ready { (200, "ready") } else { (503, "not_ready") };
-            return respond::value(session, code, &[], &serde_json::json!({"status": status})).await.map(|_| true);
+            let ready =
+                app.ready.load(std::sync::atomic::Ordering::SeqCst) && !app.is_shutting_down();
+            let (code, status) = if ready {
+                (200, "ready")
+            } else {
+                (503, "not_ready")
+            };
+            return respond::value(session, code, &[], &serde_json::json!({"status": status}))
+                .await
+                .map(|_| true);
         }
         Route::NotFound => {
-            return respond::error(session, 404, "Unknown route. Ferry serves /v1/... and /healthz, /readyz.", None, "unknown_route")
-                .await
-                .map(|_| true);
+            return respond::error(
+                session,
+                404,
+                "Unknown route. Ferry serves /v1/... and /healthz, /readyz.",
+                None,
+                "unknown_route",
+            )
+            .await
+            .map(|_| true);
         }
         Route::MethodNotAllowed => {
-            return respond::error(session, 405, "Method not allowed on this Ferry route.", None, "method_not_allowed")
-                .await
-                .map(|_| true);
+            return respond::error(
+                session,
+                405,
+                "Method not allowed on this Ferry route.",
+                None,
+                "method_not_allowed",
+            )
+            .await
+            .map(|_| true);
         }
         _ => {}
     }
-    let Some(tenant) = bearer(req).and_then(|k| app.config.tenant_for_key(k)).cloned() else {
+    let Some(tenant) = bearer(req)
+        .and_then(|k| app.config.tenant_for_key(k))
+        .cloned()
+    else {
         return respond::error(
             session,
             401,
@@ -172,7 +224,12 @@ async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<
     };
     match route {
         Route::ChatCompletions => {
-            let prefer = intake::parse_prefer(req.headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()));
+            let prefer = intake::parse_prefer(
+                req.headers
+                    .get_all("prefer")
+                    .iter()
+                    .filter_map(|v| v.to_str().ok()),
+            );
             match intake::disposition(prefer, &tenant, app.config.server.max_wait) {
                 Disposition::Passthrough => {
                     ctx.mode = "passthrough";
@@ -186,8 +243,19 @@ async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<
         }
         Route::Lookup { id, result } => {
             ctx.mode = "lookup";
-            let wait = query_wait(req.uri.query()).map(Duration::from_secs).unwrap_or_default();
-            lookup(app, session, &tenant, &id, result, wait.min(app.config.server.max_wait)).await.map(|_| true)
+            let wait = query_wait(req.uri.query())
+                .map(Duration::from_secs)
+                .unwrap_or_default();
+            lookup(
+                app,
+                session,
+                &tenant,
+                &id,
+                result,
+                wait.min(app.config.server.max_wait),
+            )
+            .await
+            .map(|_| true)
         }
         Route::Cancel { id } => {
             ctx.mode = "lookup";
@@ -206,8 +274,12 @@ async fn intake_error(session: &mut Session, e: &IntakeError) -> Result<()> {
 }
 
 /// Reads the whole body, refusing it as soon as it passes `limit`.
-async fn read_body(session: &mut Session, limit: u64) -> Result<std::result::Result<Bytes, IntakeError>> {
-    let declared = header(session.req_header(), "content-length").and_then(|v| v.parse::<u64>().ok());
+async fn read_body(
+    session: &mut Session,
+    limit: u64,
+) -> Result<std::result::Result<Bytes, IntakeError>> {
+    let declared =
+        header(session.req_header(), "content-length").and_then(|v| v.parse::<u64>().ok());
     if let Some(n) = declared.filter(|n| *n > limit) {
         session.set_keepalive(None);
         return Ok(Err(IntakeError::TooLarge { size: n, limit }));
@@ -227,10 +299,17 @@ async fn read_body(session: &mut Session, limit: u64) -> Result<std::result::Res
 }
 
 /// A deferred call: validate, store durably, then hold or answer `202`.
-async fn deferred(app: &Arc<App>, session: &mut Session, tenant: &Tenant, wait: Duration) -> Result<()> {
+async fn deferred(
+    app: &Arc<App>,
+    session: &mut Session,
+    tenant: &Tenant,
+    wait: Duration,
+) -> Result<()> {
     let started = Instant::now();
     if app.is_shutting_down() {
-        let e = IntakeError::Unavailable("Ferry is shutting down; retry against another instance".into());
+        let e = IntakeError::Unavailable(
+            "Ferry is shutting down; retry against another instance".into(),
+        );
         return intake_error(session, &e).await;
     }
     let req = session.req_header();
@@ -238,7 +317,8 @@ async fn deferred(app: &Arc<App>, session: &mut Session, tenant: &Tenant, wait: 
         Some(id) if intake::valid_custom_id(id) => Some(id.to_owned()),
         Some(_) => {
             let e = IntakeError::BadRequest {
-                message: "X-Ferry-Custom-Id must be 1-64 characters of A-Z, a-z, 0-9, _ and -".into(),
+                message: "X-Ferry-Custom-Id must be 1-64 characters of A-Z, a-z, 0-9, _ and -"
+                    .into(),
                 param: Some("X-Ferry-Custom-Id"),
                 code: "invalid_custom_id",
             };
@@ -258,7 +338,11 @@ async fn deferred(app: &Arc<App>, session: &mut Session, tenant: &Tenant, wait: 
         Ok(b) => b,
         Err(e) => return intake_error(session, &e).await,
     };
-    let profile_for = |model: &str| &app.upstreams[app.config.upstream_for_model(model)].settings.profile;
+    let profile_for = |model: &str| {
+        &app.upstreams[app.config.upstream_for_model(model)]
+            .settings
+            .profile
+    };
     let valid = match intake::validate_body(&body, &profile_for, !wait.is_zero()) {
         Ok(v) => v,
         Err(e) => return intake_error(session, &e).await,
@@ -280,7 +364,9 @@ async fn deferred(app: &Arc<App>, session: &mut Session, tenant: &Tenant, wait: 
         }
         Err(e) => return intake_error(session, &e).await,
     };
-    app.metrics.intake_duration.observe(started.elapsed().as_secs_f64());
+    app.metrics
+        .intake_duration
+        .observe(started.elapsed().as_secs_f64());
     if rec.stream && !wait.is_zero() {
         return stream_replay(app, session, rec, wait).await;
     }
@@ -307,7 +393,11 @@ async fn hold(app: &Arc<App>, rec: &RequestRecord, wait: Duration) -> RequestRec
         _ = app.release_waiters.notified() => {}
     }
     app.metrics.waiters.dec();
-    app.store.get(rec.id).ok().flatten().unwrap_or_else(|| rec.clone())
+    app.store
+        .get(rec.id)
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| rec.clone())
 }
 
 fn ticket_headers(rec: &RequestRecord) -> [(&'static str, String); 2] {
@@ -318,11 +408,21 @@ fn ticket_headers(rec: &RequestRecord) -> [(&'static str, String); 2] {
 }
 
 /// The upstream's own answer if the request is finished, else the ticket.
-async fn answer_result_or_ticket(app: &Arc<App>, session: &mut Session, rec: &RequestRecord) -> Result<()> {
+async fn answer_result_or_ticket(
+    app: &Arc<App>,
+    session: &mut Session,
+    rec: &RequestRecord,
+) -> Result<()> {
     if rec.status.is_terminal() {
         return answer_result(app, session, rec).await;
     }
-    respond::value(session, 202, &ticket_headers(rec), &status_object(rec, None)).await
+    respond::value(
+        session,
+        202,
+        &ticket_headers(rec),
+        &status_object(rec, None),
+    )
+    .await
 }
 
 /// A terminal request's answer: the upstream's status code and body
@@ -342,7 +442,12 @@ fn no_result_error(rec: &RequestRecord) -> (u16, String, String) {
         .error
         .as_ref()
         .map(|e| (e.code.clone(), e.message.clone()))
-        .unwrap_or_else(|| (rec.status.as_str().to_owned(), format!("the request is {}", rec.status.as_str())));
+        .unwrap_or_else(|| {
+            (
+                rec.status.as_str().to_owned(),
+                format!("the request is {}", rec.status.as_str()),
+            )
+        });
     let status = match rec.status {
         RequestStatus::Expired => 504,
         RequestStatus::Cancelled => 409,
@@ -355,7 +460,12 @@ fn no_result_error(rec: &RequestRecord) -> (u16, String, String) {
 /// the finished completion replayed as chunks. Headers are sent only when the
 /// first keep-alive is due, so a result (or an error) that is ready sooner
 /// is answered with its real status code.
-async fn stream_replay(app: &Arc<App>, session: &mut Session, rec: RequestRecord, wait: Duration) -> Result<()> {
+async fn stream_replay(
+    app: &Arc<App>,
+    session: &mut Session,
+    rec: RequestRecord,
+    wait: Duration,
+) -> Result<()> {
     let deadline = tokio::time::Instant::now() + wait;
     let mut started = false;
     let mut rec = rec;
@@ -369,7 +479,9 @@ async fn stream_replay(app: &Arc<App>, session: &mut Session, rec: RequestRecord
             respond::sse_start(session).await?;
             started = true;
         }
-        session.write_response_body(Some(Bytes::from_static(respond::SSE_KEEPALIVE)), false).await?;
+        session
+            .write_response_body(Some(Bytes::from_static(respond::SSE_KEEPALIVE)), false)
+            .await?;
     }
     let result = app.store.result(rec.id).ok().flatten();
     match (started, rec.status.is_terminal(), result) {
@@ -411,10 +523,26 @@ async fn stream_replay(app: &Arc<App>, session: &mut Session, rec: RequestRecord
     }
 }
 
-async fn lookup(app: &Arc<App>, session: &mut Session, tenant: &Tenant, id: &str, want_result: bool, wait: Duration) -> Result<()> {
+async fn lookup(
+    app: &Arc<App>,
+    session: &mut Session,
+    tenant: &Tenant,
+    id: &str,
+    want_result: bool,
+    wait: Duration,
+) -> Result<()> {
     let rec = match app.store.find(&tenant.name, id) {
         Ok(Some(r)) => r,
-        Ok(None) => return respond::error(session, 404, &format!("No request with id `{id}`."), Some("id"), "request_not_found").await,
+        Ok(None) => {
+            return respond::error(
+                session,
+                404,
+                &format!("No request with id `{id}`."),
+                Some("id"),
+                "request_not_found",
+            )
+            .await;
+        }
         Err(e) => return intake_error(session, &IntakeError::from(e)).await,
     };
     let rec = hold(app, &rec, wait).await;
@@ -434,12 +562,30 @@ async fn cancel(app: &Arc<App>, session: &mut Session, tenant: &Tenant, id: &str
             app.on_terminal(&rec);
             respond::value(session, 200, &[], &status_object(&rec, None)).await
         }
-        Ok(CancelOutcome::AlreadyCancelled(rec)) => respond::value(session, 200, &[], &status_object(&rec, None)).await,
+        Ok(CancelOutcome::AlreadyCancelled(rec)) => {
+            respond::value(session, 200, &[], &status_object(&rec, None)).await
+        }
         Ok(CancelOutcome::TooLate(rec)) => {
-            let msg = format!("Request `{id}` is {} and can no longer be cancelled.", if rec.status.is_terminal() { rec.status.as_str() } else { "already in a batch" });
+            let msg = format!(
+                "Request `{id}` is {} and can no longer be cancelled.",
+                if rec.status.is_terminal() {
+                    rec.status.as_str()
+                } else {
+                    "already in a batch"
+                }
+            );
             respond::error(session, 409, &msg, Some("id"), "cancel_too_late").await
         }
-        Ok(CancelOutcome::NotFound) => respond::error(session, 404, &format!("No request with id `{id}`."), Some("id"), "request_not_found").await,
+        Ok(CancelOutcome::NotFound) => {
+            respond::error(
+                session,
+                404,
+                &format!("No request with id `{id}`."),
+                Some("id"),
+                "request_not_found",
+            )
+            .await
+        }
         Err(e) => intake_error(session, &IntakeError::from(e)).await,
     }
 }

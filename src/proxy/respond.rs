@@ -11,7 +11,12 @@ use crate::api_error::ErrorEnvelope;
 pub type Result<T> = pingora::Result<T>;
 
 /// Writes a complete response with a JSON body.
-pub async fn json(session: &mut Session, status: u16, extra: &[(&str, String)], body: Bytes) -> Result<()> {
+pub async fn json(
+    session: &mut Session,
+    status: u16,
+    extra: &[(&str, String)],
+    body: Bytes,
+) -> Result<()> {
     let mut h = ResponseHeader::build(status, Some(4 + extra.len()))?;
     h.insert_header("content-type", "application/json")?;
     h.insert_header("content-length", body.len().to_string())?;
@@ -22,13 +27,24 @@ pub async fn json(session: &mut Session, status: u16, extra: &[(&str, String)], 
     session.write_response_body(Some(body), true).await
 }
 
-pub async fn value(session: &mut Session, status: u16, extra: &[(&str, String)], v: &Value) -> Result<()> {
+pub async fn value(
+    session: &mut Session,
+    status: u16,
+    extra: &[(&str, String)],
+    v: &Value,
+) -> Result<()> {
     let body = serde_json::to_vec(v).unwrap_or_default();
     json(session, status, extra, Bytes::from(body)).await
 }
 
 /// An error in the OpenAI envelope.
-pub async fn error(session: &mut Session, status: u16, message: &str, param: Option<&str>, code: &str) -> Result<()> {
+pub async fn error(
+    session: &mut Session,
+    status: u16,
+    message: &str,
+    param: Option<&str>,
+    code: &str,
+) -> Result<()> {
     let env = ErrorEnvelope::for_status(status, message, param, Some(code));
     json(session, status, &[], Bytes::from(env.to_bytes())).await
 }
@@ -58,7 +74,10 @@ pub fn replay_chunks(completion: &Value) -> Vec<Value> {
     let id = completion["id"].clone();
     let created = completion["created"].clone();
     let model = completion["model"].clone();
-    let fingerprint = completion.get("system_fingerprint").cloned().unwrap_or(Value::Null);
+    let fingerprint = completion
+        .get("system_fingerprint")
+        .cloned()
+        .unwrap_or(Value::Null);
     let chunk = |choices: Value| {
         json!({
             "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -90,7 +109,9 @@ pub fn replay_chunks(completion: &Value) -> Vec<Value> {
                 .collect();
             delta["tool_calls"] = Value::Array(calls);
         }
-        out.push(chunk(json!([{"index": index, "delta": delta, "logprobs": null, "finish_reason": null}])));
+        out.push(chunk(
+            json!([{"index": index, "delta": delta, "logprobs": null, "finish_reason": null}]),
+        ));
         out.push(chunk(json!([{
             "index": index, "delta": {}, "logprobs": null,
             "finish_reason": choice.get("finish_reason").cloned().unwrap_or(json!("stop")),
@@ -117,7 +138,11 @@ mod tests {
         });
         let chunks = replay_chunks(&completion);
         assert_eq!(chunks.len(), 3);
-        assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == "chatcmpl-1"));
+        assert!(
+            chunks
+                .iter()
+                .all(|c| c["object"] == "chat.completion.chunk" && c["id"] == "chatcmpl-1")
+        );
         assert_eq!(chunks[0]["choices"][0]["delta"]["content"], "echo: hi");
         assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
         assert_eq!(chunks[1]["choices"][0]["finish_reason"], "stop");
@@ -139,7 +164,10 @@ mod tests {
                 "finish_reason": "tool_calls"}]
         });
         let chunks = replay_chunks(&completion);
-        assert_eq!(chunks[0]["choices"][0]["delta"]["tool_calls"][0]["index"], 0);
+        assert_eq!(
+            chunks[0]["choices"][0]["delta"]["tool_calls"][0]["index"],
+            0
+        );
         assert_eq!(chunks[1]["choices"][0]["finish_reason"], "tool_calls");
         assert_eq!(chunks.len(), 2);
     }

@@ -11,9 +11,14 @@ pub enum Route {
     /// `POST /v1/chat/completions`: deferred or passed through.
     ChatCompletions,
     /// `GET /v1/ferry/requests/{id}` (`result: false`) or `.../result`.
-    Lookup { id: String, result: bool },
+    Lookup {
+        id: String,
+        result: bool,
+    },
     /// `DELETE /v1/ferry/requests/{id}`.
-    Cancel { id: String },
+    Cancel {
+        id: String,
+    },
     /// A Ferry route with the wrong method.
     MethodNotAllowed,
     /// Any other `/v1/...`: passthrough.
@@ -49,12 +54,20 @@ pub fn classify(method: &Method, path: &str) -> Route {
         let parts: Vec<&str> = rest.split('/').collect();
         return match parts.as_slice() {
             ["requests", id] if valid_custom_id(id) => match *method {
-                Method::GET => Route::Lookup { id: (*id).to_owned(), result: false },
-                Method::DELETE => Route::Cancel { id: (*id).to_owned() },
+                Method::GET => Route::Lookup {
+                    id: (*id).to_owned(),
+                    result: false,
+                },
+                Method::DELETE => Route::Cancel {
+                    id: (*id).to_owned(),
+                },
                 _ => Route::MethodNotAllowed,
             },
             ["requests", id, "result"] if valid_custom_id(id) => match *method {
-                Method::GET => Route::Lookup { id: (*id).to_owned(), result: true },
+                Method::GET => Route::Lookup {
+                    id: (*id).to_owned(),
+                    result: true,
+                },
                 _ => Route::MethodNotAllowed,
             },
             _ => Route::NotFound,
@@ -81,21 +94,42 @@ mod tests {
 
     #[test]
     fn routes() {
-        assert_eq!(classify(&Method::POST, "/v1/chat/completions"), Route::ChatCompletions);
-        assert_eq!(classify(&Method::GET, "/v1/chat/completions"), Route::OtherV1);
+        assert_eq!(
+            classify(&Method::POST, "/v1/chat/completions"),
+            Route::ChatCompletions
+        );
+        assert_eq!(
+            classify(&Method::GET, "/v1/chat/completions"),
+            Route::OtherV1
+        );
         assert_eq!(classify(&Method::GET, "/v1/models"), Route::OtherV1);
         assert_eq!(classify(&Method::POST, "/v1/batches"), Route::OtherV1);
         assert_eq!(
             classify(&Method::GET, "/v1/ferry/requests/abc-1"),
-            Route::Lookup { id: "abc-1".into(), result: false }
+            Route::Lookup {
+                id: "abc-1".into(),
+                result: false
+            }
         );
         assert_eq!(
             classify(&Method::GET, "/v1/ferry/requests/abc-1/result"),
-            Route::Lookup { id: "abc-1".into(), result: true }
+            Route::Lookup {
+                id: "abc-1".into(),
+                result: true
+            }
         );
-        assert_eq!(classify(&Method::DELETE, "/v1/ferry/requests/abc"), Route::Cancel { id: "abc".into() });
-        assert_eq!(classify(&Method::PUT, "/v1/ferry/requests/abc"), Route::MethodNotAllowed);
-        assert_eq!(classify(&Method::GET, "/v1/ferry/requests/a%20b"), Route::NotFound);
+        assert_eq!(
+            classify(&Method::DELETE, "/v1/ferry/requests/abc"),
+            Route::Cancel { id: "abc".into() }
+        );
+        assert_eq!(
+            classify(&Method::PUT, "/v1/ferry/requests/abc"),
+            Route::MethodNotAllowed
+        );
+        assert_eq!(
+            classify(&Method::GET, "/v1/ferry/requests/a%20b"),
+            Route::NotFound
+        );
         assert_eq!(classify(&Method::GET, "/v1/ferry/other"), Route::NotFound);
         assert_eq!(classify(&Method::GET, "/healthz"), Route::Healthz);
         assert_eq!(classify(&Method::GET, "/"), Route::NotFound);

@@ -334,7 +334,8 @@ impl Store {
         if let Some(v) = self.queue.remove(qk.entry(rec.id))? {
             self.unaccount(&qk, &v);
         }
-        self.custom_ids.remove(custom_id_key(&rec.tenant, &rec.custom_id))?;
+        self.custom_ids
+            .remove(custom_id_key(&rec.tenant, &rec.custom_id))?;
         self.requests.remove(id)?;
         self.bodies.remove(id)?;
         Ok(())
@@ -488,7 +489,11 @@ impl Store {
 
     /// Takes claimed members out of the queue and points them at the batch.
     /// Idempotent, so recovery can run it again.
-    fn apply_claim(&self, batch: &BatchRecord, ids: impl Iterator<Item = u64>) -> Result<(), StoreError> {
+    fn apply_claim(
+        &self,
+        batch: &BatchRecord,
+        ids: impl Iterator<Item = u64>,
+    ) -> Result<(), StoreError> {
         let qk = QueueKey {
             upstream: batch.upstream.clone(),
             model: batch.model.clone(),
@@ -501,11 +506,15 @@ impl Store {
                 self.unaccount(&qk, &v);
                 queue.remove(entry);
             }
-            if let Some(mut rec) = self.get(id)? {
-                if rec.batch != Some(batch.id) && rec.status == RequestStatus::Queued {
-                    rec.batch = Some(batch.id);
-                    reqs.insert(&id.to_be_bytes(), serde_json::to_vec(&rec).map_err(|e| corrupt("record", e))?);
-                }
+            if let Some(mut rec) = self.get(id)?
+                && rec.batch != Some(batch.id)
+                && rec.status == RequestStatus::Queued
+            {
+                rec.batch = Some(batch.id);
+                reqs.insert(
+                    &id.to_be_bytes(),
+                    serde_json::to_vec(&rec).map_err(|e| corrupt("record", e))?,
+                );
             }
         }
         self.queue.apply_batch(queue)?;
@@ -588,13 +597,18 @@ impl Store {
         let mut reqs = sled::Batch::default();
         for id in self.members(batch) {
             let id = id?;
-            let Some(mut rec) = self.get(id)? else { continue };
+            let Some(mut rec) = self.get(id)? else {
+                continue;
+            };
             if rec.status == RequestStatus::Queued && rec.batch == Some(batch) {
                 rec.status = RequestStatus::Submitted;
                 rec.batch_id = Some(batch_id.to_owned());
                 rec.submitted_at = Some(now);
                 rec.attempts += 1;
-                reqs.insert(&id.to_be_bytes(), serde_json::to_vec(&rec).map_err(|e| corrupt("record", e))?);
+                reqs.insert(
+                    &id.to_be_bytes(),
+                    serde_json::to_vec(&rec).map_err(|e| corrupt("record", e))?,
+                );
             }
         }
         self.requests.apply_batch(reqs)?;
@@ -619,7 +633,9 @@ impl Store {
         let mut done = Vec::new();
         let mut requeued: Vec<(QueueKey, u64)> = Vec::new();
         for (id, outcome) in outcomes {
-            let Some(mut rec) = self.get(id)? else { continue };
+            let Some(mut rec) = self.get(id)? else {
+                continue;
+            };
             if rec.batch != Some(batch) || rec.status.is_terminal() {
                 continue;
             }
@@ -630,7 +646,10 @@ impl Store {
             };
             match outcome {
                 Outcome::Completed(r) => {
-                    results.insert(&id.to_be_bytes(), serde_json::to_vec(&r).map_err(|e| corrupt("result", e))?);
+                    results.insert(
+                        &id.to_be_bytes(),
+                        serde_json::to_vec(&r).map_err(|e| corrupt("result", e))?,
+                    );
                     rec.status = RequestStatus::Completed;
                 }
                 Outcome::Failed(e) => {
@@ -653,14 +672,20 @@ impl Store {
                     rec.batch = None;
                     rec.batch_id = None;
                     rec.submitted_at = None;
-                    reqs.insert(&id.to_be_bytes(), serde_json::to_vec(&rec).map_err(|e| corrupt("record", e))?);
+                    reqs.insert(
+                        &id.to_be_bytes(),
+                        serde_json::to_vec(&rec).map_err(|e| corrupt("record", e))?,
+                    );
                     continue;
                 }
             }
             rec.completed_at = Some(now);
             // A finished request's body is no longer needed.
             bodies.remove(&id.to_be_bytes());
-            reqs.insert(&id.to_be_bytes(), serde_json::to_vec(&rec).map_err(|e| corrupt("record", e))?);
+            reqs.insert(
+                &id.to_be_bytes(),
+                serde_json::to_vec(&rec).map_err(|e| corrupt("record", e))?,
+            );
             done.push(rec);
         }
         // Results before states: a reader that sees `completed` finds its result.
@@ -762,7 +787,10 @@ mod tests {
         let (_d, s) = store();
         let mut ids = Vec::new();
         for i in 0..5 {
-            let Intake::Created(r) = s.insert_request(rec("t", &format!("c{i}"), "h"), b"{}").unwrap() else {
+            let Intake::Created(r) = s
+                .insert_request(rec("t", &format!("c{i}"), "h"), b"{}")
+                .unwrap()
+            else {
                 panic!()
             };
             ids.push(r.id);
@@ -773,14 +801,29 @@ mod tests {
         assert_eq!(s.queue_stats()[0].1.count, 2);
         // Byte limit: one and a half lines' worth takes one line.
         let one = line_len(ids[3], 2);
-        let b2 = s.claim_batch(&qk(), 10, one + one / 2, "bytes").unwrap().unwrap();
+        let b2 = s
+            .claim_batch(&qk(), 10, one + one / 2, "bytes")
+            .unwrap()
+            .unwrap();
         assert_eq!(b2.request_count, 1);
         assert_eq!(b2.bytes, one);
         // Claimed: too late to cancel. Still queued: cancellable.
-        assert!(matches!(s.cancel("t", "c0").unwrap(), CancelOutcome::TooLate(_)));
-        assert!(matches!(s.cancel("t", "c4").unwrap(), CancelOutcome::Cancelled(_)));
-        assert!(matches!(s.cancel("t", "c4").unwrap(), CancelOutcome::AlreadyCancelled(_)));
-        assert!(matches!(s.cancel("other", "c4").unwrap(), CancelOutcome::NotFound));
+        assert!(matches!(
+            s.cancel("t", "c0").unwrap(),
+            CancelOutcome::TooLate(_)
+        ));
+        assert!(matches!(
+            s.cancel("t", "c4").unwrap(),
+            CancelOutcome::Cancelled(_)
+        ));
+        assert!(matches!(
+            s.cancel("t", "c4").unwrap(),
+            CancelOutcome::AlreadyCancelled(_)
+        ));
+        assert!(matches!(
+            s.cancel("other", "c4").unwrap(),
+            CancelOutcome::NotFound
+        ));
         assert!(s.claim_batch(&qk(), 10, 1 << 20, "time").unwrap().is_none());
         assert_eq!(s.queue_stats()[0].1, QueueStats::default());
     }
@@ -789,12 +832,16 @@ mod tests {
     fn outcomes_apply_once_and_requeue_returns_to_queue() {
         let (_d, s) = store();
         for i in 0..3 {
-            s.insert_request(rec("t", &format!("c{i}"), "h"), b"{}").unwrap();
+            s.insert_request(rec("t", &format!("c{i}"), "h"), b"{}")
+                .unwrap();
         }
         let mut b = s.claim_batch(&qk(), 10, 1 << 20, "size").unwrap().unwrap();
         s.mark_submitted(&mut b, "file-1", "batch_1").unwrap();
         let ids: Vec<u64> = s.members(b.id).map(Result::unwrap).collect();
-        assert_eq!(s.get(ids[0]).unwrap().unwrap().status, RequestStatus::Submitted);
+        assert_eq!(
+            s.get(ids[0]).unwrap().unwrap().status,
+            RequestStatus::Submitted
+        );
         let res = StoredResult {
             status_code: 200,
             body: serde_json::json!({"ok": true}),
@@ -805,19 +852,45 @@ mod tests {
                 vec![
                     (ids[0], Outcome::Completed(res.clone())),
                     (ids[1], Outcome::Requeue),
-                    (ids[2], Outcome::Expired(RequestError { code: "batch_expired".into(), message: "late".into() })),
+                    (
+                        ids[2],
+                        Outcome::Expired(RequestError {
+                            code: "batch_expired".into(),
+                            message: "late".into(),
+                        }),
+                    ),
                 ],
             )
             .unwrap();
         assert_eq!(done.len(), 2);
         assert_eq!(s.result(ids[0]).unwrap().unwrap(), res);
-        assert_eq!(s.get(ids[1]).unwrap().unwrap().status, RequestStatus::Queued);
-        assert_eq!(s.get(ids[2]).unwrap().unwrap().status, RequestStatus::Expired);
+        assert_eq!(
+            s.get(ids[1]).unwrap().unwrap().status,
+            RequestStatus::Queued
+        );
+        assert_eq!(
+            s.get(ids[2]).unwrap().unwrap().status,
+            RequestStatus::Expired
+        );
         assert_eq!(s.queue_stats()[0].1.count, 1);
         // Applying again changes nothing.
-        let again = s.apply_outcomes(b.id, vec![(ids[0], Outcome::Failed(RequestError { code: "x".into(), message: "y".into() }))]).unwrap();
+        let again = s
+            .apply_outcomes(
+                b.id,
+                vec![(
+                    ids[0],
+                    Outcome::Failed(RequestError {
+                        code: "x".into(),
+                        message: "y".into(),
+                    }),
+                )],
+            )
+            .unwrap();
         assert!(again.is_empty());
-        assert_eq!(s.get(ids[0]).unwrap().unwrap().status, RequestStatus::Completed);
+        assert_eq!(
+            s.get(ids[0]).unwrap().unwrap().status,
+            RequestStatus::Completed
+        );
     }
 
     #[test]
@@ -826,7 +899,8 @@ mod tests {
         {
             let s = Store::open(dir.path()).unwrap();
             for i in 0..4 {
-                s.insert_request(rec("t", &format!("c{i}"), "h"), b"{}").unwrap();
+                s.insert_request(rec("t", &format!("c{i}"), "h"), b"{}")
+                    .unwrap();
             }
             // A claim whose batch record was written but whose queue
             // entries were not yet removed (as if the process died).
@@ -860,7 +934,8 @@ mod tests {
         for i in 0..32 {
             let s = s.clone();
             tasks.push(tokio::spawn(async move {
-                s.insert_request(rec("t", &format!("g{i}"), "h"), b"{}").unwrap();
+                s.insert_request(rec("t", &format!("g{i}"), "h"), b"{}")
+                    .unwrap();
                 s.commit().await
             }));
         }

@@ -42,11 +42,11 @@ impl RequestStatus {
     /// expired, cancelled or partly failed batch.
     pub fn can_become(self, next: RequestStatus) -> bool {
         use RequestStatus::*;
-        match (self, next) {
-            (Queued, Submitted | Cancelled | Failed) => true,
-            (Submitted, Completed | Failed | Expired | Queued) => true,
-            _ => false,
-        }
+        matches!(
+            (self, next),
+            (Queued, Submitted | Cancelled | Failed)
+                | (Submitted, Completed | Failed | Expired | Queued)
+        )
     }
 }
 

@@ -38,7 +38,9 @@ impl UpstreamError {
     pub fn is_transient(&self) -> bool {
         match self {
             UpstreamError::Transport(_) => true,
-            UpstreamError::Status { status, .. } => *status == 408 || *status == 429 || *status >= 500,
+            UpstreamError::Status { status, .. } => {
+                *status == 408 || *status == 429 || *status >= 500
+            }
             UpstreamError::Protocol(_) => false,
         }
     }
@@ -80,7 +82,10 @@ impl BatchObject {
     }
 
     pub fn is_terminal(&self) -> bool {
-        matches!(self.status.as_str(), "completed" | "failed" | "expired" | "cancelled")
+        matches!(
+            self.status.as_str(),
+            "completed" | "failed" | "expired" | "cancelled"
+        )
     }
 
     pub fn metadata_str(&self, key: &str) -> Option<&str> {
@@ -152,7 +157,10 @@ impl BatchClient {
             api_key: api_key.to_owned(),
             http,
             calls: RateLimiter::direct(Quota::per_second(per_sec)),
-            creations: RateLimiter::direct(Quota::per_hour(per_hour).allow_burst(per_hour.min(NonZeroU32::new(20).unwrap_or(NonZeroU32::MIN)))),
+            creations: RateLimiter::direct(
+                Quota::per_hour(per_hour)
+                    .allow_burst(per_hour.min(NonZeroU32::new(20).unwrap_or(NonZeroU32::MIN))),
+            ),
             metrics,
         })
     }
@@ -161,19 +169,25 @@ impl BatchClient {
         format!("{}{}", self.base_url, path)
     }
 
-    async fn send(&self, op: &'static str, req: reqwest::RequestBuilder) -> Result<reqwest::Response, UpstreamError> {
+    async fn send(
+        &self,
+        op: &'static str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, UpstreamError> {
         self.calls.until_ready().await;
         let started = std::time::Instant::now();
         let res = req.bearer_auth(&self.api_key).send().await;
         let res = match res {
             Ok(r) => r,
             Err(e) => {
-                self.metrics.upstream_call(&self.name, op, "transport_error", started.elapsed());
+                self.metrics
+                    .upstream_call(&self.name, op, "transport_error", started.elapsed());
                 return Err(UpstreamError::Transport(e.to_string()));
             }
         };
         let status = res.status().as_u16();
-        self.metrics.upstream_call(&self.name, op, &status.to_string(), started.elapsed());
+        self.metrics
+            .upstream_call(&self.name, op, &status.to_string(), started.elapsed());
         if res.status().is_success() {
             return Ok(res);
         }
@@ -184,9 +198,13 @@ impl BatchClient {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
         let body = res.bytes().await.unwrap_or_default();
-        let (code, message) = match serde_json::from_slice::<crate::api_error::ErrorEnvelope>(&body) {
+        let (code, message) = match serde_json::from_slice::<crate::api_error::ErrorEnvelope>(&body)
+        {
             Ok(env) => (env.error.code, env.error.message),
-            Err(_) => (None, String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned()),
+            Err(_) => (
+                None,
+                String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
+            ),
         };
         Err(UpstreamError::Status {
             status,
@@ -196,24 +214,42 @@ impl BatchClient {
         })
     }
 
-    async fn json<T: for<'de> Deserialize<'de>>(&self, op: &'static str, req: reqwest::RequestBuilder) -> Result<T, UpstreamError> {
+    async fn json<T: for<'de> Deserialize<'de>>(
+        &self,
+        op: &'static str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<T, UpstreamError> {
         let res = self.send(op, req).await?;
-        let body = res.bytes().await.map_err(|e| UpstreamError::Transport(e.to_string()))?;
+        let body = res
+            .bytes()
+            .await
+            .map_err(|e| UpstreamError::Transport(e.to_string()))?;
         serde_json::from_slice(&body).map_err(|e| UpstreamError::Protocol(format!("{op}: {e}")))
     }
 
     /// Uploads a JSONL input file from a stream of exactly `len` bytes.
-    pub async fn upload_jsonl<S>(&self, filename: &str, len: u64, body: S) -> Result<String, UpstreamError>
+    pub async fn upload_jsonl<S>(
+        &self,
+        filename: &str,
+        len: u64,
+        body: S,
+    ) -> Result<String, UpstreamError>
     where
         S: Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static,
     {
-        let part = reqwest::multipart::Part::stream_with_length(reqwest::Body::wrap_stream(body), len)
-            .file_name(filename.to_owned())
-            .mime_str("application/jsonl")
-            .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
-        let form = reqwest::multipart::Form::new().text("purpose", "batch").part("file", part);
+        let part =
+            reqwest::multipart::Part::stream_with_length(reqwest::Body::wrap_stream(body), len)
+                .file_name(filename.to_owned())
+                .mime_str("application/jsonl")
+                .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+        let form = reqwest::multipart::Form::new()
+            .text("purpose", "batch")
+            .part("file", part);
         let f: FileObject = self
-            .json("upload_file", self.http.post(self.url("/files")).multipart(form))
+            .json(
+                "upload_file",
+                self.http.post(self.url("/files")).multipart(form),
+            )
             .await?;
         Ok(f.id)
     }
@@ -231,18 +267,32 @@ impl BatchClient {
             "completion_window": completion_window,
             "metadata": metadata,
         });
-        self.json("create_batch", self.http.post(self.url("/batches")).json(&body)).await
+        self.json(
+            "create_batch",
+            self.http.post(self.url("/batches")).json(&body),
+        )
+        .await
     }
 
     pub async fn get_batch(&self, id: &str) -> Result<BatchObject, UpstreamError> {
-        self.json("get_batch", self.http.get(self.url(&format!("/batches/{id}")))).await
+        self.json(
+            "get_batch",
+            self.http.get(self.url(&format!("/batches/{id}"))),
+        )
+        .await
     }
 
-    pub async fn list_batches(&self, after: Option<&str>, limit: u32) -> Result<BatchList, UpstreamError> {
+    pub async fn list_batches(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<BatchList, UpstreamError> {
         let mut url = self.url(&format!("/batches?limit={limit}"));
         if let Some(a) = after {
             // Batch ids are [A-Za-z0-9_-]; anything else is not ours to send.
-            if a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+            if a.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
                 url.push_str("&after=");
                 url.push_str(a);
             }
@@ -252,11 +302,21 @@ impl BatchClient {
 
     /// Streams a file's content.
     pub async fn file_content(&self, id: &str) -> Result<reqwest::Response, UpstreamError> {
-        self.send("download_file", self.http.get(self.url(&format!("/files/{id}/content")))).await
+        self.send(
+            "download_file",
+            self.http.get(self.url(&format!("/files/{id}/content"))),
+        )
+        .await
     }
 
     pub async fn delete_file(&self, id: &str) -> Result<(), UpstreamError> {
-        match self.send("delete_file", self.http.delete(self.url(&format!("/files/{id}")))).await {
+        match self
+            .send(
+                "delete_file",
+                self.http.delete(self.url(&format!("/files/{id}"))),
+            )
+            .await
+        {
             Ok(_) => Ok(()),
             // Already gone is what we wanted.
             Err(UpstreamError::Status { status: 404, .. }) => Ok(()),
@@ -292,7 +352,12 @@ where
             Ok(v) => return Ok(v),
             Err(e) if e.is_transient() && attempt + 1 < max_attempts && !*shutdown.borrow() => {
                 let wait = e.retry_after().unwrap_or_else(|| {
-                    backoff(attempt, Duration::from_millis(500), Duration::from_secs(60), rand::random())
+                    backoff(
+                        attempt,
+                        Duration::from_millis(500),
+                        Duration::from_secs(60),
+                        rand::random(),
+                    )
                 });
                 metrics.upstream_retries.inc();
                 warn!(what, attempt, error = %e, wait_ms = wait.as_millis() as u64, "upstream call failed, retrying");
@@ -326,7 +391,12 @@ mod tests {
 
     #[test]
     fn transient_errors_are_told_apart() {
-        let s = |status| UpstreamError::Status { status, code: None, message: String::new(), retry_after: None };
+        let s = |status| UpstreamError::Status {
+            status,
+            code: None,
+            message: String::new(),
+            retry_after: None,
+        };
         assert!(s(429).is_transient());
         assert!(s(503).is_transient());
         assert!(!s(400).is_transient());
@@ -352,7 +422,14 @@ mod tests {
         let mut calls = 0;
         let r: Result<(), _> = with_retry("t", 5, &metrics, rx.clone(), || {
             calls += 1;
-            async { Err(UpstreamError::Status { status: 400, code: None, message: "bad".into(), retry_after: None }) }
+            async {
+                Err(UpstreamError::Status {
+                    status: 400,
+                    code: None,
+                    message: "bad".into(),
+                    retry_after: None,
+                })
+            }
         })
         .await;
         assert!(r.is_err());

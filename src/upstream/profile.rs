@@ -57,9 +57,15 @@ impl ProviderProfile {
                 max_lines: 50_000,
                 max_file_bytes: 100 * MB,
                 default_window: "24h",
-                forbidden_params: ["temperature", "top_p", "n", "presence_penalty", "frequency_penalty"]
-                    .map(String::from)
-                    .to_vec(),
+                forbidden_params: [
+                    "temperature",
+                    "top_p",
+                    "n",
+                    "presence_penalty",
+                    "frequency_penalty",
+                ]
+                .map(String::from)
+                .to_vec(),
                 batches_per_hour: 2_000,
             },
             ProviderKind::Generic => ProviderProfile {
@@ -135,6 +141,10 @@ mod tests {
         let m = ProviderProfile::for_kind(ProviderKind::Moonshot);
         assert!(m.forbidden_params.iter().any(|p| p == "temperature"));
         assert_eq!(m.max_file_bytes, 100 * MB);
-        assert!(ProviderProfile::for_kind(ProviderKind::Openai).forbidden_params.is_empty());
+        assert!(
+            ProviderProfile::for_kind(ProviderKind::Openai)
+                .forbidden_params
+                .is_empty()
+        );
     }
 }

@@ -42,7 +42,10 @@ impl Proc {
     /// Sends a signal and waits for the process to exit.
     pub fn signal_and_wait(&mut self, signal: &str) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
-        Command::new("kill").args([&format!("-{signal}"), &pid]).status().expect("kill");
+        Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .expect("kill");
         self.child.wait().expect("wait")
     }
 }
@@ -51,17 +54,22 @@ impl Proc {
 /// on stdout (the `{"event":"listening"}` lines), and keeps draining stdout.
 pub fn spawn(mut cmd: Command, services: &[&str], log: PathBuf) -> Proc {
     let logfile = std::fs::File::create(&log).expect("log file");
-    cmd.stdout(Stdio::piped()).stderr(Stdio::from(logfile)).stdin(Stdio::null());
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::from(logfile))
+        .stdin(Stdio::null());
     let mut child = cmd.spawn().expect("spawn");
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                if v["event"] == "listening" {
-                    let _ = tx.send((v["service"].as_str().unwrap_or("").to_owned(), v["addr"].as_str().unwrap_or("").to_owned()));
-                }
+            if let Ok(v) = serde_json::from_str::<Value>(&line)
+                && v["event"] == "listening"
+            {
+                let _ = tx.send((
+                    v["service"].as_str().unwrap_or("").to_owned(),
+                    v["addr"].as_str().unwrap_or("").to_owned(),
+                ));
             }
         }
     });
@@ -73,7 +81,10 @@ pub fn spawn(mut cmd: Command, services: &[&str], log: PathBuf) -> Proc {
             }
             Err(_) => {
                 let _ = child.kill();
-                panic!("process did not announce {services:?}; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+                panic!(
+                    "process did not announce {services:?}; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
             }
         }
     }
@@ -82,7 +93,14 @@ pub fn spawn(mut cmd: Command, services: &[&str], log: PathBuf) -> Proc {
 
 pub fn emulator(dir: &Path, args: &[&str]) -> Proc {
     let mut cmd = Command::new(BIN);
-    cmd.args(["emulator", "--listen", "127.0.0.1:0", "--api-key", UPSTREAM_KEY]).args(args);
+    cmd.args([
+        "emulator",
+        "--listen",
+        "127.0.0.1:0",
+        "--api-key",
+        UPSTREAM_KEY,
+    ])
+    .args(args);
     spawn(cmd, &["emulator"], dir.join("emulator.log"))
 }
 
@@ -105,7 +123,12 @@ default_wait_secs = 30
 
 /// A Ferry config against the emulator at `upstream`, with `upstream_extra`
 /// lines added to its `[[upstreams]]` table and `server_extra` to `[server]`.
-pub fn config(dir: &Path, upstream: SocketAddr, upstream_extra: &str, server_extra: &str) -> String {
+pub fn config(
+    dir: &Path,
+    upstream: SocketAddr,
+    upstream_extra: &str,
+    server_extra: &str,
+) -> String {
     format!(
         r#"
 [server]
@@ -128,7 +151,11 @@ poll_interval_secs = 0.05
 "#,
         data = dir.join("data").display(),
         // Nothing flushes by time unless a test asks for it.
-        max_wait = if upstream_extra.contains("max_wait_secs") { "" } else { "max_wait_secs = 3600" },
+        max_wait = if upstream_extra.contains("max_wait_secs") {
+            ""
+        } else {
+            "max_wait_secs = 3600"
+        },
     )
 }
 
@@ -136,8 +163,20 @@ pub fn ferry(dir: &Path, config: &str) -> Proc {
     let path = dir.join("ferry.toml");
     std::fs::write(&path, config).expect("write config");
     let mut cmd = Command::new(BIN);
-    cmd.arg("--config").arg(&path).env("FERRY_TEST_UPSTREAM_KEY", UPSTREAM_KEY).env("FERRY_LOG", "info,pingora_core=warn,pingora_proxy=warn");
-    spawn(cmd, &["proxy", "admin"], dir.join(format!("ferry-{}.log", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()))))
+    cmd.arg("--config")
+        .arg(&path)
+        .env("FERRY_TEST_UPSTREAM_KEY", UPSTREAM_KEY)
+        .env("FERRY_LOG", "info,pingora_core=warn,pingora_proxy=warn");
+    spawn(
+        cmd,
+        &["proxy", "admin"],
+        dir.join(format!(
+            "ferry-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        )),
+    )
 }
 
 /// An emulator and a Ferry in front of it.
@@ -152,13 +191,21 @@ impl Stack {
     pub fn start(upstream_extra: &str, server_extra: &str) -> Stack {
         let dir = tempfile::tempdir().expect("tempdir");
         let emulator = emulator(dir.path(), &[]);
-        let cfg = config(dir.path(), emulator.addr("emulator"), upstream_extra, server_extra);
+        let cfg = config(
+            dir.path(),
+            emulator.addr("emulator"),
+            upstream_extra,
+            server_extra,
+        );
         let ferry = ferry(dir.path(), &cfg);
         Stack {
             dir,
             emulator,
             ferry,
-            http: reqwest::Client::builder().timeout(Duration::from_secs(120)).build().expect("client"),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .build()
+                .expect("client"),
         }
     }
 
@@ -183,27 +230,60 @@ impl Stack {
     }
 
     pub async fn emulator_stats(&self) -> Value {
-        self.http.get(self.emu("/_emulator/stats")).send().await.unwrap().json().await.unwrap()
+        self.http
+            .get(self.emu("/_emulator/stats"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 
     pub async fn emulator_config(&self, patch: Value) {
-        let r = self.http.post(self.emu("/_emulator/config")).json(&patch).send().await.unwrap();
-        assert!(r.status().is_success(), "emulator config: {}", r.text().await.unwrap());
+        let r = self
+            .http
+            .post(self.emu("/_emulator/config"))
+            .json(&patch)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.status().is_success(),
+            "emulator config: {}",
+            r.text().await.unwrap()
+        );
     }
 
     /// Flushes every queue now (admin route).
     pub async fn flush(&self) {
-        let r = self.http.post(self.admin("/admin/flush")).send().await.unwrap();
+        let r = self
+            .http
+            .post(self.admin("/admin/flush"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 202);
     }
 
     /// A deferred chat completion (`Prefer: respond-async[, wait=N]`).
-    pub async fn defer(&self, key: &str, body: &Value, wait: Option<u64>, custom_id: Option<&str>) -> reqwest::Response {
+    pub async fn defer(
+        &self,
+        key: &str,
+        body: &Value,
+        wait: Option<u64>,
+        custom_id: Option<&str>,
+    ) -> reqwest::Response {
         let prefer = match wait {
             Some(w) => format!("respond-async, wait={w}"),
             None => "respond-async".to_owned(),
         };
-        let mut req = self.http.post(self.url("/v1/chat/completions")).bearer_auth(key).header("prefer", prefer).json(body);
+        let mut req = self
+            .http
+            .post(self.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .header("prefer", prefer)
+            .json(body);
         if let Some(id) = custom_id {
             req = req.header("x-ferry-custom-id", id);
         }
