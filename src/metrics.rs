@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -31,6 +31,11 @@ pub struct Metrics {
     pub tokens: IntCounterVec,
     pub storage_size: IntGauge,
     pub storage_flush_duration: Histogram,
+    pub upstream_backoff_seconds: CounterVec,
+    pub webhook_deliveries: IntCounterVec,
+    pub webhook_outbox_depth: IntGauge,
+    pub savings_usd: CounterVec,
+    pub rate_limited: IntCounterVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -111,7 +116,38 @@ impl Metrics {
             "Size of the sled database on disk.",
         ));
         reg(Box::new(storage_size.clone()));
+        let float_counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = must(CounterVec::new(Opts::new(name, help), labels));
+            reg(Box::new(c.clone()));
+            c
+        };
+        let webhook_outbox_depth = must(IntGauge::new(
+            "ferry_webhook_outbox_depth",
+            "Webhook deliveries waiting in the durable outbox.",
+        ));
+        reg(Box::new(webhook_outbox_depth.clone()));
         Metrics {
+            upstream_backoff_seconds: float_counter(
+                "ferry_upstream_backoff_seconds_total",
+                "Seconds spent waiting before retrying upstream calls.",
+                &["upstream"],
+            ),
+            webhook_deliveries: counter_vec(
+                "ferry_webhook_deliveries_total",
+                "Webhook delivery attempts by outcome (delivered, retry, dead).",
+                &["outcome"],
+            ),
+            webhook_outbox_depth,
+            savings_usd: float_counter(
+                "ferry_estimated_savings_usd_total",
+                "Estimated saving of batch results versus real-time prices, from the price table in config.",
+                &["model"],
+            ),
+            rate_limited: counter_vec(
+                "ferry_rate_limited_total",
+                "Calls answered 429 by Ferry's own rate limits, by kind (deferred, passthrough).",
+                &["kind"],
+            ),
             http_requests: counter_vec(
                 "ferry_http_requests_total",
                 "Requests answered on the proxy port, by route, mode and status code.",
