@@ -14,6 +14,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use std::num::NonZeroU32;
+
+use crate::delivery::webhooks::{AllowEntry, WebhookSettings, decode_secret};
 use crate::emulator::EmulatorConfig;
 use crate::upstream::profile::{ProviderKind, ProviderProfile};
 
@@ -57,6 +60,43 @@ struct RawConfig {
     routes: Vec<RawRoute>,
     default_upstream: Option<String>,
     tenants: Vec<RawTenant>,
+    #[serde(default)]
+    webhooks: RawWebhooks,
+    /// Real-time prices per model, for the savings estimate.
+    #[serde(default)]
+    prices: HashMap<String, Price>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawWebhooks {
+    max_age_secs: f64,
+    retry_base_secs: f64,
+    retry_cap_secs: f64,
+    timeout_secs: f64,
+    concurrency: usize,
+    per_host_concurrency: usize,
+}
+
+impl Default for RawWebhooks {
+    fn default() -> Self {
+        RawWebhooks {
+            max_age_secs: 86400.0,
+            retry_base_secs: 5.0,
+            retry_cap_secs: 3600.0,
+            timeout_secs: 10.0,
+            concurrency: 64,
+            per_host_concurrency: 4,
+        }
+    }
+}
+
+/// Real-time list prices of a model in USD per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    pub prompt_per_mtok: f64,
+    pub completion_per_mtok: f64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -108,6 +148,7 @@ struct RawUpstream {
     calls_per_second: Option<u32>,
     batches_per_hour: Option<u32>,
     forbidden_params: Option<Vec<String>>,
+    batch_discount: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,6 +173,15 @@ struct RawTenant {
     default_mode: Mode,
     #[serde(default)]
     default_wait_secs: u64,
+    /// `scheme://host[:port]` entries; host may be `*` or `*.domain`, port `*`.
+    #[serde(default)]
+    callback_allow: Vec<String>,
+    webhook_secret: Option<String>,
+    webhook_secret_env: Option<String>,
+    intake_rps: Option<u32>,
+    intake_burst: Option<u32>,
+    passthrough_rps: Option<u32>,
+    passthrough_burst: Option<u32>,
 }
 
 // ------------------------------------------------------------ validated form
@@ -198,6 +248,8 @@ pub struct UpstreamSettings {
     pub calls_per_second: u32,
     /// Batch creations per hour.
     pub batches_per_hour: u32,
+    /// Fraction of the real-time price the Batch API saves (0.5 = half price).
+    pub batch_discount: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -212,11 +264,23 @@ pub struct Route {
     pub upstream: usize,
 }
 
+/// Requests per second and burst of a tenant's rate limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateSetting {
+    pub per_second: NonZeroU32,
+    pub burst: NonZeroU32,
+}
+
 #[derive(Debug)]
 pub struct Tenant {
     pub name: String,
     pub default_mode: Mode,
     pub default_wait: Duration,
+    pub callback_allow: Vec<AllowEntry>,
+    /// The decoded `whsec_` secret webhooks are signed with.
+    pub webhook_key: Option<Vec<u8>>,
+    pub deferred_rate: Option<RateSetting>,
+    pub passthrough_rate: Option<RateSetting>,
 }
 
 #[derive(Debug)]
@@ -229,6 +293,8 @@ pub struct Config {
     pub tenants: Vec<Arc<Tenant>>,
     /// SHA-256 of each caller key → tenant. Keys are kept only as hashes.
     pub keys: HashMap<[u8; 32], Arc<Tenant>>,
+    pub webhooks: WebhookSettings,
+    pub prices: HashMap<String, Price>,
 }
 
 /// SHA-256 of a caller key, the form in which keys are held and compared.
@@ -430,7 +496,15 @@ impl RawConfig {
             if batches_per_hour == 0 {
                 return Err(invalid(key("batches_per_hour"), "must be at least 1"));
             }
+            let batch_discount = u.batch_discount.unwrap_or(match profile.kind {
+                ProviderKind::Moonshot => 0.4,
+                _ => 0.5,
+            });
+            if !(0.0..=1.0).contains(&batch_discount) {
+                return Err(invalid(key("batch_discount"), "must be between 0 and 1"));
+            }
             upstreams.push(UpstreamSettings {
+                batch_discount,
                 name: u.name,
                 profile,
                 target,
@@ -500,10 +574,48 @@ impl RawConfig {
             if t.name.is_empty() || tenants.iter().any(|x: &Arc<Tenant>| x.name == t.name) {
                 return Err(invalid(key("name"), "must be non-empty and unique"));
             }
+            let callback_allow = t
+                .callback_allow
+                .iter()
+                .map(|e| AllowEntry::parse(e))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|m| invalid(key("callback_allow"), m))?;
+            let secret = match (t.webhook_secret, t.webhook_secret_env) {
+                (Some(s), None) => Some(s),
+                (None, Some(name)) => Some(env(&name).ok_or_else(|| {
+                    invalid(key("webhook_secret_env"), format!("environment variable `{name}` is not set"))
+                })?),
+                (None, None) => None,
+                (Some(_), Some(_)) => {
+                    return Err(invalid(key("webhook_secret"), "give webhook_secret or webhook_secret_env, not both"));
+                }
+            };
+            let webhook_key = secret
+                .map(|s| decode_secret(&s))
+                .transpose()
+                .map_err(|m| invalid(key("webhook_secret"), m))?;
+            if !callback_allow.is_empty() && webhook_key.is_none() {
+                return Err(invalid(key("webhook_secret"), "a tenant with a callback_allow list needs a webhook secret"));
+            }
+            let rate = |rps: Option<u32>, burst: Option<u32>, k: &str| -> Result<Option<RateSetting>, ConfigError> {
+                match (rps, burst) {
+                    (None, None) => Ok(None),
+                    (None, Some(_)) => Err(invalid(key(k), "a burst needs a rate")),
+                    (Some(r), b) => {
+                        let per_second = NonZeroU32::new(r).ok_or_else(|| invalid(key(k), "must be at least 1"))?;
+                        let burst = NonZeroU32::new(b.unwrap_or(r)).ok_or_else(|| invalid(key(k), "burst must be at least 1"))?;
+                        Ok(Some(RateSetting { per_second, burst }))
+                    }
+                }
+            };
             let tenant = Arc::new(Tenant {
                 name: t.name,
                 default_mode: t.default_mode,
                 default_wait: Duration::from_secs(t.default_wait_secs).min(server.max_wait),
+                callback_allow,
+                webhook_key,
+                deferred_rate: rate(t.intake_rps, t.intake_burst, "intake_rps")?,
+                passthrough_rate: rate(t.passthrough_rps, t.passthrough_burst, "passthrough_rps")?,
             });
             let mut hashes = Vec::new();
             for k in t.keys {
@@ -534,7 +646,23 @@ impl RawConfig {
             tenants.push(tenant);
         }
 
+        let w = self.webhooks;
+        let webhooks = WebhookSettings {
+            max_age: secs("webhooks.max_age_secs", w.max_age_secs)?,
+            retry_base: secs("webhooks.retry_base_secs", w.retry_base_secs)?.max(Duration::from_millis(10)),
+            retry_cap: secs("webhooks.retry_cap_secs", w.retry_cap_secs)?,
+            timeout: secs("webhooks.timeout_secs", w.timeout_secs)?.max(Duration::from_millis(100)),
+            concurrency: w.concurrency.max(1),
+            per_host: w.per_host_concurrency.max(1),
+        };
+        for (model, p) in &self.prices {
+            if !(p.prompt_per_mtok >= 0.0 && p.completion_per_mtok >= 0.0) {
+                return Err(invalid(format!("prices.{model}"), "prices must be non-negative numbers"));
+            }
+        }
         Ok(Config {
+            webhooks,
+            prices: self.prices,
             server,
             emulator,
             upstreams,

@@ -14,6 +14,7 @@ pub mod config;
 pub mod delivery;
 pub mod emulator;
 pub mod intake;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
@@ -163,21 +164,23 @@ impl App {
             .observe(now_secs().saturating_sub(rec.created_at) as f64);
     }
 
-    /// Adds a completion's `usage` to the token counters.
-    pub fn count_tokens(&self, body: &serde_json::Value) {
-        let (Some(model), Some(usage)) = (body["model"].as_str(), body.get("usage")) else {
+    /// Adds a batch completion's `usage` to the token counters and, when the
+    /// model has a price in config, its saving versus real time. `model` is
+    /// the queue's (config-routed) model, which keeps label values bounded.
+    pub fn count_tokens(&self, upstream: &Upstream, model: &str, body: &serde_json::Value) {
+        let Some(usage) = body.get("usage") else {
             return;
         };
-        // Model names come from the upstream's answer; cap their length so a
-        // misbehaving upstream cannot blow up label cardinality by much.
-        let model: String = model.chars().take(64).collect();
-        for kind in ["prompt", "completion"] {
-            if let Some(n) = usage[format!("{kind}_tokens")].as_u64() {
-                self.metrics
-                    .tokens
-                    .with_label_values(&[&model, kind])
-                    .inc_by(n);
-            }
+        let prompt = usage["prompt_tokens"].as_u64().unwrap_or(0);
+        let completion = usage["completion_tokens"].as_u64().unwrap_or(0);
+        self.metrics.tokens.with_label_values(&[model, "prompt"]).inc_by(prompt);
+        self.metrics.tokens.with_label_values(&[model, "completion"]).inc_by(completion);
+        if let Some(p) = self.config.prices.get(model) {
+            let list = (prompt as f64 * p.prompt_per_mtok + completion as f64 * p.completion_per_mtok) / 1e6;
+            self.metrics
+                .savings_usd
+                .with_label_values(&[model])
+                .inc_by(list * upstream.settings.batch_discount);
         }
     }
 

@@ -199,6 +199,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             for i in 0..app.upstreams.len() {
                 tokio::spawn(batch::run_flusher(app.clone(), i, rx.clone()));
             }
+            tokio::spawn(crate::delivery::webhooks::run(app.clone(), rx.clone()));
             app.ready.store(true, Ordering::SeqCst);
         });
     }

@@ -419,7 +419,7 @@ async fn ingest_batch(
         }
     } else {
         for file in [obj.output_file(), obj.error_file()].into_iter().flatten() {
-            read_result_file(app, up, file, &members, &mut outcomes, shutdown).await?;
+            read_result_file(app, up, file, &batch.model, &members, &mut outcomes, shutdown).await?;
         }
         let missing = match obj.status.as_str() {
             "expired" => Outcome::Expired(RequestError {
@@ -450,7 +450,7 @@ async fn ingest_batch(
     all.sort_by_key(|(id, _)| *id);
     let mut done: Vec<RequestRecord> = Vec::new();
     for chunk in all.chunks(OUTCOME_CHUNK) {
-        done.extend(app.store.apply_outcomes(batch.id, chunk.to_vec())?);
+        done.extend(app.store.apply_outcomes(batch.id, chunk.to_vec(), &crate::delivery::webhook_payload)?);
     }
     app.store.commit().await?;
     for rec in &done {
@@ -518,6 +518,7 @@ async fn read_result_file(
     app: &Arc<App>,
     up: &crate::Upstream,
     file_id: &str,
+    model: &str,
     members: &[u64],
     outcomes: &mut HashMap<u64, Outcome>,
     shutdown: &watch::Receiver<bool>,
@@ -538,7 +539,7 @@ async fn read_result_file(
         |line: &[u8], outcomes: &mut HashMap<u64, Outcome>| match ingest::parse_line(line) {
             Ok((id, outcome)) if member_set.contains(&id) => {
                 if let Outcome::Completed(r) = &outcome {
-                    app.count_tokens(&r.body);
+                    app.count_tokens(up, model, &r.body);
                 }
                 outcomes.insert(id, outcome);
             }
@@ -595,7 +596,7 @@ async fn fail_all(
             .iter()
             .map(|id| (*id, Outcome::Failed(err.clone())))
             .collect();
-        done.extend(app.store.apply_outcomes(batch.id, outcomes)?);
+        done.extend(app.store.apply_outcomes(batch.id, outcomes, &crate::delivery::webhook_payload)?);
     }
     batch.state = BatchState::Done {
         file_id: None,

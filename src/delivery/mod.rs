@@ -1,6 +1,7 @@
 //! Handing results back: long-poll waiters and the status object.
 
 pub mod waiters;
+pub mod webhooks;
 
 use serde_json::{Value, json};
 
@@ -19,7 +20,17 @@ pub fn status_object(rec: &RequestRecord, result: Option<&StoredResult>) -> Valu
         "batch_id": rec.batch_id,
         "result": result.map(|r| json!({"status_code": r.status_code, "body": r.body})),
         "error": rec.error.as_ref().map(|e| json!({"code": e.code, "message": e.message})),
+        "webhook": rec.webhook,
     })
+}
+
+/// A webhook's body: `{"type": "ferry.request.<status>", "data": <status object>}`.
+pub fn webhook_payload(rec: &RequestRecord, result: Option<&StoredResult>) -> String {
+    json!({
+        "type": format!("ferry.request.{}", rec.status.as_str()),
+        "data": status_object(rec, result),
+    })
+    .to_string()
 }
 
 #[cfg(test)]
@@ -50,6 +61,7 @@ mod tests {
             callback_url: None,
             stream: false,
             attempts: 1,
+            webhook: None,
         };
         let v = status_object(&rec, None);
         for k in [

@@ -326,14 +326,21 @@ async fn deferred(
         }
         None => None,
     };
-    if req.headers.contains_key("x-ferry-callback-url") {
-        let e = IntakeError::BadRequest {
-            message: "X-Ferry-Callback-Url is not in this tenant's callback allow-list".into(),
-            param: Some("X-Ferry-Callback-Url"),
-            code: "callback_not_allowed",
-        };
-        return intake_error(session, &e).await;
-    }
+    let callback = header(req, "x-ferry-callback-url").map(str::to_owned);
+    let callback_url = match callback {
+        None => None,
+        Some(url) => match crate::delivery::webhooks::check_callback(&url, &tenant.callback_allow, crate::delivery::webhooks::system_resolve).await {
+            Ok(_) => Some(url),
+            Err(message) => {
+                let e = IntakeError::BadRequest {
+                    message,
+                    param: Some("X-Ferry-Callback-Url"),
+                    code: "callback_not_allowed",
+                };
+                return intake_error(session, &e).await;
+            }
+        },
+    };
     let body = match read_body(session, app.config.server.max_body_bytes).await? {
         Ok(b) => b,
         Err(e) => return intake_error(session, &e).await,
@@ -353,7 +360,7 @@ async fn deferred(
         custom_id,
         upstream: &up.settings.name,
         body: valid,
-        callback_url: None,
+        callback_url,
     };
     let rec = match intake::accept(&app.store, new).await {
         Ok(accepted) => {
@@ -369,6 +376,12 @@ async fn deferred(
         .observe(started.elapsed().as_secs_f64());
     if rec.stream && !wait.is_zero() {
         return stream_replay(app, session, rec, wait).await;
+    }
+    if wait.is_zero() {
+        // The ticket, also for an idempotent retry of a finished request
+        // (its status object then carries the result).
+        let result = app.store.result(rec.id).ok().flatten();
+        return respond::value(session, 202, &ticket_headers(&rec), &status_object(&rec, result.as_ref())).await;
     }
     let rec = hold(app, &rec, wait).await;
     answer_result_or_ticket(app, session, &rec).await
@@ -554,7 +567,7 @@ async fn lookup(
 }
 
 async fn cancel(app: &Arc<App>, session: &mut Session, tenant: &Tenant, id: &str) -> Result<()> {
-    match app.store.cancel(&tenant.name, id) {
+    match app.store.cancel(&tenant.name, id, &crate::delivery::webhook_payload) {
         Ok(CancelOutcome::Cancelled(rec)) => {
             if let Err(e) = app.store.commit().await {
                 return intake_error(session, &IntakeError::from(e)).await;

@@ -8,12 +8,14 @@
 //! - `batches`: batch id → [`BatchRecord`] (JSON)
 //! - `members`: batch id, request id → ()
 //! - `results`: id → [`StoredResult`] (JSON)
+//! - `outbox`: id → [`Delivery`] (JSON), webhooks not yet delivered
 //!
 //! Writes go to sled's page cache; [`Store::commit`] makes them durable with
 //! one fsync for every caller waiting at that moment (group commit).
 
 pub mod records;
 
+use std::collections::BTreeSet;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -178,6 +180,10 @@ pub struct Store {
     batches: sled::Tree,
     members: sled::Tree,
     results: sled::Tree,
+    outbox: sled::Tree,
+    /// (due millis, request id) of every outbox entry not being sent now.
+    outbox_due: Mutex<BTreeSet<(u64, u64)>>,
+    outbox_wake: tokio::sync::Notify,
     queues: DashMap<QueueKey, QueueStats>,
     /// Serialises claims, cancels and re-queues, which move entries out of and
     /// into the queue tree, so a request is never both cancelled and claimed.
@@ -209,6 +215,9 @@ impl Store {
             batches: db.open_tree("batches")?,
             members: db.open_tree("members")?,
             results: db.open_tree("results")?,
+            outbox: db.open_tree("outbox")?,
+            outbox_due: Mutex::new(BTreeSet::new()),
+            outbox_wake: tokio::sync::Notify::new(),
             db,
             queues: DashMap::new(),
             queue_lock: Mutex::new(()),
@@ -227,7 +236,19 @@ impl Store {
                 s.oldest_ms = at;
             }
         }
+        {
+            let mut due = store.lock_outbox();
+            for item in store.outbox.iter() {
+                let (_, v) = item?;
+                let d: Delivery = serde_json::from_slice(&v).map_err(|e| corrupt("delivery", e))?;
+                due.insert((d.due_ms, d.request));
+            }
+        }
         Ok(store)
+    }
+
+    fn lock_outbox(&self) -> std::sync::MutexGuard<'_, BTreeSet<(u64, u64)>> {
+        self.outbox_due.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Makes every write made before this call durable. Concurrent callers
@@ -397,7 +418,7 @@ impl Store {
     }
 
     /// Cancels a request that is still queued and not claimed by a flush.
-    pub fn cancel(&self, tenant: &str, custom_id: &str) -> Result<CancelOutcome, StoreError> {
+    pub fn cancel(&self, tenant: &str, custom_id: &str, payload: &PayloadFn<'_>) -> Result<CancelOutcome, StoreError> {
         let _g = self.queue_lock.lock().unwrap_or_else(|p| p.into_inner());
         let Some(mut rec) = self.find(tenant, custom_id)? else {
             return Ok(CancelOutcome::NotFound);
@@ -417,7 +438,11 @@ impl Store {
         }
         rec.status = RequestStatus::Cancelled;
         rec.completed_at = Some(now_secs());
+        let mut outbox = sled::Batch::default();
+        let delivery = self.prepare_delivery(&mut rec, None, payload, &mut outbox)?;
+        self.outbox.apply_batch(outbox)?;
         self.put_record(&rec)?;
+        self.schedule(delivery.into_iter());
         self.bodies.remove(rec.id.to_be_bytes())?;
         self.refresh_oldest(&qk)?;
         Ok(CancelOutcome::Cancelled(rec))
@@ -622,6 +647,7 @@ impl Store {
         &self,
         batch: u64,
         outcomes: Vec<(u64, Outcome)>,
+        payload: &PayloadFn<'_>,
     ) -> Result<Vec<RequestRecord>, StoreError> {
         let _g = self.queue_lock.lock().unwrap_or_else(|p| p.into_inner());
         let now = now_secs();
@@ -630,6 +656,8 @@ impl Store {
         let mut results = sled::Batch::default();
         let mut queue = sled::Batch::default();
         let mut bodies = sled::Batch::default();
+        let mut outbox = sled::Batch::default();
+        let mut deliveries = Vec::new();
         let mut done = Vec::new();
         let mut requeued: Vec<(QueueKey, u64)> = Vec::new();
         for (id, outcome) in outcomes {
@@ -644,8 +672,10 @@ impl Store {
                 Outcome::Retry(_) => Outcome::Requeue,
                 o => o,
             };
+            let mut stored = None;
             match outcome {
                 Outcome::Completed(r) => {
+                    stored = Some(r.clone());
                     results.insert(
                         &id.to_be_bytes(),
                         serde_json::to_vec(&r).map_err(|e| corrupt("result", e))?,
@@ -680,6 +710,7 @@ impl Store {
                 }
             }
             rec.completed_at = Some(now);
+            deliveries.extend(self.prepare_delivery(&mut rec, stored.as_ref(), payload, &mut outbox)?);
             // A finished request's body is no longer needed.
             bodies.remove(&id.to_be_bytes());
             reqs.insert(
@@ -688,11 +719,14 @@ impl Store {
             );
             done.push(rec);
         }
-        // Results before states: a reader that sees `completed` finds its result.
+        // Results and webhooks before states: a reader that sees `completed`
+        // finds its result, and no terminal request lacks its webhook.
         self.results.apply_batch(results)?;
+        self.outbox.apply_batch(outbox)?;
         self.queue.apply_batch(queue)?;
         self.requests.apply_batch(reqs)?;
         self.bodies.apply_batch(bodies)?;
+        self.schedule(deliveries.into_iter());
         for (qk, len) in requeued {
             let mut s = self.queues.entry(qk).or_default();
             s.count += 1;
@@ -703,7 +737,139 @@ impl Store {
         }
         Ok(done)
     }
+
+    // -------------------------------------------------------------- outbox
+
+    /// For a request that just became terminal and has a callback URL: marks
+    /// its webhook pending and adds the delivery to `outbox`.
+    fn prepare_delivery(
+        &self,
+        rec: &mut RequestRecord,
+        result: Option<&StoredResult>,
+        payload: &PayloadFn<'_>,
+        outbox: &mut sled::Batch,
+    ) -> Result<Option<(u64, u64)>, StoreError> {
+        let Some(url) = rec.callback_url.clone() else {
+            return Ok(None);
+        };
+        rec.webhook = Some(WebhookState {
+            status: WebhookStatus::Pending,
+            attempts: 0,
+            last_error: None,
+        });
+        let now = now_millis();
+        let d = Delivery {
+            request: rec.id,
+            tenant: rec.tenant.clone(),
+            url,
+            msg_id: format!("msg_ferry_{}", rec.id),
+            payload: payload(rec, result),
+            first_ms: now,
+            due_ms: now,
+            attempts: 0,
+        };
+        outbox.insert(&rec.id.to_be_bytes(), serde_json::to_vec(&d).map_err(|e| corrupt("delivery", e))?);
+        Ok(Some((now, rec.id)))
+    }
+
+    fn schedule(&self, due: impl Iterator<Item = (u64, u64)>) {
+        let mut n = 0;
+        {
+            let mut idx = self.lock_outbox();
+            for d in due {
+                idx.insert(d);
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.outbox_wake.notify_one();
+        }
+    }
+
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    pub fn wake_outbox(&self) {
+        self.outbox_wake.notify_one();
+    }
+
+    pub async fn outbox_notified(&self) {
+        self.outbox_wake.notified().await
+    }
+
+    pub fn next_delivery_due(&self) -> Option<u64> {
+        self.lock_outbox().first().map(|(due, _)| *due)
+    }
+
+    /// Takes up to `max` deliveries due by `now` out of the schedule; each
+    /// must come back through `reschedule`, `retry` or `finish`.
+    pub fn take_due_deliveries(&self, now: u64, max: usize) -> Vec<Delivery> {
+        let mut taken = Vec::new();
+        let mut idx = self.lock_outbox();
+        while taken.len() < max {
+            let Some(&(due, id)) = idx.first() else { break };
+            if due > now {
+                break;
+            }
+            idx.remove(&(due, id));
+            match self.outbox.get(id.to_be_bytes()) {
+                Ok(Some(v)) => match serde_json::from_slice::<Delivery>(&v) {
+                    Ok(d) => taken.push(d),
+                    Err(e) => tracing::error!(request = id, error = %e, "unreadable outbox entry; skipped"),
+                },
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(request = id, error = %e, "cannot read the outbox");
+                    idx.insert((now + 1000, id));
+                    break;
+                }
+            }
+        }
+        taken
+    }
+
+    /// Puts a taken delivery back in the schedule without a try (its
+    /// receiver is busy).
+    pub fn reschedule_delivery(&self, d: &Delivery, due_ms: u64) {
+        self.lock_outbox().insert((due_ms, d.request));
+        self.outbox_wake.notify_one();
+    }
+
+    /// Records a failed try and schedules the next one at `d.due_ms`.
+    pub fn retry_delivery(&self, d: &Delivery, state: WebhookState) -> Result<(), StoreError> {
+        self.outbox
+            .insert(d.request.to_be_bytes(), serde_json::to_vec(d).map_err(|e| corrupt("delivery", e))?)?;
+        self.set_webhook_state(d.request, state)?;
+        self.reschedule_delivery(d, d.due_ms);
+        Ok(())
+    }
+
+    /// Ends a delivery: delivered, or dead after its retries ran out.
+    pub fn finish_delivery(&self, d: &Delivery, status: WebhookStatus, last_error: Option<String>) -> Result<(), StoreError> {
+        self.set_webhook_state(
+            d.request,
+            WebhookState {
+                status,
+                attempts: d.attempts,
+                last_error,
+            },
+        )?;
+        self.outbox.remove(d.request.to_be_bytes())?;
+        Ok(())
+    }
+
+    fn set_webhook_state(&self, id: u64, state: WebhookState) -> Result<(), StoreError> {
+        if let Some(mut rec) = self.get(id)? {
+            rec.webhook = Some(state);
+            self.put_record(&rec)?;
+        }
+        Ok(())
+    }
 }
+
+/// Builds a webhook's JSON body for a request that just became terminal.
+pub type PayloadFn<'a> = dyn Fn(&RequestRecord, Option<&StoredResult>) -> String + 'a;
 
 /// Bytes of the JSONL line for a request whose body is `body_len` long:
 /// `{"custom_id":"ferry-<id>","method":"POST","url":"/v1/chat/completions","body":<body>}\n`.
@@ -750,7 +916,12 @@ mod tests {
             callback_url: None,
             stream: false,
             attempts: 0,
+            webhook: None,
         }
+    }
+
+    fn no_payload(_: &RequestRecord, _: Option<&StoredResult>) -> String {
+        String::new()
     }
 
     fn qk() -> QueueKey {
@@ -809,19 +980,19 @@ mod tests {
         assert_eq!(b2.bytes, one);
         // Claimed: too late to cancel. Still queued: cancellable.
         assert!(matches!(
-            s.cancel("t", "c0").unwrap(),
+            s.cancel("t", "c0", &no_payload).unwrap(),
             CancelOutcome::TooLate(_)
         ));
         assert!(matches!(
-            s.cancel("t", "c4").unwrap(),
+            s.cancel("t", "c4", &no_payload).unwrap(),
             CancelOutcome::Cancelled(_)
         ));
         assert!(matches!(
-            s.cancel("t", "c4").unwrap(),
+            s.cancel("t", "c4", &no_payload).unwrap(),
             CancelOutcome::AlreadyCancelled(_)
         ));
         assert!(matches!(
-            s.cancel("other", "c4").unwrap(),
+            s.cancel("other", "c4", &no_payload).unwrap(),
             CancelOutcome::NotFound
         ));
         assert!(s.claim_batch(&qk(), 10, 1 << 20, "time").unwrap().is_none());
@@ -860,6 +1031,7 @@ mod tests {
                         }),
                     ),
                 ],
+                &no_payload,
             )
             .unwrap();
         assert_eq!(done.len(), 2);
@@ -884,6 +1056,7 @@ mod tests {
                         message: "y".into(),
                     }),
                 )],
+                &no_payload,
             )
             .unwrap();
         assert!(again.is_empty());

@@ -88,6 +88,10 @@ pub struct RequestRecord {
     pub stream: bool,
     /// How many batches this request has been sent in.
     pub attempts: u32,
+    /// Webhook delivery, when the caller gave a callback URL and the request
+    /// is terminal.
+    #[serde(default)]
+    pub webhook: Option<WebhookState>,
 }
 
 impl RequestRecord {
@@ -102,6 +106,37 @@ pub fn upstream_custom_id(id: u64) -> String {
 
 pub fn parse_upstream_custom_id(s: &str) -> Option<u64> {
     s.strip_prefix("ferry-")?.parse().ok()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookStatus {
+    Pending,
+    Delivered,
+    /// Retried until `webhooks.max_age_secs` without a 2xx.
+    Dead,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookState {
+    pub status: WebhookStatus,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
+/// One webhook waiting in the outbox, keyed by its request id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    pub request: u64,
+    pub tenant: String,
+    pub url: String,
+    /// `webhook-id`: the same on every try.
+    pub msg_id: String,
+    /// The JSON body, fixed when the request became terminal.
+    pub payload: String,
+    pub first_ms: u64,
+    pub due_ms: u64,
+    pub attempts: u32,
 }
 
 /// The upstream's answer for one request: status code and body verbatim.

@@ -307,3 +307,43 @@ impl Stack {
 pub fn chat(model: &str, text: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": text}]})
 }
+
+/// The Python with the official SDKs: `$FERRY_TEST_PYTHON`, else the venv
+/// `.ci/run` creates, else `python3`.
+pub fn python() -> String {
+    if let Ok(p) = std::env::var("FERRY_TEST_PYTHON") {
+        return p;
+    }
+    let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/target/pyenv/bin/python");
+    if Path::new(venv).exists() {
+        return venv.to_owned();
+    }
+    "python3".to_owned()
+}
+
+/// Runs a script from `tests/python` with `env`, feeding `stdin`; panics
+/// with its output unless it exits 0.
+pub fn run_python(script: &str, env: &[(&str, String)], stdin: &str) -> String {
+    use std::io::Write;
+    let python = python();
+    let path = format!("{}/tests/python/{script}", env!("CARGO_MANIFEST_DIR"));
+    let mut child = Command::new(&python)
+        .arg(&path)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env_remove("OPENAI_ORG_ID")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run `{python}` ({e}): run `bash .ci/run` once, or set FERRY_TEST_PYTHON to a Python with `openai` and `standardwebhooks`"));
+    child.stdin.take().expect("stdin").write_all(stdin.as_bytes()).expect("write stdin");
+    let out = child.wait_with_output().expect("wait");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{script} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
