@@ -111,6 +111,7 @@ struct RawServer {
     upstream_connect_timeout_secs: u64,
     upstream_read_timeout_secs: u64,
     shutdown_grace_secs: u64,
+    sse_keepalive_secs: f64,
     log_format: String,
 }
 
@@ -126,6 +127,7 @@ impl Default for RawServer {
             upstream_connect_timeout_secs: 10,
             upstream_read_timeout_secs: 600,
             shutdown_grace_secs: 10,
+            sse_keepalive_secs: 10.0,
             log_format: "text".into(),
         }
     }
@@ -219,6 +221,8 @@ pub struct ServerSettings {
     pub upstream_read_timeout: Duration,
     /// How long SIGTERM waits for held connections before exiting.
     pub shutdown_grace: Duration,
+    /// How often a waiting SSE replay sends a keep-alive comment.
+    pub sse_keepalive: Duration,
     pub log_format: LogFormat,
 }
 
@@ -396,6 +400,7 @@ impl RawConfig {
             upstream_connect_timeout: Duration::from_secs(s.upstream_connect_timeout_secs.max(1)),
             upstream_read_timeout: Duration::from_secs(s.upstream_read_timeout_secs.max(1)),
             shutdown_grace: Duration::from_secs(s.shutdown_grace_secs),
+            sse_keepalive: secs("server.sse_keepalive_secs", s.sse_keepalive_secs)?.max(Duration::from_millis(10)),
             log_format,
         };
 

@@ -257,3 +257,25 @@ async fn custom_ids_are_idempotent_and_conflicts_are_409() {
     let stats = s.emulator_stats().await;
     assert_eq!(stats["lines_submitted"], 1, "{stats}");
 }
+
+#[tokio::test]
+async fn streaming_replay_sends_keepalives_then_chunks_then_done() {
+    let s = Stack::start("max_wait_secs = 0.5", "sse_keepalive_secs = 0.05");
+    let mut body = chat("gpt-4o-mini", "replay me");
+    body["stream"] = json!(true);
+    let r = s.defer("alice-key", &body, Some(60), Some("sse-1")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let text = r.text().await.unwrap();
+    let keepalives = text.lines().filter(|l| l.starts_with(": ")).count();
+    assert!(keepalives >= 1, "{text}");
+    let data: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{text}");
+    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    let content: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(content, "echo: replay me");
+    // The line sent upstream had no `stream`: the batch accepted it.
+    let (_, st) = s.status("alice-key", "sse-1", 0).await;
+    assert_eq!(st["status"], "completed");
+}

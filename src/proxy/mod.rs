@@ -25,10 +25,6 @@ use crate::store::{CancelOutcome, RequestRecord, RequestStatus};
 use respond::Result;
 use routes::{Route, classify, query_wait};
 
-/// How often an SSE replay that is still waiting sends a comment line, so
-/// that clients and middleboxes do not time the connection out.
-const SSE_KEEPALIVE_EVERY: Duration = Duration::from_secs(10);
-
 pub struct FerryProxy {
     pub app: Arc<App>,
 }
@@ -484,7 +480,8 @@ async fn stream_replay(
     let mut rec = rec;
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        rec = hold(app, &rec, left.min(SSE_KEEPALIVE_EVERY)).await;
+        // Keep-alive comments stop clients and middleboxes timing the stream out.
+        rec = hold(app, &rec, left.min(app.config.server.sse_keepalive)).await;
         if rec.status.is_terminal() || left.is_zero() || app.is_shutting_down() {
             break;
         }
