@@ -200,6 +200,9 @@ pub fn run(config: Config) -> Result<(), ServerError> {
                 tokio::spawn(batch::run_flusher(app.clone(), i, rx.clone()));
             }
             tokio::spawn(crate::delivery::webhooks::run(app.clone(), rx.clone()));
+            for i in 0..app.upstreams.len() {
+                tokio::spawn(batch::sweep_orphan_files(app.clone(), i));
+            }
             app.ready.store(true, Ordering::SeqCst);
         });
     }

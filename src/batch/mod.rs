@@ -154,7 +154,7 @@ async fn drive(
             return;
         }
         let step = match batch.state.clone() {
-            BatchState::Claimed => upload(app, up, &mut batch, &shutdown).await,
+            BatchState::Claimed => upload(app, up, &mut batch, resumed, &shutdown).await,
             BatchState::Uploaded { file_id } => {
                 create(app, up, &mut batch, &file_id, resumed, &shutdown).await
             }
@@ -189,7 +189,9 @@ async fn drive(
                 }
             }
         }
-        resumed = resumed && failures > 0;
+        // After a failed step Ferry cannot know what the upstream did (a
+        // create that timed out may have succeeded): check before acting.
+        resumed = failures > 0;
     }
 }
 
@@ -205,10 +207,31 @@ async fn upload(
     app: &Arc<App>,
     up: &crate::Upstream,
     batch: &mut BatchRecord,
+    resumed: bool,
     shutdown: &watch::Receiver<bool>,
 ) -> Result<(), StepError> {
-    let members: Vec<u64> = app.store.members(batch.id).collect::<Result<_, _>>()?;
     let filename = format!("ferry-batch-{}.jsonl", batch.id);
+    if resumed {
+        // An upload cut short by a crash may have completed upstream: use
+        // that file rather than leave it orphaned.
+        let files = up.client.list_batch_files().await?;
+        let mut adopted = None;
+        for f in files.iter().filter(|f| f.filename.as_deref() == Some(filename.as_str())) {
+            if adopted.is_none() && f.bytes == Some(batch.bytes) {
+                adopted = Some(f.id.clone());
+            } else if let Err(e) = up.client.delete_file(&f.id).await {
+                warn!(ferry_batch = batch.id, file_id = %f.id, error = %e, "cannot delete a stale upload");
+            }
+        }
+        if let Some(file_id) = adopted {
+            info!(ferry_batch = batch.id, file_id = %file_id, "found the file uploaded before the restart");
+            batch.state = BatchState::Uploaded { file_id };
+            app.store.put_batch(batch)?;
+            app.store.commit().await?;
+            return Ok(());
+        }
+    }
+    let members: Vec<u64> = app.store.members(batch.id).collect::<Result<_, _>>()?;
     let started = Instant::now();
     let res = with_retry(
         "upload_file",
@@ -235,6 +258,39 @@ async fn upload(
     app.store.put_batch(batch)?;
     app.store.commit().await?;
     Ok(())
+}
+
+/// Deletes input files Ferry uploaded that no live batch uses (uploads cut
+/// short by a crash, or files whose delete failed). Run once at start.
+pub async fn sweep_orphan_files(app: Arc<App>, upstream: usize) {
+    let up = &app.upstreams[upstream];
+    let files = match up.client.list_batch_files().await {
+        Ok(f) => f,
+        Err(e) => return warn!(upstream = %up.settings.name, error = %e, "cannot list upstream files to sweep orphans"),
+    };
+    let mut deleted = 0;
+    for f in files {
+        let Some(id) = f
+            .filename
+            .as_deref()
+            .and_then(|n| n.strip_prefix("ferry-batch-"))
+            .and_then(|n| n.strip_suffix(".jsonl"))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let live = matches!(app.store.get_batch(id), Ok(Some(b)) if b.is_live());
+        if live {
+            continue;
+        }
+        match up.client.delete_file(&f.id).await {
+            Ok(()) => deleted += 1,
+            Err(e) => warn!(file_id = %f.id, error = %e, "cannot delete an orphaned upload"),
+        }
+    }
+    if deleted > 0 {
+        info!(upstream = %up.settings.name, deleted, "deleted orphaned upstream input files");
+    }
 }
 
 /// Finds the upstream batch Ferry created for `batch` before a restart, by
@@ -270,16 +326,12 @@ async fn create(
     resumed: bool,
     shutdown: &watch::Receiver<bool>,
 ) -> Result<(), StepError> {
-    // After a restart the batch may exist already: creating it again would
-    // pay for every request twice.
-    let existing = if resumed {
-        find_created(up, batch).await?
-    } else {
-        None
-    };
+    // After a restart or a failed try the batch may exist already: creating
+    // it again would pay for every request twice.
+    let existing = if resumed { find_created(up, batch).await? } else { None };
     let created = match existing {
         Some(b) => {
-            info!(ferry_batch = batch.id, batch_id = %b.id, "found the batch created before the restart");
+            info!(ferry_batch = batch.id, batch_id = %b.id, "found the batch created before the restart or failed try");
             b
         }
         None => {
@@ -288,21 +340,8 @@ async fn create(
                 "ferry_model": batch.model.chars().take(500).collect::<String>(),
                 "created_by": "ferry",
             });
-            let res = with_retry(
-                "create_batch",
-                STEP_ATTEMPTS,
-                &app.metrics,
-                shutdown.clone(),
-                || {
-                    up.client.create_batch(
-                        file_id,
-                        &up.settings.completion_window,
-                        metadata.clone(),
-                    )
-                },
-            )
-            .await;
-            match res {
+            // One try per step: a retry goes through `find_created` first.
+            match up.client.create_batch(file_id, &up.settings.completion_window, metadata).await {
                 Ok(b) => b,
                 Err(e) if !e.is_transient() => {
                     fail_all(app, batch, "batch_refused", &e.to_string()).await?;

@@ -112,9 +112,22 @@ pub struct BatchErrorEntry {
     pub line: Option<u64>,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+pub struct FileObject {
+    pub id: String,
+    #[serde(default)]
+    pub filename: Option<String>,
+    #[serde(default)]
+    pub bytes: Option<u64>,
+    #[serde(default)]
+    pub purpose: Option<String>,
+}
+
 #[derive(Debug, Deserialize)]
-struct FileObject {
-    id: String,
+struct FileList {
+    data: Vec<FileObject>,
+    #[serde(default)]
+    has_more: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -298,6 +311,27 @@ impl BatchClient {
             }
         }
         self.json("list_batches", self.http.get(url)).await
+    }
+
+    /// Every input file of purpose `batch` (paged with `after`).
+    pub async fn list_batch_files(&self) -> Result<Vec<FileObject>, UpstreamError> {
+        let mut out: Vec<FileObject> = Vec::new();
+        let mut after: Option<String> = None;
+        for _ in 0..100 {
+            let mut url = self.url("/files?purpose=batch&limit=10000");
+            if let Some(a) = &after {
+                url.push_str("&after=");
+                url.push_str(a);
+            }
+            let page: FileList = self.json("list_files", self.http.get(url)).await?;
+            let more = page.has_more;
+            after = page.data.last().map(|f| f.id.clone());
+            out.extend(page.data);
+            if !more || after.is_none() {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     /// Streams a file's content.
