@@ -9,7 +9,8 @@ use std::net::SocketAddr;
 /// Writes the listening line to stdout and flushes it at once (stdout may be a
 /// pipe, which is block-buffered).
 pub fn listening(service: &str, addr: SocketAddr) {
-    let line = serde_json::json!({"event": "listening", "service": service, "addr": addr.to_string()});
+    let line =
+        serde_json::json!({"event": "listening", "service": service, "addr": addr.to_string()});
     let mut out = std::io::stdout().lock();
     // A closed stdout must not take the server down.
     let _ = writeln!(out, "{line}");

@@ -151,6 +151,19 @@ struct RawUpstream {
     batches_per_hour: Option<u32>,
     forbidden_params: Option<Vec<String>>,
     batch_discount: Option<f64>,
+    max_attempts: Option<u32>,
+    expired_policy: Option<ExpiredPolicy>,
+    token_limit_backoff_secs: Option<f64>,
+}
+
+/// What becomes of requests a batch did not finish before its window ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExpiredPolicy {
+    /// Send them again in a new batch, up to `max_attempts` batches in all.
+    Requeue,
+    /// Mark them `expired` at once.
+    Fail,
 }
 
 #[derive(Debug, Deserialize)]
@@ -254,6 +267,11 @@ pub struct UpstreamSettings {
     pub batches_per_hour: u32,
     /// Fraction of the real-time price the Batch API saves (0.5 = half price).
     pub batch_discount: f64,
+    /// Batches one request may be sent in before Ferry gives up on it.
+    pub max_attempts: u32,
+    pub expired_policy: ExpiredPolicy,
+    /// Pause of this upstream's flushes after `token_limit_exceeded`.
+    pub token_limit_backoff: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -400,7 +418,8 @@ impl RawConfig {
             upstream_connect_timeout: Duration::from_secs(s.upstream_connect_timeout_secs.max(1)),
             upstream_read_timeout: Duration::from_secs(s.upstream_read_timeout_secs.max(1)),
             shutdown_grace: Duration::from_secs(s.shutdown_grace_secs),
-            sse_keepalive: secs("server.sse_keepalive_secs", s.sse_keepalive_secs)?.max(Duration::from_millis(10)),
+            sse_keepalive: secs("server.sse_keepalive_secs", s.sse_keepalive_secs)?
+                .max(Duration::from_millis(10)),
             log_format,
         };
 
@@ -508,8 +527,18 @@ impl RawConfig {
             if !(0.0..=1.0).contains(&batch_discount) {
                 return Err(invalid(key("batch_discount"), "must be between 0 and 1"));
             }
+            let max_attempts = u.max_attempts.unwrap_or(3);
+            if max_attempts == 0 {
+                return Err(invalid(key("max_attempts"), "must be at least 1"));
+            }
             upstreams.push(UpstreamSettings {
                 batch_discount,
+                max_attempts,
+                expired_policy: u.expired_policy.unwrap_or(ExpiredPolicy::Requeue),
+                token_limit_backoff: secs(
+                    &key("token_limit_backoff_secs"),
+                    u.token_limit_backoff_secs.unwrap_or(60.0),
+                )?,
                 name: u.name,
                 profile,
                 target,
@@ -588,11 +617,17 @@ impl RawConfig {
             let secret = match (t.webhook_secret, t.webhook_secret_env) {
                 (Some(s), None) => Some(s),
                 (None, Some(name)) => Some(env(&name).ok_or_else(|| {
-                    invalid(key("webhook_secret_env"), format!("environment variable `{name}` is not set"))
+                    invalid(
+                        key("webhook_secret_env"),
+                        format!("environment variable `{name}` is not set"),
+                    )
                 })?),
                 (None, None) => None,
                 (Some(_), Some(_)) => {
-                    return Err(invalid(key("webhook_secret"), "give webhook_secret or webhook_secret_env, not both"));
+                    return Err(invalid(
+                        key("webhook_secret"),
+                        "give webhook_secret or webhook_secret_env, not both",
+                    ));
                 }
             };
             let webhook_key = secret
@@ -600,15 +635,23 @@ impl RawConfig {
                 .transpose()
                 .map_err(|m| invalid(key("webhook_secret"), m))?;
             if !callback_allow.is_empty() && webhook_key.is_none() {
-                return Err(invalid(key("webhook_secret"), "a tenant with a callback_allow list needs a webhook secret"));
+                return Err(invalid(
+                    key("webhook_secret"),
+                    "a tenant with a callback_allow list needs a webhook secret",
+                ));
             }
-            let rate = |rps: Option<u32>, burst: Option<u32>, k: &str| -> Result<Option<RateSetting>, ConfigError> {
+            let rate = |rps: Option<u32>,
+                        burst: Option<u32>,
+                        k: &str|
+             -> Result<Option<RateSetting>, ConfigError> {
                 match (rps, burst) {
                     (None, None) => Ok(None),
                     (None, Some(_)) => Err(invalid(key(k), "a burst needs a rate")),
                     (Some(r), b) => {
-                        let per_second = NonZeroU32::new(r).ok_or_else(|| invalid(key(k), "must be at least 1"))?;
-                        let burst = NonZeroU32::new(b.unwrap_or(r)).ok_or_else(|| invalid(key(k), "burst must be at least 1"))?;
+                        let per_second = NonZeroU32::new(r)
+                            .ok_or_else(|| invalid(key(k), "must be at least 1"))?;
+                        let burst = NonZeroU32::new(b.unwrap_or(r))
+                            .ok_or_else(|| invalid(key(k), "burst must be at least 1"))?;
                         Ok(Some(RateSetting { per_second, burst }))
                     }
                 }
@@ -654,7 +697,8 @@ impl RawConfig {
         let w = self.webhooks;
         let webhooks = WebhookSettings {
             max_age: secs("webhooks.max_age_secs", w.max_age_secs)?,
-            retry_base: secs("webhooks.retry_base_secs", w.retry_base_secs)?.max(Duration::from_millis(10)),
+            retry_base: secs("webhooks.retry_base_secs", w.retry_base_secs)?
+                .max(Duration::from_millis(10)),
             retry_cap: secs("webhooks.retry_cap_secs", w.retry_cap_secs)?,
             timeout: secs("webhooks.timeout_secs", w.timeout_secs)?.max(Duration::from_millis(100)),
             concurrency: w.concurrency.max(1),
@@ -662,7 +706,10 @@ impl RawConfig {
         };
         for (model, p) in &self.prices {
             if !(p.prompt_per_mtok >= 0.0 && p.completion_per_mtok >= 0.0) {
-                return Err(invalid(format!("prices.{model}"), "prices must be non-negative numbers"));
+                return Err(invalid(
+                    format!("prices.{model}"),
+                    "prices must be non-negative numbers",
+                ));
             }
         }
         Ok(Config {

@@ -173,10 +173,18 @@ impl App {
         };
         let prompt = usage["prompt_tokens"].as_u64().unwrap_or(0);
         let completion = usage["completion_tokens"].as_u64().unwrap_or(0);
-        self.metrics.tokens.with_label_values(&[model, "prompt"]).inc_by(prompt);
-        self.metrics.tokens.with_label_values(&[model, "completion"]).inc_by(completion);
+        self.metrics
+            .tokens
+            .with_label_values(&[model, "prompt"])
+            .inc_by(prompt);
+        self.metrics
+            .tokens
+            .with_label_values(&[model, "completion"])
+            .inc_by(completion);
         if let Some(p) = self.config.prices.get(model) {
-            let list = (prompt as f64 * p.prompt_per_mtok + completion as f64 * p.completion_per_mtok) / 1e6;
+            let list = (prompt as f64 * p.prompt_per_mtok
+                + completion as f64 * p.completion_per_mtok)
+                / 1e6;
             self.metrics
                 .savings_usd
                 .with_label_values(&[model])

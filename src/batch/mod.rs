@@ -156,7 +156,7 @@ async fn drive(
         let step = match batch.state.clone() {
             BatchState::Claimed => upload(app, up, &mut batch, resumed, &shutdown).await,
             BatchState::Uploaded { file_id } => {
-                create(app, up, &mut batch, &file_id, resumed, &shutdown).await
+                create(app, up, &mut batch, &file_id, resumed).await
             }
             BatchState::Submitted { file_id, batch_id } => {
                 poll_and_ingest(
@@ -216,7 +216,10 @@ async fn upload(
         // that file rather than leave it orphaned.
         let files = up.client.list_batch_files().await?;
         let mut adopted = None;
-        for f in files.iter().filter(|f| f.filename.as_deref() == Some(filename.as_str())) {
+        for f in files
+            .iter()
+            .filter(|f| f.filename.as_deref() == Some(filename.as_str()))
+        {
             if adopted.is_none() && f.bytes == Some(batch.bytes) {
                 adopted = Some(f.id.clone());
             } else if let Err(e) = up.client.delete_file(&f.id).await {
@@ -266,7 +269,9 @@ pub async fn sweep_orphan_files(app: Arc<App>, upstream: usize) {
     let up = &app.upstreams[upstream];
     let files = match up.client.list_batch_files().await {
         Ok(f) => f,
-        Err(e) => return warn!(upstream = %up.settings.name, error = %e, "cannot list upstream files to sweep orphans"),
+        Err(e) => {
+            return warn!(upstream = %up.settings.name, error = %e, "cannot list upstream files to sweep orphans");
+        }
     };
     let mut deleted = 0;
     for f in files {
@@ -324,11 +329,14 @@ async fn create(
     batch: &mut BatchRecord,
     file_id: &str,
     resumed: bool,
-    shutdown: &watch::Receiver<bool>,
 ) -> Result<(), StepError> {
     // After a restart or a failed try the batch may exist already: creating
     // it again would pay for every request twice.
-    let existing = if resumed { find_created(up, batch).await? } else { None };
+    let existing = if resumed {
+        find_created(up, batch).await?
+    } else {
+        None
+    };
     let created = match existing {
         Some(b) => {
             info!(ferry_batch = batch.id, batch_id = %b.id, "found the batch created before the restart or failed try");
@@ -341,7 +349,11 @@ async fn create(
                 "created_by": "ferry",
             });
             // One try per step: a retry goes through `find_created` first.
-            match up.client.create_batch(file_id, &up.settings.completion_window, metadata).await {
+            match up
+                .client
+                .create_batch(file_id, &up.settings.completion_window, metadata)
+                .await
+            {
                 Ok(b) => b,
                 Err(e) if !e.is_transient() => {
                     fail_all(app, batch, "batch_refused", &e.to_string()).await?;
@@ -450,16 +462,31 @@ async fn ingest_batch(
     let members: Vec<u64> = app.store.members(batch.id).collect::<Result<_, _>>()?;
     let mut outcomes: HashMap<u64, Outcome> = HashMap::with_capacity(members.len());
     if obj.status == "failed" {
-        failed_batch_outcomes(obj, &members, &mut outcomes);
+        failed_batch_outcomes(obj, &members, up.settings.max_attempts, &mut outcomes);
         if outcomes.values().all(|o| matches!(o, Outcome::Requeue)) {
-            // Token budget full or the like: give the upstream a pause before
-            // this queue is flushed again.
-            up.pause_flushes(Duration::from_secs(60));
+            // The token budget is full: give the upstream a pause before this
+            // upstream's queues are flushed again.
+            warn!(
+                ferry_batch = batch.id,
+                pause_secs = up.settings.token_limit_backoff.as_secs_f64(),
+                "token limit reached upstream; pausing flushes"
+            );
+            up.pause_flushes(up.settings.token_limit_backoff);
         }
     } else {
         for file in [obj.output_file(), obj.error_file()].into_iter().flatten() {
-            read_result_file(app, up, file, &batch.model, &members, &mut outcomes, shutdown).await?;
+            read_result_file(
+                app,
+                up,
+                file,
+                &batch.model,
+                &members,
+                &mut outcomes,
+                shutdown,
+            )
+            .await?;
         }
+        let max_attempts = up.settings.max_attempts;
         let missing = match obj.status.as_str() {
             "expired" => Outcome::Expired(RequestError {
                 code: "batch_expired".into(),
@@ -467,11 +494,14 @@ async fn ingest_batch(
                     .into(),
             }),
             "cancelled" => Outcome::Requeue,
-            _ => Outcome::Retry(RequestError {
-                code: "missing_result".into(),
-                message: "the upstream batch finished without a result line for this request"
-                    .into(),
-            }),
+            _ => Outcome::Retry {
+                error: RequestError {
+                    code: "missing_result".into(),
+                    message: "the upstream batch finished without a result line for this request"
+                        .into(),
+                },
+                max_attempts,
+            },
         };
         let absent = members
             .iter()
@@ -483,13 +513,27 @@ async fn ingest_batch(
         for id in &members {
             outcomes.entry(*id).or_insert_with(|| missing.clone());
         }
+        if up.settings.expired_policy == crate::config::ExpiredPolicy::Requeue {
+            for o in outcomes.values_mut() {
+                if let Outcome::Expired(error) = o {
+                    *o = Outcome::RetryOrExpire {
+                        error: error.clone(),
+                        max_attempts,
+                    };
+                }
+            }
+        }
     }
     let mut finished = 0;
     let mut all: Vec<(u64, Outcome)> = outcomes.into_iter().collect();
     all.sort_by_key(|(id, _)| *id);
     let mut done: Vec<RequestRecord> = Vec::new();
     for chunk in all.chunks(OUTCOME_CHUNK) {
-        done.extend(app.store.apply_outcomes(batch.id, chunk.to_vec(), &crate::delivery::webhook_payload)?);
+        done.extend(app.store.apply_outcomes(
+            batch.id,
+            chunk.to_vec(),
+            &crate::delivery::webhook_payload,
+        )?);
     }
     app.store.commit().await?;
     for rec in &done {
@@ -504,7 +548,12 @@ async fn ingest_batch(
 /// A batch that failed validation: lines named in `errors` fail with their
 /// error; the rest are sent again (they were not at fault). Errors that name
 /// no line (`token_limit_exceeded`, a missing file) re-queue everyone.
-fn failed_batch_outcomes(obj: &BatchObject, members: &[u64], outcomes: &mut HashMap<u64, Outcome>) {
+fn failed_batch_outcomes(
+    obj: &BatchObject,
+    members: &[u64],
+    max_attempts: u32,
+    outcomes: &mut HashMap<u64, Outcome>,
+) {
     let errors = obj
         .errors
         .as_ref()
@@ -536,17 +585,24 @@ fn failed_batch_outcomes(obj: &BatchObject, members: &[u64], outcomes: &mut Hash
     }
     let first = errors.first();
     let token_limit = first.and_then(|e| e.code.as_deref()) == Some("token_limit_exceeded");
-    let rest = if token_limit || outcomes.is_empty() && errors.is_empty() {
+    // The token budget is the upstream's state, not the requests' fault: send
+    // them again without counting. Anything else (a file-level error, or a
+    // provider such as Moonshot that sends no `errors`) counts as an attempt,
+    // so a batch that can never pass ends with its requests failed.
+    let rest = if token_limit {
         Outcome::Requeue
     } else {
-        Outcome::Retry(RequestError {
-            code: first
-                .and_then(|e| e.code.clone())
-                .unwrap_or_else(|| "batch_failed".into()),
-            message: first
-                .and_then(|e| e.message.clone())
-                .unwrap_or_else(|| "the upstream batch failed".into()),
-        })
+        Outcome::Retry {
+            error: RequestError {
+                code: first
+                    .and_then(|e| e.code.clone())
+                    .unwrap_or_else(|| "batch_failed".into()),
+                message: first.and_then(|e| e.message.clone()).unwrap_or_else(|| {
+                    "the upstream batch failed validation and gave no reason".into()
+                }),
+            },
+            max_attempts,
+        }
     };
     for id in members {
         outcomes.entry(*id).or_insert_with(|| rest.clone());
@@ -635,7 +691,11 @@ async fn fail_all(
             .iter()
             .map(|id| (*id, Outcome::Failed(err.clone())))
             .collect();
-        done.extend(app.store.apply_outcomes(batch.id, outcomes, &crate::delivery::webhook_payload)?);
+        done.extend(app.store.apply_outcomes(
+            batch.id,
+            outcomes,
+            &crate::delivery::webhook_payload,
+        )?);
     }
     batch.state = BatchState::Done {
         file_id: None,
@@ -686,11 +746,12 @@ mod tests {
         failed_batch_outcomes(
             &failed(vec![entry("invalid_request", Some(2))]),
             &[10, 11, 12],
+            3,
             &mut o,
         );
         assert!(matches!(&o[&11], Outcome::Failed(e) if e.code == "invalid_request"));
-        assert!(matches!(o[&10], Outcome::Retry(_)));
-        assert!(matches!(o[&12], Outcome::Retry(_)));
+        assert!(matches!(o[&10], Outcome::Retry { .. }));
+        assert!(matches!(o[&12], Outcome::Retry { .. }));
     }
 
     #[test]
@@ -699,12 +760,14 @@ mod tests {
         failed_batch_outcomes(
             &failed(vec![entry("token_limit_exceeded", None)]),
             &[1, 2],
+            3,
             &mut o,
         );
         assert!(o.values().all(|x| matches!(x, Outcome::Requeue)));
+        // No reason given (Moonshot has no `errors`): a counted retry.
         let mut o = HashMap::new();
-        failed_batch_outcomes(&failed(vec![]), &[1], &mut o);
-        assert!(matches!(o[&1], Outcome::Requeue));
+        failed_batch_outcomes(&failed(vec![]), &[1], 3, &mut o);
+        assert!(matches!(o[&1], Outcome::Retry { .. }));
     }
 
     #[test]
@@ -713,8 +776,9 @@ mod tests {
         failed_batch_outcomes(
             &failed(vec![entry("x", Some(0)), entry("x", Some(9))]),
             &[1],
+            3,
             &mut o,
         );
-        assert!(matches!(o[&1], Outcome::Retry(_)));
+        assert!(matches!(o[&1], Outcome::Retry { .. }));
     }
 }

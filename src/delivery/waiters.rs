@@ -61,7 +61,9 @@ mod tests {
         let w2 = w.clone();
         let waiter =
             tokio::spawn(async move { w2.wait(7, Duration::from_secs(30), || false).await });
-        tokio::task::yield_now().await;
+        // With paused time, a sleep returns only once every other task is idle,
+        // i.e. every waiter is registered.
+        tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(w.len(), 1);
         w.notify(7);
         assert!(waiter.await.unwrap());
@@ -83,7 +85,9 @@ mod tests {
                 w.wait(1, Duration::from_secs(60), || false).await
             }));
         }
-        tokio::task::yield_now().await;
+        // With paused time, a sleep returns only once every other task is idle,
+        // i.e. every waiter is registered.
+        tokio::time::sleep(Duration::from_millis(1)).await;
         w.notify(1);
         for t in tasks {
             assert!(t.await.unwrap());

@@ -65,9 +65,12 @@ impl AllowEntry {
         };
         let rest = rest.trim_end_matches('/');
         if rest.contains('/') || rest.contains('@') || rest.is_empty() {
-            return Err(format!("`{s}` must be scheme://host[:port] with no path or user"));
+            return Err(format!(
+                "`{s}` must be scheme://host[:port] with no path or user"
+            ));
         }
-        let (host, port) = split_host_port(rest).ok_or_else(|| format!("`{s}` has a bad host or port"))?;
+        let (host, port) =
+            split_host_port(rest).ok_or_else(|| format!("`{s}` has a bad host or port"))?;
         let port = match port {
             None => PortPattern::Default,
             Some("*") => PortPattern::Any,
@@ -96,7 +99,11 @@ impl AllowEntry {
         };
         let host_ok = match &self.host {
             HostPattern::Exact(h) => h == host,
-            HostPattern::Suffix(d) => host.len() > d.len() + 1 && host.ends_with(d.as_str()) && host[..host.len() - d.len()].ends_with('.'),
+            HostPattern::Suffix(d) => {
+                host.len() > d.len() + 1
+                    && host.ends_with(d.as_str())
+                    && host[..host.len() - d.len()].ends_with('.')
+            }
             HostPattern::Any => true,
         };
         port_ok && host_ok
@@ -138,7 +145,10 @@ pub fn is_internal(ip: IpAddr) -> bool {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_internal(IpAddr::V4(v4));
             }
-            v6.is_loopback() || v6.is_unspecified() || (v6.segments()[0] & 0xfe00) == 0xfc00 || (v6.segments()[0] & 0xffc0) == 0xfe80
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || (v6.segments()[0] & 0xfe00) == 0xfc00
+                || (v6.segments()[0] & 0xffc0) == 0xfe80
         }
     }
 }
@@ -153,12 +163,18 @@ pub struct CallbackUrl {
 /// Checks a callback URL against a tenant's allow-list; `resolve` looks the
 /// host up (so tests and the SSRF check share one code path). The message
 /// says why a URL is refused.
-pub async fn check_callback<F, Fut>(url: &str, allow: &[AllowEntry], resolve: F) -> Result<CallbackUrl, String>
+pub async fn check_callback<F, Fut>(
+    url: &str,
+    allow: &[AllowEntry],
+    resolve: F,
+) -> Result<CallbackUrl, String>
 where
     F: FnOnce(String, u16) -> Fut,
     Fut: std::future::Future<Output = std::io::Result<Vec<IpAddr>>>,
 {
-    let uri: http::Uri = url.parse().map_err(|_| "X-Ferry-Callback-Url is not a valid URL".to_owned())?;
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|_| "X-Ferry-Callback-Url is not a valid URL".to_owned())?;
     let https = match uri.scheme_str() {
         Some("https") => true,
         Some("http") => false,
@@ -168,7 +184,11 @@ where
     if authority.as_str().contains('@') {
         return Err("X-Ferry-Callback-Url must not carry credentials".into());
     }
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase();
     let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
     let entry = allow
         .iter()
@@ -194,7 +214,10 @@ where
 
 /// System DNS through tokio.
 pub async fn system_resolve(host: String, port: u16) -> std::io::Result<Vec<IpAddr>> {
-    Ok(tokio::net::lookup_host((host.as_str(), port)).await?.map(|a| a.ip()).collect())
+    Ok(tokio::net::lookup_host((host.as_str(), port))
+        .await?
+        .map(|a| a.ip())
+        .collect())
 }
 
 /// The resolver of the delivery client: refuses internal addresses for any
@@ -209,8 +232,12 @@ impl reqwest::dns::Resolve for GuardedResolver {
         let host = name.as_str().to_ascii_lowercase();
         let exact = self.exact_hosts.contains(&host);
         Box::pin(async move {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let allowed: Vec<SocketAddr> = addrs.into_iter().filter(|a| exact || !is_internal(a.ip())).collect();
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let allowed: Vec<SocketAddr> = addrs
+                .into_iter()
+                .filter(|a| exact || !is_internal(a.ip()))
+                .collect();
             if allowed.is_empty() {
                 return Err(format!("`{host}` resolves only to internal addresses").into());
             }
@@ -226,7 +253,8 @@ pub fn decode_secret(secret: &str) -> Result<Vec<u8>, String> {
     let b64 = secret
         .strip_prefix("whsec_")
         .ok_or("a webhook secret must start with `whsec_`")?;
-    B64.decode(b64).map_err(|_| "a webhook secret must be `whsec_` followed by base64".to_owned())
+    B64.decode(b64)
+        .map_err(|_| "a webhook secret must be `whsec_` followed by base64".to_owned())
 }
 
 /// `v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">` (Standard Webhooks).
@@ -266,7 +294,9 @@ pub fn client(app: &App) -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(app.config.webhooks.timeout)
-        .dns_resolver(Arc::new(GuardedResolver { exact_hosts: Arc::new(exact) }))
+        .dns_resolver(Arc::new(GuardedResolver {
+            exact_hosts: Arc::new(exact),
+        }))
         .build()
         .unwrap_or_default()
 }
@@ -275,13 +305,19 @@ pub fn client(app: &App) -> reqwest::Client {
 pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     let http = client(&app);
     let in_flight: Arc<DashMap<String, usize>> = Arc::new(DashMap::new());
-    let total = Arc::new(tokio::sync::Semaphore::new(app.config.webhooks.concurrency.max(1)));
+    let total = Arc::new(tokio::sync::Semaphore::new(
+        app.config.webhooks.concurrency.max(1),
+    ));
     loop {
-        app.metrics.webhook_outbox_depth.set(app.store.outbox_len() as i64);
+        app.metrics
+            .webhook_outbox_depth
+            .set(app.store.outbox_len() as i64);
         let now = now_millis();
         for d in app.store.take_due_deliveries(now, 256) {
             let host = host_of(&d.url);
-            let busy = in_flight.get(&host).is_some_and(|n| *n >= app.config.webhooks.per_host);
+            let busy = in_flight
+                .get(&host)
+                .is_some_and(|n| *n >= app.config.webhooks.per_host);
             let Ok(permit) = total.clone().try_acquire_owned() else {
                 app.store.reschedule_delivery(&d, now + 50);
                 continue;
@@ -305,7 +341,9 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
         let sleep = app
             .store
             .next_delivery_due()
-            .map_or(Duration::from_secs(1), |due| Duration::from_millis(due.saturating_sub(now_millis())))
+            .map_or(Duration::from_secs(1), |due| {
+                Duration::from_millis(due.saturating_sub(now_millis()))
+            })
             .min(Duration::from_secs(1));
         tokio::select! {
             _ = tokio::time::sleep(sleep) => {}
@@ -331,7 +369,11 @@ async fn deliver(app: &Arc<App>, http: &reqwest::Client, mut d: Delivery) {
         .and_then(|t| t.webhook_key.clone());
     let Some(key) = key else {
         warn!(request = d.request, tenant = %d.tenant, "tenant has no webhook secret any more; dropping the delivery");
-        let _ = app.store.finish_delivery(&d, WebhookStatus::Dead, Some("no webhook secret configured".into()));
+        let _ = app.store.finish_delivery(
+            &d,
+            WebhookStatus::Dead,
+            Some("no webhook secret configured".into()),
+        );
         return;
     };
     let ts = crate::store::now_secs();
@@ -353,24 +395,49 @@ async fn deliver(app: &Arc<App>, http: &reqwest::Client, mut d: Delivery) {
         Err(e) => Some(format!("cannot reach the receiver: {e}")),
     };
     let Some(error) = error else {
-        app.metrics.webhook_deliveries.with_label_values(&["delivered"]).inc();
+        app.metrics
+            .webhook_deliveries
+            .with_label_values(&["delivered"])
+            .inc();
         info!(request = d.request, msg_id = %d.msg_id, attempts = d.attempts, took_ms = started.elapsed().as_millis() as u64, "webhook delivered");
-        let _ = app.store.finish_delivery(&d, WebhookStatus::Delivered, None);
+        let _ = app
+            .store
+            .finish_delivery(&d, WebhookStatus::Delivered, None);
         return;
     };
     let s = &app.config.webhooks;
     let age = Duration::from_millis(now_millis().saturating_sub(d.first_ms));
     if age >= s.max_age {
-        app.metrics.webhook_deliveries.with_label_values(&["dead"]).inc();
+        app.metrics
+            .webhook_deliveries
+            .with_label_values(&["dead"])
+            .inc();
         warn!(request = d.request, msg_id = %d.msg_id, attempts = d.attempts, error = %error, "webhook dead: retries exhausted");
-        let _ = app.store.finish_delivery(&d, WebhookStatus::Dead, Some(error));
+        let _ = app
+            .store
+            .finish_delivery(&d, WebhookStatus::Dead, Some(error));
         return;
     }
-    app.metrics.webhook_deliveries.with_label_values(&["retry"]).inc();
-    let wait = crate::upstream::backoff(d.attempts.saturating_sub(1), s.retry_base, s.retry_cap, rand::random());
+    app.metrics
+        .webhook_deliveries
+        .with_label_values(&["retry"])
+        .inc();
+    let wait = crate::upstream::backoff(
+        d.attempts.saturating_sub(1),
+        s.retry_base,
+        s.retry_cap,
+        rand::random(),
+    );
     warn!(request = d.request, msg_id = %d.msg_id, attempts = d.attempts, error = %error, retry_in_ms = wait.as_millis() as u64, "webhook failed; will retry");
     d.due_ms = now_millis() + wait.as_millis() as u64;
-    if let Err(e) = app.store.retry_delivery(&d, WebhookState { status: WebhookStatus::Pending, attempts: d.attempts, last_error: Some(error) }) {
+    if let Err(e) = app.store.retry_delivery(
+        &d,
+        WebhookState {
+            status: WebhookStatus::Pending,
+            attempts: d.attempts,
+            last_error: Some(error),
+        },
+    ) {
         warn!(error = %e, "cannot record the webhook retry");
     }
 }
@@ -395,35 +462,95 @@ mod tests {
         assert!(AllowEntry::parse("https://x/path").is_err());
         assert!(AllowEntry::parse("https://u@x").is_err());
         assert!(AllowEntry::parse("https://x:port").is_err());
-        assert_eq!(AllowEntry::parse("http://[::1]:80").unwrap().host, HostPattern::Exact("::1".into()));
+        assert_eq!(
+            AllowEntry::parse("http://[::1]:80").unwrap().host,
+            HostPattern::Exact("::1".into())
+        );
     }
 
-    fn resolver(ips: Vec<IpAddr>) -> impl FnOnce(String, u16) -> std::future::Ready<std::io::Result<Vec<IpAddr>>> {
+    fn resolver(
+        ips: Vec<IpAddr>,
+    ) -> impl FnOnce(String, u16) -> std::future::Ready<std::io::Result<Vec<IpAddr>>> {
         move |_, _| std::future::ready(Ok(ips))
     }
 
     #[tokio::test]
     async fn ssrf_needs_an_exact_name() {
-        let allow = vec![AllowEntry::parse("https://*").unwrap(), AllowEntry::parse("http://127.0.0.1:*").unwrap()];
+        let allow = vec![
+            AllowEntry::parse("https://*").unwrap(),
+            AllowEntry::parse("http://127.0.0.1:*").unwrap(),
+        ];
         let public: IpAddr = "93.184.216.34".parse().unwrap();
         let private: IpAddr = "10.1.2.3".parse().unwrap();
-        assert!(check_callback("https://hooks.example.com/x", &allow, resolver(vec![public])).await.is_ok());
-        let e = check_callback("https://internal.example.com/x", &allow, resolver(vec![private])).await.unwrap_err();
+        assert!(
+            check_callback(
+                "https://hooks.example.com/x",
+                &allow,
+                resolver(vec![public])
+            )
+            .await
+            .is_ok()
+        );
+        let e = check_callback(
+            "https://internal.example.com/x",
+            &allow,
+            resolver(vec![private]),
+        )
+        .await
+        .unwrap_err();
         assert!(e.contains("private"), "{e}");
-        assert!(check_callback("https://169.254.169.254/latest", &allow, resolver(vec![])).await.is_err());
-        assert!(check_callback("https://[::1]/x", &allow, resolver(vec![])).await.is_err());
+        assert!(
+            check_callback("https://169.254.169.254/latest", &allow, resolver(vec![]))
+                .await
+                .is_err()
+        );
+        assert!(
+            check_callback("https://[::1]/x", &allow, resolver(vec![]))
+                .await
+                .is_err()
+        );
         // Named exactly: allowed although it is loopback.
-        assert!(check_callback("http://127.0.0.1:9999/hook", &allow, resolver(vec![])).await.is_ok());
+        assert!(
+            check_callback("http://127.0.0.1:9999/hook", &allow, resolver(vec![]))
+                .await
+                .is_ok()
+        );
         // Not in the list at all.
-        let e = check_callback("http://example.com/x", &allow, resolver(vec![public])).await.unwrap_err();
+        let e = check_callback("http://example.com/x", &allow, resolver(vec![public]))
+            .await
+            .unwrap_err();
         assert!(e.contains("allow-list"), "{e}");
-        assert!(check_callback("https://user:pw@hooks.example.com/", &allow, resolver(vec![public])).await.is_err());
-        assert!(check_callback("not a url", &allow, resolver(vec![public])).await.is_err());
+        assert!(
+            check_callback(
+                "https://user:pw@hooks.example.com/",
+                &allow,
+                resolver(vec![public])
+            )
+            .await
+            .is_err()
+        );
+        assert!(
+            check_callback("not a url", &allow, resolver(vec![public]))
+                .await
+                .is_err()
+        );
     }
 
     #[test]
     fn internal_ranges() {
-        for ip in ["127.0.0.1", "10.0.0.1", "172.16.0.1", "192.168.1.1", "169.254.1.1", "100.64.0.1", "0.0.0.0", "::1", "fc00::1", "fe80::1", "::ffff:127.0.0.1"] {
+        for ip in [
+            "127.0.0.1",
+            "10.0.0.1",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.1.1",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fc00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+        ] {
             assert!(is_internal(ip.parse().unwrap()), "{ip}");
         }
         for ip in ["8.8.8.8", "93.184.216.34", "2001:4860:4860::8888"] {
@@ -435,7 +562,12 @@ mod tests {
     fn signature_matches_the_standard_webhooks_example() {
         // The example from the Standard Webhooks specification's reference tests.
         let key = decode_secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
-        let sig = sign(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, r#"{"test": 2432232314}"#);
+        let sig = sign(
+            &key,
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1614265330,
+            r#"{"test": 2432232314}"#,
+        );
         assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
         assert!(decode_secret("nope").is_err());
         assert!(decode_secret("whsec_!!").is_err());

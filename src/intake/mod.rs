@@ -304,6 +304,7 @@ pub async fn accept(store: &Store, req: NewRequest<'_>) -> Result<Accepted, Inta
         callback_url: req.callback_url,
         stream: req.body.stream,
         attempts: 0,
+        webhook: None,
     };
     match store.insert_request(rec, &req.body.line_body)? {
         Intake::Created(rec) => {
@@ -337,6 +338,10 @@ mod tests {
             name: "t".into(),
             default_mode: mode,
             default_wait: Duration::from_secs(wait),
+            callback_allow: Vec::new(),
+            webhook_key: None,
+            deferred_rate: None,
+            passthrough_rate: None,
         }
     }
 

@@ -325,7 +325,13 @@ async fn deferred(
     let callback = header(req, "x-ferry-callback-url").map(str::to_owned);
     let callback_url = match callback {
         None => None,
-        Some(url) => match crate::delivery::webhooks::check_callback(&url, &tenant.callback_allow, crate::delivery::webhooks::system_resolve).await {
+        Some(url) => match crate::delivery::webhooks::check_callback(
+            &url,
+            &tenant.callback_allow,
+            crate::delivery::webhooks::system_resolve,
+        )
+        .await
+        {
             Ok(_) => Some(url),
             Err(message) => {
                 let e = IntakeError::BadRequest {
@@ -377,7 +383,13 @@ async fn deferred(
         // The ticket, also for an idempotent retry of a finished request
         // (its status object then carries the result).
         let result = app.store.result(rec.id).ok().flatten();
-        return respond::value(session, 202, &ticket_headers(&rec), &status_object(&rec, result.as_ref())).await;
+        return respond::value(
+            session,
+            202,
+            &ticket_headers(&rec),
+            &status_object(&rec, result.as_ref()),
+        )
+        .await;
     }
     let rec = hold(app, &rec, wait).await;
     answer_result_or_ticket(app, session, &rec).await
@@ -564,7 +576,10 @@ async fn lookup(
 }
 
 async fn cancel(app: &Arc<App>, session: &mut Session, tenant: &Tenant, id: &str) -> Result<()> {
-    match app.store.cancel(&tenant.name, id, &crate::delivery::webhook_payload) {
+    match app
+        .store
+        .cancel(&tenant.name, id, &crate::delivery::webhook_payload)
+    {
         Ok(CancelOutcome::Cancelled(rec)) => {
             if let Err(e) = app.store.commit().await {
                 return intake_error(session, &IntakeError::from(e)).await;

@@ -163,13 +163,18 @@ pub enum Outcome {
     /// Back to the queue for another batch, unconditionally (the batch was
     /// cancelled upstream, or refused for a reason that is not the request's).
     Requeue,
-    /// Back to the queue unless the request has already been sent
-    /// [`MAX_ATTEMPTS`] times; then failed with this error.
-    Retry(RequestError),
+    /// Back to the queue unless the request has already been sent in
+    /// `max_attempts` batches; then failed with this error.
+    Retry {
+        error: RequestError,
+        max_attempts: u32,
+    },
+    /// Like `Retry`, but the request ends `expired` when attempts run out.
+    RetryOrExpire {
+        error: RequestError,
+        max_attempts: u32,
+    },
 }
-
-/// How many batches one request may be sent in before Ferry gives up on it.
-pub const MAX_ATTEMPTS: u32 = 3;
 
 pub struct Store {
     db: sled::Db,
@@ -418,7 +423,12 @@ impl Store {
     }
 
     /// Cancels a request that is still queued and not claimed by a flush.
-    pub fn cancel(&self, tenant: &str, custom_id: &str, payload: &PayloadFn<'_>) -> Result<CancelOutcome, StoreError> {
+    pub fn cancel(
+        &self,
+        tenant: &str,
+        custom_id: &str,
+        payload: &PayloadFn<'_>,
+    ) -> Result<CancelOutcome, StoreError> {
         let _g = self.queue_lock.lock().unwrap_or_else(|p| p.into_inner());
         let Some(mut rec) = self.find(tenant, custom_id)? else {
             return Ok(CancelOutcome::NotFound);
@@ -668,8 +678,15 @@ impl Store {
                 continue;
             }
             let outcome = match outcome {
-                Outcome::Retry(e) if rec.attempts >= MAX_ATTEMPTS => Outcome::Failed(e),
-                Outcome::Retry(_) => Outcome::Requeue,
+                Outcome::Retry {
+                    error,
+                    max_attempts,
+                } if rec.attempts >= max_attempts => Outcome::Failed(error),
+                Outcome::RetryOrExpire {
+                    error,
+                    max_attempts,
+                } if rec.attempts >= max_attempts => Outcome::Expired(error),
+                Outcome::Retry { .. } | Outcome::RetryOrExpire { .. } => Outcome::Requeue,
                 o => o,
             };
             let mut stored = None;
@@ -690,7 +707,7 @@ impl Store {
                     rec.status = RequestStatus::Expired;
                     rec.error = Some(e);
                 }
-                Outcome::Requeue | Outcome::Retry(_) => {
+                Outcome::Requeue | Outcome::Retry { .. } | Outcome::RetryOrExpire { .. } => {
                     let qk = QueueKey {
                         upstream: rec.upstream.clone(),
                         model: rec.model.clone(),
@@ -710,7 +727,12 @@ impl Store {
                 }
             }
             rec.completed_at = Some(now);
-            deliveries.extend(self.prepare_delivery(&mut rec, stored.as_ref(), payload, &mut outbox)?);
+            deliveries.extend(self.prepare_delivery(
+                &mut rec,
+                stored.as_ref(),
+                payload,
+                &mut outbox,
+            )?);
             // A finished request's body is no longer needed.
             bodies.remove(&id.to_be_bytes());
             reqs.insert(
@@ -768,7 +790,10 @@ impl Store {
             due_ms: now,
             attempts: 0,
         };
-        outbox.insert(&rec.id.to_be_bytes(), serde_json::to_vec(&d).map_err(|e| corrupt("delivery", e))?);
+        outbox.insert(
+            &rec.id.to_be_bytes(),
+            serde_json::to_vec(&d).map_err(|e| corrupt("delivery", e))?,
+        );
         Ok(Some((now, rec.id)))
     }
 
@@ -816,7 +841,9 @@ impl Store {
             match self.outbox.get(id.to_be_bytes()) {
                 Ok(Some(v)) => match serde_json::from_slice::<Delivery>(&v) {
                     Ok(d) => taken.push(d),
-                    Err(e) => tracing::error!(request = id, error = %e, "unreadable outbox entry; skipped"),
+                    Err(e) => {
+                        tracing::error!(request = id, error = %e, "unreadable outbox entry; skipped")
+                    }
                 },
                 Ok(None) => {}
                 Err(e) => {
@@ -838,15 +865,22 @@ impl Store {
 
     /// Records a failed try and schedules the next one at `d.due_ms`.
     pub fn retry_delivery(&self, d: &Delivery, state: WebhookState) -> Result<(), StoreError> {
-        self.outbox
-            .insert(d.request.to_be_bytes(), serde_json::to_vec(d).map_err(|e| corrupt("delivery", e))?)?;
+        self.outbox.insert(
+            d.request.to_be_bytes(),
+            serde_json::to_vec(d).map_err(|e| corrupt("delivery", e))?,
+        )?;
         self.set_webhook_state(d.request, state)?;
         self.reschedule_delivery(d, d.due_ms);
         Ok(())
     }
 
     /// Ends a delivery: delivered, or dead after its retries ran out.
-    pub fn finish_delivery(&self, d: &Delivery, status: WebhookStatus, last_error: Option<String>) -> Result<(), StoreError> {
+    pub fn finish_delivery(
+        &self,
+        d: &Delivery,
+        status: WebhookStatus,
+        last_error: Option<String>,
+    ) -> Result<(), StoreError> {
         self.set_webhook_state(
             d.request,
             WebhookState {

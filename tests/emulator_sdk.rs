@@ -1,0 +1,76 @@
+//! Conformance with the official `openai` Python SDK: starts the emulator
+//! in-process on 127.0.0.1:0 and runs tests/python/emulator_conformance.py
+//! against it with `$FERRY_TEST_PYTHON` (default `python3`). The SDK's strict
+//! models parse every object the emulator sends; a missing SDK fails the test
+//! (never skips it).
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use ferry::emulator::EmulatorConfig;
+
+/// Exit status of the script when `import openai` fails.
+const MISSING_SDK: i32 = 3;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_python_sdk_conformance() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let key = "sdk-test-key";
+    // Non-zero delays so the script sees every status while it moves the clock.
+    let config = EmulatorConfig {
+        api_key: key.to_owned(),
+        validating_seconds: 5.0,
+        per_request_seconds: 5.0,
+        finalizing_seconds: 5.0,
+        cancel_seconds: 5.0,
+        ..Default::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(ferry::emulator::serve(listener, config, async {
+        let _ = stopped.await;
+    }));
+
+    let python = std::env::var("FERRY_TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/python/emulator_conformance.py"
+    );
+    let child = tokio::process::Command::new(&python)
+        .arg(script)
+        .env("OPENAI_BASE_URL", format!("http://{addr}/v1"))
+        .env("OPENAI_API_KEY", key)
+        .env("EMULATOR_URL", format!("http://{addr}"))
+        .env_remove("OPENAI_ORG_ID")
+        .env_remove("OPENAI_PROJECT_ID")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run `{python}` ({e}): install Python 3 and `pip install openai`, or set FERRY_TEST_PYTHON")
+        });
+    let output = tokio::time::timeout(Duration::from_secs(300), child.wait_with_output())
+        .await
+        .expect("the conformance script did not finish within 300 s")
+        .unwrap();
+    let _ = stop.send(());
+    let _ = server.await;
+
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if output.status.code() == Some(MISSING_SDK) {
+        panic!(
+            "the `openai` Python package is not installed for `{python}`: run `pip install openai` \
+             (or point FERRY_TEST_PYTHON at a Python that has it)\n{stderr}"
+        );
+    }
+    assert!(
+        output.status.success(),
+        "the conformance script failed ({})\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+        output.status
+    );
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+    println!("{stdout}");
+}
