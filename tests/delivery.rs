@@ -41,9 +41,19 @@ async fn receiver(fail_first: usize) -> Receiver {
             let f = f.clone();
             let tx = tx.clone();
             async move {
-                let failing = f.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
-                let code = if failing { StatusCode::INTERNAL_SERVER_ERROR } else { StatusCode::OK };
-                let _ = tx.send(Received { headers, body, answered: code.as_u16() });
+                let failing = f
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
+                let code = if failing {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    StatusCode::OK
+                };
+                let _ = tx.send(Received {
+                    headers,
+                    body,
+                    answered: code.as_u16(),
+                });
                 code
             }
         }),
@@ -77,7 +87,10 @@ webhook_secret = "whsec_ZmVycnktdGVzdC13ZWJob29rLXNlY3JldA=="
 
 fn stack(extra_server: &str, webhooks: &str) -> Stack {
     // Tenants and [webhooks] go after the upstream table.
-    Stack::start(&format!("{WEBHOOK_TENANT}\n[webhooks]\n{webhooks}"), extra_server)
+    Stack::start(
+        &format!("{WEBHOOK_TENANT}\n[webhooks]\n{webhooks}"),
+        extra_server,
+    )
 }
 
 async fn defer_with_callback(s: &Stack, key: &str, id: &str, url: &str) -> reqwest::Response {
@@ -102,17 +115,21 @@ async fn eventually_status(s: &Stack, key: &str, id: &str, pred: impl Fn(&Value)
         if pred(&st) {
             return st;
         }
-        assert!(tokio::time::Instant::now() < deadline, "condition not reached: {st}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached: {st}"
+        );
         tokio::task::yield_now().await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 fn verify_with_official_library(r: &Received) -> String {
-    let headers: serde_json::Map<String, Value> = ["webhook-id", "webhook-timestamp", "webhook-signature"]
-        .iter()
-        .map(|h| ((*h).to_owned(), json!(r.headers[*h].to_str().unwrap())))
-        .collect();
+    let headers: serde_json::Map<String, Value> =
+        ["webhook-id", "webhook-timestamp", "webhook-signature"]
+            .iter()
+            .map(|h| ((*h).to_owned(), json!(r.headers[*h].to_str().unwrap())))
+            .collect();
     let input = json!({"secret": SECRET, "headers": headers, "body": r.body}).to_string();
     common::run_python("verify_webhook.py", &[], &input)
 }
@@ -126,21 +143,46 @@ async fn webhook_is_signed_per_standard_webhooks_and_verifies() {
     s.flush().await;
     let got = rcv.next().await;
     assert_eq!(got.headers["content-type"], "application/json");
-    assert!(got.headers["webhook-id"].to_str().unwrap().starts_with("msg_"));
-    assert!(got.headers["webhook-signature"].to_str().unwrap().starts_with("v1,"));
+    assert!(
+        got.headers["webhook-id"]
+            .to_str()
+            .unwrap()
+            .starts_with("msg_")
+    );
+    assert!(
+        got.headers["webhook-signature"]
+            .to_str()
+            .unwrap()
+            .starts_with("v1,")
+    );
     let payload: Value = serde_json::from_str(&got.body).unwrap();
     assert_eq!(payload["type"], "ferry.request.completed");
     assert_eq!(payload["data"]["id"], "wh-1");
     assert_eq!(payload["data"]["object"], "ferry.request");
-    assert_eq!(payload["data"]["result"]["body"]["choices"][0]["message"]["content"], "echo: hook wh-1");
+    assert_eq!(
+        payload["data"]["result"]["body"]["choices"][0]["message"]["content"],
+        "echo: hook wh-1"
+    );
     let out = verify_with_official_library(&got);
-    assert!(out.contains("ferry.request.completed") && out.contains("tampered body refused"), "{out}");
-    let st = eventually_status(&s, "hooked-key", "wh-1", |st| st["webhook"]["status"] == "delivered").await;
+    assert!(
+        out.contains("ferry.request.completed") && out.contains("tampered body refused"),
+        "{out}"
+    );
+    let st = eventually_status(&s, "hooked-key", "wh-1", |st| {
+        st["webhook"]["status"] == "delivered"
+    })
+    .await;
     assert_eq!(st["webhook"]["attempts"], 1);
 
     // Cancelling a queued request with a callback sends `ferry.request.cancelled`.
     defer_with_callback(&s, "hooked-key", "wh-2", &rcv.url).await;
-    let r = s.http.delete(s.url("/v1/ferry/requests/wh-2")).bearer_auth("hooked-key").send().await.unwrap();
+    let r = s
+        .http
+        .delete(s.url("/v1/ferry/requests/wh-2"))
+        .bearer_auth("hooked-key")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let got = rcv.next().await;
     let payload: Value = serde_json::from_str(&got.body).unwrap();
@@ -155,17 +197,40 @@ async fn failed_deliveries_are_retried_with_the_same_id() {
     defer_with_callback(&s, "hooked-key", "wh-r", &rcv.url).await;
     s.flush().await;
     let tries = [rcv.next().await, rcv.next().await, rcv.next().await];
-    assert_eq!(tries.iter().map(|t| t.answered).collect::<Vec<_>>(), vec![500, 500, 200]);
-    let ids: Vec<&str> = tries.iter().map(|t| t.headers["webhook-id"].to_str().unwrap()).collect();
+    assert_eq!(
+        tries.iter().map(|t| t.answered).collect::<Vec<_>>(),
+        vec![500, 500, 200]
+    );
+    let ids: Vec<&str> = tries
+        .iter()
+        .map(|t| t.headers["webhook-id"].to_str().unwrap())
+        .collect();
     assert!(ids.iter().all(|i| *i == ids[0]), "{ids:?}");
     assert!(tries.iter().all(|t| t.body == tries[0].body));
     // Each try is signed afresh; the last one verifies.
     verify_with_official_library(&tries[2]);
-    let st = eventually_status(&s, "hooked-key", "wh-r", |st| st["webhook"]["status"] == "delivered").await;
+    let st = eventually_status(&s, "hooked-key", "wh-r", |st| {
+        st["webhook"]["status"] == "delivered"
+    })
+    .await;
     assert_eq!(st["webhook"]["attempts"], 3);
-    let metrics = s.http.get(s.admin("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("ferry_webhook_deliveries_total{outcome=\"retry\"} 2"), "{metrics}");
-    assert!(metrics.contains("ferry_webhook_deliveries_total{outcome=\"delivered\"} 1"), "{metrics}");
+    let metrics = s
+        .http
+        .get(s.admin("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("ferry_webhook_deliveries_total{outcome=\"retry\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ferry_webhook_deliveries_total{outcome=\"delivered\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -188,22 +253,47 @@ async fn a_pending_webhook_is_delivered_after_a_restart() {
     };
     assert_eq!(got.headers["webhook-id"], first.headers["webhook-id"]);
     verify_with_official_library(&got);
-    eventually_status(&s, "hooked-key", "wh-restart", |st| st["webhook"]["status"] == "delivered").await;
+    eventually_status(&s, "hooked-key", "wh-restart", |st| {
+        st["webhook"]["status"] == "delivered"
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn undeliverable_webhooks_end_dead() {
-    let s = stack("", "retry_base_secs = 0.05\nretry_cap_secs = 0.1\nmax_age_secs = 0.3");
+    let s = stack(
+        "",
+        "retry_base_secs = 0.05\nretry_cap_secs = 0.1\nmax_age_secs = 0.3",
+    );
     let rcv = receiver(usize::MAX).await;
     defer_with_callback(&s, "hooked-key", "wh-dead", &rcv.url).await;
     s.flush().await;
-    let st = eventually_status(&s, "hooked-key", "wh-dead", |st| st["webhook"]["status"] == "dead").await;
+    let st = eventually_status(&s, "hooked-key", "wh-dead", |st| {
+        st["webhook"]["status"] == "dead"
+    })
+    .await;
     assert!(st["webhook"]["attempts"].as_u64().unwrap() >= 1);
-    assert!(st["webhook"]["last_error"].as_str().unwrap().contains("500"));
+    assert!(
+        st["webhook"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("500")
+    );
     // The request itself is still completed and readable.
     assert_eq!(st["status"], "completed");
-    let metrics = s.http.get(s.admin("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("ferry_webhook_deliveries_total{outcome=\"dead\"} 1"), "{metrics}");
+    let metrics = s
+        .http
+        .get(s.admin("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("ferry_webhook_deliveries_total{outcome=\"dead\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -215,7 +305,11 @@ async fn callback_urls_outside_the_allow_list_or_internal_are_refused() {
         // Only the exact 127.0.0.1 entry allows loopback; `https://*` does not.
         ("hooked-key", "https://127.0.0.1/x", "loopback"),
         ("hooked-key", "https://localhost/x", "loopback"),
-        ("hooked-key", "https://169.254.169.254/latest/meta-data", "loopback"),
+        (
+            "hooked-key",
+            "https://169.254.169.254/latest/meta-data",
+            "loopback",
+        ),
         ("hooked-key", "https://[::1]/x", "loopback"),
         ("hooked-key", "ftp://127.0.0.1/x", "http"),
         ("hooked-key", "http://10.0.0.1/x", "allow-list"),
@@ -226,7 +320,10 @@ async fn callback_urls_outside_the_allow_list_or_internal_are_refused() {
         assert_eq!(r.status(), 400, "{url}");
         let e: Value = r.json().await.unwrap();
         assert_eq!(e["error"]["param"], "X-Ferry-Callback-Url", "{url}");
-        assert!(e["error"]["message"].as_str().unwrap().contains(why), "{url}: {e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(why),
+            "{url}: {e}"
+        );
     }
     // None of them was stored.
     let (code, _) = s.status("hooked-key", "ssrf", 0).await;
@@ -242,7 +339,14 @@ async fn custom_ids_are_idempotent_and_conflicts_are_409() {
     assert_eq!((a.status().as_u16(), b.status().as_u16()), (202, 202));
     let (a, b): (Value, Value) = (a.json().await.unwrap(), b.json().await.unwrap());
     assert_eq!(a["created_at"], b["created_at"]);
-    let c = s.defer("alice-key", &chat("gpt-4o-mini", "something else"), None, Some("idem-1")).await;
+    let c = s
+        .defer(
+            "alice-key",
+            &chat("gpt-4o-mini", "something else"),
+            None,
+            Some("idem-1"),
+        )
+        .await;
     assert_eq!(c.status(), 409);
     let e: Value = c.json().await.unwrap();
     assert_eq!(e["error"]["code"], "custom_id_conflict");
@@ -253,7 +357,10 @@ async fn custom_ids_are_idempotent_and_conflicts_are_409() {
     assert_eq!(again.status(), 202);
     let t: Value = again.json().await.unwrap();
     assert_eq!(t["status"], "completed");
-    assert_eq!(t["result"]["body"]["choices"][0]["message"]["content"], "echo: once only");
+    assert_eq!(
+        t["result"]["body"]["choices"][0]["message"]["content"],
+        "echo: once only"
+    );
     let stats = s.emulator_stats().await;
     assert_eq!(stats["lines_submitted"], 1, "{stats}");
 }
@@ -269,11 +376,24 @@ async fn streaming_replay_sends_keepalives_then_chunks_then_done() {
     let text = r.text().await.unwrap();
     let keepalives = text.lines().filter(|l| l.starts_with(": ")).count();
     assert!(keepalives >= 1, "{text}");
-    let data: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
     assert_eq!(data.last(), Some(&"[DONE]"), "{text}");
-    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
-    let content: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk")
+    );
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
     assert_eq!(content, "echo: replay me");
     // The line sent upstream had no `stream`: the batch accepted it.
     let (_, st) = s.status("alice-key", "sse-1", 0).await;

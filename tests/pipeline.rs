@@ -201,7 +201,7 @@ async fn deferred_call_gets_a_ticket_then_its_result_by_long_poll() {
             Some("invoice-7731"),
         )
         .await;
-    assert_eq!(r.status(), 202);
+    assert_eq!(r.status(), 202, "{:?}", r.text().await);
     assert_eq!(r.headers()["location"], "/v1/ferry/requests/invoice-7731");
     assert_eq!(r.headers()["preference-applied"], "respond-async");
     let ticket: Value = r.json().await.unwrap();

@@ -13,10 +13,19 @@ fn the_openai_sdk_works_through_ferry_unchanged() {
     let s = Stack::start("max_wait_secs = 0.3", "sse_keepalive_secs = 0.1");
     let out = common::run_python(
         "ferry_sdk.py",
-        &[("FERRY_BASE_URL", s.url("/v1")), ("FERRY_KEY", "alice-key".to_owned())],
+        &[
+            ("FERRY_BASE_URL", s.url("/v1")),
+            ("FERRY_KEY", "alice-key".to_owned()),
+        ],
         "",
     );
-    for step in ["passthrough ok", "deferred with wait ok", "streaming replay ok", "ticket ok", "stream without wait refused ok"] {
+    for step in [
+        "passthrough ok",
+        "deferred with wait ok",
+        "streaming replay ok",
+        "ticket ok",
+        "stream without wait refused ok",
+    ] {
         assert!(out.contains(step), "missing `{step}` in:\n{out}");
     }
 }

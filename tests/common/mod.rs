@@ -336,7 +336,12 @@ pub fn run_python(script: &str, env: &[(&str, String)], stdin: &str) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run `{python}` ({e}): run `bash .ci/run` once, or set FERRY_TEST_PYTHON to a Python with `openai` and `standardwebhooks`"));
-    child.stdin.take().expect("stdin").write_all(stdin.as_bytes()).expect("write stdin");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
     let out = child.wait_with_output().expect("wait");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
