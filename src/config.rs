@@ -112,6 +112,8 @@ struct RawServer {
     upstream_read_timeout_secs: u64,
     shutdown_grace_secs: u64,
     sse_keepalive_secs: f64,
+    body_read_timeout_secs: f64,
+    max_queued: u64,
     log_format: String,
 }
 
@@ -128,6 +130,8 @@ impl Default for RawServer {
             upstream_read_timeout_secs: 600,
             shutdown_grace_secs: 10,
             sse_keepalive_secs: 10.0,
+            body_read_timeout_secs: 30.0,
+            max_queued: 5_000_000,
             log_format: "text".into(),
         }
     }
@@ -236,6 +240,10 @@ pub struct ServerSettings {
     pub shutdown_grace: Duration,
     /// How often a waiting SSE replay sends a keep-alive comment.
     pub sse_keepalive: Duration,
+    /// Deadline for a deferred call's whole body (408 after it).
+    pub body_read_timeout: Duration,
+    /// Queued requests (all queues) above which deferred intake answers 503.
+    pub max_queued: u64,
     pub log_format: LogFormat,
 }
 
@@ -418,6 +426,9 @@ impl RawConfig {
             upstream_connect_timeout: Duration::from_secs(s.upstream_connect_timeout_secs.max(1)),
             upstream_read_timeout: Duration::from_secs(s.upstream_read_timeout_secs.max(1)),
             shutdown_grace: Duration::from_secs(s.shutdown_grace_secs),
+            body_read_timeout: secs("server.body_read_timeout_secs", s.body_read_timeout_secs)?
+                .max(Duration::from_millis(10)),
+            max_queued: s.max_queued,
             sse_keepalive: secs("server.sse_keepalive_secs", s.sse_keepalive_secs)?
                 .max(Duration::from_millis(10)),
             log_format,

@@ -21,6 +21,8 @@ pub enum IntakeError {
     },
     #[error("request body is {size} bytes, over the limit of {limit}")]
     TooLarge { size: u64, limit: u64 },
+    #[error("the request body did not arrive within {0:?}")]
+    Timeout(Duration),
     #[error("custom id `{0}` is already used with a different body")]
     Conflict(String),
     #[error("Ferry cannot store the request right now: {0}")]
@@ -32,6 +34,7 @@ impl IntakeError {
         match self {
             IntakeError::BadRequest { .. } => 400,
             IntakeError::TooLarge { .. } => 413,
+            IntakeError::Timeout(_) => 408,
             IntakeError::Conflict(_) => 409,
             IntakeError::Unavailable(_) => 503,
         }
@@ -41,6 +44,7 @@ impl IntakeError {
         let (param, code) = match self {
             IntakeError::BadRequest { param, code, .. } => (*param, *code),
             IntakeError::TooLarge { .. } => (None, "request_too_large"),
+            IntakeError::Timeout(_) => (None, "body_timeout"),
             IntakeError::Conflict(_) => (Some("X-Ferry-Custom-Id"), "custom_id_conflict"),
             IntakeError::Unavailable(_) => (None, "storage_unavailable"),
         };

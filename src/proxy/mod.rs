@@ -270,9 +270,12 @@ async fn intake_error(session: &mut Session, e: &IntakeError) -> Result<()> {
 }
 
 /// Reads the whole body, refusing it as soon as it passes `limit`.
+/// A body that trickles in slower than this whole-body deadline is refused
+/// with 408, so slow clients cannot hold intake slots open.
 async fn read_body(
     session: &mut Session,
     limit: u64,
+    deadline: Duration,
 ) -> Result<std::result::Result<Bytes, IntakeError>> {
     let declared =
         header(session.req_header(), "content-length").and_then(|v| v.parse::<u64>().ok());
@@ -281,7 +284,16 @@ async fn read_body(
         return Ok(Err(IntakeError::TooLarge { size: n, limit }));
     }
     let mut buf = BytesMut::new();
-    while let Some(chunk) = session.read_request_body().await? {
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        let chunk = match tokio::time::timeout_at(until, session.read_request_body()).await {
+            Ok(c) => c?,
+            Err(_) => {
+                session.set_keepalive(None);
+                return Ok(Err(IntakeError::Timeout(deadline)));
+            }
+        };
+        let Some(chunk) = chunk else { break };
         if (buf.len() + chunk.len()) as u64 > limit {
             session.set_keepalive(None);
             return Ok(Err(IntakeError::TooLarge {
@@ -343,7 +355,7 @@ async fn deferred(
             }
         },
     };
-    let body = match read_body(session, app.config.server.max_body_bytes).await? {
+    let body = match read_body(session, app.config.server.max_body_bytes, app.config.server.body_read_timeout).await? {
         Ok(b) => b,
         Err(e) => return intake_error(session, &e).await,
     };
