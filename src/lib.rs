@@ -117,6 +117,8 @@ pub struct App {
     pub waiters: Waiters,
     pub metrics: Arc<Metrics>,
     pub upstreams: Vec<Upstream>,
+    /// Per-tenant rate limits (429 with `Retry-After`).
+    pub limits: limits::TenantLimits,
     /// Recovery has finished; `/readyz` answers 200.
     pub ready: AtomicBool,
     /// SIGTERM received: deferred intake answers 503, held callers get their ticket.

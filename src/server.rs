@@ -147,7 +147,21 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         });
     }
 
+    let rate = |r: Option<crate::config::RateSetting>| {
+        r.map(|r| crate::limits::Rate {
+            per_second: r.per_second,
+            burst: r.burst,
+        })
+    };
+    let limits = crate::limits::TenantLimits::new(config.tenants.iter().map(|t| {
+        (
+            t.name.clone(),
+            rate(t.deferred_rate),
+            rate(t.passthrough_rate),
+        )
+    }));
     let app = Arc::new(App {
+        limits,
         store,
         waiters: Waiters::new(),
         metrics,

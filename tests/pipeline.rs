@@ -658,3 +658,84 @@ async fn cancel_before_submission_and_409_after() {
     // The cancelled one never reached the upstream.
     assert_eq!(s.emulator_stats().await["lines_submitted"], 1);
 }
+
+#[tokio::test]
+async fn rate_limits_answer_429_with_retry_after_and_full_queues_503() {
+    let limited = r#"
+[[tenants]]
+name = "limited"
+keys = ["limited-key"]
+intake_rps = 1
+intake_burst = 2
+passthrough_rps = 1
+passthrough_burst = 1
+"#;
+    let s = Stack::start(limited, "max_queued = 3");
+    let codes: Vec<u16> = futures::future::join_all((0..3).map(|i| {
+        let body = chat("gpt-4o-mini", &format!("r{i}"));
+        let s = &s;
+        async move {
+            s.defer("limited-key", &body, None, None)
+                .await
+                .status()
+                .as_u16()
+        }
+    }))
+    .await;
+    let mut sorted = codes.clone();
+    sorted.sort();
+    assert_eq!(sorted, vec![202, 202, 429], "{codes:?}");
+    let r = s
+        .defer("limited-key", &chat("gpt-4o-mini", "again"), None, None)
+        .await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["type"], "rate_limit_error");
+    // Passthrough has its own budget: one call, then 429.
+    let p1 = s
+        .http
+        .get(s.url("/v1/models"))
+        .bearer_auth("limited-key")
+        .send()
+        .await
+        .unwrap();
+    let p2 = s
+        .http
+        .get(s.url("/v1/models"))
+        .bearer_auth("limited-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!((p1.status().as_u16(), p2.status().as_u16()), (200, 429));
+    // Other tenants are not limited; the queue cap (3) is what stops alice.
+    assert_eq!(
+        s.defer("alice-key", &chat("gpt-4o-mini", "a"), None, None)
+            .await
+            .status(),
+        202
+    );
+    let full = s
+        .defer("alice-key", &chat("gpt-4o-mini", "b"), None, None)
+        .await;
+    assert_eq!(full.status(), 503);
+    let e: Value = full.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "queue_full");
+    let metrics = s
+        .http
+        .get(s.admin("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("ferry_rate_limited_total{kind=\"deferred\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ferry_rate_limited_total{kind=\"passthrough\"} 1"),
+        "{metrics}"
+    );
+}

@@ -27,6 +27,8 @@ pub enum IntakeError {
     Conflict(String),
     #[error("Ferry cannot store the request right now: {0}")]
     Unavailable(String),
+    #[error("Ferry's queues are full ({0} requests waiting); retry later")]
+    QueueFull(u64),
 }
 
 impl IntakeError {
@@ -36,7 +38,7 @@ impl IntakeError {
             IntakeError::TooLarge { .. } => 413,
             IntakeError::Timeout(_) => 408,
             IntakeError::Conflict(_) => 409,
-            IntakeError::Unavailable(_) => 503,
+            IntakeError::Unavailable(_) | IntakeError::QueueFull(_) => 503,
         }
     }
 
@@ -47,6 +49,7 @@ impl IntakeError {
             IntakeError::Timeout(_) => (None, "body_timeout"),
             IntakeError::Conflict(_) => (Some("X-Ferry-Custom-Id"), "custom_id_conflict"),
             IntakeError::Unavailable(_) => (None, "storage_unavailable"),
+            IntakeError::QueueFull(_) => (None, "queue_full"),
         };
         ErrorEnvelope::for_status(self.status(), self.to_string(), param, Some(code))
     }

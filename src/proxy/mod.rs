@@ -21,6 +21,7 @@ use crate::App;
 use crate::config::Tenant;
 use crate::delivery::status_object;
 use crate::intake::{self, Disposition, IntakeError, NewRequest};
+use crate::limits::LimitKind;
 use crate::store::{CancelOutcome, RequestRecord, RequestStatus};
 use respond::Result;
 use routes::{Route, classify, query_wait};
@@ -229,10 +230,15 @@ async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<
             match intake::disposition(prefer, &tenant, app.config.server.max_wait) {
                 Disposition::Passthrough => {
                     ctx.mode = "passthrough";
-                    Ok(false)
+                    passthrough(app, session, &tenant).await
                 }
                 Disposition::Deferred { wait } => {
                     ctx.mode = "deferred";
+                    if let Err(retry) = app.limits.check(&tenant.name, LimitKind::Deferred) {
+                        return rate_limited(app, session, LimitKind::Deferred, retry)
+                            .await
+                            .map(|_| true);
+                    }
                     deferred(app, session, &tenant, wait).await.map(|_| true)
                 }
             }
@@ -259,9 +265,49 @@ async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<
         }
         _ => {
             ctx.mode = "passthrough";
-            Ok(false)
+            passthrough(app, session, &tenant).await
         }
     }
+}
+
+/// Lets a passthrough call go on (`false`), unless the tenant is over its
+/// passthrough rate (answered here, `true`).
+async fn passthrough(app: &Arc<App>, session: &mut Session, tenant: &Tenant) -> Result<bool> {
+    match app.limits.check(&tenant.name, LimitKind::Passthrough) {
+        Ok(()) => Ok(false),
+        Err(retry) => rate_limited(app, session, LimitKind::Passthrough, retry)
+            .await
+            .map(|_| true),
+    }
+}
+
+async fn rate_limited(
+    app: &Arc<App>,
+    session: &mut Session,
+    kind: LimitKind,
+    retry: Duration,
+) -> Result<()> {
+    app.metrics
+        .rate_limited
+        .with_label_values(&[kind.as_str()])
+        .inc();
+    let env = crate::api_error::ErrorEnvelope::for_status(
+        429,
+        format!(
+            "Rate limit for {} calls reached; retry after {} s.",
+            kind.as_str(),
+            retry.as_secs()
+        ),
+        None,
+        Some("rate_limit_exceeded"),
+    );
+    respond::json(
+        session,
+        429,
+        &[("retry-after", retry.as_secs().to_string())],
+        Bytes::from(env.to_bytes()),
+    )
+    .await
 }
 
 async fn intake_error(session: &mut Session, e: &IntakeError) -> Result<()> {
@@ -320,6 +366,10 @@ async fn deferred(
         );
         return intake_error(session, &e).await;
     }
+    let queued = app.store.queued_total();
+    if queued >= app.config.server.max_queued {
+        return intake_error(session, &IntakeError::QueueFull(queued)).await;
+    }
     let req = session.req_header();
     let custom_id = match header(req, "x-ferry-custom-id") {
         Some(id) if intake::valid_custom_id(id) => Some(id.to_owned()),
@@ -355,7 +405,13 @@ async fn deferred(
             }
         },
     };
-    let body = match read_body(session, app.config.server.max_body_bytes, app.config.server.body_read_timeout).await? {
+    let body = match read_body(
+        session,
+        app.config.server.max_body_bytes,
+        app.config.server.body_read_timeout,
+    )
+    .await?
+    {
         Ok(b) => b,
         Err(e) => return intake_error(session, &e).await,
     };
