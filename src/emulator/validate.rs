@@ -292,8 +292,24 @@ fn check_request(object: &Map<String, Value>, rules: &Rules) -> Verdict {
             return Err(invalid("'body' must be a JSON object.".to_owned(), "body"));
         }
     };
-    check_body(body, &rules.endpoint, rules.profile, &rules.models)
+    check_body(body, &rules.endpoint, rules.profile, &rules.models)?;
+    // A test hook like `[emulator:status=NNN]`, one step earlier: the line
+    // fails validation, so a batch fails with this one line named in
+    // `errors` while its neighbours are fine.
+    if Value::Object(body.clone())
+        .to_string()
+        .contains(INVALID_MARK)
+    {
+        return Err(invalid(
+            format!("The emulator refused this line at validation, as {INVALID_MARK} asked."),
+            "body.messages",
+        ));
+    }
+    Ok(())
 }
+
+/// Marks a batch line as invalid (see [`check_request`]).
+pub const INVALID_MARK: &str = "[emulator:invalid]";
 
 /// The checks on a request body shared by batch lines and real-time calls:
 /// streaming, model, the endpoint's required input, Moonshot's forbidden
@@ -549,6 +565,23 @@ mod tests {
         let many: Vec<String> = (0..6).map(|i| line(&i.to_string(), "gpt-4o")).collect();
         let r = check_file(many.join("\n").as_bytes(), &rules(Profile::Openai));
         assert_eq!(codes(&r), vec![("too_many_tasks", None, None)]);
+    }
+
+    #[test]
+    fn the_invalid_marker_fails_only_its_line() {
+        let bad = format!(
+            "{{\"custom_id\":\"b\",\"method\":\"POST\",\"url\":\"/v1/chat/completions\",\"body\":{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"x {INVALID_MARK}\"}}]}}}}"
+        );
+        let file = format!(
+            "{}\n{bad}\n{}\n",
+            line("a", "gpt-4o-mini"),
+            line("c", "gpt-4o-mini")
+        );
+        let report = check_file(file.as_bytes(), &rules(Profile::Openai));
+        assert_eq!(
+            codes(&report),
+            vec![("invalid_request", Some("body.messages".to_owned()), Some(2))]
+        );
     }
 
     #[test]

@@ -661,7 +661,6 @@ impl Store {
     ) -> Result<Vec<RequestRecord>, StoreError> {
         let _g = self.queue_lock.lock().unwrap_or_else(|p| p.into_inner());
         let now = now_secs();
-        let now_ms = now_millis();
         let mut reqs = sled::Batch::default();
         let mut results = sled::Batch::default();
         let mut queue = sled::Batch::default();
@@ -669,7 +668,7 @@ impl Store {
         let mut outbox = sled::Batch::default();
         let mut deliveries = Vec::new();
         let mut done = Vec::new();
-        let mut requeued: Vec<(QueueKey, u64)> = Vec::new();
+        let mut requeued: Vec<(QueueKey, u64, u64)> = Vec::new();
         for (id, outcome) in outcomes {
             let Some(mut rec) = self.get(id)? else {
                 continue;
@@ -713,8 +712,11 @@ impl Store {
                         model: rec.model.clone(),
                     };
                     let len = line_len(id, rec.body_len);
-                    queue.insert(qk.entry(id), &queue_value(now_ms, len));
-                    requeued.push((qk, len));
+                    // Age counts from acceptance: a re-queued request has
+                    // waited already, so the time threshold sends it soon.
+                    let since = rec.created_at.saturating_mul(1000);
+                    queue.insert(qk.entry(id), &queue_value(since, len));
+                    requeued.push((qk, len, since));
                     rec.status = RequestStatus::Queued;
                     rec.batch = None;
                     rec.batch_id = None;
@@ -749,12 +751,12 @@ impl Store {
         self.requests.apply_batch(reqs)?;
         self.bodies.apply_batch(bodies)?;
         self.schedule(deliveries.into_iter());
-        for (qk, len) in requeued {
+        for (qk, len, since) in requeued {
             let mut s = self.queues.entry(qk).or_default();
             s.count += 1;
             s.bytes += len;
-            if s.oldest_ms == 0 || now_ms < s.oldest_ms {
-                s.oldest_ms = now_ms;
+            if s.oldest_ms == 0 || since < s.oldest_ms {
+                s.oldest_ms = since;
             }
         }
         Ok(done)

@@ -136,7 +136,7 @@ listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 data_dir = "{data}"
 threads = 1
-shutdown_grace_secs = 0
+{grace}
 {server_extra}
 
 [[upstreams]]
@@ -150,6 +150,11 @@ poll_interval_secs = 0.05
 {TENANTS}
 "#,
         data = dir.join("data").display(),
+        grace = if server_extra.contains("shutdown_grace_secs") {
+            ""
+        } else {
+            "shutdown_grace_secs = 0"
+        },
         // Nothing flushes by time unless a test asks for it.
         max_wait = if upstream_extra.contains("max_wait_secs") {
             ""

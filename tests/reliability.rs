@@ -1,0 +1,327 @@
+//! Upstream failure modes, each provoked with the emulator's faults and
+//! clock: transient errors, token limits, a bad line among good ones,
+//! expiry (kept lines, re-queue policy), a batch cancelled upstream, and
+//! graceful shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Stack, chat};
+use serde_json::{Value, json};
+
+/// Waits until a request reaches `status` (intermediate states cannot be
+/// long-polled; this polls Ferry's status route briefly).
+async fn until_status(s: &Stack, id: &str, status: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, st) = s.status("alice-key", id, 0).await;
+        if st["status"] == status {
+            return st;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{id} never became {status}: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn advance_clock(s: &Stack, seconds: f64) {
+    let r = s
+        .http
+        .post(s.emu("/_emulator/clock"))
+        .json(&json!({"advance_seconds": seconds}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+}
+
+async fn metrics(s: &Stack) -> String {
+    s.http
+        .get(s.admin("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn transient_upstream_errors_are_retried_without_duplicates() {
+    let s = Stack::start("max_requests = 5", "");
+    // A third of all Batch API calls fail with 500/503 (seeded, so it repeats).
+    s.emulator_config(json!({"error_rate": 0.34, "seed": 7}))
+        .await;
+    let ids: Vec<String> = (0..10).map(|i| format!("flaky-{i}")).collect();
+    for id in &ids {
+        assert_eq!(
+            s.defer("alice-key", &chat("gpt-4o-mini", id), None, Some(id))
+                .await
+                .status(),
+            202
+        );
+    }
+    for id in &ids {
+        let (_, st) = s.status("alice-key", id, 60).await;
+        assert_eq!(st["status"], "completed", "{st}");
+        assert_eq!(
+            st["result"]["body"]["choices"][0]["message"]["content"],
+            format!("echo: {id}")
+        );
+    }
+    let stats = s.emulator_stats().await;
+    assert_eq!(stats["executed_more_than_once"], 0, "{stats}");
+    assert_eq!(
+        stats["lines_submitted"], stats["distinct_custom_ids"],
+        "{stats}"
+    );
+    let m = metrics(&s).await;
+    let retries: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("ferry_upstream_retries_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(retries > 0.0, "no retries counted:\n{m}");
+}
+
+#[tokio::test]
+async fn token_limit_pauses_and_resubmits_without_failing_anything() {
+    let s = Stack::start("max_requests = 2\ntoken_limit_backoff_secs = 0.2", "");
+    s.emulator_config(json!({"fail_next_batches_token_limit": 1}))
+        .await;
+    s.defer("alice-key", &chat("gpt-4o-mini", "t1"), None, Some("t1"))
+        .await;
+    s.defer("alice-key", &chat("gpt-4o-mini", "t2"), None, Some("t2"))
+        .await;
+    for id in ["t1", "t2"] {
+        let (_, st) = s.status("alice-key", id, 60).await;
+        assert_eq!(st["status"], "completed", "{st}");
+    }
+    let stats = s.emulator_stats().await;
+    assert_eq!(stats["batches_by_status"]["failed"], 1, "{stats}");
+    assert_eq!(stats["batches_by_status"]["completed"], 1, "{stats}");
+    assert_eq!(stats["executed_more_than_once"], 0);
+}
+
+#[tokio::test]
+async fn a_bad_line_fails_alone_and_its_neighbours_are_sent_again() {
+    // The neighbours go back to the queue counting from when they were
+    // accepted, so they are sent again as soon as max_wait has passed.
+    let s = Stack::start("max_requests = 3\nmax_wait_secs = 0.3", "");
+    s.defer(
+        "alice-key",
+        &chat("gpt-4o-mini", "good one"),
+        None,
+        Some("n1"),
+    )
+    .await;
+    s.defer(
+        "alice-key",
+        &chat("gpt-4o-mini", "bad [emulator:invalid]"),
+        None,
+        Some("n2"),
+    )
+    .await;
+    s.defer(
+        "alice-key",
+        &chat("gpt-4o-mini", "good two"),
+        None,
+        Some("n3"),
+    )
+    .await;
+    let (_, bad) = s.status("alice-key", "n2", 60).await;
+    assert_eq!(bad["status"], "failed", "{bad}");
+    assert_eq!(bad["error"]["code"], "invalid_request");
+    assert!(
+        bad["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("body.messages"),
+        "{bad}"
+    );
+    for id in ["n1", "n3"] {
+        let (_, st) = s.status("alice-key", id, 60).await;
+        assert_eq!(st["status"], "completed", "{st}");
+    }
+    let stats = s.emulator_stats().await;
+    assert_eq!(stats["batches_by_status"]["failed"], 1, "{stats}");
+    assert_eq!(stats["batches_by_status"]["completed"], 1, "{stats}");
+}
+
+#[tokio::test]
+async fn expired_lines_are_requeued_up_to_max_attempts_then_expired() {
+    let s = Stack::start(
+        "max_requests = 1\nmax_wait_secs = 0.05\nmax_attempts = 2\nexpired_policy = \"requeue\"",
+        "",
+    );
+    // Every batch expires at once with nothing done.
+    s.emulator_config(json!({"per_request_seconds": 3600.0, "expire_after_seconds": 0.0}))
+        .await;
+    s.defer(
+        "alice-key",
+        &chat("gpt-4o-mini", "always late"),
+        None,
+        Some("late"),
+    )
+    .await;
+    let (_, st) = s.status("alice-key", "late", 60).await;
+    assert_eq!(st["status"], "expired", "{st}");
+    assert_eq!(st["error"]["code"], "batch_expired");
+    let stats = s.emulator_stats().await;
+    assert_eq!(stats["batches_by_status"]["expired"], 2, "{stats}");
+    assert_eq!(stats["executed_lines"], 0);
+}
+
+#[tokio::test]
+async fn an_expired_batch_keeps_its_finished_lines() {
+    let s = Stack::start("max_requests = 4\nexpired_policy = \"fail\"", "");
+    // Lines take 10 s each (emulator time) and the batch expires at 25 s:
+    // the first two lines finish, the other two do not.
+    s.emulator_config(json!({"per_request_seconds": 10.0, "expire_after_seconds": 25.0}))
+        .await;
+    for i in 0..4 {
+        s.defer(
+            "alice-key",
+            &chat("gpt-4o-mini", &format!("e{i}")),
+            None,
+            Some(&format!("e{i}")),
+        )
+        .await;
+    }
+    until_status(&s, "e0", "submitted").await;
+    advance_clock(&s, 26.0).await;
+    let mut statuses = Vec::new();
+    for i in 0..4 {
+        let (_, st) = s.status("alice-key", &format!("e{i}"), 60).await;
+        statuses.push(st["status"].as_str().unwrap().to_owned());
+        if st["status"] == "completed" {
+            assert_eq!(
+                st["result"]["body"]["choices"][0]["message"]["content"],
+                format!("echo: e{i}")
+            );
+        }
+    }
+    // Lines run in input order, which is Ferry's arrival order.
+    assert_eq!(statuses, ["completed", "completed", "expired", "expired"]);
+    assert_eq!(s.emulator_stats().await["executed_lines"], 2);
+}
+
+#[tokio::test]
+async fn a_batch_cancelled_upstream_keeps_finished_lines_and_requeues_the_rest() {
+    let s = Stack::start("max_requests = 3\nmax_wait_secs = 0.05", "");
+    s.emulator_config(json!({"per_request_seconds": 10.0}))
+        .await;
+    for i in 0..3 {
+        s.defer(
+            "alice-key",
+            &chat("gpt-4o-mini", &format!("c{i}")),
+            None,
+            Some(&format!("c{i}")),
+        )
+        .await;
+    }
+    let st = until_status(&s, "c0", "submitted").await;
+    let batch_id = st["batch_id"].as_str().unwrap().to_owned();
+    advance_clock(&s, 15.0).await;
+    // Someone cancels the batch behind Ferry's back; later batches run at once.
+    s.emulator_config(json!({"per_request_seconds": 0.0})).await;
+    let r = s
+        .http
+        .post(s.emu(&format!("/v1/batches/{batch_id}/cancel")))
+        .bearer_auth(common::UPSTREAM_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for i in 0..3 {
+        let (_, st) = s.status("alice-key", &format!("c{i}"), 60).await;
+        assert_eq!(st["status"], "completed", "{st}");
+        assert_eq!(
+            st["result"]["body"]["choices"][0]["message"]["content"],
+            format!("echo: c{i}")
+        );
+        if i == 0 {
+            assert_eq!(
+                st["batch_id"],
+                batch_id.as_str(),
+                "the finished line was kept"
+            );
+        } else {
+            assert_ne!(
+                st["batch_id"],
+                batch_id.as_str(),
+                "unfinished lines went into a new batch"
+            );
+        }
+    }
+    let stats = s.emulator_stats().await;
+    assert_eq!(stats["batches_by_status"]["cancelled"], 1, "{stats}");
+    assert_eq!(stats["executed_more_than_once"], 0, "{stats}");
+}
+
+#[tokio::test]
+async fn sigterm_hands_held_callers_their_ticket_and_refuses_new_intake() {
+    let mut s = Stack::start("", "shutdown_grace_secs = 1");
+    let held = {
+        let http = s.http.clone();
+        let url = s.url("/v1/chat/completions");
+        tokio::spawn(async move {
+            http.post(url)
+                .bearer_auth("alice-key")
+                .header("prefer", "respond-async, wait=600")
+                .header("x-ferry-custom-id", "held-1")
+                .json(&chat("gpt-4o-mini", "held"))
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    until_status(&s, "held-1", "queued").await;
+    let pid = s.ferry.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let r = held.await.unwrap();
+    assert_eq!(
+        r.status(),
+        202,
+        "the held caller gets its ticket at shutdown"
+    );
+    assert_eq!(r.headers()["location"], "/v1/ferry/requests/held-1");
+    // During the grace period pingora stops accepting connections; a call
+    // that still reaches Ferry on an open connection is refused with 503.
+    let late = s
+        .http
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth("alice-key")
+        .header("prefer", "respond-async")
+        .json(&chat("gpt-4o-mini", "late"))
+        .send()
+        .await;
+    if let Ok(r) = late {
+        assert_eq!(
+            r.status(),
+            503,
+            "a deferred call was accepted during shutdown"
+        );
+    }
+    // ...and the process exits cleanly, storage flushed.
+    let status = s.ferry.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        s.ferry.logs().contains("storage flushed"),
+        "{}",
+        s.ferry.logs()
+    );
+    // The accepted request is not lost.
+    s.restart_ferry();
+    let (st, _) = tokio::join!(s.status("alice-key", "held-1", 60), s.flush());
+    assert_eq!(st.1["status"], "completed");
+}
