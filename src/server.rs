@@ -67,6 +67,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         .map_err(|e| ServerError::Runtime(e.to_string()))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let metrics = Arc::new(Metrics::new());
+    store.observe_flushes(metrics.storage_flush_duration.clone());
 
     // The embedded emulator, when some upstream uses it.
     let emulator_url = match &config.emulator {

@@ -85,6 +85,19 @@ async fn transient_upstream_errors_are_retried_without_duplicates() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
     assert!(retries > 0.0, "no retries counted:\n{m}");
+    let backoff: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("ferry_upstream_backoff_seconds_total{upstream=\"emu\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(backoff > 0.0, "no backoff counted:\n{m}");
+    // Durable flushes were timed.
+    let flushes: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("ferry_storage_flush_duration_seconds_count "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(flushes > 0, "no flushes timed:\n{m}");
 }
 
 #[tokio::test]

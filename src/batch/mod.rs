@@ -237,6 +237,7 @@ async fn upload(
     let members: Vec<u64> = app.store.members(batch.id).collect::<Result<_, _>>()?;
     let started = Instant::now();
     let res = with_retry(
+        &up.settings.name,
         "upload_file",
         STEP_ATTEMPTS,
         &app.metrics,
@@ -405,6 +406,7 @@ async fn poll_and_ingest(
         }
         first = false;
         let obj = with_retry(
+            &up.settings.name,
             "get_batch",
             STEP_ATTEMPTS,
             &app.metrics,
@@ -619,6 +621,7 @@ async fn read_result_file(
     shutdown: &watch::Receiver<bool>,
 ) -> Result<(), StepError> {
     let res = with_retry(
+        &up.settings.name,
         "download_file",
         STEP_ATTEMPTS,
         &app.metrics,

@@ -198,6 +198,8 @@ pub struct Store {
     written: AtomicU64,
     flushed: AtomicU64,
     flush_lock: tokio::sync::Mutex<()>,
+    /// Observes each durable flush's duration, once metrics are attached.
+    flush_histogram: std::sync::OnceLock<prometheus::Histogram>,
 }
 
 impl Store {
@@ -229,6 +231,7 @@ impl Store {
             written: AtomicU64::new(0),
             flushed: AtomicU64::new(0),
             flush_lock: tokio::sync::Mutex::new(()),
+            flush_histogram: std::sync::OnceLock::new(),
         };
         for item in store.queue.iter() {
             let (k, v) = item?;
@@ -267,11 +270,20 @@ impl Store {
         }
         let upto = self.written.load(Ordering::SeqCst);
         let db = self.db.clone();
+        let started = std::time::Instant::now();
         tokio::task::spawn_blocking(move || db.flush())
             .await
             .map_err(|e| StoreError::Flush(e.to_string()))??;
+        if let Some(h) = self.flush_histogram.get() {
+            h.observe(started.elapsed().as_secs_f64());
+        }
         self.flushed.fetch_max(upto, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Reports every durable flush's duration to `h`.
+    pub fn observe_flushes(&self, h: prometheus::Histogram) {
+        let _ = self.flush_histogram.set(h);
     }
 
     /// Synchronous flush, for shutdown.

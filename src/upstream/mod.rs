@@ -370,6 +370,7 @@ pub fn backoff(attempt: u32, base: Duration, cap: Duration, unit_random: f64) ->
 /// failures have happened; waits per [`backoff`] (or `Retry-After`) between
 /// tries. Returns early with the last error when `shutdown` fires.
 pub async fn with_retry<T, F, Fut>(
+    upstream: &str,
     what: &str,
     max_attempts: u32,
     metrics: &Metrics,
@@ -394,6 +395,10 @@ where
                     )
                 });
                 metrics.upstream_retries.inc();
+                metrics
+                    .upstream_backoff_seconds
+                    .with_label_values(&[upstream])
+                    .inc_by(wait.as_secs_f64());
                 warn!(what, attempt, error = %e, wait_ms = wait.as_millis() as u64, "upstream call failed, retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -454,7 +459,7 @@ mod tests {
         let metrics = Metrics::new();
         let (_tx, rx) = tokio::sync::watch::channel(false);
         let mut calls = 0;
-        let r: Result<(), _> = with_retry("t", 5, &metrics, rx.clone(), || {
+        let r: Result<(), _> = with_retry("emu", "t", 5, &metrics, rx.clone(), || {
             calls += 1;
             async {
                 Err(UpstreamError::Status {
@@ -469,7 +474,7 @@ mod tests {
         assert!(r.is_err());
         assert_eq!(calls, 1);
         let mut calls = 0;
-        let r = with_retry("t", 5, &metrics, rx, || {
+        let r = with_retry("emu", "t", 5, &metrics, rx, || {
             calls += 1;
             let n = calls;
             async move {
