@@ -774,6 +774,29 @@ mod tests {
         assert_eq!(c.server.admin_listen, "127.0.0.1:9090".parse().unwrap());
         assert!(c.tenant_for_key("ferry-demo-key").is_some());
         assert!(c.emulator.is_some());
+        let demo = c.tenant_for_key("ferry-demo-key").unwrap();
+        assert!(demo.webhook_key.is_some() && !demo.callback_allow.is_empty());
+        assert!(c.prices.contains_key("gpt-4o-mini"));
+    }
+
+    #[test]
+    fn example_configs_are_valid_and_need_their_env() {
+        let any_env = |_: &str| Some("whsec_c2VjcmV0".to_owned());
+        for (name, text) in [
+            ("openai", include_str!("../config/openai.example.toml")),
+            ("moonshot", include_str!("../config/moonshot.example.toml")),
+        ] {
+            let c =
+                Config::parse_with_env(text, &any_env).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(
+                matches!(c.upstreams[0].target, UpstreamTarget::Url(_)),
+                "{name}"
+            );
+            let err = Config::parse_with_env(text, &no_env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("environment variable"), "{name}: {err}");
+        }
     }
 
     #[test]
