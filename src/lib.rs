@@ -90,6 +90,10 @@ pub struct Upstream {
     pub settings: UpstreamSettings,
     pub client: BatchClient,
     pub passthrough: PassthroughTarget,
+    /// The passthrough host's addresses, resolved off the request path (at
+    /// start and then every 30 s) so no request waits for DNS.
+    pub passthrough_addrs: std::sync::RwLock<Arc<Vec<std::net::SocketAddr>>>,
+    next_addr: std::sync::atomic::AtomicUsize,
     /// The key Ferry sends upstream on passthrough (`Bearer ...`).
     pub auth_header: String,
     /// Wakes this upstream's flush loop (new queue, threshold crossed, re-queue).
@@ -100,6 +104,61 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    pub fn new(
+        settings: UpstreamSettings,
+        client: BatchClient,
+        passthrough: PassthroughTarget,
+        api_key: &str,
+    ) -> Upstream {
+        Upstream {
+            settings,
+            client,
+            passthrough,
+            passthrough_addrs: std::sync::RwLock::new(Arc::new(Vec::new())),
+            next_addr: std::sync::atomic::AtomicUsize::new(0),
+            auth_header: format!("Bearer {api_key}"),
+            wake: tokio::sync::Notify::new(),
+            manual_flush: AtomicBool::new(false),
+            paused_until: AtomicU64::new(0),
+        }
+    }
+
+    /// The next passthrough address (round robin over the resolved ones).
+    pub fn passthrough_addr(&self) -> Option<std::net::SocketAddr> {
+        let addrs = self
+            .passthrough_addrs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if addrs.is_empty() {
+            return None;
+        }
+        Some(addrs[self.next_addr.fetch_add(1, Ordering::Relaxed) % addrs.len()])
+    }
+
+    pub fn set_passthrough_addrs(&self, addrs: Vec<std::net::SocketAddr>) {
+        *self
+            .passthrough_addrs
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(addrs);
+    }
+
+    /// Resolves the passthrough host again, keeping the old addresses if
+    /// the lookup fails.
+    pub async fn refresh_passthrough_addrs(&self) {
+        match tokio::net::lookup_host(self.passthrough.addr.as_str()).await {
+            Ok(addrs) => {
+                let addrs: Vec<_> = addrs.collect();
+                if !addrs.is_empty() {
+                    self.set_passthrough_addrs(addrs);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(upstream = %self.settings.name, host = %self.passthrough.addr, error = %e, "cannot resolve the passthrough host; keeping the last addresses")
+            }
+        }
+    }
+
     pub fn pause_flushes(&self, d: Duration) {
         self.paused_until
             .store(now_millis() + d.as_millis() as u64, Ordering::SeqCst);

@@ -4,7 +4,7 @@
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use pingora::prelude::Server;
@@ -137,15 +137,13 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             name: s.name.clone(),
             message: e.to_string(),
         })?;
-        upstreams.push(Upstream {
-            settings: s.clone(),
-            client,
-            passthrough,
-            auth_header: format!("Bearer {key}"),
-            wake: tokio::sync::Notify::new(),
-            manual_flush: AtomicBool::new(false),
-            paused_until: AtomicU64::new(0),
-        });
+        let up = Upstream::new(s.clone(), client, passthrough, &key);
+        if let Ok(addrs) = std::net::ToSocketAddrs::to_socket_addrs(up.passthrough.addr.as_str()) {
+            up.set_passthrough_addrs(addrs.collect());
+        } else {
+            warn!(upstream = %s.name, host = %up.passthrough.addr, "cannot resolve the passthrough host yet; will retry");
+        }
+        upstreams.push(up);
     }
 
     let rate = |r: Option<crate::config::RateSetting>| {
@@ -218,6 +216,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             for i in 0..app.upstreams.len() {
                 tokio::spawn(batch::sweep_orphan_files(app.clone(), i));
             }
+            tokio::spawn(refresh_dns(app.clone(), rx.clone()));
             app.ready.store(true, Ordering::SeqCst);
         });
     }
@@ -281,6 +280,19 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         Err(e) => error!(error = %e, "final storage flush failed"),
     }
     Ok(())
+}
+
+/// Re-resolves every passthrough host every 30 s.
+async fn refresh_dns(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        for up in &app.upstreams {
+            up.refresh_passthrough_addrs().await;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 /// Announces the proxy address once a connection to it succeeds.

@@ -56,7 +56,13 @@ impl ProxyHttp for FerryProxy {
     async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         let up = &self.app.upstreams[self.app.config.default_upstream];
         let t = &up.passthrough;
-        let mut peer = HttpPeer::new(t.addr.as_str(), t.tls, t.host.clone());
+        let Some(addr) = up.passthrough_addr() else {
+            return Err(pingora::Error::explain(
+                ErrorType::ConnectNoRoute,
+                format!("no address resolved for {}", t.addr),
+            ));
+        };
+        let mut peer = HttpPeer::new(addr, t.tls, t.host.clone());
         let s = &self.app.config.server;
         peer.options.connection_timeout = Some(s.upstream_connect_timeout);
         peer.options.total_connection_timeout = Some(s.upstream_connect_timeout);
@@ -466,7 +472,7 @@ async fn deferred(
 /// Holds the caller until the request is terminal, `wait` passes, or Ferry
 /// shuts down; returns the latest record.
 async fn hold(app: &Arc<App>, rec: &RequestRecord, wait: Duration) -> RequestRecord {
-    if wait.is_zero() || rec.status.is_terminal() {
+    if wait.is_zero() || rec.status.is_terminal() || app.is_shutting_down() {
         return rec.clone();
     }
     app.metrics.waiters.inc();
