@@ -16,7 +16,7 @@ pub enum IntakeError {
     #[error("{message}")]
     BadRequest {
         message: String,
-        param: Option<&'static str>,
+        param: Option<String>,
         code: &'static str,
     },
     #[error("request body is {size} bytes, over the limit of {limit}")]
@@ -44,7 +44,7 @@ impl IntakeError {
 
     pub fn envelope(&self) -> ErrorEnvelope {
         let (param, code) = match self {
-            IntakeError::BadRequest { param, code, .. } => (*param, *code),
+            IntakeError::BadRequest { param, code, .. } => (param.as_deref(), *code),
             IntakeError::TooLarge { .. } => (None, "request_too_large"),
             IntakeError::Timeout(_) => (None, "body_timeout"),
             IntakeError::Conflict(_) => (Some("X-Ferry-Custom-Id"), "custom_id_conflict"),
@@ -61,10 +61,10 @@ impl From<StoreError> for IntakeError {
     }
 }
 
-fn bad(message: impl Into<String>, param: Option<&'static str>, code: &'static str) -> IntakeError {
+fn bad(message: impl Into<String>, param: Option<&str>, code: &'static str) -> IntakeError {
     IntakeError::BadRequest {
         message: message.into(),
-        param,
+        param: param.map(str::to_owned),
         code,
     }
 }
@@ -213,7 +213,7 @@ pub fn validate_body<'a>(
                     "`{p}` is not accepted by this upstream's Batch API ({}); remove it or call without deferral",
                     profile.kind.as_str()
                 ),
-                None,
+                Some(p.as_str()),
                 "unsupported_parameter",
             ));
         }

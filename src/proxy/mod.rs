@@ -163,6 +163,15 @@ fn header<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
     req.headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// A Ferry header's value: `Ok(None)` when absent, `Err` when present but
+/// not visible ASCII (which must be refused, not mistaken for absence).
+fn ferry_header<'a>(req: &'a RequestHeader, name: &str) -> std::result::Result<Option<&'a str>, ()> {
+    match req.headers.get(name) {
+        None => Ok(None),
+        Some(v) => v.to_str().map(Some).map_err(|_| ()),
+    }
+}
+
 /// The request filter: answers Ferry's routes and deferred calls
 /// (returns `true`), or lets passthrough go on (`false`).
 async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
@@ -198,16 +207,16 @@ async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<
             .await
             .map(|_| true);
         }
-        Route::MethodNotAllowed => {
-            return respond::error(
-                session,
+        Route::MethodNotAllowed { allow } => {
+            let env = crate::api_error::ErrorEnvelope::for_status(
                 405,
-                "Method not allowed on this Ferry route.",
+                format!("Method not allowed on this Ferry route; allowed: {allow}."),
                 None,
-                "method_not_allowed",
-            )
-            .await
-            .map(|_| true);
+                Some("method_not_allowed"),
+            );
+            return respond::json(session, 405, &[("allow", allow.to_owned())], Bytes::from(env.to_bytes()))
+                .await
+                .map(|_| true);
         }
         _ => {}
     }
@@ -339,7 +348,17 @@ async fn read_body(
     let until = tokio::time::Instant::now() + deadline;
     loop {
         let chunk = match tokio::time::timeout_at(until, session.read_request_body()).await {
-            Ok(c) => c?,
+            Ok(Ok(c)) => c,
+            // A malformed or cut-short body is the client's error, not the
+            // upstream's: answer 400 and close.
+            Ok(Err(e)) => {
+                session.set_keepalive(None);
+                return Ok(Err(IntakeError::BadRequest {
+                    message: format!("the request body could not be read: {}", e.etype().as_str()),
+                    param: None,
+                    code: "invalid_body",
+                }));
+            }
             Err(_) => {
                 session.set_keepalive(None);
                 return Ok(Err(IntakeError::Timeout(deadline)));
@@ -377,20 +396,30 @@ async fn deferred(
         return intake_error(session, &IntakeError::QueueFull(queued)).await;
     }
     let req = session.req_header();
-    let custom_id = match header(req, "x-ferry-custom-id") {
-        Some(id) if intake::valid_custom_id(id) => Some(id.to_owned()),
-        Some(_) => {
+    let custom_id = match ferry_header(req, "x-ferry-custom-id") {
+        Ok(Some(id)) if intake::valid_custom_id(id) => Some(id.to_owned()),
+        Ok(Some(_)) | Err(()) => {
             let e = IntakeError::BadRequest {
                 message: "X-Ferry-Custom-Id must be 1-64 characters of A-Z, a-z, 0-9, _ and -"
                     .into(),
-                param: Some("X-Ferry-Custom-Id"),
+                param: Some("X-Ferry-Custom-Id".into()),
                 code: "invalid_custom_id",
             };
             return intake_error(session, &e).await;
         }
-        None => None,
+        Ok(None) => None,
     };
-    let callback = header(req, "x-ferry-callback-url").map(str::to_owned);
+    let callback = match ferry_header(req, "x-ferry-callback-url") {
+        Ok(c) => c.map(str::to_owned),
+        Err(()) => {
+            let e = IntakeError::BadRequest {
+                message: "X-Ferry-Callback-Url must be a plain ASCII URL".into(),
+                param: Some("X-Ferry-Callback-Url".into()),
+                code: "callback_not_allowed",
+            };
+            return intake_error(session, &e).await;
+        }
+    };
     let callback_url = match callback {
         None => None,
         Some(url) => match crate::delivery::webhooks::check_callback(
@@ -404,7 +433,7 @@ async fn deferred(
             Err(message) => {
                 let e = IntakeError::BadRequest {
                     message,
-                    param: Some("X-Ferry-Callback-Url"),
+                    param: Some("X-Ferry-Callback-Url".into()),
                     code: "callback_not_allowed",
                 };
                 return intake_error(session, &e).await;

@@ -19,8 +19,8 @@ pub enum Route {
     Cancel {
         id: String,
     },
-    /// A Ferry route with the wrong method.
-    MethodNotAllowed,
+    /// A Ferry route with the wrong method; `allow` lists the right ones.
+    MethodNotAllowed { allow: &'static str },
     /// Any other `/v1/...`: passthrough.
     OtherV1,
     NotFound,
@@ -36,7 +36,7 @@ impl Route {
             Route::Lookup { result: false, .. } => "lookup",
             Route::Lookup { result: true, .. } => "lookup_result",
             Route::Cancel { .. } => "cancel",
-            Route::MethodNotAllowed => "method_not_allowed",
+            Route::MethodNotAllowed { .. } => "method_not_allowed",
             Route::OtherV1 => "other_v1",
             Route::NotFound => "not_found",
         }
@@ -50,6 +50,10 @@ pub fn classify(method: &Method, path: &str) -> Route {
         "/v1/chat/completions" if method == Method::POST => return Route::ChatCompletions,
         _ => {}
     }
+    // Ferry's namespace is never passed through, with or without a slash.
+    if path == "/v1/ferry" {
+        return Route::NotFound;
+    }
     if let Some(rest) = path.strip_prefix("/v1/ferry/") {
         let parts: Vec<&str> = rest.split('/').collect();
         return match parts.as_slice() {
@@ -61,14 +65,16 @@ pub fn classify(method: &Method, path: &str) -> Route {
                 Method::DELETE => Route::Cancel {
                     id: (*id).to_owned(),
                 },
-                _ => Route::MethodNotAllowed,
+                _ => Route::MethodNotAllowed {
+                    allow: "GET, DELETE",
+                },
             },
             ["requests", id, "result"] if valid_custom_id(id) => match *method {
                 Method::GET => Route::Lookup {
                     id: (*id).to_owned(),
                     result: true,
                 },
-                _ => Route::MethodNotAllowed,
+                _ => Route::MethodNotAllowed { allow: "GET" },
             },
             _ => Route::NotFound,
         };
@@ -124,8 +130,11 @@ mod tests {
         );
         assert_eq!(
             classify(&Method::PUT, "/v1/ferry/requests/abc"),
-            Route::MethodNotAllowed
+            Route::MethodNotAllowed {
+                allow: "GET, DELETE"
+            }
         );
+        assert_eq!(classify(&Method::GET, "/v1/ferry"), Route::NotFound);
         assert_eq!(
             classify(&Method::GET, "/v1/ferry/requests/a%20b"),
             Route::NotFound

@@ -104,8 +104,14 @@ pub fn upstream_custom_id(id: u64) -> String {
     format!("ferry-{id}")
 }
 
+/// The inverse of [`upstream_custom_id`], exactly: digits only, no sign or
+/// leading zero, so each id has one spelling.
 pub fn parse_upstream_custom_id(s: &str) -> Option<u64> {
-    s.strip_prefix("ferry-")?.parse().ok()
+    let digits = s.strip_prefix("ferry-")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || (digits.len() > 1 && digits.starts_with('0')) {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,5 +227,8 @@ mod tests {
         assert_eq!(parse_upstream_custom_id(&upstream_custom_id(42)), Some(42));
         assert_eq!(parse_upstream_custom_id("r-2"), None);
         assert_eq!(parse_upstream_custom_id("ferry-x"), None);
+        assert_eq!(parse_upstream_custom_id("ferry-+5"), None);
+        assert_eq!(parse_upstream_custom_id("ferry-05"), None);
+        assert_eq!(parse_upstream_custom_id("ferry-0"), Some(0));
     }
 }
