@@ -114,6 +114,7 @@ struct RawServer {
     sse_keepalive_secs: f64,
     body_read_timeout_secs: f64,
     max_queued: u64,
+    upstream_ca_file: Option<String>,
     log_format: String,
 }
 
@@ -132,6 +133,7 @@ impl Default for RawServer {
             sse_keepalive_secs: 10.0,
             body_read_timeout_secs: 30.0,
             max_queued: 5_000_000,
+            upstream_ca_file: None,
             log_format: "text".into(),
         }
     }
@@ -244,6 +246,10 @@ pub struct ServerSettings {
     pub body_read_timeout: Duration,
     /// Queued requests (all queues) above which deferred intake answers 503.
     pub max_queued: u64,
+    /// PEM file of the CA(s) that sign the upstreams' TLS certificates, for
+    /// private CAs. Passthrough then trusts only these; the Batch API client
+    /// trusts them in addition to the system roots.
+    pub upstream_ca_file: Option<PathBuf>,
     pub log_format: LogFormat,
 }
 
@@ -429,6 +435,15 @@ impl RawConfig {
             body_read_timeout: secs("server.body_read_timeout_secs", s.body_read_timeout_secs)?
                 .max(Duration::from_millis(10)),
             max_queued: s.max_queued,
+            upstream_ca_file: match s.upstream_ca_file {
+                Some(f) if !Path::new(&f).is_file() => {
+                    return Err(invalid(
+                        "server.upstream_ca_file",
+                        format!("`{f}` is not a readable file"),
+                    ));
+                }
+                f => f.map(PathBuf::from),
+            },
             sse_keepalive: secs("server.sse_keepalive_secs", s.sse_keepalive_secs)?
                 .max(Duration::from_millis(10)),
             log_format,

@@ -100,6 +100,13 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         None => None,
     };
 
+    let ca_pem =
+        match &config.server.upstream_ca_file {
+            Some(path) => Some(std::fs::read(path).map_err(|e| {
+                ServerError::Runtime(format!("cannot read {}: {e}", path.display()))
+            })?),
+            None => None,
+        };
     let mut upstreams = Vec::new();
     for s in &config.upstreams {
         let (base_url, key) = match &s.target {
@@ -131,6 +138,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             &key,
             s.calls_per_second,
             s.batches_per_hour,
+            ca_pem.as_deref(),
             metrics.clone(),
         )
         .map_err(|e| ServerError::Upstream {
@@ -236,6 +244,12 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         graceful_shutdown_timeout_seconds: Some(5),
         upgrade_sock: data_dir.join("ferry-upgrade.sock").display().to_string(),
         pid_file: data_dir.join("ferry.pid").display().to_string(),
+        ca_file: app
+            .config
+            .server
+            .upstream_ca_file
+            .as_ref()
+            .map(|p| p.display().to_string()),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);

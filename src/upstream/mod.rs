@@ -155,11 +155,20 @@ impl BatchClient {
         api_key: &str,
         calls_per_second: u32,
         batches_per_hour: u32,
+        ca_pem: Option<&[u8]>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, UpstreamError> {
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
-            .redirect(reqwest::redirect::Policy::none())
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(pem) = ca_pem {
+            for cert in reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| UpstreamError::Protocol(format!("upstream CA file: {e}")))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder
             .build()
             .map_err(|e| UpstreamError::Transport(e.to_string()))?;
         let per_sec = NonZeroU32::new(calls_per_second).unwrap_or(NonZeroU32::MIN);
