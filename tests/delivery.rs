@@ -214,15 +214,7 @@ async fn failed_deliveries_are_retried_with_the_same_id() {
     })
     .await;
     assert_eq!(st["webhook"]["attempts"], 3);
-    let metrics = s
-        .http
-        .get(s.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     assert!(
         metrics.contains("ferry_webhook_deliveries_total{outcome=\"retry\"} 2"),
         "{metrics}"
@@ -281,15 +273,7 @@ async fn undeliverable_webhooks_end_dead() {
     );
     // The request itself is still completed and readable.
     assert_eq!(st["status"], "completed");
-    let metrics = s
-        .http
-        .get(s.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     assert!(
         metrics.contains("ferry_webhook_deliveries_total{outcome=\"dead\"} 1"),
         "{metrics}"

@@ -25,27 +25,15 @@ async fn passthrough_replaces_the_key_and_answers_unchanged() {
     assert_eq!(models["object"], "list");
 
     let r = s
-        .http
-        .post(s.url("/v1/chat/completions"))
-        .bearer_auth("alice-key")
-        .json(&chat("gpt-4o-mini", "hello there"))
-        .send()
-        .await
-        .unwrap();
+        .chat_call("alice-key", &chat("gpt-4o-mini", "hello there"))
+        .await;
     assert_eq!(r.status(), 200);
     let c: Value = r.json().await.unwrap();
     assert_eq!(c["object"], "chat.completion");
     assert_eq!(c["choices"][0]["message"]["content"], "echo: hello there");
 
     // The upstream's own errors pass through verbatim.
-    let r = s
-        .http
-        .post(s.url("/v1/chat/completions"))
-        .bearer_auth("alice-key")
-        .json(&chat("no-such-model", "x"))
-        .send()
-        .await
-        .unwrap();
+    let r = s.chat_call("alice-key", &chat("no-such-model", "x")).await;
     assert_eq!(r.status(), 404);
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["code"], "model_not_found");
@@ -81,14 +69,7 @@ async fn passthrough_streams_sse_and_carries_large_bodies_intact() {
     let s = Stack::start("", "");
     let mut body = chat("gpt-4o-mini", "stream me");
     body["stream"] = json!(true);
-    let r = s
-        .http
-        .post(s.url("/v1/chat/completions"))
-        .bearer_auth("alice-key")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = s.chat_call("alice-key", &body).await;
     assert_eq!(r.status(), 200);
     assert!(
         r.headers()["content-type"]
@@ -121,14 +102,7 @@ async fn passthrough_streams_sse_and_carries_large_bodies_intact() {
     let big: String = (0..200 * 1024)
         .map(|i| char::from(b'a' + (i % 26) as u8))
         .collect();
-    let r = s
-        .http
-        .post(s.url("/v1/chat/completions"))
-        .bearer_auth("alice-key")
-        .json(&chat("gpt-4o-mini", &big))
-        .send()
-        .await
-        .unwrap();
+    let r = s.chat_call("alice-key", &chat("gpt-4o-mini", &big)).await;
     assert_eq!(r.status(), 200);
     let c: Value = r.json().await.unwrap();
     assert_eq!(
@@ -269,13 +243,8 @@ async fn wait_returns_the_chat_completion_itself() {
 
     // The tenant default (defer, wait 30 s) applies with no Prefer header.
     let r = s
-        .http
-        .post(s.url("/v1/chat/completions"))
-        .bearer_auth("batchy-key")
-        .json(&chat("gpt-4o-mini", "by default"))
-        .send()
-        .await
-        .unwrap();
+        .chat_call("batchy-key", &chat("gpt-4o-mini", "by default"))
+        .await;
     assert_eq!(r.status(), 200);
     let c: Value = r.json().await.unwrap();
     assert_eq!(c["choices"][0]["message"]["content"], "echo: by default");
@@ -315,15 +284,7 @@ async fn flush_by_size_puts_exactly_max_requests_in_a_batch() {
     let stats = s.emulator_stats().await;
     assert_eq!(stats["lines_submitted"], 3);
     assert_eq!(stats["batches_by_status"]["completed"], 1, "{stats}");
-    let metrics = s
-        .http
-        .get(s.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     assert!(
         metrics.contains("ferry_flushes_total{reason=\"size\",upstream=\"emu\"} 1"),
         "{metrics}"
@@ -353,15 +314,7 @@ async fn flush_by_bytes_and_two_models_make_separate_batches() {
     }
     let (_, st) = s.status("alice-key", &ids[0], 60).await;
     assert_eq!(st["status"], "completed");
-    let metrics = s
-        .http
-        .get(s.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     assert!(
         metrics.contains("ferry_flushes_total{reason=\"bytes\",upstream=\"emu\"} 1"),
         "{metrics}"
@@ -574,15 +527,7 @@ async fn bad_deferred_calls_are_refused_with_the_field_named() {
         s.http.get(s.url("/healthz")).send().await.unwrap().status(),
         200
     );
-    let metrics = s
-        .http
-        .get(s.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     assert!(!metrics.contains("ferry_queued_requests{"), "{metrics}");
 }
 
@@ -721,15 +666,7 @@ passthrough_burst = 1
     assert_eq!(full.status(), 503);
     let e: Value = full.json().await.unwrap();
     assert_eq!(e["error"]["code"], "queue_full");
-    let metrics = s
-        .http
-        .get(s.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     assert!(
         metrics.contains("ferry_rate_limited_total{kind=\"deferred\"} 2"),
         "{metrics}"

@@ -38,17 +38,6 @@ async fn advance_clock(s: &Stack, seconds: f64) {
     assert!(r.status().is_success());
 }
 
-async fn metrics(s: &Stack) -> String {
-    s.http
-        .get(s.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn transient_upstream_errors_are_retried_without_duplicates() {
     let s = Stack::start("max_requests = 5", "");
@@ -78,7 +67,7 @@ async fn transient_upstream_errors_are_retried_without_duplicates() {
         stats["lines_submitted"], stats["distinct_custom_ids"],
         "{stats}"
     );
-    let m = metrics(&s).await;
+    let m = s.metrics().await;
     let retries: f64 = m
         .lines()
         .find_map(|l| l.strip_prefix("ferry_upstream_retries_total "))

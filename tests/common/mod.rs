@@ -260,6 +260,39 @@ impl Stack {
         );
     }
 
+    /// The Prometheus exposition from the admin port.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.admin("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// A chat completion passed through (no `Prefer`) as `key`.
+    pub async fn chat_call(&self, key: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(self.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// `GET path` on the proxy port as `key`.
+    pub async fn get(&self, key: &str, path: &str) -> reqwest::Response {
+        self.http
+            .get(self.url(path))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// Flushes every queue now (admin route).
     pub async fn flush(&self) {
         let r = self
