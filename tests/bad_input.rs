@@ -417,10 +417,17 @@ impl<'a> Corpus<'a> {
     /// promise is the status, no 2xx, and that it keeps serving.
     async fn expect_raw_framing_error(&mut self, case: &str, bytes: Vec<u8>) {
         self.cases += 1;
-        let ans = raw(self.addr(), vec![Step::Send(bytes)], Duration::from_secs(10)).await;
+        let ans = raw(
+            self.addr(),
+            vec![Step::Send(bytes)],
+            Duration::from_secs(10),
+        )
+        .await;
         match ans.status {
             Some(400) | None => {}
-            Some(other) => self.failures.push(format!("[{case}] status {other}, expected 400 or a closed connection")),
+            Some(other) => self.failures.push(format!(
+                "[{case}] status {other}, expected 400 or a closed connection"
+            )),
         }
         self.alive(case).await;
     }
@@ -1425,7 +1432,8 @@ async fn unparseable_requests_get_a_4xx_and_the_server_keeps_serving() {
         valid_body(),
     ]
     .concat();
-    c.expect_raw_framing_error("Content-Length not a number", bytes).await;
+    c.expect_raw_framing_error("Content-Length not a number", bytes)
+        .await;
     let many: String = (0..300).map(|i| format!("X-Filler-{i}: v\r\n")).collect();
     let bytes = [
         deferred_head("bob-key", &many),

@@ -165,7 +165,10 @@ fn header<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
 
 /// A Ferry header's value: `Ok(None)` when absent, `Err` when present but
 /// not visible ASCII (which must be refused, not mistaken for absence).
-fn ferry_header<'a>(req: &'a RequestHeader, name: &str) -> std::result::Result<Option<&'a str>, ()> {
+fn ferry_header<'a>(
+    req: &'a RequestHeader,
+    name: &str,
+) -> std::result::Result<Option<&'a str>, ()> {
     match req.headers.get(name) {
         None => Ok(None),
         Some(v) => v.to_str().map(Some).map_err(|_| ()),
@@ -214,9 +217,14 @@ async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<
                 None,
                 Some("method_not_allowed"),
             );
-            return respond::json(session, 405, &[("allow", allow.to_owned())], Bytes::from(env.to_bytes()))
-                .await
-                .map(|_| true);
+            return respond::json(
+                session,
+                405,
+                &[("allow", allow.to_owned())],
+                Bytes::from(env.to_bytes()),
+            )
+            .await
+            .map(|_| true);
         }
         _ => {}
     }

@@ -20,7 +20,9 @@ pub enum Route {
         id: String,
     },
     /// A Ferry route with the wrong method; `allow` lists the right ones.
-    MethodNotAllowed { allow: &'static str },
+    MethodNotAllowed {
+        allow: &'static str,
+    },
     /// Any other `/v1/...`: passthrough.
     OtherV1,
     NotFound,

@@ -108,7 +108,10 @@ pub fn upstream_custom_id(id: u64) -> String {
 /// leading zero, so each id has one spelling.
 pub fn parse_upstream_custom_id(s: &str) -> Option<u64> {
     let digits = s.strip_prefix("ferry-")?;
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || (digits.len() > 1 && digits.starts_with('0')) {
+    if digits.is_empty()
+        || !digits.bytes().all(|b| b.is_ascii_digit())
+        || (digits.len() > 1 && digits.starts_with('0'))
+    {
         return None;
     }
     digits.parse().ok()
