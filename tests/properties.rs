@@ -471,14 +471,14 @@ proptest! {
         let expected = match method {
             Method::GET => Route::Lookup { id: id.clone(), result: false },
             Method::DELETE => Route::Cancel { id: id.clone() },
-            _ => Route::MethodNotAllowed,
+            _ => Route::MethodNotAllowed { allow: "GET, DELETE" },
         };
         prop_assert_eq!(one, expected);
         let result = classify(&method, &format!("/v1/ferry/requests/{id}/result"));
         let expected = if method == Method::GET {
             Route::Lookup { id: id.clone(), result: true }
         } else {
-            Route::MethodNotAllowed
+            Route::MethodNotAllowed { allow: "GET" }
         };
         prop_assert_eq!(result, expected);
     }

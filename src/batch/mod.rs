@@ -264,10 +264,40 @@ async fn upload(
     Ok(())
 }
 
+/// Deletes a finished batch's upstream files (Moonshot allows only 1,000
+/// batch files per organisation) and records which deletes are still owed.
+/// A failed delete is only logged; the results are already safe.
+pub async fn delete_upstream_files(app: &Arc<App>, up: &crate::Upstream, batch: &mut BatchRecord) {
+    let BatchState::Done { cleanup, .. } = &mut batch.state else {
+        return;
+    };
+    let mut owed = Vec::new();
+    for f in cleanup.drain(..) {
+        if let Err(e) = up.client.delete_file(&f).await {
+            warn!(ferry_batch = batch.id, file_id = %f, error = %e, "could not delete an upstream file; will retry at the next start");
+            owed.push(f);
+        }
+    }
+    *cleanup = owed;
+    if let Err(e) = app.store.put_batch(batch) {
+        warn!(ferry_batch = batch.id, error = %e, "cannot record the file cleanup");
+    }
+}
+
 /// Deletes input files Ferry uploaded that no live batch uses (uploads cut
 /// short by a crash, or files whose delete failed). Run once at start.
 pub async fn sweep_orphan_files(app: Arc<App>, upstream: usize) {
     let up = &app.upstreams[upstream];
+    // Deletes a finished batch still owes (a crash or an upstream error cut
+    // them short), output and error files included.
+    match app.store.batches_owing_cleanup(&up.settings.name) {
+        Ok(batches) => {
+            for mut b in batches {
+                delete_upstream_files(&app, up, &mut b).await;
+            }
+        }
+        Err(e) => warn!(error = %e, "cannot list batches owing file deletes"),
+    }
     let files = match up.client.list_batch_files().await {
         Ok(f) => f,
         Err(e) => {
@@ -427,23 +457,23 @@ async fn poll_and_ingest(
     app.metrics
         .batch_duration
         .observe(submitted.elapsed().as_secs_f64());
-    // Moonshot allows 1,000 batch files per organisation: clean up. A
-    // failed delete is only logged; the results are already safe.
-    for f in [Some(file_id), obj.output_file(), obj.error_file()]
+    // Done is recorded before the upstream files are deleted: once the
+    // output file is gone, ingesting again would be impossible, so a crash
+    // must not find this batch still `submitted`.
+    let cleanup: Vec<String> = [Some(file_id), obj.output_file(), obj.error_file()]
         .into_iter()
         .flatten()
-    {
-        if let Err(e) = up.client.delete_file(f).await {
-            warn!(ferry_batch = batch.id, file_id = f, error = %e, "could not delete an upstream file");
-        }
-    }
+        .map(str::to_owned)
+        .collect();
     batch.state = BatchState::Done {
         file_id: Some(file_id.to_owned()),
         batch_id: Some(batch_id.to_owned()),
         upstream_status: obj.status.clone(),
+        cleanup,
     };
     app.store.put_batch(batch)?;
     app.store.commit().await?;
+    delete_upstream_files(app, up, batch).await;
     info!(
         ferry_batch = batch.id,
         batch_id,
@@ -477,7 +507,7 @@ async fn ingest_batch(
         }
     } else {
         for file in [obj.output_file(), obj.error_file()].into_iter().flatten() {
-            read_result_file(
+            let read = read_result_file(
                 app,
                 up,
                 file,
@@ -486,7 +516,20 @@ async fn ingest_batch(
                 &mut outcomes,
                 shutdown,
             )
-            .await?;
+            .await;
+            match read {
+                // The file is gone (deleted upstream, or expired): members
+                // already finished stay so; the rest count as missing below
+                // rather than leave the batch stuck forever.
+                Err(StepError::Upstream(UpstreamError::Status { status: 404, .. })) => {
+                    warn!(
+                        ferry_batch = batch.id,
+                        file_id = file,
+                        "result file no longer exists upstream"
+                    );
+                }
+                other => other?,
+            }
         }
         let max_attempts = up.settings.max_attempts;
         let missing = match obj.status.as_str() {
@@ -704,6 +747,7 @@ async fn fail_all(
         file_id: None,
         batch_id: None,
         upstream_status: "refused".into(),
+        cleanup: Vec::new(),
     };
     app.store.put_batch(batch)?;
     app.store.commit().await?;

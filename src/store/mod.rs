@@ -596,6 +596,21 @@ impl Store {
         Ok(out)
     }
 
+    /// Finished batches of an upstream whose upstream files are not all deleted.
+    pub fn batches_owing_cleanup(&self, upstream: &str) -> Result<Vec<BatchRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.batches.iter() {
+            let (_, v) = item?;
+            let b: BatchRecord = serde_json::from_slice(&v).map_err(|e| corrupt("batch", e))?;
+            if b.upstream == upstream
+                && matches!(&b.state, BatchState::Done { cleanup, .. } if !cleanup.is_empty())
+            {
+                out.push(b);
+            }
+        }
+        Ok(out)
+    }
+
     /// Member ids of a batch, in id (arrival) order.
     pub fn members(&self, batch: u64) -> impl Iterator<Item = Result<u64, StoreError>> + '_ {
         self.members.scan_prefix(batch.to_be_bytes()).map(|item| {

@@ -171,6 +171,10 @@ pub enum BatchState {
         file_id: Option<String>,
         batch_id: Option<String>,
         upstream_status: String,
+        /// Upstream files (input, output, error) not yet deleted; emptied as
+        /// deletes succeed, and retried at the next start.
+        #[serde(default)]
+        cleanup: Vec<String>,
     },
 }
 

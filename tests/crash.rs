@@ -1,0 +1,744 @@
+//! The crash harness: the real `ferry` binary under load in front of a
+//! standalone emulator, killed with SIGKILL at random moments and restarted
+//! on the same data dir, many times. Each kill aims, in turn, at intake, a
+//! flush (upload, create), polling and result ingestion: it falls at a
+//! random time, waits for that phase to be going on (read from Ferry's JSON
+//! log, or the clients' calls in flight), then a random instant more. At the
+//! end, against Ferry's status routes and the emulator's stats:
+//!
+//! 1. every request that got a `202` is `completed` with its own answer
+//!    (the emulator answers `echo: <prompt>`, and every prompt is unique);
+//! 2. nothing ran upstream twice (`executed_more_than_once == 0`);
+//! 3. nothing was sent in two batches: no faults are injected, so nothing is
+//!    legitimately sent again (`lines_submitted == distinct_custom_ids`, and
+//!    that is exactly the number of requests Ferry holds);
+//! 4. every batch finishes (`ferry_live_batches` drops to 0) and no
+//!    `purpose=batch` input file is left upstream.
+//!
+//! A call cut off by a kill may have been stored without its `202` reaching
+//! the client: such a request is not counted as accepted, but if Ferry has it
+//! it must complete like any other, and it must not break 2 or 3. Half the
+//! failed calls are retried with the same custom id (an idempotent retry).
+//!
+//! Size and seed come from the environment: `FERRY_CRASH_CYCLES` (kills,
+//! default 4), `FERRY_CRASH_REQUESTS` (requests per kill, default 150),
+//! `FERRY_CRASH_RATE` (requests per second, default 100; the run lasts about
+//! cycles × requests / rate), `FERRY_CRASH_SEED` (default random, printed;
+//! it fixes the kill schedule, not the timing of everything else),
+//! `FERRY_CRASH_KEEP=1` (keep the temp dir with every log; it is always kept
+//! on failure). A long run (about 17 minutes):
+//!
+//! ```sh
+//! FERRY_CRASH_CYCLES=500 FERRY_CRASH_REQUESTS=400 FERRY_CRASH_RATE=200 \
+//!     cargo test --release --test crash -- --nocapture
+//! ```
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use common::{Stack, UPSTREAM_KEY, chat};
+use futures::StreamExt;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tokio::time::MissedTickBehavior;
+
+/// Requests alternate between two tenants and two models (two queues, so
+/// batches of both overlap).
+const KEYS: [&str; 2] = ["alice-key", "bob-key"];
+const MODELS: [&str; 2] = ["gpt-4o-mini", "gpt-4o"];
+/// Concurrent client tasks.
+const CLIENTS: usize = 8;
+/// A client whose call failed (Ferry down) sends the same call again, with
+/// the same custom id, with this probability; else it gives the id up.
+const RETRY_PROBABILITY: f64 = 0.5;
+/// Tries of one call before a client gives its id up.
+const MAX_TRIES: u32 = 400;
+/// How long the batches Ferry created may take to hand their files back
+/// once every request is finished (deleting files, recording `done`).
+const SETTLE_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Small batches, flushed often, polled often; no upstream rate limit in the
+/// way (the defaults of 10 calls/s and 2,000 batches/h would throttle it).
+const UPSTREAM_EXTRA: &str = r#"
+max_requests = 25
+max_wait_secs = 0.2
+calls_per_second = 1000
+batches_per_hour = 1000000
+"#;
+/// JSON logs, so the harness can tell what a killed Ferry was doing.
+const SERVER_EXTRA: &str = r#"log_format = "json""#;
+
+/// The size of the run, from the environment.
+struct Knobs {
+    cycles: usize,
+    per_cycle: u64,
+    rate: f64,
+    seed: u64,
+    keep: bool,
+}
+
+impl Knobs {
+    fn from_env() -> Knobs {
+        Knobs {
+            cycles: env_or("FERRY_CRASH_CYCLES", 4),
+            per_cycle: env_or("FERRY_CRASH_REQUESTS", 150),
+            rate: env_or("FERRY_CRASH_RATE", 100.0),
+            seed: env_or("FERRY_CRASH_SEED", rand::random::<u64>()),
+            keep: std::env::var("FERRY_CRASH_KEEP").is_ok_and(|v| v == "1"),
+        }
+    }
+}
+
+fn env_or<T: FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v} is not a valid value")),
+        Err(_) => default,
+    }
+}
+
+/// Request number `n` of the run: its custom id, tenant, model and prompt.
+#[derive(Clone, Copy)]
+struct Req(u64);
+
+impl Req {
+    fn id(self) -> String {
+        format!("crash-{}", self.0)
+    }
+
+    fn key(self) -> &'static str {
+        KEYS[(self.0 % 2) as usize]
+    }
+
+    fn model(self) -> &'static str {
+        MODELS[(self.0 / 2 % 2) as usize]
+    }
+
+    fn prompt(self, seed: u64) -> String {
+        format!("crash run {seed}, request {}", self.0)
+    }
+}
+
+/// What the clients saw.
+#[derive(Default)]
+struct Tally {
+    /// Got a `202`.
+    accepted: Vec<u64>,
+    /// Given up without a `202` (Ferry was down): stored or not, unknown.
+    unacked: Vec<u64>,
+    /// Accepted on a try after a failed one (an idempotent retry).
+    accepted_on_retry: u64,
+    /// Answers that should never happen (e.g. `409` on a retry).
+    unexpected: Vec<String>,
+    /// How long each `202` took.
+    latencies: Vec<Duration>,
+}
+
+/// The load: clients share the address of the Ferry now running and take
+/// request numbers in order.
+struct Load {
+    http: reqwest::Client,
+    proxy: RwLock<String>,
+    seed: u64,
+    total: u64,
+    next: AtomicU64,
+    in_flight: AtomicUsize,
+    /// Told whenever a call starts.
+    sending: Notify,
+    tally: Mutex<Tally>,
+}
+
+enum Sent {
+    Accepted(Duration),
+    Failed,
+    Unexpected(String),
+}
+
+impl Load {
+    async fn send(&self, req: Req) -> Sent {
+        let url = format!("{}/v1/chat/completions", self.proxy.read().unwrap());
+        let started = Instant::now();
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.sending.notify_waiters();
+        let res = self
+            .http
+            .post(url)
+            .bearer_auth(req.key())
+            .header("prefer", "respond-async")
+            .header("x-ferry-custom-id", req.id())
+            .json(&chat(req.model(), &req.prompt(self.seed)))
+            .send()
+            .await;
+        let sent = match res {
+            Err(_) => Sent::Failed,
+            // The 202 is sent only once the request is durable: it counts
+            // even if the body is then cut off.
+            Ok(r) if r.status() == 202 => match r.json::<Value>().await {
+                Ok(ticket) if ticket["id"] != req.id().as_str() => {
+                    Sent::Unexpected(format!("{}: ticket for another id: {ticket}", req.id()))
+                }
+                _ => Sent::Accepted(started.elapsed()),
+            },
+            // Storage unavailable: not accepted, try again.
+            Ok(r) if r.status() == 503 => Sent::Failed,
+            Ok(r) => Sent::Unexpected(format!(
+                "{}: {} {}",
+                req.id(),
+                r.status(),
+                r.text().await.unwrap_or_default()
+            )),
+        };
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        sent
+    }
+}
+
+/// One client: sends requests `pace` apart until all are taken.
+async fn client(load: Arc<Load>, mut rng: StdRng, pace: Duration) {
+    let mut tick = tokio::time::interval(pace);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        let n = load.next.fetch_add(1, Ordering::SeqCst);
+        if n >= load.total {
+            return;
+        }
+        tick.tick().await;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match load.send(Req(n)).await {
+                Sent::Accepted(took) => {
+                    let mut t = load.tally.lock().unwrap();
+                    t.latencies.push(took);
+                    t.accepted.push(n);
+                    t.accepted_on_retry += u64::from(tries > 1);
+                    break;
+                }
+                Sent::Failed if tries < MAX_TRIES && rng.random_bool(RETRY_PROBABILITY) => {
+                    // Ferry is down or restarting: pace the retries.
+                    let ms = rng.random_range(10..40);
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                Sent::Failed => {
+                    load.tally.lock().unwrap().unacked.push(n);
+                    break;
+                }
+                Sent::Unexpected(what) => {
+                    load.tally.lock().unwrap().unexpected.push(what);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Where a batch is, by the last line Ferry logged about it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    /// Claimed or uploaded, not yet created upstream.
+    Flush,
+    /// Created upstream, not yet finished there.
+    Polling,
+    /// Finished upstream: results being taken in, files being deleted.
+    Ingestion,
+}
+
+/// Follows the (JSON) log of a running Ferry: which batch is in which
+/// phase, and whether recovery has finished.
+struct LogTail {
+    file: std::fs::File,
+    pending: Vec<u8>,
+    batches: HashMap<u64, Phase>,
+    recovered: bool,
+    /// The last warning or error logged about each batch.
+    complaints: HashMap<u64, String>,
+}
+
+impl LogTail {
+    fn open(path: &Path) -> LogTail {
+        LogTail {
+            file: std::fs::File::open(path).expect("ferry log"),
+            pending: Vec::new(),
+            batches: HashMap::new(),
+            recovered: false,
+            complaints: HashMap::new(),
+        }
+    }
+
+    /// Reads what was logged since the last call.
+    fn update(&mut self) {
+        use std::io::Read;
+        let _ = self.file.read_to_end(&mut self.pending);
+        let Some(end) = self.pending.iter().rposition(|b| *b == b'\n') else {
+            return;
+        };
+        let complete: Vec<u8> = self.pending.drain(..=end).collect();
+        for line in complete.split(|b| *b == b'\n') {
+            self.line(line);
+        }
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        let Ok(v) = serde_json::from_slice::<Value>(line) else {
+            return;
+        };
+        let fields = &v["fields"];
+        let message = fields["message"].as_str().unwrap_or_default();
+        if message == "recovery finished" {
+            self.recovered = true;
+        }
+        let Some(batch) = fields["ferry_batch"].as_u64() else {
+            return;
+        };
+        if matches!(v["level"].as_str(), Some("WARN" | "ERROR")) {
+            let error = fields["error"].as_str().unwrap_or_default();
+            self.complaints.insert(batch, format!("{message}: {error}"));
+        }
+        let phase = match message {
+            "resuming a batch" => {
+                let state = fields["state"].as_str().unwrap_or_default();
+                if state.starts_with("Submitted") {
+                    Some(Phase::Polling)
+                } else {
+                    Some(Phase::Flush)
+                }
+            }
+            "queue flushed into a batch"
+            | "input file uploaded"
+            | "found the file uploaded before the restart" => Some(Phase::Flush),
+            "batch created upstream" => Some(Phase::Polling),
+            "batch finished upstream" => Some(Phase::Ingestion),
+            "batch done" | "upstream refused the batch; failing its requests" => None,
+            _ => return,
+        };
+        match phase {
+            Some(p) => self.batches.insert(batch, p),
+            None => self.batches.remove(&batch),
+        };
+    }
+
+    fn count(&self, phase: Phase) -> usize {
+        self.batches.values().filter(|p| **p == phase).count()
+    }
+}
+
+/// What a kill aims at: from the kill's random time, the harness waits
+/// (up to `AIM_PATIENCE`) for that to be going on, then a random moment
+/// more (up to `jitter`, so that kills spread over the phase), and kills.
+/// Kills take the aims in turn, from a random start.
+#[derive(Clone, Copy, Debug)]
+enum Aim {
+    Intake,
+    Flush,
+    Polling,
+    Ingestion,
+}
+
+const AIMS: [Aim; 4] = [Aim::Intake, Aim::Flush, Aim::Polling, Aim::Ingestion];
+const AIM_PATIENCE: Duration = Duration::from_secs(1);
+
+impl Aim {
+    fn reached(self, tail: &LogTail, in_flight: usize) -> bool {
+        match self {
+            Aim::Intake => in_flight > 0,
+            Aim::Flush => tail.count(Phase::Flush) > 0,
+            Aim::Polling => tail.count(Phase::Polling) > 0,
+            Aim::Ingestion => tail.count(Phase::Ingestion) > 0,
+        }
+    }
+
+    /// About how long the phase lasts here (the emulator adds 2 ms to each
+    /// call): an intake call a few milliseconds (the group commit's fsync),
+    /// an upload and a create a few, a download, three deletes and the
+    /// commits between them several. Polling lasts long enough as it is.
+    fn jitter(self) -> Duration {
+        Duration::from_micros(match self {
+            Aim::Intake => 3_000,
+            Aim::Flush => 5_000,
+            Aim::Polling => 0,
+            Aim::Ingestion => 10_000,
+        })
+    }
+}
+
+/// Busy-waits `d` (sub-millisecond precision, unlike the timer).
+fn spin(d: Duration) {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        std::hint::spin_loop();
+    }
+}
+
+/// What a killed Ferry was doing.
+struct Activity {
+    /// Intake calls in flight (client side) at the kill.
+    intake: usize,
+    flush: usize,
+    polling: usize,
+    ingestion: usize,
+    /// Recovery had not finished.
+    starting: bool,
+}
+
+impl Activity {
+    fn of(tail: &LogTail, intake: usize) -> Activity {
+        Activity {
+            intake,
+            flush: tail.count(Phase::Flush),
+            polling: tail.count(Phase::Polling),
+            ingestion: tail.count(Phase::Ingestion),
+            starting: !tail.recovered,
+        }
+    }
+}
+
+/// `ferry_live_batches` from the admin port's metrics.
+async fn live_batches(s: &Stack) -> Option<u64> {
+    let text = s
+        .http
+        .get(s.admin("/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("ferry_live_batches "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
+/// Warnings and errors of every Ferry run in `dir`, for a failure message.
+fn ferry_complaints(dir: &Path, max: usize) -> Vec<String> {
+    let mut logs: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("ferry-") && n.ends_with(".log"))
+        })
+        .collect();
+    logs.sort();
+    let mut out = Vec::new();
+    for log in logs {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        for line in text.lines() {
+            if line.contains("\"level\":\"INFO\"") || line.contains("\"level\":\"DEBUG\"") {
+                continue;
+            }
+            let name = log.file_name().unwrap_or_default().to_string_lossy();
+            out.push(format!("{name}: {line}"));
+            if out.len() == max {
+                return out;
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_at_random_moments_loses_nothing_and_runs_nothing_twice() {
+    let knobs = Knobs::from_env();
+    let total = knobs.per_cycle * knobs.cycles as u64;
+    eprintln!(
+        "crash harness: seed {} (FERRY_CRASH_SEED={} repeats the kill schedule), {} cycles of {} requests at {}/s",
+        knobs.seed, knobs.seed, knobs.cycles, knobs.per_cycle, knobs.rate
+    );
+    let started = Instant::now();
+    let mut rng = StdRng::seed_from_u64(knobs.seed);
+    let mut s = Stack::start(UPSTREAM_EXTRA, SERVER_EXTRA);
+    // Batches that live long enough (~0.5 s) for kills to land in every
+    // phase, and upstream calls slow enough for uploads and result
+    // downloads to be cut off.
+    s.emulator_config(json!({
+        "validating_seconds": 0.2,
+        "per_request_seconds": 0.004,
+        "finalizing_seconds": 0.15,
+        "latency_ms": 2,
+    }))
+    .await;
+
+    let load = Arc::new(Load {
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("client"),
+        proxy: RwLock::new(s.url("")),
+        seed: knobs.seed,
+        total,
+        next: AtomicU64::new(0),
+        in_flight: AtomicUsize::new(0),
+        sending: Notify::new(),
+        tally: Mutex::default(),
+    });
+    let pace = Duration::from_secs_f64(CLIENTS as f64 / knobs.rate);
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let rng = StdRng::seed_from_u64(knobs.seed.wrapping_add(1 + c as u64));
+            tokio::spawn(client(load.clone(), rng, pace))
+        })
+        .collect();
+    let load_started = Instant::now();
+
+    // The kills fall at random moments over the time the load takes at its
+    // pace (so the load runs through all of them), each put off until what
+    // it aims at is going on.
+    let span = total as f64 / knobs.rate;
+    let mut schedule: Vec<f64> = (0..knobs.cycles)
+        .map(|_| rng.random_range(0.0..span))
+        .collect();
+    schedule.sort_by(f64::total_cmp);
+    let first_aim = rng.random_range(0..AIMS.len());
+    let mut kills: Vec<Activity> = Vec::new();
+    let mut since = load_started;
+    for (k, at) in schedule.into_iter().enumerate() {
+        let mut tail = LogTail::open(&s.ferry.log);
+        let aim = AIMS[(first_aim + k) % AIMS.len()];
+        tokio::time::sleep_until((load_started + Duration::from_secs_f64(at)).into()).await;
+        // Choosing the moment by what is going on is the point here. Intake
+        // calls are short: the clients announce each one. Batch phases are
+        // read from the log, in 1 ms steps.
+        let patience = Instant::now() + AIM_PATIENCE;
+        loop {
+            let sending = load.sending.notified();
+            tail.update();
+            if aim.reached(&tail, load.in_flight.load(Ordering::SeqCst))
+                || Instant::now() >= patience
+            {
+                break;
+            }
+            if matches!(aim, Aim::Intake) {
+                let _ = tokio::time::timeout_at(patience.into(), sending).await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        let jitter = aim.jitter().mul_f64(rng.random::<f64>());
+        tokio::task::block_in_place(|| spin(jitter));
+        let intake = load.in_flight.load(Ordering::SeqCst);
+        let lived = since.elapsed().as_secs_f64();
+        let cycle = k + 1;
+        let down = Instant::now();
+        tokio::task::block_in_place(|| s.restart_ferry());
+        let down = down.elapsed().as_secs_f64() * 1000.0;
+        *load.proxy.write().unwrap() = s.url("");
+        since = Instant::now();
+        // Whatever it logged up to the kill.
+        tail.update();
+        let a = Activity::of(&tail, intake);
+        eprintln!(
+            "kill {cycle} after {lived:.2} s, aiming at {aim:?}: {} intake calls in flight, batches {} flushing, {} polling, {} ingesting{}; back in {down:.0} ms",
+            a.intake,
+            a.flush,
+            a.polling,
+            a.ingestion,
+            if a.starting { ", still recovering" } else { "" }
+        );
+        kills.push(a);
+    }
+
+    // Ferry is up for good: the rest of the load, then a flush of anything
+    // left in the queues.
+    for c in clients {
+        c.await.expect("client task");
+    }
+    s.flush().await;
+    let mut tally = std::mem::take(&mut *load.tally.lock().unwrap());
+    tally.latencies.sort();
+    let percentile = |p: f64| {
+        let l = &tally.latencies;
+        l.get(((l.len() as f64 - 1.0) * p) as usize)
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    let sent = load.next.load(Ordering::SeqCst).min(total);
+
+    // 1. Every accepted request completes with its own answer. Each lookup
+    // is a long-poll that returns as soon as the request is terminal. Ids
+    // given up on are looked up too: unknown is fine, stored must complete.
+    let lookups: Vec<(u64, bool, u16, Value)> = futures::stream::iter(
+        tally
+            .accepted
+            .iter()
+            .map(|&n| (n, true))
+            .chain(tally.unacked.iter().map(|&n| (n, false))),
+    )
+    .map(|(n, acked)| {
+        let s = &s;
+        async move {
+            let req = Req(n);
+            let (code, st) = s.status(req.key(), &req.id(), 60).await;
+            (n, acked, code, st)
+        }
+    })
+    .buffer_unordered(64)
+    .collect()
+    .await;
+    let mut problems: Vec<String> = tally
+        .unexpected
+        .iter()
+        .map(|u| format!("unexpected answer at intake: {u}"))
+        .collect();
+    let mut lost = Vec::new();
+    let mut stored_unacked = 0u64;
+    for (n, acked, code, st) in &lookups {
+        let req = Req(*n);
+        if *code == 404 && !acked {
+            continue;
+        }
+        if !acked {
+            stored_unacked += 1;
+        }
+        let want = format!("echo: {}", req.prompt(knobs.seed));
+        let got = &st["result"]["body"]["choices"][0]["message"]["content"];
+        if *code != 200 || st["status"] != "completed" || got != want.as_str() {
+            let what = if *acked {
+                "accepted"
+            } else {
+                "stored without a 202"
+            };
+            lost.push(format!("{} ({what}), want {want:?}: {code} {st}", req.id()));
+        }
+    }
+    if !lost.is_empty() {
+        problems.push(format!(
+            "{} requests not completed with their answer:\n  {}",
+            lost.len(),
+            lost.iter()
+                .take(20)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n  ")
+        ));
+    }
+
+    // 2 and 3, from the emulator's books. Every stored request is sent in
+    // exactly one batch, so the distinct ids are also exactly the requests
+    // Ferry holds.
+    let stats = s.emulator_stats().await;
+    let num = |k: &str| stats[k].as_u64().unwrap_or(u64::MAX);
+    let twice = num("executed_more_than_once");
+    let in_two_batches = num("lines_submitted").saturating_sub(num("distinct_custom_ids"));
+    let held = tally.accepted.len() as u64 + stored_unacked;
+    if twice != 0 {
+        problems.push(format!(
+            "{twice} custom ids executed upstream more than once"
+        ));
+    }
+    if num("lines_submitted") != num("distinct_custom_ids") {
+        problems.push(format!(
+            "{} lines submitted for {} distinct custom ids: requests sent in two batches",
+            num("lines_submitted"),
+            num("distinct_custom_ids")
+        ));
+    }
+    if num("distinct_custom_ids") != held {
+        problems.push(format!(
+            "{} distinct custom ids upstream, but Ferry holds {held} requests ({} accepted, {stored_unacked} stored without a 202)",
+            num("distinct_custom_ids"),
+            tally.accepted.len()
+        ));
+    }
+    if stats["batches_by_status"]["failed"] != 0 {
+        problems.push("a batch failed upstream, with no fault injected".into());
+    }
+
+    // 4. No input file left upstream. A batch deletes its files after its
+    // results are stored (and after the long-polls above returned), so wait
+    // for Ferry's last batch to finish first: there is no route to long-poll
+    // that, hence a bounded poll of the gauge.
+    let settle = Instant::now();
+    let mut live = live_batches(&s).await;
+    while live != Some(0) && settle.elapsed() < SETTLE_DEADLINE {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        live = live_batches(&s).await;
+    }
+    let stuck = live.unwrap_or(u64::MAX);
+    if stuck != 0 {
+        let mut tail = LogTail::open(&s.ferry.log);
+        tail.update();
+        let mut which: Vec<String> = tail
+            .batches
+            .iter()
+            .map(|(b, phase)| {
+                let last = tail.complaints.get(b).map_or("", String::as_str);
+                format!("ferry_batch {b} ({phase:?}; last complaint: {last})")
+            })
+            .collect();
+        which.sort();
+        problems.push(format!(
+            "{live:?} batches still live in Ferry {} s after every request finished:\n  {}",
+            SETTLE_DEADLINE.as_secs(),
+            which.join("\n  ")
+        ));
+    }
+    let files: Value = s
+        .http
+        .get(s.emu("/v1/files?purpose=batch"))
+        .bearer_auth(UPSTREAM_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let leftover = files["data"].as_array().map_or(0, Vec::len);
+    if leftover != 0 {
+        problems.push(format!("{leftover} input files left upstream: {files}"));
+    }
+
+    let kinds = |f: fn(&Activity) -> bool| kills.iter().filter(|a| f(a)).count();
+    eprintln!(
+        "intake answers (202): median {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        percentile(0.5),
+        percentile(0.99),
+        percentile(1.0)
+    );
+    eprintln!(
+        "kills landed during: intake {}, flush {}, polling {}, ingestion {}, recovery {}; {} accepted on an idempotent retry, {} given up ({} of them stored anyway)",
+        kinds(|a| a.intake > 0),
+        kinds(|a| a.flush > 0),
+        kinds(|a| a.polling > 0),
+        kinds(|a| a.ingestion > 0),
+        kinds(|a| a.starting),
+        tally.accepted_on_retry,
+        tally.unacked.len(),
+        stored_unacked,
+    );
+    eprintln!(
+        "crash harness: {} SIGKILLs over {sent} requests ({} accepted): {} lost, {twice} executed twice, {in_two_batches} in two batches, {stuck} batches stuck, {leftover} input files left ({:.1} s, seed {})",
+        kills.len(),
+        tally.accepted.len(),
+        lost.len(),
+        started.elapsed().as_secs_f64(),
+        knobs.seed
+    );
+
+    if problems.is_empty() {
+        if knobs.keep {
+            eprintln!("logs kept in {}", s.dir.keep().display());
+        }
+        return;
+    }
+    let dir = s.dir.keep();
+    panic!(
+        "crash harness failed (seed {}, FERRY_CRASH_SEED={} to repeat the schedule):\n- {}\nemulator stats: {stats}\nlogs kept in {}\nFerry's warnings and errors:\n{}",
+        knobs.seed,
+        knobs.seed,
+        problems.join("\n- "),
+        dir.display(),
+        ferry_complaints(&dir, 40).join("\n")
+    );
+}
