@@ -215,7 +215,8 @@ async fn deferred_call_gets_a_ticket_then_its_result_by_long_poll() {
 
     let stats = s.emulator_stats().await;
     assert_eq!(stats["lines_submitted"], 1);
-    // The input, output files were deleted after ingestion.
+    // The input and output files are deleted once the batch is done.
+    s.until_no_live_batches().await;
     let files: Value = s
         .http
         .get(s.emu("/v1/files"))

@@ -272,6 +272,24 @@ impl Stack {
             .unwrap()
     }
 
+    /// Waits until no batch is live (results stored, upstream files deleted).
+    /// File cleanup follows the results and nothing can long-poll it, so this
+    /// polls `ferry_live_batches` briefly.
+    pub async fn until_no_live_batches(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let m = self.metrics().await;
+            if m.lines().any(|l| l == "ferry_live_batches 0") {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "batches still live:\n{m}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// A chat completion passed through (no `Prefer`) as `key`.
     pub async fn chat_call(&self, key: &str, body: &Value) -> reqwest::Response {
         self.http
