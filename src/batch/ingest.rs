@@ -1,6 +1,8 @@
 //! Reading a finished batch's output and error files: one line at a time,
 //! matched by `custom_id`, never by position.
 
+use std::collections::HashSet;
+
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 
@@ -74,6 +76,58 @@ pub fn parse_line(line: &[u8]) -> Result<(u64, Outcome), LineError> {
             _ => Outcome::Failed(err),
         },
     ))
+}
+
+/// Reads one result file chunk by chunk: every usable line for a member of
+/// the batch is handed on; unreadable lines, lines with ids that are not
+/// Ferry's and lines for requests outside the batch are counted and skipped,
+/// so one bad line never costs the good ones.
+pub struct ResultReader<'a> {
+    members: &'a HashSet<u64>,
+    splitter: LineSplitter,
+    /// Lines that could not be used.
+    pub bad_lines: usize,
+}
+
+impl<'a> ResultReader<'a> {
+    pub fn new(members: &'a HashSet<u64>) -> Self {
+        ResultReader {
+            members,
+            splitter: LineSplitter::default(),
+            bad_lines: 0,
+        }
+    }
+
+    pub fn push(&mut self, chunk: &Bytes, out: &mut impl FnMut(u64, Outcome)) {
+        for line in self.splitter.push(chunk) {
+            self.line(&line, out);
+        }
+    }
+
+    /// Handles a last line without a newline; returns the bad-line count.
+    pub fn finish(mut self, out: &mut impl FnMut(u64, Outcome)) -> usize {
+        if let Some(line) = std::mem::take(&mut self.splitter).finish() {
+            self.line(&line, out);
+        }
+        self.bad_lines
+    }
+
+    fn line(&mut self, line: &[u8], out: &mut impl FnMut(u64, Outcome)) {
+        match parse_line(line) {
+            Ok((id, outcome)) if self.members.contains(&id) => out(id, outcome),
+            Ok((id, _)) => {
+                self.bad_lines += 1;
+                tracing::warn!(
+                    request = id,
+                    "result line for a request not in this batch; ignored"
+                );
+            }
+            Err(e) => {
+                self.bad_lines += 1;
+                tracing::warn!(error = %e, "unusable result line; ignored");
+            }
+        }
+    }
 }
 
 /// Splits a byte stream into lines across chunk boundaries.
@@ -158,6 +212,37 @@ mod tests {
             parse_line(br#"{"custom_id":"ferry-2"}"#).unwrap_err(),
             LineError::Empty
         );
+    }
+
+    #[test]
+    fn a_malformed_file_loses_none_of_its_good_lines() {
+        let members: HashSet<u64> = [1, 2, 3, 4].into();
+        let file = concat!(
+            r#"{"custom_id":"ferry-2","response":{"status_code":200,"body":{"n":2}},"error":null}"#,
+            "\n",
+            "{this is not json\n",
+            r#"{"custom_id":"someone-else","response":{"status_code":200,"body":{}}}"#,
+            "\n",
+            r#"{"custom_id":"ferry-99","response":{"status_code":200,"body":{}}}"#,
+            "\n",
+            "\n",
+            r#"{"custom_id":"ferry-1","response":{"status_code":400,"body":{"error":{}}},"error":null}"#,
+            "\n",
+            r#"{"custom_id":"ferry-4","response":{"status_code":200,"body":{"n":4}}}"#,
+        );
+        // Cut the file into awkward chunks.
+        let bytes = Bytes::from(file);
+        let mut seen = Vec::new();
+        let mut out = |id, o: Outcome| seen.push((id, matches!(o, Outcome::Completed(_))));
+        let mut reader = ResultReader::new(&members);
+        for start in (0..bytes.len()).step_by(7) {
+            reader.push(&bytes.slice(start..(start + 7).min(bytes.len())), &mut out);
+        }
+        let bad = reader.finish(&mut out);
+        seen.sort();
+        // 1, 2 and 4 answered; 3 has no line (the caller retries it).
+        assert_eq!(seen, vec![(1, true), (2, true), (4, true)]);
+        assert_eq!(bad, 3);
     }
 
     #[test]

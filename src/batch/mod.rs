@@ -673,39 +673,19 @@ async fn read_result_file(
     )
     .await?;
     let member_set: std::collections::HashSet<u64> = members.iter().copied().collect();
-    let mut splitter = ingest::LineSplitter::default();
+    let mut reader = ingest::ResultReader::new(&member_set);
+    let mut out = |id, outcome: Outcome| {
+        if let Outcome::Completed(r) = &outcome {
+            app.count_tokens(up, model, &r.body);
+        }
+        outcomes.insert(id, outcome);
+    };
     let mut stream = res.bytes_stream();
-    let mut bad_lines = 0usize;
-    let mut handle =
-        |line: &[u8], outcomes: &mut HashMap<u64, Outcome>| match ingest::parse_line(line) {
-            Ok((id, outcome)) if member_set.contains(&id) => {
-                if let Outcome::Completed(r) = &outcome {
-                    app.count_tokens(up, model, &r.body);
-                }
-                outcomes.insert(id, outcome);
-            }
-            Ok((id, _)) => {
-                bad_lines += 1;
-                warn!(
-                    file_id,
-                    request = id,
-                    "result line for a request not in this batch; ignored"
-                );
-            }
-            Err(e) => {
-                bad_lines += 1;
-                warn!(file_id, error = %e, "unreadable result line; ignored");
-            }
-        };
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| UpstreamError::Transport(e.to_string()))?;
-        for line in splitter.push(&chunk) {
-            handle(&line, outcomes);
-        }
+        reader.push(&chunk, &mut out);
     }
-    if let Some(line) = splitter.finish() {
-        handle(&line, outcomes);
-    }
+    let bad_lines = reader.finish(&mut out);
     if bad_lines > 0 {
         warn!(
             file_id,
