@@ -1,0 +1,1790 @@
+//! Ferry's load harness: the real release binary against the real emulator
+//! (and nginx, for comparison), driven by one load generator written here,
+//! and a table of the figures the performance targets are stated in.
+//!
+//! ```sh
+//! cargo bench --bench load                      # default sizes, a few minutes on 2 cores
+//! cargo bench --bench load -- --large           # 1,000,000 buffered requests, longer runs
+//! cargo bench --bench load -- --runs 3          # every figure 3 times, medians reported
+//! cargo bench --bench load -- --only intake,batch
+//! ```
+//!
+//! `cargo bench` builds `target/release/ferry` first (the bench profile is
+//! the release profile); `FERRY_BIN=/path/to/ferry` runs another binary.
+//! Sections: `passthrough` (figure 1), `intake` (2), `buffer` (3) and
+//! `batch` (4, 5 and 6). nginx (`apt-get install -y nginx`, or
+//! `FERRY_BENCH_NGINX=/path/to/nginx`) is the comparison proxy; without it
+//! its rows are skipped.
+//!
+//! The generator: tokio with one HTTP/1.1 connection (hyper) per worker.
+//! Closed loop: N workers each send their next request as soon as the
+//! previous answer is read (throughput). Open loop: requests are issued at
+//! a fixed rate from a timer thread and latency counts from when a request
+//! was due, not when a connection was free, so a stall is not hidden
+//! (no coordinated omission). Every compared target gets the same generator,
+//! the same body and the same number of connections.
+//!
+//! Memory comes from `/proc/<pid>/status` (`VmRSS`, and `VmHWM` after
+//! resetting it through `/proc/<pid>/clear_refs`); CPU time from
+//! `/proc/<pid>/stat`. Nothing is pinned: the generator, the emulator and the
+//! proxy share the machine's cores, as the table's note says.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+
+/// The emulator's key (what Ferry and nginx send upstream).
+const EMU_KEY: &str = "bench-upstream-key";
+/// The bench tenant's Ferry key.
+const TENANT_KEY: &str = "bench-key";
+const MODEL: &str = "gpt-4o-mini";
+/// Longest a single request may take before it counts as an error.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+// ------------------------------------------------------------------ options
+
+struct Opts {
+    large: bool,
+    runs: usize,
+    only: Option<Vec<String>>,
+    bin: PathBuf,
+    nginx: Option<PathBuf>,
+    /// Connections of the closed-loop runs.
+    conns: usize,
+    /// Measured time of each closed- and open-loop run.
+    duration: Duration,
+    /// Open-loop rate of the passthrough latency run.
+    rate: f64,
+    /// Requests buffered for figure 3.
+    buffer_requests: u64,
+    /// Lines of the flushed batch (figures 4, 5).
+    batch_lines: u64,
+    /// Approximate request body size of those lines.
+    batch_body_bytes: usize,
+    /// Held long-polls (figure 6).
+    held: u64,
+}
+
+impl Opts {
+    fn parse() -> Opts {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let mut large = env("FERRY_BENCH_LARGE").is_some_and(|v| v != "0");
+        let mut runs: usize = env("FERRY_BENCH_RUNS")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        let mut only = env("FERRY_BENCH_ONLY");
+        let mut duration: Option<f64> = env("FERRY_BENCH_DURATION").and_then(|v| v.parse().ok());
+        let mut args = std::env::args().skip(1);
+        while let Some(a) = args.next() {
+            match a.as_str() {
+                "--large" => large = true,
+                "--runs" => runs = args.next().and_then(|v| v.parse().ok()).unwrap_or(runs),
+                "--only" => only = args.next(),
+                "--duration" => duration = args.next().and_then(|v| v.parse().ok()),
+                "-h" | "--help" => {
+                    eprintln!(
+                        "usage: cargo bench --bench load -- [--large] [--runs N] \
+                         [--only passthrough,intake,buffer,batch] [--duration SECS]\n\
+                         env: FERRY_BIN, FERRY_BENCH_NGINX, FERRY_BENCH_LARGE, FERRY_BENCH_RUNS, \
+                         FERRY_BENCH_ONLY, FERRY_BENCH_DURATION, and sizes FERRY_BENCH_BUFFER, \
+                         FERRY_BENCH_BATCH_LINES, FERRY_BENCH_HELD"
+                    );
+                    std::process::exit(0);
+                }
+                // `cargo bench` passes `--bench`; anything else is criterion's.
+                _ => {}
+            }
+        }
+        let num = |k: &str| env(k).and_then(|v| v.replace('_', "").parse::<u64>().ok());
+        let bin = env("FERRY_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_ferry")));
+        let nginx = env("FERRY_BENCH_NGINX").map(PathBuf::from).or_else(|| {
+            ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx"]
+                .iter()
+                .map(PathBuf::from)
+                .find(|p| p.exists())
+        });
+        Opts {
+            large,
+            runs: runs.max(1),
+            only: only.map(|s| s.split(',').map(|x| x.trim().to_owned()).collect()),
+            bin,
+            nginx,
+            conns: 64,
+            duration: Duration::from_secs_f64(duration.unwrap_or(if large { 30.0 } else { 10.0 })),
+            rate: 2000.0,
+            buffer_requests: num("FERRY_BENCH_BUFFER").unwrap_or(if large {
+                1_000_000
+            } else {
+                100_000
+            }),
+            batch_lines: num("FERRY_BENCH_BATCH_LINES").unwrap_or(50_000),
+            batch_body_bytes: 2_000,
+            held: num("FERRY_BENCH_HELD").unwrap_or(10_000),
+        }
+    }
+
+    fn wants(&self, section: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|s| s == section))
+    }
+}
+
+// ------------------------------------------------------------- processes
+
+/// A child process, killed when dropped.
+struct Proc {
+    child: Child,
+    addrs: HashMap<String, SocketAddr>,
+    log: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn addr(&self, service: &str) -> SocketAddr {
+        self.addrs[service]
+    }
+}
+
+/// Starts `cmd` and waits for its `{"event":"listening"}` lines on stdout.
+fn spawn(mut cmd: Command, services: &[&str], log: PathBuf) -> Proc {
+    let logfile = std::fs::File::create(&log).expect("log file");
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::from(logfile))
+        .stdin(Stdio::null());
+    let mut child = cmd.spawn().expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(v) = serde_json::from_str::<Value>(&line)
+                && v["event"] == "listening"
+            {
+                let _ = tx.send((
+                    v["service"].as_str().unwrap_or("").to_owned(),
+                    v["addr"].as_str().unwrap_or("").to_owned(),
+                ));
+            }
+        }
+    });
+    let mut addrs = HashMap::new();
+    while !services.iter().all(|s| addrs.contains_key(*s)) {
+        match rx.recv_timeout(Duration::from_secs(300)) {
+            Ok((service, addr)) => {
+                addrs.insert(service, addr.parse().expect("announced address"));
+            }
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "process did not announce {services:?}; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        }
+    }
+    Proc { child, addrs, log }
+}
+
+fn emulator(o: &Opts, dir: &Path, args: &[&str]) -> Proc {
+    let mut cmd = Command::new(&o.bin);
+    cmd.args(["emulator", "--listen", "127.0.0.1:0", "--api-key", EMU_KEY])
+        .args(args)
+        .env("FERRY_LOG", "warn");
+    spawn(cmd, &["emulator"], dir.join("emulator.log"))
+}
+
+fn ferry_config(data: &Path, emu: SocketAddr, server_extra: &str, upstream_extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+data_dir = "{data}"
+log_format = "json"
+shutdown_grace_secs = 0
+{server_extra}
+
+[[upstreams]]
+name = "emu"
+kind = "openai"
+base_url = "http://{emu}/v1"
+api_key_env = "FERRY_BENCH_UPSTREAM_KEY"
+{upstream_extra}
+
+[[tenants]]
+name = "bench"
+keys = ["{TENANT_KEY}"]
+"#,
+        data = data.display()
+    )
+}
+
+fn ferry(o: &Opts, dir: &Path, config: &str) -> Proc {
+    let path = dir.join("ferry.toml");
+    std::fs::write(&path, config).expect("write config");
+    let mut cmd = Command::new(&o.bin);
+    cmd.arg("--config")
+        .arg(&path)
+        .env("FERRY_BENCH_UPSTREAM_KEY", EMU_KEY)
+        .env("FERRY_LOG", "info,pingora_core=warn,pingora_proxy=warn");
+    let n = std::fs::read_dir(dir).map_or(0, |d| d.count());
+    let p = spawn(cmd, &["proxy", "admin"], dir.join(format!("ferry-{n}.log")));
+    eprintln!(
+        "  ferry pid {} on {} (admin {}), log {}",
+        p.pid(),
+        p.addr("proxy"),
+        p.addr("admin"),
+        p.log.display()
+    );
+    p
+}
+
+/// nginx as a child process (`daemon off`), its master stopped on drop.
+struct Nginx {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM: the master stops its workers (SIGKILL would orphan them).
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+fn start_nginx(bin: &Path, dir: &Path, upstream: SocketAddr, workers: usize) -> Nginx {
+    let prefix = dir.join("nginx");
+    std::fs::create_dir_all(&prefix).expect("nginx dir");
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let conf = include_str!("nginx.conf.template")
+        .replace("{{PREFIX}}", &prefix.display().to_string())
+        .replace("{{LISTEN}}", &addr.to_string())
+        .replace("{{UPSTREAM}}", &upstream.to_string())
+        .replace("{{WORKERS}}", &workers.to_string())
+        .replace("{{API_KEY}}", EMU_KEY);
+    let conf_path = prefix.join("nginx.conf");
+    std::fs::write(&conf_path, conf).expect("nginx.conf");
+    let log = std::fs::File::create(prefix.join("stderr.log")).expect("log");
+    let child = Command::new(bin)
+        .arg("-p")
+        .arg(&prefix)
+        .arg("-c")
+        .arg(&conf_path)
+        .arg("-e")
+        .arg(prefix.join("error.log"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("spawn nginx");
+    let mut n = Nginx { child, addr };
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return n;
+        }
+        if let Ok(Some(st)) = n.child.try_wait() {
+            panic!(
+                "nginx exited ({st}): {}",
+                std::fs::read_to_string(prefix.join("error.log")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("nginx did not start listening on {addr}");
+}
+
+// ----------------------------------------------------------------- /proc
+
+fn clk_tck() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// (ppid, user + system CPU ticks) of a process.
+fn stat(pid: &str) -> Option<(u32, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state(0) ppid(1) ... utime(11) stime(12).
+    Some((
+        f.get(1)?.parse().ok()?,
+        f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?,
+    ))
+}
+
+/// CPU seconds used so far by `pid` and, with `children`, its direct children
+/// (nginx's workers).
+fn cpu_secs(pid: u32, children: bool) -> f64 {
+    let mut ticks = stat(&pid.to_string()).map_or(0, |(_, t)| t);
+    if children && let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if !name.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            if let Some((ppid, t)) = stat(name)
+                && ppid == pid
+            {
+                ticks += t;
+            }
+        }
+    }
+    ticks as f64 / clk_tck()
+}
+
+fn self_cpu_secs() -> f64 {
+    cpu_secs(std::process::id(), false)
+}
+
+/// A `/proc/<pid>/status` field in MiB (`VmRSS`, `VmHWM`).
+fn mem_mib(pid: u32, field: &str) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Resets `VmHWM` to the current RSS, so the next read is the peak since now.
+fn reset_peak(pid: u32) {
+    if let Err(e) = std::fs::write(format!("/proc/{pid}/clear_refs"), "5") {
+        eprintln!("  (cannot reset VmHWM of {pid}: {e}; peaks include earlier phases)");
+    }
+}
+
+fn dir_mib(p: &Path) -> f64 {
+    fn walk(p: &Path) -> u64 {
+        let Ok(rd) = std::fs::read_dir(p) else {
+            return 0;
+        };
+        rd.flatten()
+            .map(|e| match e.metadata() {
+                Ok(m) if m.is_dir() => walk(&e.path()),
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            })
+            .sum()
+    }
+    walk(p) as f64 / (1024.0 * 1024.0)
+}
+
+// ------------------------------------------------------------- generator
+
+type Conn = SendRequest<Full<Bytes>>;
+/// Builds the n-th request of a run.
+type MakeReq = Arc<dyn Fn(u64) -> Request<Full<Bytes>> + Send + Sync>;
+
+async fn connect(addr: SocketAddr) -> Result<Conn, String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(tx)
+}
+
+/// Sends one request on the worker's connection (reconnecting when it was
+/// closed) and reads the whole answer; returns its status and body.
+async fn send(
+    conn: &mut Option<Conn>,
+    addr: SocketAddr,
+    req: Request<Full<Bytes>>,
+) -> Result<(u16, Bytes), String> {
+    if conn.as_ref().is_none_or(|c| c.is_closed()) {
+        *conn = Some(connect(addr).await?);
+    }
+    let c = conn.as_mut().expect("connected");
+    let res = tokio::time::timeout(REQUEST_TIMEOUT, async {
+        c.ready().await.map_err(|e| e.to_string())?;
+        let resp = c.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, body))
+    })
+    .await
+    .unwrap_or_else(|_| Err("timed out".into()));
+    if res.is_err() {
+        *conn = None;
+    }
+    res
+}
+
+#[derive(Default)]
+struct Recorded {
+    /// Latency of each answer, µs (open loop: from when it was due).
+    lat_us: Vec<u32>,
+    statuses: BTreeMap<u16, u64>,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+impl Recorded {
+    fn record(&mut self, res: &Result<(u16, Bytes), String>, lat: Duration) {
+        match res {
+            Ok((s, _)) => {
+                *self.statuses.entry(*s).or_default() += 1;
+                self.lat_us
+                    .push(lat.as_micros().min(u32::MAX as u128) as u32);
+            }
+            Err(e) => {
+                self.errors += 1;
+                self.first_error.get_or_insert_with(|| e.clone());
+            }
+        }
+    }
+
+    fn merge(&mut self, o: Recorded) {
+        self.lat_us.extend(o.lat_us);
+        for (k, v) in o.statuses {
+            *self.statuses.entry(k).or_default() += v;
+        }
+        self.errors += o.errors;
+        if self.first_error.is_none() {
+            self.first_error = o.first_error;
+        }
+    }
+}
+
+struct Load {
+    rec: Recorded,
+    secs: f64,
+}
+
+impl Load {
+    fn count(&self, status: u16) -> u64 {
+        self.rec.statuses.get(&status).copied().unwrap_or(0)
+    }
+
+    fn rate(&self, status: u16) -> f64 {
+        self.count(status) as f64 / self.secs
+    }
+
+    /// Latency percentile in ms.
+    fn pct(&self, p: f64) -> f64 {
+        percentile(&self.rec.lat_us, p) / 1000.0
+    }
+
+    /// Fails loudly when answers were not what the run expects.
+    fn check(&self, what: &str, status: u16) {
+        let total: u64 = self.rec.statuses.values().sum();
+        let wrong = total - self.count(status);
+        if self.rec.errors > 0 || wrong > 0 {
+            eprintln!(
+                "  !! {what}: {} errors, {wrong} answers other than {status} ({:?}); first error: {:?}",
+                self.rec.errors, self.rec.statuses, self.rec.first_error
+            );
+        }
+    }
+}
+
+fn percentile(v: &[u32], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_unstable();
+    let i = ((p / 100.0) * (s.len() - 1) as f64).round() as usize;
+    s[i.min(s.len() - 1)] as f64
+}
+
+enum Stop {
+    /// Run for `warmup + duration`; only answers to requests sent after the
+    /// warm-up and finished within the measured window count.
+    Time {
+        warmup: Duration,
+        duration: Duration,
+    },
+    /// Send exactly this many requests; the rate is over the whole run.
+    Count(u64),
+}
+
+/// Closed loop: `conns` workers, each with its own connection, each sending
+/// the next request as soon as the previous answer is read.
+async fn closed_loop(addr: SocketAddr, conns: usize, stop: Stop, make: MakeReq) -> Load {
+    let counter = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let (warm_end, end, max) = match stop {
+        Stop::Time { warmup, duration } => {
+            (start + warmup, Some(start + warmup + duration), u64::MAX)
+        }
+        Stop::Count(n) => (start, None, n),
+    };
+    let mut handles = Vec::new();
+    for _ in 0..conns {
+        let counter = counter.clone();
+        let make = make.clone();
+        handles.push(tokio::spawn(async move {
+            let mut conn = connect(addr).await.ok();
+            let mut rec = Recorded::default();
+            loop {
+                if end.is_some_and(|e| Instant::now() >= e) {
+                    break;
+                }
+                let i = counter.fetch_add(1, Ordering::Relaxed);
+                if i >= max {
+                    break;
+                }
+                let t = Instant::now();
+                let res = send(&mut conn, addr, make(i)).await;
+                let done = Instant::now();
+                if t >= warm_end && end.is_none_or(|e| done <= e) {
+                    rec.record(&res, done - t);
+                }
+            }
+            rec
+        }));
+    }
+    let mut rec = Recorded::default();
+    for h in handles {
+        rec.merge(h.await.expect("worker"));
+    }
+    let secs = match stop {
+        Stop::Time { duration, .. } => duration.as_secs_f64(),
+        Stop::Count(_) => start.elapsed().as_secs_f64(),
+    };
+    Load { rec, secs }
+}
+
+/// Open loop: requests due at a fixed `rate` (from a timer thread), sent on
+/// the first free of `conns` connections; latency counts from when each was due.
+async fn open_loop(
+    addr: SocketAddr,
+    conns: usize,
+    rate: f64,
+    warmup: Duration,
+    duration: Duration,
+    make: MakeReq,
+) -> Load {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let mut handles = Vec::new();
+    for _ in 0..conns {
+        let rx = rx.clone();
+        let make = make.clone();
+        handles.push(tokio::spawn(async move {
+            let mut conn = connect(addr).await.ok();
+            let mut recs = Vec::new();
+            loop {
+                let job = rx.lock().await.recv().await;
+                let Some((i, due)) = job else { break };
+                let res = send(&mut conn, addr, make(i)).await;
+                recs.push((due, Instant::now(), res));
+            }
+            recs
+        }));
+    }
+    // Let the workers connect before the clock starts.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let start = Instant::now() + Duration::from_millis(10);
+    let warm_end = start + warmup;
+    let total = ((warmup + duration).as_secs_f64() * rate) as u64;
+    let timer = std::thread::spawn(move || {
+        for i in 0..total {
+            let due = start + Duration::from_secs_f64(i as f64 / rate);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if tx.send((i, due)).is_err() {
+                break;
+            }
+        }
+    });
+    let mut rec = Recorded::default();
+    for h in handles {
+        for (due, done, res) in h.await.expect("worker") {
+            if due >= warm_end {
+                rec.record(&res, done - due);
+            }
+        }
+    }
+    let _ = timer.join();
+    Load {
+        rec,
+        secs: duration.as_secs_f64(),
+    }
+}
+
+fn request(
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Request<Full<Bytes>> {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
+    if !body.is_empty() {
+        b = b
+            .header("content-type", "application/json")
+            .header("content-length", body.len());
+    }
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(Full::new(body)).expect("request")
+}
+
+/// A chat completion body of about `size` bytes.
+fn chat_body(model: &str, size: usize) -> Bytes {
+    let text: String = "the quick brown fox jumps over the lazy dog "
+        .chars()
+        .cycle()
+        .take(size.saturating_sub(90).max(5))
+        .collect();
+    Bytes::from(
+        serde_json::to_vec(&json!({
+            "model": model,
+            "messages": [{"role": "user", "content": text}],
+        }))
+        .unwrap(),
+    )
+}
+
+/// A spread of `n` into 0..m that visits ids in no particular order.
+fn scatter(i: u64, m: u64) -> u64 {
+    i.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17) % m
+}
+
+// ------------------------------------------------------- control plane
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(600))
+        .build()
+        .expect("client")
+}
+
+async fn metrics(admin: SocketAddr) -> String {
+    http()
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
+/// Sum of a metric's series whose labels contain `filter`.
+fn metric_sum(text: &str, name: &str, filter: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{' | b' '))
+        })
+        .filter(|l| l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Polls Ferry's metrics until `name{filter}` reaches `want`.
+async fn wait_metric(
+    admin: SocketAddr,
+    name: &str,
+    filter: &str,
+    want: f64,
+    limit: Duration,
+) -> Result<Duration, f64> {
+    let t = Instant::now();
+    loop {
+        let v = metric_sum(&metrics(admin).await, name, filter);
+        if v >= want {
+            return Ok(t.elapsed());
+        }
+        if t.elapsed() > limit {
+            return Err(v);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn emu_stats(emu: SocketAddr) -> Value {
+    http()
+        .get(format!("http://{emu}/_emulator/stats"))
+        .send()
+        .await
+        .expect("emulator stats")
+        .json()
+        .await
+        .expect("stats json")
+}
+
+/// Seconds since midnight (UTC) of a JSON log line's `timestamp`
+/// (`2026-11-22T03:29:05.123456Z`), for intervals between log events.
+fn log_secs(line: &Value) -> Option<f64> {
+    let ts = line["timestamp"].as_str()?;
+    let t = ts.split('T').nth(1)?.trim_end_matches('Z');
+    let mut it = t.split(':');
+    let h: f64 = it.next()?.parse().ok()?;
+    let m: f64 = it.next()?.parse().ok()?;
+    let s: f64 = it.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+/// Seconds between the first log lines with messages `from` and `to`.
+fn log_interval(log: &Path, from: &str, to: &str) -> f64 {
+    let lines: Vec<Value> = std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect();
+    let at = |m: &str| {
+        lines
+            .iter()
+            .find(|v| v["fields"]["message"] == m)
+            .and_then(log_secs)
+    };
+    match (at(from), at(to)) {
+        (Some(a), Some(b)) => b - a,
+        _ => f64::NAN,
+    }
+}
+
+/// The `fields` of Ferry's JSON log lines whose message is `message`.
+fn log_events(log: &Path, message: &str) -> Vec<Value> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == message)
+        .map(|v| v["fields"].clone())
+        .collect()
+}
+
+// ------------------------------------------------------------------ rows
+
+#[derive(Clone, Copy)]
+enum Target {
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+impl Target {
+    fn met(self, v: f64) -> bool {
+        match self {
+            Target::AtLeast(t) => v >= t,
+            Target::AtMost(t) => v <= t,
+        }
+    }
+
+    fn show(self, unit: &str) -> String {
+        match self {
+            Target::AtLeast(t) => format!("≥ {} {unit}", fmt(t)),
+            Target::AtMost(t) => format!("≤ {} {unit}", fmt(t)),
+        }
+    }
+}
+
+struct Row {
+    figure: &'static str,
+    metric: String,
+    value: f64,
+    unit: &'static str,
+    target: Option<Target>,
+}
+
+#[derive(Default)]
+struct Rows(Vec<Row>);
+
+impl Rows {
+    fn add(
+        &mut self,
+        figure: &'static str,
+        metric: impl Into<String>,
+        value: f64,
+        unit: &'static str,
+    ) {
+        self.push(figure, metric, value, unit, None);
+    }
+
+    fn target(
+        &mut self,
+        figure: &'static str,
+        metric: impl Into<String>,
+        value: f64,
+        unit: &'static str,
+        t: Target,
+    ) {
+        self.push(figure, metric, value, unit, Some(t));
+    }
+
+    fn push(
+        &mut self,
+        figure: &'static str,
+        metric: impl Into<String>,
+        value: f64,
+        unit: &'static str,
+        target: Option<Target>,
+    ) {
+        let metric = metric.into();
+        eprintln!("  {figure} | {metric}: {} {unit}", fmt(value));
+        self.0.push(Row {
+            figure,
+            metric,
+            value,
+            unit,
+            target,
+        });
+    }
+}
+
+fn fmt(v: f64) -> String {
+    if v.is_nan() {
+        "n/a".into()
+    } else if v.abs() >= 1000.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 100.0 {
+        format!("{v:.1}")
+    } else if v.abs() >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// A figure and metric name, e.g. ("2", "durable intake p99").
+type MetricKey = (&'static str, String);
+/// Every run's value of a metric, its unit and its target.
+type MetricValues = (Vec<f64>, &'static str, Option<Target>);
+/// A compared passthrough target: name, address, key, and the pid whose CPU
+/// is the proxy's (with whether to count its children).
+type PassTarget<'a> = (&'a str, SocketAddr, &'a str, Option<(u32, bool)>);
+
+/// Prints the table: every metric's median over the runs, its range, its
+/// target and whether the median meets it.
+fn print_table(o: &Opts, runs: &[Rows]) {
+    let mut order: Vec<MetricKey> = Vec::new();
+    let mut values: HashMap<MetricKey, MetricValues> = HashMap::new();
+    for rows in runs {
+        for r in &rows.0 {
+            let key = (r.figure, r.metric.clone());
+            let e = values.entry(key.clone()).or_insert_with(|| {
+                order.push(key.clone());
+                (Vec::new(), r.unit, r.target)
+            });
+            e.0.push(r.value);
+        }
+    }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!();
+    println!(
+        "Ferry load harness: {} run(s), {} size, {} CPUs, load average now {}",
+        runs.len(),
+        if o.large { "large" } else { "default" },
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!("binary: {}", o.bin.display());
+    println!();
+    println!("| figure | metric | median | runs (min – max) | target | met |");
+    println!("|---|---|---:|---|---|---|");
+    for key in order {
+        let (mut vals, unit, target) = values.remove(&key).expect("row");
+        let med = median(&mut vals);
+        let lo = vals.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = vals.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let range = if vals.len() > 1 {
+            format!("{} ({} – {})", vals.len(), fmt(lo), fmt(hi))
+        } else {
+            "1".into()
+        };
+        let (t, met) = match target {
+            Some(t) => (t.show(unit), if t.met(med) { "yes" } else { "**no**" }),
+            None => (String::new(), ""),
+        };
+        println!(
+            "| {} | {} | {} {unit} | {range} | {t} | {met} |",
+            key.0,
+            key.1,
+            fmt(med)
+        );
+    }
+}
+
+// -------------------------------------------------------------- sections
+
+/// Figure 1: direct to the emulator, through Ferry, through nginx.
+async fn passthrough(o: &Opts, run: usize, rows: &mut Rows) {
+    eprintln!("== passthrough (figure 1)");
+    let dir = workdir();
+    let emu = emulator(o, dir.path(), &[]);
+    let emu_addr = emu.addr("emulator");
+    let cfg = ferry_config(
+        &dir.path().join("data"),
+        emu_addr,
+        "",
+        "max_wait_secs = 1e9",
+    );
+    let fer = ferry(o, dir.path(), &cfg);
+    let nginx = o
+        .nginx
+        .as_ref()
+        .map(|bin| start_nginx(bin, dir.path(), emu_addr, 2));
+    if nginx.is_none() {
+        eprintln!(
+            "  nginx not found: `apt-get install -y nginx` (or FERRY_BENCH_NGINX) for its rows"
+        );
+    }
+    let body = chat_body(MODEL, 200);
+    // (name, address, key, pid whose CPU is the proxy's, count children)
+    let mut targets: Vec<PassTarget> = vec![
+        ("direct", emu_addr, EMU_KEY, None),
+        (
+            "ferry",
+            fer.addr("proxy"),
+            TENANT_KEY,
+            Some((fer.pid(), false)),
+        ),
+    ];
+    if let Some(n) = &nginx {
+        targets.push(("nginx", n.addr, "not-forwarded", Some((n.child.id(), true))));
+    }
+    // Rotate the order each run, so drift (other load, warm caches) does not
+    // always favour the same target.
+    // FERRY_BENCH_TARGETS=ferry (say) measures some targets only, e.g. to profile one.
+    if let Ok(only) = std::env::var("FERRY_BENCH_TARGETS") {
+        targets.retain(|t| only.split(',').any(|o| o.trim() == t.0));
+    }
+    let k = run % targets.len().max(1);
+    targets.rotate_left(k);
+    let make_for = |addr: SocketAddr, key: &str| -> MakeReq {
+        let auth = format!("Bearer {key}");
+        let body = body.clone();
+        Arc::new(move |_| {
+            request(
+                "POST",
+                addr,
+                "/v1/chat/completions",
+                &[("authorization", &auth)],
+                body.clone(),
+            )
+        })
+    };
+    // Every target answers the same completion.
+    for (name, addr, key, _) in &targets {
+        let mut c = None;
+        let (s, b) = send(&mut c, *addr, make_for(*addr, key)(0))
+            .await
+            .expect("probe");
+        assert!(
+            s == 200 && b.windows(15).any(|w| w == b"chat.completion"),
+            "{name}: {s} {}",
+            String::from_utf8_lossy(&b)
+        );
+    }
+    let mut rps = HashMap::new();
+    let mut p99 = HashMap::new();
+    for (name, addr, key, proc_) in &targets {
+        let emu0 = cpu_secs(emu.pid(), false);
+        let me0 = self_cpu_secs();
+        let px0 = proc_.map(|(p, c)| cpu_secs(p, c));
+        let l = closed_loop(
+            *addr,
+            o.conns,
+            Stop::Time {
+                warmup: Duration::from_secs(2),
+                duration: o.duration,
+            },
+            make_for(*addr, key),
+        )
+        .await;
+        l.check(name, 200);
+        let n = l.count(200) as f64;
+        // CPU over the whole run (warm-up included) per request in the window.
+        let scale = o.duration.as_secs_f64() / (o.duration.as_secs_f64() + 2.0);
+        rps.insert(*name, l.rate(200));
+        rows.add(
+            "1 passthrough",
+            format!("{name}: closed loop, {} conns, req/s", o.conns),
+            l.rate(200),
+            "req/s",
+        );
+        rows.add(
+            "1 passthrough",
+            format!("{name}: closed loop p50"),
+            l.pct(50.0),
+            "ms",
+        );
+        rows.add(
+            "1 passthrough",
+            format!("{name}: closed loop p99"),
+            l.pct(99.0),
+            "ms",
+        );
+        if let Some((p, c)) = proc_ {
+            let cpu = cpu_secs(*p, *c) - px0.unwrap_or(0.0);
+            rows.add(
+                "1 passthrough",
+                format!("{name}: proxy CPU per request"),
+                cpu * scale / n * 1e6,
+                "µs",
+            );
+        }
+        rows.add(
+            "1 passthrough",
+            format!("{name}: emulator + generator CPU per request"),
+            ((cpu_secs(emu.pid(), false) - emu0) + (self_cpu_secs() - me0)) * scale / n * 1e6,
+            "µs",
+        );
+    }
+    for (name, addr, key, _) in &targets {
+        let l = open_loop(
+            *addr,
+            o.conns,
+            o.rate,
+            Duration::from_secs(1),
+            o.duration,
+            make_for(*addr, key),
+        )
+        .await;
+        l.check(name, 200);
+        p99.insert(*name, l.pct(99.0));
+        let r = o.rate as u64;
+        rows.add(
+            "1 passthrough",
+            format!("{name}: open loop {r} req/s, answered/s"),
+            l.rate(200),
+            "req/s",
+        );
+        rows.add(
+            "1 passthrough",
+            format!("{name}: open loop {r} req/s p50"),
+            l.pct(50.0),
+            "ms",
+        );
+        rows.add(
+            "1 passthrough",
+            format!("{name}: open loop {r} req/s p99"),
+            l.pct(99.0),
+            "ms",
+        );
+        rows.add(
+            "1 passthrough",
+            format!("{name}: open loop {r} req/s p99.9"),
+            l.pct(99.9),
+            "ms",
+        );
+    }
+    if let (Some(n), Some(f)) = (rps.get("nginx"), rps.get("ferry")) {
+        rows.target(
+            "1 passthrough",
+            "ferry throughput / nginx throughput",
+            f / n * 100.0,
+            "%",
+            Target::AtLeast(90.0),
+        );
+    }
+    if let (Some(f), Some(d)) = (p99.get("ferry"), p99.get("direct")) {
+        rows.target(
+            "1 passthrough",
+            format!(
+                "ferry added p99 at {} req/s (ferry − direct)",
+                o.rate as u64
+            ),
+            f - d,
+            "ms",
+            Target::AtMost(1.0),
+        );
+    }
+    if let (Some(n), Some(d)) = (p99.get("nginx"), p99.get("direct")) {
+        rows.add(
+            "1 passthrough",
+            format!(
+                "nginx added p99 at {} req/s (nginx − direct)",
+                o.rate as u64
+            ),
+            n - d,
+            "ms",
+        );
+    }
+}
+
+fn deferred_req(
+    addr: SocketAddr,
+    body: Bytes,
+    custom_id: &str,
+    prefer: &str,
+) -> Request<Full<Bytes>> {
+    request(
+        "POST",
+        addr,
+        "/v1/chat/completions",
+        &[
+            ("authorization", &format!("Bearer {TENANT_KEY}")),
+            ("prefer", prefer),
+            ("x-ferry-custom-id", custom_id),
+        ],
+        body,
+    )
+}
+
+/// Figure 2: deferred calls answered 202 per second, 64 connections.
+async fn intake(o: &Opts, rows: &mut Rows) {
+    eprintln!("== durable intake (figure 2)");
+    let dir = workdir();
+    let emu = emulator(o, dir.path(), &["--models", ""]);
+    // 16 models, so that no queue reaches 50,000 (the size threshold) while
+    // measuring: this figure is intake alone, with no flush running beside it.
+    let cfg = ferry_config(
+        &dir.path().join("data"),
+        emu.addr("emulator"),
+        "",
+        "max_wait_secs = 1e9",
+    );
+    let fer = ferry(o, dir.path(), &cfg);
+    let addr = fer.addr("proxy");
+    let bodies: Vec<Bytes> = (0..16)
+        .map(|m| chat_body(&format!("bench-{m:02}"), 300))
+        .collect();
+    let make: MakeReq = Arc::new(move |i| {
+        deferred_req(
+            addr,
+            bodies[(i % 16) as usize].clone(),
+            &format!("i{i}"),
+            "respond-async",
+        )
+    });
+    let cpu0 = cpu_secs(fer.pid(), false);
+    let warmup = Duration::from_secs(2);
+    let l = closed_loop(
+        addr,
+        o.conns,
+        Stop::Time {
+            warmup,
+            duration: o.duration,
+        },
+        make,
+    )
+    .await;
+    let cpu = cpu_secs(fer.pid(), false) - cpu0;
+    l.check("intake", 202);
+    let scale = o.duration.as_secs_f64() / (o.duration + warmup).as_secs_f64();
+    rows.target(
+        "2 durable intake",
+        format!("202 answers/s, {} conns, ~300 B bodies", o.conns),
+        l.rate(202),
+        "req/s",
+        Target::AtLeast(10_000.0),
+    );
+    rows.add("2 durable intake", "p50", l.pct(50.0), "ms");
+    rows.target(
+        "2 durable intake",
+        "p99",
+        l.pct(99.0),
+        "ms",
+        Target::AtMost(25.0),
+    );
+    rows.add("2 durable intake", "p99.9", l.pct(99.9), "ms");
+    rows.add(
+        "2 durable intake",
+        "Ferry CPU per request",
+        cpu * scale / l.count(202) as f64 * 1e6,
+        "µs",
+    );
+    rows.add(
+        "2 durable intake",
+        "Ferry RSS after",
+        mem_mib(fer.pid(), "VmRSS"),
+        "MiB",
+    );
+}
+
+/// A section's directory (config, data, logs) under the target directory,
+/// on a real disk so that fsyncs are real; `FERRY_BENCH_KEEP=1` keeps it.
+fn workdir() -> tempfile::TempDir {
+    let p = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ferry-load");
+    std::fs::create_dir_all(&p).expect("data dir");
+    let mut dir = tempfile::Builder::new()
+        .prefix("run-")
+        .tempdir_in(&p)
+        .expect("tempdir");
+    if std::env::var("FERRY_BENCH_KEEP").is_ok_and(|v| v == "1") {
+        dir.disable_cleanup(true);
+        eprintln!("  keeping {}", dir.path().display());
+    }
+    dir
+}
+
+/// Figure 3: many queued requests; memory, lookups, restart.
+async fn buffer(o: &Opts, rows: &mut Rows) {
+    let n = o.buffer_requests;
+    eprintln!("== buffer scale (figure 3): {n} requests of ~1 KB");
+    let dir = workdir();
+    let emu = emulator(o, dir.path(), &["--models", ""]);
+    let cfg = ferry_config(
+        &dir.path().join("data"),
+        emu.addr("emulator"),
+        "",
+        "max_wait_secs = 1e9",
+    );
+    let mut fer = ferry(o, dir.path(), &cfg);
+    let addr = fer.addr("proxy");
+    // At most 40,000 per queue (model), below the 50,000-line flush threshold.
+    let models = n.div_ceil(40_000);
+    let bodies: Arc<Vec<Bytes>> = Arc::new(
+        (0..models)
+            .map(|m| chat_body(&format!("bench-{m:02}"), 1024))
+            .collect(),
+    );
+    let b2 = bodies.clone();
+    let make: MakeReq = Arc::new(move |i| {
+        deferred_req(
+            addr,
+            b2[(i % models) as usize].clone(),
+            &format!("s{i}"),
+            "respond-async",
+        )
+    });
+    let fill = closed_loop(addr, o.conns, Stop::Count(n), make).await;
+    fill.check("fill", 202);
+    rows.add(
+        "3 buffer scale",
+        format!("fill: {n} × ~1 KB deferred, 202/s"),
+        fill.rate(202),
+        "req/s",
+    );
+    rows.add("3 buffer scale", "fill: p99", fill.pct(99.0), "ms");
+    // The gauge is refreshed by the flush loop about once a second.
+    let admin = fer.addr("admin");
+    let queued = wait_metric(
+        admin,
+        "ferry_queued_requests",
+        "",
+        n as f64,
+        Duration::from_secs(10),
+    )
+    .await;
+    if let Err(q) = queued {
+        eprintln!("  !! {q} queued, expected {n}");
+    }
+    rows.target(
+        "3 buffer scale",
+        format!("Ferry RSS with {n} queued"),
+        mem_mib(fer.pid(), "VmRSS"),
+        "MiB",
+        Target::AtMost(300.0),
+    );
+    rows.add(
+        "3 buffer scale",
+        "Ferry peak RSS (VmHWM) while filling",
+        mem_mib(fer.pid(), "VmHWM"),
+        "MiB",
+    );
+    rows.add(
+        "3 buffer scale",
+        "data_dir on disk",
+        dir_mib(&dir.path().join("data")),
+        "MiB",
+    );
+
+    let lookups = |addr: SocketAddr| -> MakeReq {
+        Arc::new(move |i| {
+            let id = scatter(i, n);
+            request(
+                "GET",
+                addr,
+                &format!("/v1/ferry/requests/s{id}"),
+                &[("authorization", &format!("Bearer {TENANT_KEY}"))],
+                Bytes::new(),
+            )
+        })
+    };
+    let rate = 1000.0;
+    let l = open_loop(
+        addr,
+        16,
+        rate,
+        Duration::from_secs(1),
+        o.duration,
+        lookups(addr),
+    )
+    .await;
+    l.check("lookups", 200);
+    rows.add(
+        "3 buffer scale",
+        "status lookup p50 (1,000 req/s, random ids)",
+        l.pct(50.0),
+        "ms",
+    );
+    rows.target(
+        "3 buffer scale",
+        "status lookup p99 (1,000 req/s, random ids)",
+        l.pct(99.0),
+        "ms",
+        Target::AtMost(1.0),
+    );
+
+    // Crash and restart on the same data.
+    let _ = fer.child.kill();
+    let _ = fer.child.wait();
+    let t = Instant::now();
+    fer = ferry(o, dir.path(), &cfg);
+    let listening = t.elapsed();
+    let admin = fer.addr("admin");
+    let mut ready = None;
+    while t.elapsed() < Duration::from_secs(600) {
+        let ok = http()
+            .get(format!("http://{admin}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200);
+        if ok {
+            ready = Some(t.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    rows.add(
+        "3 buffer scale",
+        "restart after SIGKILL: until listening",
+        listening.as_secs_f64(),
+        "s",
+    );
+    rows.add(
+        "3 buffer scale",
+        "restart after SIGKILL: until ready (recovery done)",
+        ready.map_or(f64::NAN, |d| d.as_secs_f64()),
+        "s",
+    );
+    let queued = wait_metric(
+        admin,
+        "ferry_queued_requests",
+        "",
+        n as f64,
+        Duration::from_secs(10),
+    );
+    if let Err(q) = queued.await {
+        eprintln!("  !! after restart {q} queued, expected {n}");
+    }
+    rows.add(
+        "3 buffer scale",
+        "Ferry RSS after restart",
+        mem_mib(fer.pid(), "VmRSS"),
+        "MiB",
+    );
+    let addr = fer.addr("proxy");
+    let l = open_loop(
+        addr,
+        16,
+        rate,
+        Duration::from_secs(1),
+        o.duration,
+        lookups(addr),
+    )
+    .await;
+    l.check("lookups after restart", 200);
+    rows.add(
+        "3 buffer scale",
+        "status lookup p99 after restart (cold cache)",
+        l.pct(99.0),
+        "ms",
+    );
+    rows.add(
+        "3 buffer scale",
+        "Ferry RSS after lookups",
+        mem_mib(fer.pid(), "VmRSS"),
+        "MiB",
+    );
+}
+
+/// Figures 4, 5 and 6: a 50,000-line ~100 MB batch flushed, 10,000 callers
+/// held on it, its output ingested and every caller answered.
+async fn batch(o: &Opts, rows: &mut Rows) {
+    let n = o.batch_lines;
+    eprintln!(
+        "== flush, ingestion, waiters (figures 4-6): {n} lines of ~{} B, {} held",
+        o.batch_body_bytes, o.held
+    );
+    let dir = workdir();
+    // Batches stay `validating` until the emulator's clock is moved, so the
+    // flush and the ingestion are measured apart.
+    let emu = emulator(o, dir.path(), &["--validating-seconds", "3600"]);
+    let emu_addr = emu.addr("emulator");
+    let cfg = ferry_config(
+        &dir.path().join("data"),
+        emu_addr,
+        "max_wait_secs = 900",
+        "max_requests = 50000\nmax_wait_secs = 1e9\npoll_interval_secs = 0.05\ncalls_per_second = 1000",
+    );
+    let fer = ferry(o, dir.path(), &cfg);
+    let (addr, admin) = (fer.addr("proxy"), fer.addr("admin"));
+    let pid = fer.pid();
+    let body = chat_body(MODEL, o.batch_body_bytes);
+    let make: MakeReq =
+        Arc::new(move |i| deferred_req(addr, body.clone(), &format!("f{i}"), "respond-async"));
+    // All but the last line: the last one, sent once everything is measured
+    // and held, crosses the 50,000-request threshold and starts the flush
+    // as in production (smaller sizes use /admin/flush).
+    let fill = closed_loop(addr, o.conns, Stop::Count(n - 1), make.clone()).await;
+    fill.check("fill", 202);
+    rows.add(
+        "4-6 batch",
+        format!("fill: {n} × ~{} B deferred, 202/s", o.batch_body_bytes),
+        fill.rate(202),
+        "req/s",
+    );
+
+    // Figure 6: held long-polls, each on its own connection.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_idle = mem_mib(pid, "VmRSS");
+    let gate = Arc::new(tokio::sync::Semaphore::new(256));
+    let mut held = Vec::new();
+    for i in 0..o.held {
+        let gate = gate.clone();
+        let id = scatter(i, n - 1);
+        held.push(tokio::spawn(async move {
+            let conn = {
+                let _p = gate.acquire().await;
+                connect(addr).await
+            };
+            let mut conn = Some(conn?);
+            let req = request(
+                "GET",
+                addr,
+                &format!("/v1/ferry/requests/f{id}/result?wait=600"),
+                &[("authorization", &format!("Bearer {TENANT_KEY}"))],
+                Bytes::new(),
+            );
+            let c = conn.as_mut().expect("conn");
+            let resp = c.send_request(req).await.map_err(|e| e.to_string())?;
+            let status = resp.status().as_u16();
+            let _ = resp.into_body().collect().await;
+            Ok::<_, String>((status, Instant::now()))
+        }));
+    }
+    let reg = wait_metric(
+        admin,
+        "ferry_waiters",
+        "",
+        o.held as f64,
+        Duration::from_secs(180),
+    )
+    .await;
+    if let Err(v) = reg {
+        eprintln!("  !! only {v} waiters registered");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_held = mem_mib(pid, "VmRSS");
+    rows.add(
+        "4-6 batch",
+        "Ferry RSS, queue full, nobody held",
+        rss_idle,
+        "MiB",
+    );
+    rows.target(
+        "4-6 batch",
+        format!("6 waiters: RSS growth with {} held long-polls", o.held),
+        rss_held - rss_idle,
+        "MiB",
+        Target::AtMost(100.0),
+    );
+
+    // Figure 4: the flush.
+    reset_peak(pid);
+    let rss0 = mem_mib(pid, "VmRSS");
+    let cpu0 = cpu_secs(pid, false);
+    let t0 = Instant::now();
+    let (s, _) = send(&mut None, addr, make(n - 1)).await.expect("last line");
+    assert_eq!(s, 202);
+    if n < 50_000 {
+        let r = http()
+            .post(format!("http://{admin}/admin/flush"))
+            .send()
+            .await
+            .expect("flush");
+        assert_eq!(r.status(), 202);
+    }
+    let (mut uploaded, mut created) = (None, None);
+    while t0.elapsed() < Duration::from_secs(300) && created.is_none() {
+        let s = emu_stats(emu_addr).await;
+        if uploaded.is_none() && s["files_uploaded"].as_u64().unwrap_or(0) >= 1 {
+            uploaded = Some(t0.elapsed());
+        }
+        if s["batches"].as_u64().unwrap_or(0) >= 1 {
+            created = Some(t0.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let flush_cpu = cpu_secs(pid, false) - cpu0;
+    let flush_peak = mem_mib(pid, "VmHWM") - rss0;
+    let up = log_events(&fer.log, "input file uploaded");
+    let bytes = up
+        .first()
+        .and_then(|f| f["bytes"].as_f64())
+        .unwrap_or(f64::NAN);
+    rows.add(
+        "4-6 batch",
+        "4 flush: JSONL file size",
+        bytes / (1024.0 * 1024.0),
+        "MiB",
+    );
+    rows.add(
+        "4-6 batch",
+        "4 flush: last line accepted → file uploaded (wall)",
+        uploaded.map_or(f64::NAN, |d| d.as_secs_f64()),
+        "s",
+    );
+    rows.add(
+        "4-6 batch",
+        "4 flush: Ferry's upload step (log took_ms)",
+        up.first()
+            .and_then(|f| f["took_ms"].as_f64())
+            .unwrap_or(f64::NAN)
+            / 1000.0,
+        "s",
+    );
+    rows.add(
+        "4-6 batch",
+        "4 flush: last line accepted → batch created (wall)",
+        created.map_or(f64::NAN, |d| d.as_secs_f64()),
+        "s",
+    );
+    rows.target(
+        "4-6 batch",
+        "4 flush: Ferry CPU time, flush → created",
+        flush_cpu,
+        "s",
+        Target::AtMost(5.0),
+    );
+    rows.target(
+        "4-6 batch",
+        "4 flush: Ferry peak RSS growth",
+        flush_peak,
+        "MiB",
+        Target::AtMost(64.0),
+    );
+
+    // Figure 5: the batch lands.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    reset_peak(pid);
+    let rss0 = mem_mib(pid, "VmRSS");
+    let cpu0 = cpu_secs(pid, false);
+    let t0 = Instant::now();
+    let c = http();
+    c.post(format!("http://{emu_addr}/_emulator/clock"))
+        .json(&json!({"advance_seconds": 7200}))
+        .send()
+        .await
+        .expect("clock");
+    // Reading the batch brings it up to date (the emulator builds the output
+    // file): how long the upstream side takes, apart from Ferry.
+    let b: Value = c
+        .get(format!("http://{emu_addr}/v1/batches?limit=1"))
+        .bearer_auth(EMU_KEY)
+        .send()
+        .await
+        .expect("batches")
+        .json()
+        .await
+        .expect("batches json");
+    let emu_ready = t0.elapsed();
+    let status = b["data"][0]["status"].as_str().unwrap_or("?").to_owned();
+    if status != "completed" {
+        eprintln!("  !! batch is {status}, not completed");
+    }
+    let mut answered = Vec::new();
+    let mut not_ok = 0u64;
+    for h in held {
+        match h.await.expect("waiter") {
+            Ok((200, at)) => answered.push((at - t0).as_micros() as u32),
+            Ok((_, at)) => {
+                not_ok += 1;
+                answered.push((at - t0).as_micros() as u32);
+            }
+            Err(e) => {
+                not_ok += 1;
+                eprintln!("  !! held call failed: {e}");
+            }
+        }
+    }
+    let all = wait_metric(
+        admin,
+        "ferry_requests_finished_total",
+        "completed",
+        n as f64,
+        Duration::from_secs(300),
+    )
+    .await;
+    let stored = t0.elapsed();
+    if let Err(v) = all {
+        eprintln!("  !! only {v} requests completed");
+    }
+    let cpu = cpu_secs(pid, false) - cpu0;
+    let peak = mem_mib(pid, "VmHWM") - rss0;
+    let last = percentile(&answered, 100.0) / 1e6;
+    // `batch done` is logged after the upstream files are deleted.
+    let t = Instant::now();
+    while log_events(&fer.log, "batch done").is_empty() && t.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    rows.add(
+        "4-6 batch",
+        "5 ingest: clock moved → emulator answers `completed` (upstream side)",
+        emu_ready.as_secs_f64(),
+        "s",
+    );
+    rows.add(
+        "4-6 batch",
+        "5 ingest: clock moved → first held caller answered",
+        percentile(&answered, 0.0) / 1e6,
+        "s",
+    );
+    rows.add(
+        "4-6 batch",
+        "5 ingest: clock moved → last held caller answered",
+        last,
+        "s",
+    );
+    rows.target(
+        "4-6 batch",
+        format!(
+            "5 ingest: {n}-line output stored and all {} held answered, from upstream `completed`",
+            o.held
+        ),
+        last - emu_ready.as_secs_f64(),
+        "s",
+        Target::AtMost(3.0),
+    );
+    rows.add(
+        "4-6 batch",
+        "5 ingest: all results stored (metrics), from clock moved",
+        stored.as_secs_f64(),
+        "s",
+    );
+    rows.add(
+        "4-6 batch",
+        "5 ingest: Ferry log, `batch finished upstream` → `batch done`",
+        log_interval(&fer.log, "batch finished upstream", "batch done"),
+        "s",
+    );
+    rows.add("4-6 batch", "5 ingest: Ferry CPU time", cpu, "s");
+    rows.add("4-6 batch", "5 ingest: Ferry peak RSS growth", peak, "MiB");
+    rows.target(
+        "4-6 batch",
+        "6 waiters: held callers not answered 200",
+        not_ok as f64,
+        "",
+        Target::AtMost(0.0),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    rows.add(
+        "4-6 batch",
+        "Ferry RSS after everyone was answered",
+        mem_mib(pid, "VmRSS"),
+        "MiB",
+    );
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let o = Opts::parse();
+    assert!(
+        o.bin.exists(),
+        "{} does not exist: run `cargo build --release` (or set FERRY_BIN)",
+        o.bin.display()
+    );
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    eprintln!("load average before: {}", load.trim());
+    let started = Instant::now();
+    let mut runs = Vec::new();
+    for run in 0..o.runs {
+        eprintln!("--- run {} of {}", run + 1, o.runs);
+        let mut rows = Rows::default();
+        if o.wants("passthrough") {
+            passthrough(&o, run, &mut rows).await;
+        }
+        if o.wants("intake") {
+            intake(&o, &mut rows).await;
+        }
+        if o.wants("buffer") {
+            buffer(&o, &mut rows).await;
+        }
+        if o.wants("batch") {
+            batch(&o, &mut rows).await;
+        }
+        runs.push(rows);
+    }
+    print_table(&o, &runs);
+    println!();
+    println!(
+        "Took {:.0} s. Generator, proxy and emulator share the machine's cores; nothing is pinned.",
+        started.elapsed().as_secs_f64()
+    );
+}
