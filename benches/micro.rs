@@ -80,7 +80,7 @@ fn record(custom_id: String, body_len: usize) -> RequestRecord {
 
 fn temp_store() -> (tempfile::TempDir, Arc<Store>) {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let store = Arc::new(Store::open(dir.path(), 64 << 20).unwrap());
     (dir, store)
 }
 

@@ -115,6 +115,7 @@ struct RawServer {
     body_read_timeout_secs: f64,
     max_queued: u64,
     upstream_ca_file: Option<String>,
+    cache_mb: u64,
     log_format: String,
 }
 
@@ -134,6 +135,7 @@ impl Default for RawServer {
             body_read_timeout_secs: 30.0,
             max_queued: 5_000_000,
             upstream_ca_file: None,
+            cache_mb: 64,
             log_format: "text".into(),
         }
     }
@@ -250,6 +252,8 @@ pub struct ServerSettings {
     /// private CAs. Passthrough then trusts only these; the Batch API client
     /// trusts them in addition to the system roots.
     pub upstream_ca_file: Option<PathBuf>,
+    /// sled's page cache in bytes; Ferry's resident memory follows it.
+    pub cache_bytes: u64,
     pub log_format: LogFormat,
 }
 
@@ -435,6 +439,7 @@ impl RawConfig {
             body_read_timeout: secs("server.body_read_timeout_secs", s.body_read_timeout_secs)?
                 .max(Duration::from_millis(10)),
             max_queued: s.max_queued,
+            cache_bytes: s.cache_mb.max(8) * 1024 * 1024,
             upstream_ca_file: match s.upstream_ca_file {
                 Some(f) if !Path::new(&f).is_file() => {
                     return Err(invalid(

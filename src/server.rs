@@ -55,10 +55,12 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         path: data_dir.display().to_string(),
         source: crate::store::StoreError::Flush(e.to_string()),
     })?;
-    let store = Arc::new(Store::open(&data_dir).map_err(|source| ServerError::Store {
-        path: data_dir.display().to_string(),
-        source,
-    })?);
+    let store = Arc::new(
+        Store::open(&data_dir, config.server.cache_bytes).map_err(|source| ServerError::Store {
+            path: data_dir.display().to_string(),
+            source,
+        })?,
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("ferry-worker")

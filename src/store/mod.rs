@@ -20,8 +20,6 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
-use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 pub use records::*;
 
@@ -35,19 +33,36 @@ pub enum StoreError {
     Flush(String),
     #[error("the queue is full ({0} requests waiting)")]
     QueueFull(u64),
-}
-
-impl From<TransactionError<StoreError>> for StoreError {
-    fn from(e: TransactionError<StoreError>) -> Self {
-        match e {
-            TransactionError::Abort(e) => e,
-            TransactionError::Storage(e) => StoreError::Sled(e),
-        }
-    }
+    #[error("another request with this custom id is being stored; retry")]
+    Busy,
 }
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+/// Marks a custom id as being stored by this process for as long as it lives.
+struct InFlight<'a> {
+    set: &'a dashmap::DashSet<Vec<u8>>,
+    key: Vec<u8>,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(set: &'a dashmap::DashSet<Vec<u8>>, key: &[u8]) -> Result<Self, StoreError> {
+        if !set.insert(key.to_vec()) {
+            return Err(StoreError::Busy);
+        }
+        Ok(InFlight {
+            set,
+            key: key.to_vec(),
+        })
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.set.remove(&self.key);
+    }
 }
 
 /// A queue: requests for one model of one upstream, flushed together.
@@ -200,14 +215,19 @@ pub struct Store {
     flush_lock: tokio::sync::Mutex<()>,
     /// Observes each durable flush's duration, once metrics are attached.
     flush_histogram: std::sync::OnceLock<prometheus::Histogram>,
+    /// Custom ids being stored right now by this process: a second intake of
+    /// the same id must not mistake a claim in progress for a crashed one.
+    in_flight: dashmap::DashSet<Vec<u8>>,
 }
 
 impl Store {
     /// Opens (or creates) the database and rebuilds the in-memory queue stats.
-    pub fn open(path: &std::path::Path) -> Result<Store, StoreError> {
+    /// `cache_bytes` is sled's page cache, which Ferry's resident memory
+    /// follows (see README, Performance).
+    pub fn open(path: &std::path::Path, cache_bytes: u64) -> Result<Store, StoreError> {
         let db = sled::Config::new()
             .path(path)
-            .cache_capacity(256 * 1024 * 1024)
+            .cache_capacity(cache_bytes)
             .mode(sled::Mode::HighThroughput)
             .open()?;
         Store::from_db(db)
@@ -232,6 +252,7 @@ impl Store {
             flushed: AtomicU64::new(0),
             flush_lock: tokio::sync::Mutex::new(()),
             flush_histogram: std::sync::OnceLock::new(),
+            in_flight: dashmap::DashSet::new(),
         };
         for item in store.queue.iter() {
             let (k, v) = item?;
@@ -303,61 +324,109 @@ impl Store {
 
     // ------------------------------------------------------------ requests
 
-    /// Stores a new deferred request and queues it, atomically with its
-    /// custom-id claim. The caller must [`commit`](Self::commit) before
-    /// answering `202`.
+    /// Stores a new deferred request and queues it. The caller must
+    /// [`commit`](Self::commit) before answering `202`.
+    ///
+    /// The custom id is claimed first with one compare-and-swap, then the
+    /// record, the body and, last, the queue entry are written with plain
+    /// inserts. (A sled transaction over the four trees would be simpler, but
+    /// in sled 0.34 each one rolls the log buffer with a synchronous
+    /// writeback, twice per request, which defeats the group commit.) Each
+    /// step leaves something recovery understands: a claimed id whose record
+    /// or body is missing was never acknowledged and is taken over by the
+    /// next intake of that id; a queued record without its queue entry is
+    /// re-queued when its caller retries.
     pub fn insert_request(
         &self,
         mut rec: RequestRecord,
         body: &[u8],
     ) -> Result<Intake, StoreError> {
         rec.id = self.new_id()?;
-        let line_len = line_len(rec.id, rec.body_len);
         let id = rec.id.to_be_bytes();
         let cid = custom_id_key(&rec.tenant, &rec.custom_id);
+        let _claim = InFlight::new(&self.in_flight, &cid)?;
+        let mut expected: Option<sled::IVec> = None;
+        loop {
+            match self
+                .custom_ids
+                .compare_and_swap(&cid, expected.as_ref(), Some(&id[..]))?
+            {
+                Ok(()) => break,
+                Err(cas) => {
+                    let Some(current) = cas.current else {
+                        expected = None;
+                        continue;
+                    };
+                    let old_id = id_from(&current)?;
+                    match self.get(old_id)? {
+                        Some(old)
+                            if self.bodies.contains_key(old_id.to_be_bytes())?
+                                || old.status != RequestStatus::Queued =>
+                        {
+                            if old.body_sha256 != rec.body_sha256 {
+                                return Ok(Intake::Conflict(old));
+                            }
+                            self.requeue_if_lost(&old)?;
+                            return Ok(Intake::Existing(old));
+                        }
+                        // Claimed by an intake a crash cut short: take it over.
+                        _ => expected = Some(current),
+                    }
+                }
+            }
+        }
+        let rec_bytes = serde_json::to_vec(&rec).map_err(|e| corrupt("record", e))?;
+        self.requests.insert(id, rec_bytes)?;
+        self.bodies.insert(id, body)?;
         let qk = QueueKey {
             upstream: rec.upstream.clone(),
             model: rec.model.clone(),
         };
+        let len = line_len(rec.id, rec.body_len);
         let now = now_millis();
-        let qval = queue_value(now, line_len);
-        let rec_bytes = serde_json::to_vec(&rec).map_err(|e| corrupt("record", e))?;
-        let entry = qk.entry(rec.id);
-        let existing = (&self.requests, &self.bodies, &self.custom_ids, &self.queue).transaction(
-            |(r, b, c, q)| {
-                if let Some(old) = c.get(&cid)? {
-                    let old = r.get(&old)?.ok_or_else(|| {
-                        ConflictableTransactionError::Abort(corrupt("custom id", "dangling"))
-                    })?;
-                    return Ok(Some(old));
-                }
-                c.insert(cid.as_slice(), &id)?;
-                r.insert(&id, rec_bytes.as_slice())?;
-                b.insert(&id, body)?;
-                q.insert(entry.as_slice(), &qval)?;
-                Ok(None)
-            },
-        )?;
-        match existing {
-            Some(old) => {
-                let old: RequestRecord =
-                    serde_json::from_slice(&old).map_err(|e| corrupt("record", e))?;
-                if old.body_sha256 == rec.body_sha256 {
-                    Ok(Intake::Existing(old))
-                } else {
-                    Ok(Intake::Conflict(old))
-                }
-            }
-            None => {
-                let mut s = self.queues.entry(qk).or_default();
-                s.count += 1;
-                s.bytes += line_len;
-                if s.oldest_ms == 0 {
-                    s.oldest_ms = now;
-                }
-                Ok(Intake::Created(rec))
-            }
+        self.queue
+            .insert(qk.entry(rec.id), &queue_value(now, len))?;
+        let mut s = self.queues.entry(qk).or_default();
+        s.count += 1;
+        s.bytes += len;
+        if s.oldest_ms == 0 {
+            s.oldest_ms = now;
         }
+        Ok(Intake::Created(rec))
+    }
+
+    /// A queued, unclaimed request whose queue entry a crash kept from being
+    /// written gets it now (on its caller's retry).
+    fn requeue_if_lost(&self, rec: &RequestRecord) -> Result<(), StoreError> {
+        if rec.status != RequestStatus::Queued || rec.batch.is_some() {
+            return Ok(());
+        }
+        let _g = self.queue_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let qk = QueueKey {
+            upstream: rec.upstream.clone(),
+            model: rec.model.clone(),
+        };
+        let entry = qk.entry(rec.id);
+        // Re-read under the lock: a claim may have taken it meanwhile.
+        let still_unclaimed = self
+            .get(rec.id)?
+            .is_some_and(|r| r.batch.is_none() && r.status == RequestStatus::Queued);
+        if still_unclaimed && !self.queue.contains_key(&entry)? {
+            let len = line_len(rec.id, rec.body_len);
+            let since = rec.created_at.saturating_mul(1000);
+            self.queue.insert(entry, &queue_value(since, len))?;
+            let mut s = self.queues.entry(qk).or_default();
+            s.count += 1;
+            s.bytes += len;
+            if s.oldest_ms == 0 || since < s.oldest_ms {
+                s.oldest_ms = since;
+            }
+            tracing::warn!(
+                request = rec.id,
+                "re-queued a request whose queue entry was lost in a crash"
+            );
+        }
+        Ok(())
     }
 
     /// Removes a request that was stored but could not be made durable, so
@@ -547,7 +616,13 @@ impl Store {
         };
         let mut queue = sled::Batch::default();
         let mut reqs = sled::Batch::default();
-        for id in ids {
+        for (n, id) in ids.enumerate() {
+            // Applied in slices: sled copies whole leaves per batch, so one
+            // 50,000-entry batch costs hundreds of MiB at its peak.
+            if n > 0 && n % WRITE_SLICE == 0 {
+                self.queue.apply_batch(std::mem::take(&mut queue))?;
+                self.requests.apply_batch(std::mem::take(&mut reqs))?;
+            }
             let entry = qk.entry(id);
             if let Some(v) = self.queue.get(&entry)? {
                 self.unaccount(&qk, &v);
@@ -657,8 +732,11 @@ impl Store {
     pub fn apply_submitted(&self, batch: u64, batch_id: &str) -> Result<(), StoreError> {
         let now = now_secs();
         let mut reqs = sled::Batch::default();
-        for id in self.members(batch) {
+        for (n, id) in self.members(batch).enumerate() {
             let id = id?;
+            if n > 0 && n % WRITE_SLICE == 0 {
+                self.requests.apply_batch(std::mem::take(&mut reqs))?;
+            }
             let Some(mut rec) = self.get(id)? else {
                 continue;
             };
@@ -931,6 +1009,9 @@ impl Store {
     }
 }
 
+/// Entries per sled write batch when a whole batch's members are updated.
+const WRITE_SLICE: usize = 1_000;
+
 /// Builds a webhook's JSON body for a request that just became terminal.
 pub type PayloadFn<'a> = dyn Fn(&RequestRecord, Option<&StoredResult>) -> String + 'a;
 
@@ -956,7 +1037,7 @@ mod tests {
 
     fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
+        let s = Store::open(dir.path(), 64 << 20).unwrap();
         (dir, s)
     }
 
@@ -1014,6 +1095,39 @@ mod tests {
         ));
         assert_eq!(s.queue_stats()[0].1.count, 2);
         assert!(s.find("t3", "x").unwrap().is_none());
+    }
+
+    #[test]
+    fn an_intake_cut_short_by_a_crash_is_repaired() {
+        let (_d, s) = store();
+        // A claimed custom id whose record was never written: taken over.
+        s.custom_ids
+            .insert(custom_id_key("t", "lost"), &777u64.to_be_bytes())
+            .unwrap();
+        let Intake::Created(r) = s.insert_request(rec("t", "lost", "h"), b"{}").unwrap() else {
+            panic!()
+        };
+        assert_eq!(s.find("t", "lost").unwrap().unwrap().id, r.id);
+        // A record written without its queue entry: re-queued on retry.
+        let Intake::Created(r) = s.insert_request(rec("t", "q", "h"), b"{}").unwrap() else {
+            panic!()
+        };
+        let qk = qk();
+        let v = s.queue.remove(qk.entry(r.id)).unwrap().unwrap();
+        s.unaccount(&qk, &v);
+        let before = s.queue_stats_for(&qk).unwrap().count;
+        assert!(matches!(
+            s.insert_request(rec("t", "q", "h"), b"{}").unwrap(),
+            Intake::Existing(_)
+        ));
+        assert_eq!(s.queue_stats_for(&qk).unwrap().count, before + 1);
+        assert!(s.queue.contains_key(qk.entry(r.id)).unwrap());
+        // An id being stored right now by this process is busy, not lost.
+        let _claim = InFlight::new(&s.in_flight, &custom_id_key("t", "busy")).unwrap();
+        assert!(matches!(
+            s.insert_request(rec("t", "busy", "h"), b"{}"),
+            Err(StoreError::Busy)
+        ));
     }
 
     #[test]
@@ -1133,7 +1247,7 @@ mod tests {
     fn queue_stats_and_claims_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = Store::open(dir.path()).unwrap();
+            let s = Store::open(dir.path(), 64 << 20).unwrap();
             for i in 0..4 {
                 s.insert_request(rec("t", &format!("c{i}"), "h"), b"{}")
                     .unwrap();
@@ -1155,7 +1269,7 @@ mod tests {
             s.members.insert(member_key(999, first), &[]).unwrap();
             s.flush_blocking().unwrap();
         }
-        let s = Store::open(dir.path()).unwrap();
+        let s = Store::open(dir.path(), 64 << 20).unwrap();
         assert_eq!(s.queue_stats()[0].1.count, 4);
         assert_eq!(s.recover_claims().unwrap(), 1);
         assert_eq!(s.queue_stats()[0].1.count, 3);
