@@ -16,9 +16,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::App;
-use crate::store::{
-    BatchRecord, BatchState, Outcome, QueueKey, RequestError, RequestRecord, now_millis,
-};
+use crate::store::{BatchRecord, BatchState, Outcome, QueueKey, RequestError, now_millis};
 use crate::upstream::{BatchObject, UpstreamError, with_retry};
 use policy::{FlushPolicy, FlushReason, flush_reason, time_to_deadline};
 
@@ -483,6 +481,65 @@ async fn poll_and_ingest(
     Ok(())
 }
 
+/// Applies outcomes in slices as they arrive: each slice is stored, made
+/// durable, and its callers woken before the next is read, so memory stays
+/// at one slice and the first callers are answered while the file still
+/// streams in. Re-applying after a crash is harmless (see
+/// [`Store::apply_outcomes`](crate::store::Store::apply_outcomes)).
+struct Ingest<'a> {
+    app: &'a Arc<App>,
+    batch: u64,
+    /// `Some(max_attempts)` when expired lines are sent again.
+    requeue_expired: Option<u32>,
+    pending: Vec<(u64, Outcome)>,
+    seen: std::collections::HashSet<u64>,
+    finished: usize,
+}
+
+impl<'a> Ingest<'a> {
+    fn new(app: &'a Arc<App>, up: &crate::Upstream, batch: u64) -> Self {
+        let requeue_expired = (up.settings.expired_policy == crate::config::ExpiredPolicy::Requeue)
+            .then_some(up.settings.max_attempts);
+        Ingest {
+            app,
+            batch,
+            requeue_expired,
+            pending: Vec::new(),
+            seen: std::collections::HashSet::new(),
+            finished: 0,
+        }
+    }
+
+    fn add(&mut self, id: u64, outcome: Outcome) {
+        let outcome = match (outcome, self.requeue_expired) {
+            (Outcome::Expired(error), Some(max_attempts)) => Outcome::RetryOrExpire {
+                error,
+                max_attempts,
+            },
+            (o, _) => o,
+        };
+        self.seen.insert(id);
+        self.pending.push((id, outcome));
+    }
+
+    async fn apply(&mut self) -> Result<(), StepError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let slice = std::mem::take(&mut self.pending);
+        let done =
+            self.app
+                .store
+                .apply_outcomes(self.batch, slice, &crate::delivery::webhook_payload)?;
+        self.app.store.commit().await?;
+        for rec in &done {
+            self.app.on_terminal(rec);
+        }
+        self.finished += done.len();
+        Ok(())
+    }
+}
+
 /// Stores what became of every member; returns how many became terminal.
 async fn ingest_batch(
     app: &Arc<App>,
@@ -492,8 +549,9 @@ async fn ingest_batch(
     shutdown: &watch::Receiver<bool>,
 ) -> Result<usize, StepError> {
     let members: Vec<u64> = app.store.members(batch.id).collect::<Result<_, _>>()?;
-    let mut outcomes: HashMap<u64, Outcome> = HashMap::with_capacity(members.len());
+    let mut ingest = Ingest::new(app, up, batch.id);
     if obj.status == "failed" {
+        let mut outcomes = HashMap::with_capacity(members.len());
         failed_batch_outcomes(obj, &members, up.settings.max_attempts, &mut outcomes);
         if outcomes.values().all(|o| matches!(o, Outcome::Requeue)) {
             // The token budget is full: give the upstream a pause before this
@@ -505,15 +563,19 @@ async fn ingest_batch(
             );
             up.pause_flushes(up.settings.token_limit_backoff);
         }
+        for (id, o) in outcomes {
+            ingest.add(id, o);
+        }
     } else {
+        let member_set: std::collections::HashSet<u64> = members.iter().copied().collect();
         for file in [obj.output_file(), obj.error_file()].into_iter().flatten() {
             let read = read_result_file(
                 app,
                 up,
                 file,
                 &batch.model,
-                &members,
-                &mut outcomes,
+                &member_set,
+                &mut ingest,
                 shutdown,
             )
             .await;
@@ -531,7 +593,6 @@ async fn ingest_batch(
                 other => other?,
             }
         }
-        let max_attempts = up.settings.max_attempts;
         let missing = match obj.status.as_str() {
             "expired" => Outcome::Expired(RequestError {
                 code: "batch_expired".into(),
@@ -545,49 +606,25 @@ async fn ingest_batch(
                     message: "the upstream batch finished without a result line for this request"
                         .into(),
                 },
-                max_attempts,
+                max_attempts: up.settings.max_attempts,
             },
         };
-        let absent = members
+        let absent: Vec<u64> = members
             .iter()
-            .filter(|id| !outcomes.contains_key(id))
-            .count();
-        if absent > 0 {
-            warn!(ferry_batch = batch.id, absent, status = %obj.status, "members without a result line");
+            .copied()
+            .filter(|id| !ingest.seen.contains(id))
+            .collect();
+        if !absent.is_empty() {
+            warn!(ferry_batch = batch.id, absent = absent.len(), status = %obj.status, "members without a result line");
         }
-        for id in &members {
-            outcomes.entry(*id).or_insert_with(|| missing.clone());
-        }
-        if up.settings.expired_policy == crate::config::ExpiredPolicy::Requeue {
-            for o in outcomes.values_mut() {
-                if let Outcome::Expired(error) = o {
-                    *o = Outcome::RetryOrExpire {
-                        error: error.clone(),
-                        max_attempts,
-                    };
-                }
-            }
+        for id in absent {
+            ingest.add(id, missing.clone());
         }
     }
-    let mut finished = 0;
-    let mut all: Vec<(u64, Outcome)> = outcomes.into_iter().collect();
-    all.sort_by_key(|(id, _)| *id);
-    let mut done: Vec<RequestRecord> = Vec::new();
-    for chunk in all.chunks(OUTCOME_CHUNK) {
-        done.extend(app.store.apply_outcomes(
-            batch.id,
-            chunk.to_vec(),
-            &crate::delivery::webhook_payload,
-        )?);
-    }
-    app.store.commit().await?;
-    for rec in &done {
-        finished += 1;
-        app.on_terminal(rec);
-    }
+    ingest.apply().await?;
     // Re-queued members need a flush loop that knows about them.
     up.wake.notify_one();
-    Ok(finished)
+    Ok(ingest.finished)
 }
 
 /// A batch that failed validation: lines named in `errors` fail with their
@@ -659,8 +696,8 @@ async fn read_result_file(
     up: &crate::Upstream,
     file_id: &str,
     model: &str,
-    members: &[u64],
-    outcomes: &mut HashMap<u64, Outcome>,
+    members: &std::collections::HashSet<u64>,
+    ingest: &mut Ingest<'_>,
     shutdown: &watch::Receiver<bool>,
 ) -> Result<(), StepError> {
     let res = with_retry(
@@ -672,20 +709,22 @@ async fn read_result_file(
         || up.client.file_content(file_id),
     )
     .await?;
-    let member_set: std::collections::HashSet<u64> = members.iter().copied().collect();
-    let mut reader = ingest::ResultReader::new(&member_set);
-    let mut out = |id, outcome: Outcome| {
+    let mut reader = ingest::ResultReader::new(members);
+    let take = |ingest: &mut Ingest<'_>, id: u64, outcome: Outcome| {
         if let Outcome::Completed(r) = &outcome {
             app.count_tokens(up, model, &r.body);
         }
-        outcomes.insert(id, outcome);
+        ingest.add(id, outcome);
     };
     let mut stream = res.bytes_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| UpstreamError::Transport(e.to_string()))?;
-        reader.push(&chunk, &mut out);
+        reader.push(&chunk, &mut |id, outcome| take(ingest, id, outcome));
+        if ingest.pending.len() >= OUTCOME_CHUNK {
+            ingest.apply().await?;
+        }
     }
-    let bad_lines = reader.finish(&mut out);
+    let bad_lines = reader.finish(&mut |id, outcome| take(ingest, id, outcome));
     if bad_lines > 0 {
         warn!(
             file_id,
