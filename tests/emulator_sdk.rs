@@ -72,5 +72,5 @@ async fn openai_python_sdk_conformance() {
         output.status
     );
     assert!(stdout.contains("all checks passed"), "{stdout}");
-    println!("{stdout}");
+    eprintln!("{stdout}");
 }
