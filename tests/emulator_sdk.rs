@@ -1,8 +1,11 @@
 //! Conformance with the official `openai` Python SDK: starts the emulator
 //! in-process on 127.0.0.1:0 and runs tests/python/emulator_conformance.py
-//! against it with `$FERRY_TEST_PYTHON` (default `python3`). The SDK's strict
+//! against it with the Python `common::python()` picks (`$FERRY_TEST_PYTHON`,
+//! else the venv `.ci/run` makes, else `python3`). The SDK's strict
 //! models parse every object the emulator sends; a missing SDK fails the test
 //! (never skips it).
+
+mod common;
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -31,7 +34,7 @@ async fn openai_python_sdk_conformance() {
         let _ = stopped.await;
     }));
 
-    let python = std::env::var("FERRY_TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    let python = common::python();
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/python/emulator_conformance.py"
