@@ -110,9 +110,9 @@ async fn token_limit_pauses_and_resubmits_without_failing_anything() {
 
 #[tokio::test]
 async fn a_bad_line_fails_alone_and_its_neighbours_are_sent_again() {
-    // The neighbours go back to the queue counting from when they were
-    // accepted, so they are sent again as soon as max_wait has passed.
-    let s = Stack::start("max_requests = 3\nmax_wait_secs = 0.3", "");
+    // Only the size threshold forms the first batch, so all three are in it
+    // however slow the machine; the neighbours are flushed again by hand.
+    let s = Stack::start("max_requests = 3", "");
     s.defer(
         "alice-key",
         &chat("gpt-4o-mini", "good one"),
@@ -144,6 +144,9 @@ async fn a_bad_line_fails_alone_and_its_neighbours_are_sent_again() {
             .contains("body.messages"),
         "{bad}"
     );
+    until_status(&s, "n1", "queued").await;
+    until_status(&s, "n3", "queued").await;
+    s.flush().await;
     for id in ["n1", "n3"] {
         let (_, st) = s.status("alice-key", id, 60).await;
         assert_eq!(st["status"], "completed", "{st}");
@@ -213,7 +216,8 @@ async fn an_expired_batch_keeps_its_finished_lines() {
 
 #[tokio::test]
 async fn a_batch_cancelled_upstream_keeps_finished_lines_and_requeues_the_rest() {
-    let s = Stack::start("max_requests = 3\nmax_wait_secs = 0.05", "");
+    // Only the size threshold forms the first batch, so all three are in it.
+    let s = Stack::start("max_requests = 3", "");
     s.emulator_config(json!({"per_request_seconds": 10.0}))
         .await;
     for i in 0..3 {
@@ -238,6 +242,10 @@ async fn a_batch_cancelled_upstream_keeps_finished_lines_and_requeues_the_rest()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // Once Ferry has seen the cancel, the unfinished two are queued again.
+    until_status(&s, "c1", "queued").await;
+    until_status(&s, "c2", "queued").await;
+    s.flush().await;
     for i in 0..3 {
         let (_, st) = s.status("alice-key", &format!("c{i}"), 60).await;
         assert_eq!(st["status"], "completed", "{st}");
