@@ -199,10 +199,7 @@ impl App {
     /// request starts a queue (its time threshold begins) or crosses the
     /// size or byte threshold.
     pub fn after_enqueue(&self, upstream: &Upstream, rec: &RequestRecord) {
-        let qk = QueueKey {
-            upstream: rec.upstream.clone(),
-            model: rec.model.clone(),
-        };
+        let qk = QueueKey::of(rec);
         let Some(st) = self.store.queue_stats_for(&qk) else {
             return;
         };

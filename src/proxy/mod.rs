@@ -493,7 +493,7 @@ async fn deferred(
     if wait.is_zero() {
         // The ticket, also for an idempotent retry of a finished request
         // (its status object then carries the result).
-        let result = app.store.result(rec.id).ok().flatten();
+        let result = stored_result(app, &rec);
         return respond::value(
             session,
             202,
@@ -532,6 +532,15 @@ async fn hold(app: &Arc<App>, rec: &RequestRecord, wait: Duration) -> RequestRec
         .unwrap_or_else(|| rec.clone())
 }
 
+/// The upstream's stored answer; only `completed` requests have one, so
+/// the common case (a fresh ticket) costs no read.
+fn stored_result(app: &App, rec: &RequestRecord) -> Option<crate::store::StoredResult> {
+    if rec.status != RequestStatus::Completed {
+        return None;
+    }
+    app.store.result(rec.id).ok().flatten()
+}
+
 fn ticket_headers(rec: &RequestRecord) -> [(&'static str, String); 2] {
     [
         ("location", format!("/v1/ferry/requests/{}", rec.custom_id)),
@@ -561,7 +570,7 @@ async fn answer_result_or_ticket(
 /// verbatim; for requests the upstream never answered, an error in the
 /// envelope (failed → 502, expired → 504, cancelled → 409).
 async fn answer_result(app: &Arc<App>, session: &mut Session, rec: &RequestRecord) -> Result<()> {
-    if let Ok(Some(r)) = app.store.result(rec.id) {
+    if let Some(r) = stored_result(app, rec) {
         let body = Bytes::from(serde_json::to_vec(&r.body).unwrap_or_default());
         return respond::json(session, r.status_code, &[], body).await;
     }
@@ -616,7 +625,7 @@ async fn stream_replay(
             .write_response_body(Some(Bytes::from_static(respond::SSE_KEEPALIVE)), false)
             .await?;
     }
-    let result = app.store.result(rec.id).ok().flatten();
+    let result = stored_result(app, &rec);
     match (started, rec.status.is_terminal(), result) {
         (false, false, _) => answer_result_or_ticket(app, session, &rec).await,
         (false, true, Some(r)) if r.status_code != 200 => answer_result(app, session, &rec).await,
@@ -682,7 +691,7 @@ async fn lookup(
     if want_result {
         return answer_result_or_ticket(app, session, &rec).await;
     }
-    let result = app.store.result(rec.id).ok().flatten();
+    let result = stored_result(app, &rec);
     respond::value(session, 200, &[], &status_object(&rec, result.as_ref())).await
 }
 

@@ -73,6 +73,14 @@ pub struct QueueKey {
 }
 
 impl QueueKey {
+    /// The queue a request belongs to.
+    pub fn of(rec: &RequestRecord) -> QueueKey {
+        QueueKey {
+            upstream: rec.upstream.clone(),
+            model: rec.model.clone(),
+        }
+    }
+
     fn prefix(&self) -> Vec<u8> {
         let mut k = Vec::with_capacity(self.upstream.len() + self.model.len() + 2);
         k.extend_from_slice(self.upstream.as_bytes());
@@ -139,6 +147,10 @@ fn member_key(batch: u64, id: u64) -> [u8; 16] {
     k[..8].copy_from_slice(&batch.to_be_bytes());
     k[8..].copy_from_slice(&id.to_be_bytes());
     k
+}
+
+fn encode_record(rec: &RequestRecord) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(rec).map_err(|e| corrupt("record", e))
 }
 
 fn id_from(bytes: &[u8]) -> Result<u64, StoreError> {
@@ -258,12 +270,7 @@ impl Store {
             let (k, v) = item?;
             let (qk, _) = QueueKey::parse_entry(&k).ok_or_else(|| corrupt("queue key", "bad"))?;
             let (at, len) = parse_queue_value(&v).ok_or_else(|| corrupt("queue value", "bad"))?;
-            let mut s = store.queues.entry(qk).or_default();
-            s.count += 1;
-            s.bytes += len;
-            if s.oldest_ms == 0 || at < s.oldest_ms {
-                s.oldest_ms = at;
-            }
+            store.account(qk, len, at);
         }
         {
             let mut due = store.lock_outbox();
@@ -375,23 +382,15 @@ impl Store {
                 }
             }
         }
-        let rec_bytes = serde_json::to_vec(&rec).map_err(|e| corrupt("record", e))?;
+        let rec_bytes = encode_record(&rec)?;
         self.requests.insert(id, rec_bytes)?;
         self.bodies.insert(id, body)?;
-        let qk = QueueKey {
-            upstream: rec.upstream.clone(),
-            model: rec.model.clone(),
-        };
+        let qk = QueueKey::of(&rec);
         let len = line_len(rec.id, rec.body_len);
         let now = now_millis();
         self.queue
             .insert(qk.entry(rec.id), &queue_value(now, len))?;
-        let mut s = self.queues.entry(qk).or_default();
-        s.count += 1;
-        s.bytes += len;
-        if s.oldest_ms == 0 {
-            s.oldest_ms = now;
-        }
+        self.account(qk, len, now);
         Ok(Intake::Created(rec))
     }
 
@@ -402,10 +401,7 @@ impl Store {
             return Ok(());
         }
         let _g = self.queue_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let qk = QueueKey {
-            upstream: rec.upstream.clone(),
-            model: rec.model.clone(),
-        };
+        let qk = QueueKey::of(rec);
         let entry = qk.entry(rec.id);
         // Re-read under the lock: a claim may have taken it meanwhile.
         let still_unclaimed = self
@@ -415,12 +411,7 @@ impl Store {
             let len = line_len(rec.id, rec.body_len);
             let since = rec.created_at.saturating_mul(1000);
             self.queue.insert(entry, &queue_value(since, len))?;
-            let mut s = self.queues.entry(qk).or_default();
-            s.count += 1;
-            s.bytes += len;
-            if s.oldest_ms == 0 || since < s.oldest_ms {
-                s.oldest_ms = since;
-            }
+            self.account(qk, len, since);
             tracing::warn!(
                 request = rec.id,
                 "re-queued a request whose queue entry was lost in a crash"
@@ -434,10 +425,7 @@ impl Store {
     pub fn forget_request(&self, rec: &RequestRecord) -> Result<(), StoreError> {
         let _g = self.queue_lock.lock().unwrap_or_else(|p| p.into_inner());
         let id = rec.id.to_be_bytes();
-        let qk = QueueKey {
-            upstream: rec.upstream.clone(),
-            model: rec.model.clone(),
-        };
+        let qk = QueueKey::of(rec);
         if let Some(v) = self.queue.remove(qk.entry(rec.id))? {
             self.unaccount(&qk, &v);
         }
@@ -446,6 +434,16 @@ impl Store {
         self.requests.remove(id)?;
         self.bodies.remove(id)?;
         Ok(())
+    }
+
+    /// Counts an entry that joined a queue (enqueued at `since_ms`).
+    fn account(&self, qk: QueueKey, len: u64, since_ms: u64) {
+        let mut s = self.queues.entry(qk).or_default();
+        s.count += 1;
+        s.bytes += len;
+        if s.oldest_ms == 0 || since_ms < s.oldest_ms {
+            s.oldest_ms = since_ms;
+        }
     }
 
     fn unaccount(&self, qk: &QueueKey, qval: &[u8]) {
@@ -498,7 +496,7 @@ impl Store {
     }
 
     fn put_record(&self, rec: &RequestRecord) -> Result<(), StoreError> {
-        let v = serde_json::to_vec(rec).map_err(|e| corrupt("record", e))?;
+        let v = encode_record(rec)?;
         self.requests.insert(rec.id.to_be_bytes(), v)?;
         Ok(())
     }
@@ -520,10 +518,7 @@ impl Store {
         if rec.status != RequestStatus::Queued || rec.batch.is_some() {
             return Ok(CancelOutcome::TooLate(rec));
         }
-        let qk = QueueKey {
-            upstream: rec.upstream.clone(),
-            model: rec.model.clone(),
-        };
+        let qk = QueueKey::of(&rec);
         if let Some(v) = self.queue.remove(qk.entry(rec.id))? {
             self.unaccount(&qk, &v);
         }
@@ -633,10 +628,7 @@ impl Store {
                 && rec.status == RequestStatus::Queued
             {
                 rec.batch = Some(batch.id);
-                reqs.insert(
-                    &id.to_be_bytes(),
-                    serde_json::to_vec(&rec).map_err(|e| corrupt("record", e))?,
-                );
+                reqs.insert(&id.to_be_bytes(), encode_record(&rec)?);
             }
         }
         self.queue.apply_batch(queue)?;
@@ -745,10 +737,7 @@ impl Store {
                 rec.batch_id = Some(batch_id.to_owned());
                 rec.submitted_at = Some(now);
                 rec.attempts += 1;
-                reqs.insert(
-                    &id.to_be_bytes(),
-                    serde_json::to_vec(&rec).map_err(|e| corrupt("record", e))?,
-                );
+                reqs.insert(&id.to_be_bytes(), encode_record(&rec)?);
             }
         }
         self.requests.apply_batch(reqs)?;
@@ -812,10 +801,7 @@ impl Store {
                     rec.error = Some(e);
                 }
                 Outcome::Requeue | Outcome::Retry { .. } | Outcome::RetryOrExpire { .. } => {
-                    let qk = QueueKey {
-                        upstream: rec.upstream.clone(),
-                        model: rec.model.clone(),
-                    };
+                    let qk = QueueKey::of(&rec);
                     let len = line_len(id, rec.body_len);
                     // Age counts from acceptance: a re-queued request has
                     // waited already, so the time threshold sends it soon.
@@ -826,10 +812,7 @@ impl Store {
                     rec.batch = None;
                     rec.batch_id = None;
                     rec.submitted_at = None;
-                    reqs.insert(
-                        &id.to_be_bytes(),
-                        serde_json::to_vec(&rec).map_err(|e| corrupt("record", e))?,
-                    );
+                    reqs.insert(&id.to_be_bytes(), encode_record(&rec)?);
                     continue;
                 }
             }
@@ -842,10 +825,7 @@ impl Store {
             )?);
             // A finished request's body is no longer needed.
             bodies.remove(&id.to_be_bytes());
-            reqs.insert(
-                &id.to_be_bytes(),
-                serde_json::to_vec(&rec).map_err(|e| corrupt("record", e))?,
-            );
+            reqs.insert(&id.to_be_bytes(), encode_record(&rec)?);
             done.push(rec);
         }
         // Results and webhooks before states: a reader that sees `completed`
@@ -857,12 +837,7 @@ impl Store {
         self.bodies.apply_batch(bodies)?;
         self.schedule(deliveries.into_iter());
         for (qk, len, since) in requeued {
-            let mut s = self.queues.entry(qk).or_default();
-            s.count += 1;
-            s.bytes += len;
-            if s.oldest_ms == 0 || since < s.oldest_ms {
-                s.oldest_ms = since;
-            }
+            self.account(qk, len, since);
         }
         Ok(done)
     }
