@@ -225,10 +225,19 @@ impl App {
     /// Adds a batch completion's `usage` to the token counters and, when the
     /// model has a price in config, its saving versus real time. `model` is
     /// the queue's (config-routed) model, which keeps label values bounded.
-    pub fn count_tokens(&self, upstream: &Upstream, model: &str, body: &serde_json::Value) {
-        let Some(usage) = body.get("usage") else {
+    pub fn count_tokens(&self, upstream: &Upstream, model: &str, body: &[u8]) {
+        /// Only `usage` is read; the rest of the body is skipped, not built.
+        #[derive(serde::Deserialize)]
+        struct Usage {
+            #[serde(default)]
+            usage: serde_json::Value,
+        }
+        let Ok(Usage { usage }) = serde_json::from_slice::<Usage>(body) else {
             return;
         };
+        if usage.is_null() {
+            return;
+        }
         let prompt = usage["prompt_tokens"].as_u64().unwrap_or(0);
         let completion = usage["completion_tokens"].as_u64().unwrap_or(0);
         self.metrics

@@ -333,8 +333,8 @@ fn recover(
     let live = app.store.live_batches()?;
     let n = live.len();
     for b in live {
-        if let BatchState::Submitted { batch_id, .. } = &b.state {
-            app.store.apply_submitted(b.id, batch_id)?;
+        if let BatchState::Submitted { .. } = &b.state {
+            app.store.apply_submitted(b.id)?;
         }
         info!(ferry_batch = b.id, state = ?b.state, "resuming a batch");
         batch::spawn_driver(app.clone(), b, true, shutdown.clone());

@@ -9,19 +9,21 @@ use serde::Deserialize;
 use crate::store::{Outcome, RequestError, StoredResult, parse_upstream_custom_id};
 
 #[derive(Debug, Deserialize)]
-struct RawLine {
+struct RawLine<'a> {
     custom_id: Option<String>,
-    #[serde(default)]
-    response: Option<RawResponse>,
+    #[serde(default, borrow)]
+    response: Option<RawResponse<'a>>,
     #[serde(default)]
     error: Option<RawError>,
 }
 
 #[derive(Debug, Deserialize)]
-struct RawResponse {
+struct RawResponse<'a> {
     status_code: u16,
-    #[serde(default)]
-    body: serde_json::Value,
+    /// Kept as text: the body is stored and answered verbatim, never parsed
+    /// into a tree here.
+    #[serde(default, borrow)]
+    body: Option<&'a serde_json::value::RawValue>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -54,11 +56,12 @@ pub fn parse_line(line: &[u8]) -> Result<(u64, Outcome), LineError> {
     let cid = raw.custom_id.ok_or(LineError::MissingCustomId)?;
     let id = parse_upstream_custom_id(&cid).ok_or(LineError::ForeignCustomId(cid))?;
     if let Some(r) = raw.response {
+        let body = r.body.map_or("null", |b| b.get());
         return Ok((
             id,
             Outcome::Completed(StoredResult {
                 status_code: r.status_code,
-                body: r.body,
+                body: Bytes::copy_from_slice(body.as_bytes()),
             }),
         ));
     }

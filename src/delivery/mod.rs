@@ -18,7 +18,7 @@ pub fn status_object(rec: &RequestRecord, result: Option<&StoredResult>) -> Valu
         "submitted_at": rec.submitted_at,
         "completed_at": rec.completed_at,
         "batch_id": rec.batch_id,
-        "result": result.map(|r| json!({"status_code": r.status_code, "body": r.body})),
+        "result": result.map(|r| json!({"status_code": r.status_code, "body": r.body_value()})),
         "error": rec.error.as_ref().map(|e| json!({"code": e.code, "message": e.message})),
         "webhook": rec.webhook,
     })

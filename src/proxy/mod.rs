@@ -571,8 +571,7 @@ async fn answer_result_or_ticket(
 /// envelope (failed → 502, expired → 504, cancelled → 409).
 async fn answer_result(app: &Arc<App>, session: &mut Session, rec: &RequestRecord) -> Result<()> {
     if let Some(r) = stored_result(app, rec) {
-        let body = Bytes::from(serde_json::to_vec(&r.body).unwrap_or_default());
-        return respond::json(session, r.status_code, &[], body).await;
+        return respond::json(session, r.status_code, &[], r.body).await;
     }
     let (status, code, message) = no_result_error(rec);
     respond::error(session, status, &message, None, &code).await
@@ -637,7 +636,7 @@ async fn stream_replay(
             let mut out = BytesMut::new();
             match result {
                 Some(r) if r.status_code == 200 => {
-                    for chunk in respond::replay_chunks(&r.body) {
+                    for chunk in respond::replay_chunks(&r.body_value()) {
                         out.extend_from_slice(&respond::sse_event(&chunk));
                     }
                     out.extend_from_slice(respond::SSE_DONE);
@@ -646,7 +645,7 @@ async fn stream_replay(
                     // Headers are gone: report as OpenAI does mid-stream, an
                     // `error` event, then end without [DONE].
                     let err = match other {
-                        Some(r) => r.body.get("error").cloned().unwrap_or(Value::Null),
+                        Some(r) => r.body_value().get("error").cloned().unwrap_or(Value::Null),
                         None if rec.status.is_terminal() => {
                             let (_, code, message) = no_result_error(&rec);
                             serde_json::json!({"message": message, "type": "ferry_error", "code": code})

@@ -1,14 +1,17 @@
 //! The durable state, in sled.
 //!
 //! Trees (keys are big-endian so that sled's order is numeric order):
-//! - `requests`: id → [`RequestRecord`] (JSON)
+//! - `requests`: id → [`RequestRecord`]'s fixed fields (JSON)
+//! - `states`: id → [`RequestState`] (29 bytes), what changes per batch
 //! - `bodies`: id → the request body as it goes into the JSONL line
 //! - `custom_ids`: tenant `\0` custom_id → id
 //! - `queue`: upstream `\0` model `\0` id → enqueued-at millis, line length
 //! - `batches`: batch id → [`BatchRecord`] (JSON)
 //! - `members`: batch id, request id → ()
-//! - `results`: id → [`StoredResult`] (JSON)
+//! - `results`: id → [`StoredResult`] (status code, then the body verbatim)
 //! - `outbox`: id → [`Delivery`] (JSON), webhooks not yet delivered
+//!
+//! The default tree holds `ferry_format`, the layout version above.
 //!
 //! Writes go to sled's page cache; [`Store::commit`] makes them durable with
 //! one fsync for every caller waiting at that moment (group commit).
@@ -206,6 +209,7 @@ pub enum Outcome {
 pub struct Store {
     db: sled::Db,
     requests: sled::Tree,
+    states: sled::Tree,
     bodies: sled::Tree,
     custom_ids: sled::Tree,
     queue: sled::Tree,
@@ -248,6 +252,7 @@ impl Store {
     fn from_db(db: sled::Db) -> Result<Store, StoreError> {
         let store = Store {
             requests: db.open_tree("requests")?,
+            states: db.open_tree("states")?,
             bodies: db.open_tree("bodies")?,
             custom_ids: db.open_tree("custom_ids")?,
             queue: db.open_tree("queue")?,
@@ -266,6 +271,7 @@ impl Store {
             flush_histogram: std::sync::OnceLock::new(),
             in_flight: dashmap::DashSet::new(),
         };
+        store.check_format()?;
         for item in store.queue.iter() {
             let (k, v) = item?;
             let (qk, _) = QueueKey::parse_entry(&k).ok_or_else(|| corrupt("queue key", "bad"))?;
@@ -281,6 +287,31 @@ impl Store {
             }
         }
         Ok(store)
+    }
+
+    /// Refuses a data_dir laid out by another build instead of misreading
+    /// it; an empty one is stamped with this build's layout.
+    fn check_format(&self) -> Result<(), StoreError> {
+        match self.db.get(FORMAT_KEY)? {
+            Some(v) if v == FORMAT => Ok(()),
+            Some(v) => Err(corrupt(
+                "data_dir",
+                format!(
+                    "it is in store format {}, this build reads format {}",
+                    String::from_utf8_lossy(&v),
+                    String::from_utf8_lossy(FORMAT)
+                ),
+            )),
+            None if self.requests.is_empty() && self.batches.is_empty() => {
+                self.db.insert(FORMAT_KEY, FORMAT)?;
+                Ok(())
+            }
+            None => Err(corrupt(
+                "data_dir",
+                "it was written by an earlier Ferry build (store format 1); \
+                 let that build drain it, or start with an empty data_dir",
+            )),
+        }
     }
 
     fn lock_outbox(&self) -> std::sync::MutexGuard<'_, BTreeSet<(u64, u64)>> {
@@ -384,6 +415,7 @@ impl Store {
         }
         let rec_bytes = encode_record(&rec)?;
         self.requests.insert(id, rec_bytes)?;
+        self.states.insert(id, &rec.state().encode())?;
         self.bodies.insert(id, body)?;
         let qk = QueueKey::of(&rec);
         let len = line_len(rec.id, rec.body_len);
@@ -432,6 +464,7 @@ impl Store {
         self.custom_ids
             .remove(custom_id_key(&rec.tenant, &rec.custom_id))?;
         self.requests.remove(id)?;
+        self.states.remove(id)?;
         self.bodies.remove(id)?;
         Ok(())
     }
@@ -470,11 +503,53 @@ impl Store {
         Ok(())
     }
 
+    /// A request with its current state. A request missing either part was
+    /// cut short by a crash before it was acknowledged, and reads as absent.
     pub fn get(&self, id: u64) -> Result<Option<RequestRecord>, StoreError> {
+        let Some(mut rec) = self.get_with_state(id)? else {
+            return Ok(None);
+        };
+        if let Some(b) = rec.batch {
+            rec.batch_id = self.upstream_batch_id(b)?;
+        }
+        Ok(Some(rec))
+    }
+
+    /// Like [`get`](Self::get) without `batch_id`, for code that handles a
+    /// whole batch and knows it.
+    fn get_with_state(&self, id: u64) -> Result<Option<RequestRecord>, StoreError> {
+        let Some(state) = self.state(id)? else {
+            return Ok(None);
+        };
+        let Some(mut rec) = self.get_fixed(id)? else {
+            return Ok(None);
+        };
+        rec.set_state(state);
+        Ok(Some(rec))
+    }
+
+    /// The record's fixed fields only; its state fields are defaults.
+    fn get_fixed(&self, id: u64) -> Result<Option<RequestRecord>, StoreError> {
         self.requests
             .get(id.to_be_bytes())?
             .map(|v| serde_json::from_slice(&v).map_err(|e| corrupt("record", e)))
             .transpose()
+    }
+
+    fn state(&self, id: u64) -> Result<Option<RequestState>, StoreError> {
+        self.states
+            .get(id.to_be_bytes())?
+            .map(|v| RequestState::decode(&v).ok_or_else(|| corrupt("state", "unreadable")))
+            .transpose()
+    }
+
+    /// The upstream's id for one of Ferry's batches, once it exists.
+    fn upstream_batch_id(&self, batch: u64) -> Result<Option<String>, StoreError> {
+        Ok(self.get_batch(batch)?.and_then(|b| match b.state {
+            BatchState::Submitted { batch_id, .. } => Some(batch_id),
+            BatchState::Done { batch_id, .. } => batch_id,
+            BatchState::Claimed | BatchState::Uploaded { .. } => None,
+        }))
     }
 
     pub fn find(&self, tenant: &str, custom_id: &str) -> Result<Option<RequestRecord>, StoreError> {
@@ -491,13 +566,20 @@ impl Store {
     pub fn result(&self, id: u64) -> Result<Option<StoredResult>, StoreError> {
         self.results
             .get(id.to_be_bytes())?
-            .map(|v| serde_json::from_slice(&v).map_err(|e| corrupt("result", e)))
+            .map(|v| StoredResult::decode(&v).ok_or_else(|| corrupt("result", "too short")))
             .transpose()
     }
 
+    /// Writes the record's fixed fields (not its state).
     fn put_record(&self, rec: &RequestRecord) -> Result<(), StoreError> {
         let v = encode_record(rec)?;
         self.requests.insert(rec.id.to_be_bytes(), v)?;
+        Ok(())
+    }
+
+    fn put_state(&self, rec: &RequestRecord) -> Result<(), StoreError> {
+        self.states
+            .insert(rec.id.to_be_bytes(), &rec.state().encode())?;
         Ok(())
     }
 
@@ -527,7 +609,10 @@ impl Store {
         let mut outbox = sled::Batch::default();
         let delivery = self.prepare_delivery(&mut rec, None, payload, &mut outbox)?;
         self.outbox.apply_batch(outbox)?;
-        self.put_record(&rec)?;
+        if delivery.is_some() {
+            self.put_record(&rec)?;
+        }
+        self.put_state(&rec)?;
         self.schedule(delivery.into_iter());
         self.bodies.remove(rec.id.to_be_bytes())?;
         self.refresh_oldest(&qk)?;
@@ -610,29 +695,29 @@ impl Store {
             model: batch.model.clone(),
         };
         let mut queue = sled::Batch::default();
-        let mut reqs = sled::Batch::default();
+        let mut states = sled::Batch::default();
         for (n, id) in ids.enumerate() {
             // Applied in slices: sled copies whole leaves per batch, so one
             // 50,000-entry batch costs hundreds of MiB at its peak.
             if n > 0 && n % WRITE_SLICE == 0 {
                 self.queue.apply_batch(std::mem::take(&mut queue))?;
-                self.requests.apply_batch(std::mem::take(&mut reqs))?;
+                self.states.apply_batch(std::mem::take(&mut states))?;
             }
             let entry = qk.entry(id);
             if let Some(v) = self.queue.get(&entry)? {
                 self.unaccount(&qk, &v);
                 queue.remove(entry);
             }
-            if let Some(mut rec) = self.get(id)?
-                && rec.batch != Some(batch.id)
-                && rec.status == RequestStatus::Queued
+            if let Some(mut state) = self.state(id)?
+                && state.batch != Some(batch.id)
+                && state.status == RequestStatus::Queued
             {
-                rec.batch = Some(batch.id);
-                reqs.insert(&id.to_be_bytes(), encode_record(&rec)?);
+                state.batch = Some(batch.id);
+                states.insert(&id.to_be_bytes(), &state.encode());
             }
         }
         self.queue.apply_batch(queue)?;
-        self.requests.apply_batch(reqs)?;
+        self.states.apply_batch(states)?;
         self.refresh_oldest(&qk)
     }
 
@@ -717,30 +802,31 @@ impl Store {
             batch_id: batch_id.to_owned(),
         };
         self.put_batch(batch)?;
-        self.apply_submitted(batch.id, batch_id)
+        self.apply_submitted(batch.id)
     }
 
     /// Idempotent: recovery runs it again for batches recorded as submitted.
-    pub fn apply_submitted(&self, batch: u64, batch_id: &str) -> Result<(), StoreError> {
+    /// The upstream batch id is not written per member: reads take it from
+    /// the batch record, which is written first.
+    pub fn apply_submitted(&self, batch: u64) -> Result<(), StoreError> {
         let now = now_secs();
-        let mut reqs = sled::Batch::default();
+        let mut states = sled::Batch::default();
         for (n, id) in self.members(batch).enumerate() {
             let id = id?;
             if n > 0 && n % WRITE_SLICE == 0 {
-                self.requests.apply_batch(std::mem::take(&mut reqs))?;
+                self.states.apply_batch(std::mem::take(&mut states))?;
             }
-            let Some(mut rec) = self.get(id)? else {
+            let Some(mut state) = self.state(id)? else {
                 continue;
             };
-            if rec.status == RequestStatus::Queued && rec.batch == Some(batch) {
-                rec.status = RequestStatus::Submitted;
-                rec.batch_id = Some(batch_id.to_owned());
-                rec.submitted_at = Some(now);
-                rec.attempts += 1;
-                reqs.insert(&id.to_be_bytes(), encode_record(&rec)?);
+            if state.status == RequestStatus::Queued && state.batch == Some(batch) {
+                state.status = RequestStatus::Submitted;
+                state.submitted_at = Some(now);
+                state.attempts += 1;
+                states.insert(&id.to_be_bytes(), &state.encode());
             }
         }
-        self.requests.apply_batch(reqs)?;
+        self.states.apply_batch(states)?;
         Ok(())
     }
 
@@ -755,7 +841,9 @@ impl Store {
     ) -> Result<Vec<RequestRecord>, StoreError> {
         let _g = self.queue_lock.lock().unwrap_or_else(|p| p.into_inner());
         let now = now_secs();
+        let batch_id = self.upstream_batch_id(batch)?;
         let mut reqs = sled::Batch::default();
+        let mut states = sled::Batch::default();
         let mut results = sled::Batch::default();
         let mut queue = sled::Batch::default();
         let mut bodies = sled::Batch::default();
@@ -764,7 +852,7 @@ impl Store {
         let mut done = Vec::new();
         let mut requeued: Vec<(QueueKey, u64, u64)> = Vec::new();
         for (id, outcome) in outcomes {
-            let Some(mut rec) = self.get(id)? else {
+            let Some(mut rec) = self.get_with_state(id)? else {
                 continue;
             };
             if rec.batch != Some(batch) || rec.status.is_terminal() {
@@ -785,11 +873,8 @@ impl Store {
             let mut stored = None;
             match outcome {
                 Outcome::Completed(r) => {
-                    stored = Some(r.clone());
-                    results.insert(
-                        &id.to_be_bytes(),
-                        serde_json::to_vec(&r).map_err(|e| corrupt("result", e))?,
-                    );
+                    results.insert(&id.to_be_bytes(), r.encode());
+                    stored = Some(r);
                     rec.status = RequestStatus::Completed;
                 }
                 Outcome::Failed(e) => {
@@ -810,30 +895,34 @@ impl Store {
                     requeued.push((qk, len, since));
                     rec.status = RequestStatus::Queued;
                     rec.batch = None;
-                    rec.batch_id = None;
                     rec.submitted_at = None;
-                    reqs.insert(&id.to_be_bytes(), encode_record(&rec)?);
+                    states.insert(&id.to_be_bytes(), &rec.state().encode());
                     continue;
                 }
             }
             rec.completed_at = Some(now);
-            deliveries.extend(self.prepare_delivery(
-                &mut rec,
-                stored.as_ref(),
-                payload,
-                &mut outbox,
-            )?);
+            rec.batch_id.clone_from(&batch_id);
+            let delivery =
+                self.prepare_delivery(&mut rec, stored.as_ref(), payload, &mut outbox)?;
+            // The JSON record changes only for an error or a webhook; the
+            // common case (completed, no callback) writes the state alone.
+            if rec.error.is_some() || delivery.is_some() {
+                reqs.insert(&id.to_be_bytes(), encode_record(&rec)?);
+            }
+            deliveries.extend(delivery);
+            states.insert(&id.to_be_bytes(), &rec.state().encode());
             // A finished request's body is no longer needed.
             bodies.remove(&id.to_be_bytes());
-            reqs.insert(&id.to_be_bytes(), encode_record(&rec)?);
             done.push(rec);
         }
-        // Results and webhooks before states: a reader that sees `completed`
-        // finds its result, and no terminal request lacks its webhook.
+        // Results, webhooks and errors before states: a reader that sees
+        // `completed` finds its result, and no terminal request lacks its
+        // webhook.
         self.results.apply_batch(results)?;
         self.outbox.apply_batch(outbox)?;
         self.queue.apply_batch(queue)?;
         self.requests.apply_batch(reqs)?;
+        self.states.apply_batch(states)?;
         self.bodies.apply_batch(bodies)?;
         self.schedule(deliveries.into_iter());
         for (qk, len, since) in requeued {
@@ -976,13 +1065,17 @@ impl Store {
     }
 
     fn set_webhook_state(&self, id: u64, state: WebhookState) -> Result<(), StoreError> {
-        if let Some(mut rec) = self.get(id)? {
+        if let Some(mut rec) = self.get_fixed(id)? {
             rec.webhook = Some(state);
             self.put_record(&rec)?;
         }
         Ok(())
     }
 }
+
+/// The store layout this build reads and writes (see the module docs).
+const FORMAT_KEY: &[u8] = b"ferry_format";
+const FORMAT: &[u8] = b"2";
 
 /// Entries per sled write batch when a whole batch's members are updated.
 const WRITE_SLICE: usize = 1_000;
@@ -1167,7 +1260,7 @@ mod tests {
         );
         let res = StoredResult {
             status_code: 200,
-            body: serde_json::json!({"ok": true}),
+            body: bytes::Bytes::from_static(br#"{"ok": true}"#),
         };
         let done = s
             .apply_outcomes(
@@ -1216,6 +1309,54 @@ mod tests {
             s.get(ids[0]).unwrap().unwrap().status,
             RequestStatus::Completed
         );
+    }
+
+    #[test]
+    fn batch_steps_write_states_not_records() {
+        let (_d, s) = store();
+        for i in 0..3 {
+            s.insert_request(rec("t", &format!("c{i}"), "h"), b"{}")
+                .unwrap();
+        }
+        let id = s.find("t", "c0").unwrap().unwrap().id;
+        let json_before = s.requests.get(id.to_be_bytes()).unwrap().unwrap();
+        let mut b = s.claim_batch(&qk(), 10, 1 << 20, "size").unwrap().unwrap();
+        s.mark_submitted(&mut b, "file-1", "batch_9").unwrap();
+        // The JSON record is byte for byte what intake wrote...
+        assert_eq!(
+            s.requests.get(id.to_be_bytes()).unwrap().unwrap(),
+            json_before
+        );
+        // ...and the request reads as submitted, with the batch's upstream id.
+        let r = s.get(id).unwrap().unwrap();
+        assert_eq!(r.status, RequestStatus::Submitted);
+        assert_eq!((r.batch, r.attempts), (Some(b.id), 1));
+        assert_eq!(r.batch_id.as_deref(), Some("batch_9"));
+        assert!(r.submitted_at.is_some());
+        // A state without its record (or the reverse) reads as absent.
+        s.requests.remove(id.to_be_bytes()).unwrap();
+        assert!(s.get(id).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_data_dir_of_another_layout_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), 64 << 20).unwrap();
+            s.insert_request(rec("t", "x", "h"), b"{}").unwrap();
+            // As an earlier build left it: records, no layout stamp.
+            s.db.remove(FORMAT_KEY).unwrap();
+            s.flush_blocking().unwrap();
+        }
+        let err = Store::open(dir.path(), 64 << 20).err().unwrap();
+        assert!(err.to_string().contains("store format 1"), "{err}");
+        {
+            let db = sled::open(dir.path()).unwrap();
+            db.insert(FORMAT_KEY, b"7").unwrap();
+            db.flush().unwrap();
+        }
+        let err = Store::open(dir.path(), 64 << 20).err().unwrap();
+        assert!(err.to_string().contains("store format 7"), "{err}");
     }
 
     #[test]

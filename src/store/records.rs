@@ -4,9 +4,10 @@ use serde::{Deserialize, Serialize};
 
 /// A deferred request's lifecycle (contract section 4):
 /// `queued → submitted → completed | failed | expired`, or `queued → cancelled`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RequestStatus {
+    #[default]
     Queued,
     Submitted,
     Completed,
@@ -57,9 +58,12 @@ pub struct RequestError {
     pub message: String,
 }
 
-/// One deferred request. Stored as JSON in the `requests` tree under its
-/// internal id; its body lives apart in `bodies` so that status updates do
-/// not rewrite it.
+/// One deferred request. Its fixed fields are stored as JSON in the
+/// `requests` tree under its internal id; the fields marked "state" change
+/// as the request moves through batches and live apart, as a fixed-size
+/// [`RequestState`] in `states`, so that claiming, submitting and finishing
+/// a 50,000-request batch writes 29 bytes per member instead of rewriting
+/// its JSON record. The body lives in `bodies`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RequestRecord {
     /// Ferry's internal id; upstream `custom_id` is `ferry-<id>`.
@@ -74,19 +78,29 @@ pub struct RequestRecord {
     pub body_sha256: String,
     /// Length of the stored body (what goes into the JSONL line).
     pub body_len: u64,
+    /// State.
+    #[serde(skip)]
     pub status: RequestStatus,
     pub created_at: u64,
+    /// State.
+    #[serde(skip)]
     pub submitted_at: Option<u64>,
+    /// State.
+    #[serde(skip)]
     pub completed_at: Option<u64>,
-    /// Ferry's batch id once the request is claimed by a flush.
+    /// State: Ferry's batch id once the request is claimed by a flush.
+    #[serde(skip)]
     pub batch: Option<u64>,
-    /// The upstream batch id once that batch is created.
+    /// The upstream batch id once that batch is created (read from the
+    /// batch record, not stored per request).
+    #[serde(skip)]
     pub batch_id: Option<String>,
     pub error: Option<RequestError>,
     pub callback_url: Option<String>,
     /// The caller asked for `stream: true` (replayed as SSE).
     pub stream: bool,
-    /// How many batches this request has been sent in.
+    /// State: how many batches this request has been sent in.
+    #[serde(skip)]
     pub attempts: u32,
     /// Webhook delivery, when the caller gave a callback URL and the request
     /// is terminal.
@@ -97,6 +111,83 @@ pub struct RequestRecord {
 impl RequestRecord {
     pub fn upstream_custom_id(&self) -> String {
         upstream_custom_id(self.id)
+    }
+
+    pub fn state(&self) -> RequestState {
+        RequestState {
+            status: self.status,
+            attempts: self.attempts,
+            batch: self.batch,
+            submitted_at: self.submitted_at,
+            completed_at: self.completed_at,
+        }
+    }
+
+    pub fn set_state(&mut self, s: RequestState) {
+        self.status = s.status;
+        self.attempts = s.attempts;
+        self.batch = s.batch;
+        self.submitted_at = s.submitted_at;
+        self.completed_at = s.completed_at;
+    }
+}
+
+/// The part of a request that changes while it moves through batches,
+/// stored in the `states` tree as [`RequestState::LEN`] bytes:
+/// status (1), attempts (4), batch (8), submitted_at (8), completed_at (8),
+/// big-endian, 0 for "none" (ids and unix times are never 0).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestState {
+    pub status: RequestStatus,
+    pub attempts: u32,
+    pub batch: Option<u64>,
+    pub submitted_at: Option<u64>,
+    pub completed_at: Option<u64>,
+}
+
+impl RequestState {
+    pub const LEN: usize = 29;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut v = [0u8; Self::LEN];
+        v[0] = match self.status {
+            RequestStatus::Queued => 0,
+            RequestStatus::Submitted => 1,
+            RequestStatus::Completed => 2,
+            RequestStatus::Failed => 3,
+            RequestStatus::Expired => 4,
+            RequestStatus::Cancelled => 5,
+        };
+        v[1..5].copy_from_slice(&self.attempts.to_be_bytes());
+        v[5..13].copy_from_slice(&self.batch.unwrap_or(0).to_be_bytes());
+        v[13..21].copy_from_slice(&self.submitted_at.unwrap_or(0).to_be_bytes());
+        v[21..29].copy_from_slice(&self.completed_at.unwrap_or(0).to_be_bytes());
+        v
+    }
+
+    pub fn decode(v: &[u8]) -> Option<RequestState> {
+        if v.len() != Self::LEN {
+            return None;
+        }
+        let u64_at = |at: usize| {
+            let n = u64::from_be_bytes(v[at..at + 8].try_into().ok()?);
+            Some((n != 0).then_some(n))
+        };
+        Some(RequestState {
+            status: match v[0] {
+                0 => RequestStatus::Queued,
+                1 => RequestStatus::Submitted,
+                2 => RequestStatus::Completed,
+                3 => RequestStatus::Failed,
+                4 => RequestStatus::Expired,
+                5 => RequestStatus::Cancelled,
+                _ => return None,
+            },
+            attempts: u32::from_be_bytes(v[1..5].try_into().ok()?),
+            batch: u64_at(5)?,
+            submitted_at: u64_at(13)?,
+            completed_at: u64_at(21)?,
+        })
     }
 }
 
@@ -149,10 +240,37 @@ pub struct Delivery {
 }
 
 /// The upstream's answer for one request: status code and body verbatim.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The body is kept as the JSON text of the output line, never as a parsed
+/// tree: it is stored, and answered on `/result`, without re-serialising.
+#[derive(Debug, Clone, PartialEq)]
 pub struct StoredResult {
     pub status_code: u16,
-    pub body: serde_json::Value,
+    /// Valid JSON text (checked when the output line was parsed).
+    pub body: bytes::Bytes,
+}
+
+impl StoredResult {
+    /// The body as a JSON tree, for the status object, webhooks and the SSE
+    /// replay.
+    pub fn body_value(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Stored form: the status code (2 bytes, big-endian), then the body.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(2 + self.body.len());
+        v.extend_from_slice(&self.status_code.to_be_bytes());
+        v.extend_from_slice(&self.body);
+        v
+    }
+
+    pub fn decode(v: &[u8]) -> Option<StoredResult> {
+        let code = v.get(..2)?;
+        Some(StoredResult {
+            status_code: u16::from_be_bytes([code[0], code[1]]),
+            body: bytes::Bytes::copy_from_slice(&v[2..]),
+        })
+    }
 }
 
 /// A batch's lifecycle inside Ferry. Each step is recorded before the next
@@ -227,6 +345,34 @@ mod tests {
                 assert!(!t.can_become(n), "{t:?} -> {n:?}");
             }
         }
+    }
+
+    #[test]
+    fn states_and_results_round_trip() {
+        use RequestStatus::*;
+        for status in [Queued, Submitted, Completed, Failed, Expired, Cancelled] {
+            let s = RequestState {
+                status,
+                attempts: 3,
+                batch: Some(u64::MAX),
+                submitted_at: Some(1_700_000_000),
+                completed_at: None,
+            };
+            assert_eq!(RequestState::decode(&s.encode()), Some(s));
+        }
+        assert_eq!(
+            RequestState::decode(&RequestState::default().encode()),
+            Some(RequestState::default())
+        );
+        assert_eq!(RequestState::decode(&[9; RequestState::LEN]), None);
+        assert_eq!(RequestState::decode(&[0; 5]), None);
+        let r = StoredResult {
+            status_code: 429,
+            body: bytes::Bytes::from_static(br#"{"error":{"message":"slow"}}"#),
+        };
+        assert_eq!(StoredResult::decode(&r.encode()), Some(r.clone()));
+        assert_eq!(r.body_value()["error"]["message"], "slow");
+        assert_eq!(StoredResult::decode(&[1]), None);
     }
 
     #[test]
