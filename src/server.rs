@@ -41,6 +41,9 @@ pub enum ServerError {
 }
 
 /// Binds a std listener (non-blocking, for tokio).
+/// Bytes of the read buffer each client connection gets (see `run`).
+const CONNECTION_READ_BUFFER: usize = 4096;
+
 fn bind(what: &'static str, addr: SocketAddr) -> Result<StdListener, ServerError> {
     let l = StdListener::bind(addr).map_err(|source| ServerError::Bind { what, addr, source })?;
     l.set_nonblocking(true)
@@ -258,7 +261,18 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     server.bootstrap();
     let mut proxy =
         pingora::proxy::http_proxy_service(&server.configuration, FerryProxy { app: app.clone() });
-    proxy.add_tcp(&listen.to_string());
+    // A 4 KiB read buffer per connection instead of pingora's 64 KiB: held
+    // long-polls are mostly idle connections, and larger reads (bodies)
+    // bypass the buffer anyway. Measured: about 10 % less memory per held
+    // caller (README, Performance).
+    proxy.add_listener(
+        pingora::listeners::ListenerConfig::tcp(listen.to_string()).l4_buffer(
+            pingora::listeners::L4BufferSettings::new(
+                CONNECTION_READ_BUFFER,
+                pingora::listeners::DEFAULT_L4_WRITE_BUFFER_SIZE,
+            ),
+        ),
+    );
     server.add_service(proxy);
 
     let mut phases = server.watch_execution_phase();
