@@ -30,12 +30,11 @@
 //! proxy share the machine's cores, as the table's note says.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -147,68 +146,14 @@ impl Opts {
 
 // ------------------------------------------------------------- processes
 
-/// A child process, killed when dropped.
-struct Proc {
-    child: Child,
-    addrs: HashMap<String, SocketAddr>,
-    log: PathBuf,
-}
+#[path = "../tests/common/process.rs"]
+mod process;
+use process::Proc;
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn addr(&self, service: &str) -> SocketAddr {
-        self.addrs[service]
-    }
-}
-
-/// Starts `cmd` and waits for its `{"event":"listening"}` lines on stdout.
-fn spawn(mut cmd: Command, services: &[&str], log: PathBuf) -> Proc {
-    let logfile = std::fs::File::create(&log).expect("log file");
-    cmd.stdout(Stdio::piped())
-        .stderr(Stdio::from(logfile))
-        .stdin(Stdio::null());
-    let mut child = cmd.spawn().expect("spawn");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if let Ok(v) = serde_json::from_str::<Value>(&line)
-                && v["event"] == "listening"
-            {
-                let _ = tx.send((
-                    v["service"].as_str().unwrap_or("").to_owned(),
-                    v["addr"].as_str().unwrap_or("").to_owned(),
-                ));
-            }
-        }
-    });
-    let mut addrs = HashMap::new();
-    while !services.iter().all(|s| addrs.contains_key(*s)) {
-        match rx.recv_timeout(Duration::from_secs(300)) {
-            Ok((service, addr)) => {
-                addrs.insert(service, addr.parse().expect("announced address"));
-            }
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "process did not announce {services:?}; log:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-        }
-    }
-    Proc { child, addrs, log }
+/// Starts `cmd` and waits for its `{"event":"listening"}` lines on stdout;
+/// a release build under load can take a while to come up.
+fn spawn(cmd: Command, services: &[&str], log: PathBuf) -> Proc {
+    process::spawn(cmd, services, log, Duration::from_secs(300))
 }
 
 fn emulator(o: &Opts, dir: &Path, args: &[&str]) -> Proc {

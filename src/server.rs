@@ -40,10 +40,10 @@ pub enum ServerError {
     Runtime(String),
 }
 
-/// Binds a std listener (non-blocking, for tokio).
 /// Bytes of the read buffer each client connection gets (see `run`).
 const CONNECTION_READ_BUFFER: usize = 4096;
 
+/// Binds a std listener (non-blocking, for tokio).
 fn bind(what: &'static str, addr: SocketAddr) -> Result<StdListener, ServerError> {
     let l = StdListener::bind(addr).map_err(|source| ServerError::Bind { what, addr, source })?;
     l.set_nonblocking(true)
@@ -347,7 +347,7 @@ fn recover(
     let live = app.store.live_batches()?;
     let n = live.len();
     for b in live {
-        if let BatchState::Submitted { .. } = &b.state {
+        if matches!(b.state, BatchState::Submitted { .. }) {
             app.store.apply_submitted(b.id)?;
         }
         info!(ferry_batch = b.id, state = ?b.state, "resuming a batch");

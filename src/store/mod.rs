@@ -790,7 +790,7 @@ impl Store {
                 continue;
             }
             if b.state == BatchState::Claimed {
-                self.recount_claim(b.clone(), &ids)?;
+                self.recount_claim(&b, &ids)?;
                 self.apply_claim(&b, ids.into_iter())?;
                 n += 1;
             }
@@ -800,7 +800,7 @@ impl Store {
 
     /// A claim a crash cut short may have only some of its members: its
     /// count and bytes (the upload's declared length) must match them.
-    fn recount_claim(&self, mut b: BatchRecord, ids: &[u64]) -> Result<(), StoreError> {
+    fn recount_claim(&self, b: &BatchRecord, ids: &[u64]) -> Result<(), StoreError> {
         let mut bytes = 0;
         for id in ids {
             if let Some(rec) = self.get_fixed(*id)? {
@@ -814,9 +814,11 @@ impl Store {
                 claimed = b.request_count,
                 "a claim cut short by a crash kept part of its members"
             );
-            b.request_count = ids.len() as u64;
-            b.bytes = bytes;
-            self.put_batch(&b)?;
+            self.put_batch(&BatchRecord {
+                request_count: ids.len() as u64,
+                bytes,
+                ..b.clone()
+            })?;
         }
         Ok(())
     }

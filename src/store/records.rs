@@ -148,16 +148,22 @@ pub struct RequestState {
 impl RequestState {
     pub const LEN: usize = 29;
 
+    /// The stored status byte is the status's index here; append only.
+    const STATUSES: [RequestStatus; 6] = [
+        RequestStatus::Queued,
+        RequestStatus::Submitted,
+        RequestStatus::Completed,
+        RequestStatus::Failed,
+        RequestStatus::Expired,
+        RequestStatus::Cancelled,
+    ];
+
     pub fn encode(&self) -> [u8; Self::LEN] {
         let mut v = [0u8; Self::LEN];
-        v[0] = match self.status {
-            RequestStatus::Queued => 0,
-            RequestStatus::Submitted => 1,
-            RequestStatus::Completed => 2,
-            RequestStatus::Failed => 3,
-            RequestStatus::Expired => 4,
-            RequestStatus::Cancelled => 5,
-        };
+        v[0] = Self::STATUSES
+            .iter()
+            .position(|s| *s == self.status)
+            .unwrap_or(0) as u8;
         v[1..5].copy_from_slice(&self.attempts.to_be_bytes());
         v[5..13].copy_from_slice(&self.batch.unwrap_or(0).to_be_bytes());
         v[13..21].copy_from_slice(&self.submitted_at.unwrap_or(0).to_be_bytes());
@@ -174,15 +180,7 @@ impl RequestState {
             Some((n != 0).then_some(n))
         };
         Some(RequestState {
-            status: match v[0] {
-                0 => RequestStatus::Queued,
-                1 => RequestStatus::Submitted,
-                2 => RequestStatus::Completed,
-                3 => RequestStatus::Failed,
-                4 => RequestStatus::Expired,
-                5 => RequestStatus::Cancelled,
-                _ => return None,
-            },
+            status: *Self::STATUSES.get(usize::from(v[0]))?,
             attempts: u32::from_be_bytes(v[1..5].try_into().ok()?),
             batch: u64_at(5)?,
             submitted_at: u64_at(13)?,

@@ -3,12 +3,12 @@
 //! talking real HTTP over loopback.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
+pub mod process;
+pub use process::{Proc, spawn};
+
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -16,80 +16,8 @@ use serde_json::{Value, json};
 pub const BIN: &str = env!("CARGO_BIN_EXE_ferry");
 pub const UPSTREAM_KEY: &str = "upstream-secret";
 
-/// A child process that is killed when dropped.
-pub struct Proc {
-    pub child: Child,
-    pub addrs: HashMap<String, SocketAddr>,
-    pub log: PathBuf,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    pub fn addr(&self, service: &str) -> SocketAddr {
-        self.addrs[service]
-    }
-
-    pub fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Sends a signal and waits for the process to exit.
-    pub fn signal_and_wait(&mut self, signal: &str) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        Command::new("kill")
-            .args([&format!("-{signal}"), &pid])
-            .status()
-            .expect("kill");
-        self.child.wait().expect("wait")
-    }
-}
-
-/// Starts `cmd`, waits until it has announced every service in `services`
-/// on stdout (the `{"event":"listening"}` lines), and keeps draining stdout.
-pub fn spawn(mut cmd: Command, services: &[&str], log: PathBuf) -> Proc {
-    let logfile = std::fs::File::create(&log).expect("log file");
-    cmd.stdout(Stdio::piped())
-        .stderr(Stdio::from(logfile))
-        .stdin(Stdio::null());
-    let mut child = cmd.spawn().expect("spawn");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if let Ok(v) = serde_json::from_str::<Value>(&line)
-                && v["event"] == "listening"
-            {
-                let _ = tx.send((
-                    v["service"].as_str().unwrap_or("").to_owned(),
-                    v["addr"].as_str().unwrap_or("").to_owned(),
-                ));
-            }
-        }
-    });
-    let mut addrs = HashMap::new();
-    while !services.iter().all(|s| addrs.contains_key(*s)) {
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok((service, addr)) => {
-                addrs.insert(service, addr.parse().expect("announced address"));
-            }
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "process did not announce {services:?}; log:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-        }
-    }
-    Proc { child, addrs, log }
-}
+/// How long a test waits for a started process to announce its ports.
+const START_WAIT: Duration = Duration::from_secs(60);
 
 pub fn emulator(dir: &Path, args: &[&str]) -> Proc {
     let mut cmd = Command::new(BIN);
@@ -101,7 +29,7 @@ pub fn emulator(dir: &Path, args: &[&str]) -> Proc {
         UPSTREAM_KEY,
     ])
     .args(args);
-    spawn(cmd, &["emulator"], dir.join("emulator.log"))
+    spawn(cmd, &["emulator"], dir.join("emulator.log"), START_WAIT)
 }
 
 /// The tenants every test config has.
@@ -181,6 +109,7 @@ pub fn ferry(dir: &Path, config: &str) -> Proc {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos())
         )),
+        START_WAIT,
     )
 }
 
