@@ -1384,6 +1384,16 @@ async fn buffer(o: &Opts, rows: &mut Rows) {
         mem_mib(fer.pid(), "VmRSS"),
         "MiB",
     );
+    // Recovery's scratch (sled's snapshot, the queue scan) is freed by then
+    // but jemalloc hands it back to the OS over its ~10 s decay; this row
+    // tells a transient from a resident cost.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    rows.add(
+        "3 buffer scale",
+        "Ferry RSS 15 s after ready, idle",
+        mem_mib(fer.pid(), "VmRSS"),
+        "MiB",
+    );
     let addr = fer.addr("proxy");
     let l = open_loop(
         addr,

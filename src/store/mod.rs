@@ -7,7 +7,9 @@
 //! - `custom_ids`: tenant `\0` custom_id → id
 //! - `queue`: upstream `\0` model `\0` id → enqueued-at millis, line length
 //! - `batches`: batch id → [`BatchRecord`] (JSON)
-//! - `members`: batch id, request id → ()
+//! - `members`: batch id, first request id of a slice → the slice's request
+//!   ids, 8 bytes each (an empty value: the key's id alone, as stores
+//!   written before packing have it)
 //! - `results`: id → [`StoredResult`] (status code, then the body verbatim)
 //! - `outbox`: id → [`Delivery`] (JSON), webhooks not yet delivered
 //!
@@ -150,6 +152,21 @@ fn member_key(batch: u64, id: u64) -> [u8; 16] {
     k[..8].copy_from_slice(&batch.to_be_bytes());
     k[8..].copy_from_slice(&id.to_be_bytes());
     k
+}
+
+/// The ids of one `members` entry: packed in the value, or, in stores
+/// written before members were packed, the key's own id with an empty value.
+fn unpack_members(item: sled::Result<(sled::IVec, sled::IVec)>) -> Result<Vec<u64>, StoreError> {
+    let (k, v) = item?;
+    if v.is_empty() {
+        return Ok(vec![id_from(
+            k.get(8..16).ok_or_else(|| corrupt("member key", "short"))?,
+        )?]);
+    }
+    if v.len() % 8 != 0 {
+        return Err(corrupt("members", "length not a multiple of 8"));
+    }
+    v.chunks_exact(8).map(id_from).collect()
 }
 
 fn encode_record(rec: &RequestRecord) -> Result<Vec<u8>, StoreError> {
@@ -657,7 +674,7 @@ impl Store {
             if ids.len() >= max_requests || (bytes + len > max_bytes && !ids.is_empty()) {
                 break;
             }
-            ids.push((id, k, v));
+            ids.push(id);
             bytes += len;
         }
         if ids.is_empty() {
@@ -674,19 +691,17 @@ impl Store {
             reason: reason.to_owned(),
         };
         self.put_batch(&batch)?;
-        // In slices, like every whole-batch write: one sled batch of 50,000
-        // inserts keeps every intermediate leaf alive until it ends (150 MiB
-        // at the peak). A crash between slices leaves a claim with part of
-        // its members, which recovery finishes with the count and bytes
-        // recomputed.
+        // One key per slice of 1,000 members (the ids packed in its value),
+        // not one per member: sled copies a leaf on every insert, and 50,000
+        // single inserts were a third of a flush's memory. A crash between
+        // slices leaves a claim with part of its members, which recovery
+        // finishes with the count and bytes recomputed.
         for slice in ids.chunks(WRITE_SLICE) {
-            let mut members = sled::Batch::default();
-            for (id, _, _) in slice {
-                members.insert(&member_key(batch.id, *id), &[]);
-            }
-            self.members.apply_batch(members)?;
+            let packed: Vec<u8> = slice.iter().flat_map(|id| id.to_be_bytes()).collect();
+            self.members
+                .insert(member_key(batch.id, slice[0]), packed)?;
         }
-        self.apply_claim(&batch, ids.iter().map(|(id, _, _)| *id))?;
+        self.apply_claim(&batch, ids.iter().copied())?;
         Ok(Some(batch))
     }
 
@@ -772,10 +787,12 @@ impl Store {
 
     /// Member ids of a batch, in id (arrival) order.
     pub fn members(&self, batch: u64) -> impl Iterator<Item = Result<u64, StoreError>> + '_ {
-        self.members.scan_prefix(batch.to_be_bytes()).map(|item| {
-            let (k, _) = item?;
-            id_from(k.get(8..16).ok_or_else(|| corrupt("member key", "short"))?)
-        })
+        self.members
+            .scan_prefix(batch.to_be_bytes())
+            .flat_map(|item| match unpack_members(item) {
+                Ok(ids) => ids.into_iter().map(Ok).collect::<Vec<_>>(),
+                Err(e) => vec![Err(e)],
+            })
     }
 
     /// Finishes claims that a crash cut short, and drops batch records that
@@ -1110,7 +1127,8 @@ impl Store {
 const FORMAT_KEY: &[u8] = b"ferry_format";
 const FORMAT: &[u8] = b"2";
 
-/// Entries per sled write batch when a whole batch's members are updated.
+/// Entries per sled write batch when a whole batch's members are updated,
+/// and members per packed `members` value.
 const WRITE_SLICE: usize = 1_000;
 
 /// Builds a webhook's JSON body for a request that just became terminal.
@@ -1278,6 +1296,32 @@ mod tests {
     }
 
     #[test]
+    fn members_are_packed_per_slice_and_read_in_order() {
+        let (_d, s) = store();
+        let n = WRITE_SLICE * 2 + WRITE_SLICE / 2;
+        let mut ids = Vec::new();
+        for i in 0..n {
+            let Intake::Created(r) = s
+                .insert_request(rec("t", &format!("p{i}"), "h"), b"{}")
+                .unwrap()
+            else {
+                panic!()
+            };
+            ids.push(r.id);
+        }
+        let b = s.claim_batch(&qk(), n, u64::MAX, "size").unwrap().unwrap();
+        assert_eq!(b.request_count, n as u64);
+        assert_eq!(s.members.scan_prefix(b.id.to_be_bytes()).count(), 3);
+        let members: Vec<u64> = s.members(b.id).map(Result::unwrap).collect();
+        assert_eq!(members, ids);
+        // A value that is not whole ids is reported, not misread.
+        s.members
+            .insert(member_key(b.id, u64::MAX), &[1u8, 2, 3][..])
+            .unwrap();
+        assert!(s.members(b.id).any(|m| m.is_err()));
+    }
+
+    #[test]
     fn outcomes_apply_once_and_requeue_returns_to_queue() {
         let (_d, s) = store();
         for i in 0..3 {
@@ -1415,6 +1459,7 @@ mod tests {
             };
             s.put_batch(&b).unwrap();
             let first = s.find("t", "c0").unwrap().unwrap().id;
+            // One member as stores before packed members wrote it.
             s.members.insert(member_key(999, first), &[]).unwrap();
             s.flush_blocking().unwrap();
         }
