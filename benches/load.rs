@@ -1299,8 +1299,9 @@ async fn buffer(o: &Opts, rows: &mut Rows) {
         "MiB",
     );
 
-    let lookups = |addr: SocketAddr| -> MakeReq {
-        Arc::new(move |i| {
+    // Random ids at 1,000 req/s on 16 connections.
+    let lookups = |addr: SocketAddr| {
+        let make: MakeReq = Arc::new(move |i| {
             let id = scatter(i, n);
             request(
                 "GET",
@@ -1309,18 +1310,10 @@ async fn buffer(o: &Opts, rows: &mut Rows) {
                 &[("authorization", &format!("Bearer {TENANT_KEY}"))],
                 Bytes::new(),
             )
-        })
+        });
+        open_loop(addr, 16, 1000.0, Duration::from_secs(1), o.duration, make)
     };
-    let rate = 1000.0;
-    let l = open_loop(
-        addr,
-        16,
-        rate,
-        Duration::from_secs(1),
-        o.duration,
-        lookups(addr),
-    )
-    .await;
+    let l = lookups(addr).await;
     l.check("lookups", 200);
     rows.add(
         "3 buffer scale",
@@ -1394,16 +1387,7 @@ async fn buffer(o: &Opts, rows: &mut Rows) {
         mem_mib(fer.pid(), "VmRSS"),
         "MiB",
     );
-    let addr = fer.addr("proxy");
-    let l = open_loop(
-        addr,
-        16,
-        rate,
-        Duration::from_secs(1),
-        o.duration,
-        lookups(addr),
-    )
-    .await;
+    let l = lookups(fer.addr("proxy")).await;
     l.check("lookups after restart", 200);
     rows.add(
         "3 buffer scale",

@@ -252,7 +252,8 @@ pub struct ServerSettings {
     /// private CAs. Passthrough then trusts only these; the Batch API client
     /// trusts them in addition to the system roots.
     pub upstream_ca_file: Option<PathBuf>,
-    /// sled's page cache in bytes; Ferry's resident memory follows it.
+    /// sled's page cache in bytes, as sled counts them (on-disk size; small
+    /// entries take about twice that in memory).
     pub cache_bytes: u64,
     pub log_format: LogFormat,
 }

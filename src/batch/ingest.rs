@@ -89,7 +89,7 @@ pub struct ResultReader<'a> {
     members: &'a HashSet<u64>,
     splitter: LineSplitter,
     /// Lines that could not be used.
-    pub bad_lines: usize,
+    bad_lines: usize,
 }
 
 impl<'a> ResultReader<'a> {

@@ -418,35 +418,29 @@ async fn deferred(
         Ok(None) => None,
     };
     let callback = match ferry_header(req, "x-ferry-callback-url") {
-        Ok(c) => c.map(str::to_owned),
-        Err(()) => {
+        Ok(None) => Ok(None),
+        Ok(Some(url)) => {
+            let url = url.to_owned();
+            crate::delivery::webhooks::check_callback(
+                &url,
+                &tenant.callback_allow,
+                crate::delivery::webhooks::system_resolve,
+            )
+            .await
+            .map(|_| Some(url))
+        }
+        Err(()) => Err("X-Ferry-Callback-Url must be a plain ASCII URL".to_owned()),
+    };
+    let callback_url = match callback {
+        Ok(url) => url,
+        Err(message) => {
             let e = IntakeError::BadRequest {
-                message: "X-Ferry-Callback-Url must be a plain ASCII URL".into(),
+                message,
                 param: Some("X-Ferry-Callback-Url".into()),
                 code: "callback_not_allowed",
             };
             return intake_error(session, &e).await;
         }
-    };
-    let callback_url = match callback {
-        None => None,
-        Some(url) => match crate::delivery::webhooks::check_callback(
-            &url,
-            &tenant.callback_allow,
-            crate::delivery::webhooks::system_resolve,
-        )
-        .await
-        {
-            Ok(_) => Some(url),
-            Err(message) => {
-                let e = IntakeError::BadRequest {
-                    message,
-                    param: Some("X-Ferry-Callback-Url".into()),
-                    code: "callback_not_allowed",
-                };
-                return intake_error(session, &e).await;
-            }
-        },
     };
     let body = match read_body(
         session,

@@ -255,8 +255,8 @@ pub struct Store {
 
 impl Store {
     /// Opens (or creates) the database and rebuilds the in-memory queue stats.
-    /// `cache_bytes` is sled's page cache, which Ferry's resident memory
-    /// follows (see README, Performance).
+    /// `cache_bytes` is sled's page cache, counted in on-disk bytes; in
+    /// memory it takes up to about twice that (see README, Performance).
     pub fn open(path: &std::path::Path, cache_bytes: u64) -> Result<Store, StoreError> {
         let db = sled::Config::new()
             .path(path)
@@ -693,7 +693,7 @@ impl Store {
         self.put_batch(&batch)?;
         // One key per slice of 1,000 members (the ids packed in its value),
         // not one per member: sled copies a leaf on every insert, and 50,000
-        // single inserts were a third of a flush's memory. A crash between
+        // single inserts were about a quarter of a flush's memory growth. A crash between
         // slices leaves a claim with part of its members, which recovery
         // finishes with the count and bytes recomputed.
         for slice in ids.chunks(WRITE_SLICE) {
