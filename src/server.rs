@@ -247,7 +247,6 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         threads: app.config.server.threads,
         grace_period_seconds: Some(app.config.server.shutdown_grace.as_secs()),
         graceful_shutdown_timeout_seconds: Some(5),
-        upgrade_sock: data_dir.join("ferry-upgrade.sock").display().to_string(),
         pid_file: data_dir.join("ferry.pid").display().to_string(),
         ca_file: app
             .config
@@ -282,9 +281,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             while let Ok(phase) = phases.recv().await {
                 if matches!(
                     phase,
-                    ExecutionPhase::GracefulTerminate
-                        | ExecutionPhase::GracefulUpgradeTransferringFds
-                        | ExecutionPhase::ShutdownStarted
+                    ExecutionPhase::GracefulTerminate | ExecutionPhase::ShutdownStarted
                 ) && !app.shutting_down.swap(true, Ordering::SeqCst)
                 {
                     info!(
@@ -299,7 +296,9 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     rt.spawn_blocking(move || announce_when_accepting(listen));
 
     info!(%listen, admin = %admin_addr, "Ferry starting");
-    server.run(pingora::server::RunArgs::default());
+    server.run(pingora::server::RunArgs {
+        shutdown_signal: Box::new(Signals),
+    });
 
     // Pingora has stopped serving: stop the pipeline and make storage durable.
     app.shutting_down.store(true, Ordering::SeqCst);
@@ -310,6 +309,39 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         Err(e) => error!(error = %e, "final storage flush failed"),
     }
     Ok(())
+}
+
+/// Pingora's signals, except that `SIGQUIT` (pingora's hot upgrade, which
+/// hands the listening socket to a new process) shuts down like `SIGTERM`:
+/// the store has one writer, so a new process could not open it before this
+/// one exits, and pingora would spend 5 s offering sockets to nobody.
+struct Signals;
+
+#[async_trait::async_trait]
+impl pingora::server::ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> pingora::server::ShutdownSignal {
+        use pingora::server::ShutdownSignal;
+        use tokio::signal::unix::{SignalKind, signal};
+        let wait = |kind: SignalKind, name: &'static str| async move {
+            match signal(kind) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(e) => {
+                    error!(error = %e, signal = name, "cannot watch this signal; it is ignored");
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::select! {
+            _ = wait(SignalKind::terminate(), "SIGTERM") => ShutdownSignal::GracefulTerminate,
+            _ = wait(SignalKind::quit(), "SIGQUIT") => {
+                warn!("SIGQUIT: Ferry has no hot upgrade (its store has one writer); shutting down gracefully as on SIGTERM");
+                ShutdownSignal::GracefulTerminate
+            }
+            _ = wait(SignalKind::interrupt(), "SIGINT") => ShutdownSignal::FastShutdown,
+        }
+    }
 }
 
 /// Re-resolves every passthrough host every 30 s.

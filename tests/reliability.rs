@@ -1,7 +1,7 @@
 //! Upstream failure modes, each provoked with the emulator's faults and
 //! clock: transient errors, token limits, a bad line among good ones,
-//! expiry (kept lines, re-queue policy), a batch cancelled upstream, and
-//! graceful shutdown.
+//! expiry (kept lines, re-queue policy), a batch cancelled upstream,
+//! graceful shutdown, and a second Ferry started on a data dir in use.
 
 mod common;
 
@@ -274,6 +274,20 @@ async fn a_batch_cancelled_upstream_keeps_finished_lines_and_requeues_the_rest()
 
 #[tokio::test]
 async fn sigterm_hands_held_callers_their_ticket_and_refuses_new_intake() {
+    graceful_shutdown_on("TERM").await;
+}
+
+/// SIGQUIT is pingora's hot upgrade; Ferry has none (one writer per store)
+/// and shuts down exactly as on SIGTERM instead of offering its socket.
+#[tokio::test]
+async fn sigquit_shuts_down_as_gracefully_as_sigterm() {
+    let logs = graceful_shutdown_on("QUIT").await;
+    assert!(logs.contains("Ferry has no hot upgrade"), "{logs}");
+    assert!(!logs.contains("Unable to send listener sockets"), "{logs}");
+}
+
+/// Signals Ferry while a caller is held; returns the stopped Ferry's logs.
+async fn graceful_shutdown_on(signal: &str) -> String {
     let mut s = Stack::start("", "shutdown_grace_secs = 1");
     let held = {
         let http = s.http.clone();
@@ -293,7 +307,7 @@ async fn sigterm_hands_held_callers_their_ticket_and_refuses_new_intake() {
     let pid = s.ferry.child.id().to_string();
     assert!(
         std::process::Command::new("kill")
-            .args(["-TERM", &pid])
+            .args([&format!("-{signal}"), &pid])
             .status()
             .unwrap()
             .success()
@@ -330,8 +344,39 @@ async fn sigterm_hands_held_callers_their_ticket_and_refuses_new_intake() {
         "{}",
         s.ferry.logs()
     );
+    let logs = s.ferry.logs();
     // The accepted request is not lost.
     s.restart_ferry();
     let (st, _) = tokio::join!(s.status("alice-key", "held-1", 60), s.flush());
     assert_eq!(st.1["status"], "completed");
+    logs
+}
+
+#[tokio::test]
+async fn a_second_ferry_on_the_same_data_dir_is_refused_and_the_first_serves_on() {
+    let s = Stack::start("", "");
+    let r = s
+        .defer(
+            "alice-key",
+            &chat("gpt-4o-mini", "before"),
+            None,
+            Some("first"),
+        )
+        .await;
+    assert_eq!(r.status(), 202);
+    let out = std::process::Command::new(common::BIN)
+        .arg("--config")
+        .arg(s.dir.path().join("ferry.toml"))
+        .env("FERRY_TEST_UPSTREAM_KEY", common::UPSTREAM_KEY)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is a second Ferry running on this data_dir?"),
+        "{stderr}"
+    );
+    // The refused start changed nothing for the running one.
+    let (st, _) = tokio::join!(s.status("alice-key", "first", 60), s.flush());
+    assert_eq!(st.1["status"], "completed", "{}", st.1);
 }

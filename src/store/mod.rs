@@ -40,6 +40,13 @@ pub enum StoreError {
     QueueFull(u64),
     #[error("another request with this custom id is being stored; retry")]
     Busy,
+    #[error("it is locked by another process: is a second Ferry running on this data_dir?")]
+    InUse,
+    #[error("cannot lock {path}: {source}")]
+    Lock {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -224,6 +231,10 @@ pub enum Outcome {
 }
 
 pub struct Store {
+    /// Held for the store's life so a second Ferry on the same data dir is
+    /// refused with a plain reason (sled's own lock error names only its
+    /// file). `None` for a store built on an already open database.
+    _dir_lock: Option<std::fs::File>,
     db: sled::Db,
     requests: sled::Tree,
     states: sled::Tree,
@@ -258,16 +269,17 @@ impl Store {
     /// `cache_bytes` is sled's page cache, counted in on-disk bytes; in
     /// memory it takes up to about twice that (see README, Performance).
     pub fn open(path: &std::path::Path, cache_bytes: u64) -> Result<Store, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_bytes)
-            .mode(sled::Mode::HighThroughput)
-            .open()?;
-        Store::from_db(db)
+        let dir_lock = lock_dir(path)?;
+        let mut store = Store::from_db(open_db(path, cache_bytes)?)?;
+        store._dir_lock = Some(dir_lock);
+        Ok(store)
     }
 
+    /// Builds the store on an open database: checks its layout, rebuilds the
+    /// queue stats and the outbox schedule from disk.
     fn from_db(db: sled::Db) -> Result<Store, StoreError> {
         let store = Store {
+            _dir_lock: None,
             requests: db.open_tree("requests")?,
             states: db.open_tree("states")?,
             bodies: db.open_tree("bodies")?,
@@ -1147,6 +1159,36 @@ pub fn line_prefix(id: u64) -> String {
     )
 }
 
+/// Takes `ferry.lock` in the data dir, exclusively and without waiting.
+/// The kernel drops the lock with the process, so a crash leaves none behind.
+fn lock_dir(dir: &std::path::Path) -> Result<std::fs::File, StoreError> {
+    let path = dir.join("ferry.lock");
+    let lock_err = |source| StoreError::Lock {
+        path: path.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(lock_err)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(lock_err)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse),
+        Err(std::fs::TryLockError::Error(e)) => Err(lock_err(e)),
+    }
+}
+
+fn open_db(path: &std::path::Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
+    Ok(sled::Config::new()
+        .path(path)
+        .cache_capacity(cache_bytes)
+        .mode(sled::Mode::HighThroughput)
+        .open()?)
+}
+
 pub const LINE_SUFFIX: &str = "}\n";
 pub const CHAT_COMPLETIONS: &str = "/v1/chat/completions";
 
@@ -1158,6 +1200,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path(), 64 << 20).unwrap();
         (dir, s)
+    }
+
+    /// A database that outlives the stores built on it. "Reopen" tests build
+    /// a second store on the same handle: sled releases its file lock from a
+    /// background thread some time after the last handle drops (spacejam/sled
+    /// #1289), so dropping and reopening the directory in one process races.
+    /// Durability across real restarts is tested on the binary (crash.rs).
+    fn sled_db() -> (tempfile::TempDir, sled::Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(dir.path(), 64 << 20).unwrap();
+        (dir, db)
     }
 
     fn rec(tenant: &str, cid: &str, body_hash: &str) -> RequestRecord {
@@ -1417,30 +1470,35 @@ mod tests {
 
     #[test]
     fn a_data_dir_of_another_layout_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let s = Store::open(dir.path(), 64 << 20).unwrap();
-            s.insert_request(rec("t", "x", "h"), b"{}").unwrap();
-            // As an earlier build left it: records, no layout stamp.
-            s.db.remove(FORMAT_KEY).unwrap();
-            s.flush_blocking().unwrap();
-        }
-        let err = Store::open(dir.path(), 64 << 20).err().unwrap();
+        let (_dir, db) = sled_db();
+        let s = Store::from_db(db.clone()).unwrap();
+        s.insert_request(rec("t", "x", "h"), b"{}").unwrap();
+        drop(s);
+        // As an earlier build left it: records, no layout stamp.
+        db.remove(FORMAT_KEY).unwrap();
+        let err = Store::from_db(db.clone()).err().unwrap();
         assert!(err.to_string().contains("store format 1"), "{err}");
-        {
-            let db = sled::open(dir.path()).unwrap();
-            db.insert(FORMAT_KEY, b"7").unwrap();
-            db.flush().unwrap();
-        }
-        let err = Store::open(dir.path(), 64 << 20).err().unwrap();
+        db.insert(FORMAT_KEY, b"7").unwrap();
+        let err = Store::from_db(db).err().unwrap();
         assert!(err.to_string().contains("store format 7"), "{err}");
     }
 
     #[test]
+    fn a_second_store_on_one_data_dir_is_refused_by_name() {
+        let (dir, s) = store();
+        let err = Store::open(dir.path(), 64 << 20).err().unwrap();
+        assert!(matches!(err, StoreError::InUse), "{err}");
+        assert!(err.to_string().contains("second Ferry"), "{err}");
+        // The first store is untouched by the refused open.
+        s.insert_request(rec("t", "x", "h"), b"{}").unwrap();
+        assert!(s.find("t", "x").unwrap().is_some());
+    }
+
+    #[test]
     fn queue_stats_and_claims_survive_reopen() {
-        let dir = tempfile::tempdir().unwrap();
+        let (_dir, db) = sled_db();
         {
-            let s = Store::open(dir.path(), 64 << 20).unwrap();
+            let s = Store::from_db(db.clone()).unwrap();
             for i in 0..4 {
                 s.insert_request(rec("t", &format!("c{i}"), "h"), b"{}")
                     .unwrap();
@@ -1461,9 +1519,8 @@ mod tests {
             let first = s.find("t", "c0").unwrap().unwrap().id;
             // One member as stores before packed members wrote it.
             s.members.insert(member_key(999, first), &[]).unwrap();
-            s.flush_blocking().unwrap();
         }
-        let s = Store::open(dir.path(), 64 << 20).unwrap();
+        let s = Store::from_db(db).unwrap();
         assert_eq!(s.queue_stats()[0].1.count, 4);
         assert_eq!(s.recover_claims().unwrap(), 1);
         assert_eq!(s.queue_stats()[0].1.count, 3);
