@@ -482,6 +482,99 @@ async fn tenants_see_only_their_own_requests() {
 }
 
 #[tokio::test]
+async fn no_tenant_reaches_ferrys_own_batch_files_through_passthrough() {
+    let s = Stack::start("max_requests = 1", "");
+    // The batch stays in progress while the tenants try its files.
+    s.emulator_config(json!({"per_request_seconds": 1000.0}))
+        .await;
+    s.defer(
+        "alice-key",
+        &chat("gpt-4o-mini", "alice's secret"),
+        None,
+        Some("s1"),
+    )
+    .await;
+    let batch_id = common::until_status(&s, "s1", "submitted").await["batch_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let batch: Value = s
+        .http
+        .get(s.emu(&format!("/v1/batches/{batch_id}")))
+        .bearer_auth(common::UPSTREAM_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let file_id = batch["input_file_id"].as_str().unwrap().to_owned();
+    let escaped = format!("%{:02X}{}", file_id.as_bytes()[0], &file_id[1..]);
+    for key in ["bob-key", "alice-key"] {
+        for (method, path) in [
+            ("GET", format!("/v1/files/{file_id}/content")),
+            ("GET", format!("/v1/files/{escaped}/content")),
+            ("GET", format!("/v1/files/{file_id}")),
+            ("DELETE", format!("/v1/files/{file_id}")),
+            ("GET", format!("/v1/batches/{batch_id}")),
+            ("POST", format!("/v1/batches/{batch_id}/cancel")),
+        ] {
+            let r = s
+                .http
+                .request(method.parse().unwrap(), s.url(&path))
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 404, "{key} {method} {path}");
+            let e: Value = r.json().await.unwrap();
+            assert_eq!(e["error"]["code"], "not_found", "{key} {method} {path}");
+        }
+    }
+    // The batch is untouched upstream.
+    let batch: Value = s
+        .http
+        .get(s.emu(&format!("/v1/batches/{batch_id}")))
+        .bearer_auth(common::UPSTREAM_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(batch["status"], "in_progress", "{batch}");
+    // A tenant's own files still pass through both ways.
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "batch")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(b"bob's line\n".to_vec()).file_name("bob.jsonl"),
+        );
+    let r = s
+        .http
+        .post(s.url("/v1/files"))
+        .bearer_auth("bob-key")
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let own: Value = r.json().await.unwrap();
+    let r = s
+        .http
+        .get(s.url(&format!(
+            "/v1/files/{}/content",
+            own["id"].as_str().unwrap()
+        )))
+        .bearer_auth("bob-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), &b"bob's line\n"[..]);
+}
+
+#[tokio::test]
 async fn bad_deferred_calls_are_refused_with_the_field_named() {
     let s = Stack::start("", "max_body_bytes = 2048");
     let cases = [

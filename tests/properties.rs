@@ -706,7 +706,7 @@ proptest! {
         }
     }
 
-    /// An error-file line: expired, cancelled (back to the queue) or failed.
+    /// An error-file line: expired, cancelled or failed.
     #[test]
     fn parse_line_reads_error_lines(id in any::<u64>(), code in prop_oneof![Just("batch_expired".to_owned()), Just("batch_cancelled".to_owned()), "[a-z_]{1,20}"], message in prop::option::of(any::<String>())) {
         let line = json!({
@@ -719,7 +719,7 @@ proptest! {
         prop_assert_eq!(got, id);
         match (code.as_str(), outcome) {
             ("batch_expired", Outcome::Expired(e)) => prop_assert_eq!(e.code, code.clone()),
-            ("batch_cancelled", Outcome::Requeue) => {}
+            ("batch_cancelled", Outcome::Cancelled(e)) => prop_assert_eq!(e.code, code.clone()),
             (_, Outcome::Failed(e)) if code != "batch_expired" && code != "batch_cancelled" => {
                 prop_assert_eq!(e.code, code.clone());
                 if let Some(m) = message {

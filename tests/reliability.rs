@@ -5,26 +5,18 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::{Stack, chat};
+use common::{Stack, chat, until, until_status};
 use serde_json::{Value, json};
 
-/// Waits until a request reaches `status` (intermediate states cannot be
-/// long-polled; this polls Ferry's status route briefly).
-async fn until_status(s: &Stack, id: &str, status: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, st) = s.status("alice-key", id, 0).await;
-        if st["status"] == status {
-            return st;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{id} never became {status}: {st}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn cancel_upstream(s: &Stack, batch_id: &str) {
+    let r = s
+        .http
+        .post(s.emu(&format!("/v1/batches/{batch_id}/cancel")))
+        .bearer_auth(common::UPSTREAM_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }
 
 async fn advance_clock(s: &Stack, seconds: f64) {
@@ -234,14 +226,7 @@ async fn a_batch_cancelled_upstream_keeps_finished_lines_and_requeues_the_rest()
     advance_clock(&s, 15.0).await;
     // Someone cancels the batch behind Ferry's back; later batches run at once.
     s.emulator_config(json!({"per_request_seconds": 0.0})).await;
-    let r = s
-        .http
-        .post(s.emu(&format!("/v1/batches/{batch_id}/cancel")))
-        .bearer_auth(common::UPSTREAM_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    cancel_upstream(&s, &batch_id).await;
     // Once Ferry has seen the cancel, the unfinished two are queued again.
     until_status(&s, "c1", "queued").await;
     until_status(&s, "c2", "queued").await;
@@ -270,6 +255,30 @@ async fn a_batch_cancelled_upstream_keeps_finished_lines_and_requeues_the_rest()
     let stats = s.emulator_stats().await;
     assert_eq!(stats["batches_by_status"]["cancelled"], 1, "{stats}");
     assert_eq!(stats["executed_more_than_once"], 0, "{stats}");
+}
+
+#[tokio::test]
+async fn a_request_whose_batches_keep_being_cancelled_fails_after_max_attempts() {
+    let s = Stack::start("max_requests = 1\nmax_attempts = 2", "");
+    // Nothing finishes on its own: only the cancels end these batches.
+    s.emulator_config(json!({"per_request_seconds": 1000.0}))
+        .await;
+    s.defer("alice-key", &chat("gpt-4o-mini", "x"), None, Some("x"))
+        .await;
+    let first = until_status(&s, "x", "submitted").await["batch_id"].clone();
+    cancel_upstream(&s, first.as_str().unwrap()).await;
+    // Re-queued, counted, and sent in a second batch at once (size 1).
+    let second = until(&s, "x", "submitted in another batch", |st| {
+        st["status"] == "submitted" && st["batch_id"] != first
+    })
+    .await["batch_id"]
+        .clone();
+    cancel_upstream(&s, second.as_str().unwrap()).await;
+    let st = until_status(&s, "x", "failed").await;
+    assert_eq!(st["error"]["code"], "batch_cancelled", "{st}");
+    assert_eq!(st["batch_id"], second, "{st}");
+    let stats = s.emulator_stats().await;
+    assert_eq!(stats["batches_by_status"]["cancelled"], 2, "{stats}");
 }
 
 #[tokio::test]
@@ -335,6 +344,8 @@ async fn graceful_shutdown_on(signal: &str) -> String {
             503,
             "a deferred call was accepted during shutdown"
         );
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["code"], "shutting_down", "{e}");
     }
     // ...and the process exits cleanly, storage flushed.
     let status = s.ferry.child.wait().unwrap();

@@ -49,7 +49,7 @@ pub enum LineError {
 /// Parses one output- or error-file line into the member it answers and
 /// what became of it. An HTTP-level failure (`response.status_code` 4xx/5xx)
 /// is still the upstream's answer, so it is `Completed`; `batch_expired`
-/// lines are `Expired`; `batch_cancelled` lines go back to the queue.
+/// lines are `Expired`; `batch_cancelled` lines are `Cancelled`.
 pub fn parse_line(line: &[u8]) -> Result<(u64, Outcome), LineError> {
     let raw: RawLine =
         serde_json::from_slice(line).map_err(|e| LineError::InvalidJson(e.to_string()))?;
@@ -75,7 +75,7 @@ pub fn parse_line(line: &[u8]) -> Result<(u64, Outcome), LineError> {
         id,
         match err.code.as_str() {
             "batch_expired" => Outcome::Expired(err),
-            "batch_cancelled" => Outcome::Requeue,
+            "batch_cancelled" => Outcome::Cancelled(err),
             _ => Outcome::Failed(err),
         },
     ))
@@ -189,7 +189,7 @@ mod tests {
         let exp = br#"{"custom_id":"ferry-9","response":null,"error":{"code":"batch_expired","message":"late"}}"#;
         assert!(matches!(parse_line(exp).unwrap().1, Outcome::Expired(_)));
         let can = br#"{"custom_id":"ferry-9","response":null,"error":{"code":"batch_cancelled","message":"c"}}"#;
-        assert!(matches!(parse_line(can).unwrap().1, Outcome::Requeue));
+        assert!(matches!(parse_line(can).unwrap().1, Outcome::Cancelled(_)));
         let other = br#"{"custom_id":"ferry-9","response":null,"error":{"code":"server_error","message":"boom"}}"#;
         assert!(matches!(
             parse_line(other).unwrap().1,

@@ -255,7 +255,7 @@ async fn upload(
         }
         Err(e) => return Err(e.into()),
     };
-    info!(ferry_batch = batch.id, file_id = %file_id, bytes = batch.bytes, took_ms = started.elapsed().as_millis() as u64, "input file uploaded");
+    info!(ferry_batch = batch.id, upstream = %batch.upstream, model = %batch.model, file_id = %file_id, bytes = batch.bytes, took_ms = started.elapsed().as_millis() as u64, "input file uploaded");
     batch.state = BatchState::Uploaded { file_id };
     app.store.put_batch(batch)?;
     app.store.commit().await?;
@@ -446,7 +446,7 @@ async fn poll_and_ingest(
             break obj;
         }
     };
-    info!(ferry_batch = batch.id, batch_id, status = %obj.status, "batch finished upstream");
+    info!(ferry_batch = batch.id, upstream = %batch.upstream, model = %batch.model, batch_id, status = %obj.status, "batch finished upstream");
     let finished = ingest_batch(app, up, batch, &obj, shutdown).await?;
     app.metrics
         .batches
@@ -474,6 +474,8 @@ async fn poll_and_ingest(
     delete_upstream_files(app, up, batch).await;
     info!(
         ferry_batch = batch.id,
+        upstream = %batch.upstream,
+        model = %batch.model,
         batch_id,
         terminal = finished,
         "batch done"
@@ -491,6 +493,8 @@ struct Ingest<'a> {
     batch: u64,
     /// `Some(max_attempts)` when expired lines are sent again.
     requeue_expired: Option<u32>,
+    /// Cancelled members are sent again up to this many batches.
+    max_attempts: u32,
     pending: Vec<(u64, Outcome)>,
     seen: std::collections::HashSet<u64>,
     finished: usize,
@@ -504,6 +508,7 @@ impl<'a> Ingest<'a> {
             app,
             batch,
             requeue_expired,
+            max_attempts: up.settings.max_attempts,
             pending: Vec::new(),
             seen: std::collections::HashSet::new(),
             finished: 0,
@@ -515,6 +520,10 @@ impl<'a> Ingest<'a> {
             (Outcome::Expired(error), Some(max_attempts)) => Outcome::RetryOrExpire {
                 error,
                 max_attempts,
+            },
+            (Outcome::Cancelled(error), _) => Outcome::Retry {
+                error,
+                max_attempts: self.max_attempts,
             },
             (o, _) => o,
         };
@@ -599,7 +608,10 @@ async fn ingest_batch(
                 message: "This request could not be executed before the completion window expired."
                     .into(),
             }),
-            "cancelled" => Outcome::Requeue,
+            "cancelled" => Outcome::Cancelled(RequestError {
+                code: "batch_cancelled".into(),
+                message: "the upstream batch was cancelled before this request ran".into(),
+            }),
             _ => Outcome::Retry {
                 error: RequestError {
                     code: "missing_result".into(),

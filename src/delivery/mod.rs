@@ -5,7 +5,7 @@ pub mod webhooks;
 
 use serde_json::{Value, json};
 
-use crate::store::{RequestRecord, StoredResult};
+use crate::store::{RequestRecord, StoredResult, WebhookState, WebhookStatus};
 
 /// The caller-facing status object (contract section 4).
 pub fn status_object(rec: &RequestRecord, result: Option<&StoredResult>) -> Value {
@@ -20,7 +20,19 @@ pub fn status_object(rec: &RequestRecord, result: Option<&StoredResult>) -> Valu
         "batch_id": rec.batch_id,
         "result": result.map(|r| json!({"status_code": r.status_code, "body": r.body_value()})),
         "error": rec.error.as_ref().map(|e| json!({"code": e.code, "message": e.message})),
-        "webhook": rec.webhook,
+        "webhook": webhook_state(rec),
+    })
+}
+
+/// The webhook's state: `null` without a callback URL; `pending` from
+/// acceptance until the first delivery attempt records its own state.
+fn webhook_state(rec: &RequestRecord) -> Option<WebhookState> {
+    rec.webhook.clone().or_else(|| {
+        rec.callback_url.as_ref().map(|_| WebhookState {
+            status: WebhookStatus::Pending,
+            attempts: 0,
+            last_error: None,
+        })
     })
 }
 
@@ -38,9 +50,8 @@ mod tests {
     use super::*;
     use crate::store::{RequestError, RequestStatus};
 
-    #[test]
-    fn status_object_has_every_key() {
-        let rec = RequestRecord {
+    fn record() -> RequestRecord {
+        RequestRecord {
             id: 5,
             tenant: "t".into(),
             custom_id: "invoice-1".into(),
@@ -62,8 +73,12 @@ mod tests {
             stream: false,
             attempts: 1,
             webhook: None,
-        };
-        let v = status_object(&rec, None);
+        }
+    }
+
+    #[test]
+    fn status_object_has_every_key() {
+        let v = status_object(&record(), None);
         for k in [
             "id",
             "object",
@@ -82,5 +97,17 @@ mod tests {
         assert_eq!(v["status"], "failed");
         assert_eq!(v["error"]["code"], "invalid_request");
         assert!(v["result"].is_null());
+        assert!(v["webhook"].is_null(), "no callback URL");
+    }
+
+    #[test]
+    fn a_callback_is_pending_before_its_first_attempt() {
+        let rec = RequestRecord {
+            callback_url: Some("https://hooks.example/x".into()),
+            ..record()
+        };
+        let v = status_object(&rec, None);
+        assert_eq!(v["webhook"]["status"], "pending", "{v}");
+        assert_eq!(v["webhook"]["attempts"], 0, "{v}");
     }
 }

@@ -29,6 +29,10 @@ pub enum IntakeError {
     Unavailable(String),
     #[error("Ferry's queues are full ({0} requests waiting); retry later")]
     QueueFull(u64),
+    #[error("Ferry is shutting down; retry in a moment or against another instance")]
+    ShuttingDown,
+    #[error("a request with this custom id is being stored right now; retry in a moment")]
+    InProgress,
 }
 
 impl IntakeError {
@@ -38,7 +42,10 @@ impl IntakeError {
             IntakeError::TooLarge { .. } => 413,
             IntakeError::Timeout(_) => 408,
             IntakeError::Conflict(_) => 409,
-            IntakeError::Unavailable(_) | IntakeError::QueueFull(_) => 503,
+            IntakeError::Unavailable(_)
+            | IntakeError::QueueFull(_)
+            | IntakeError::ShuttingDown
+            | IntakeError::InProgress => 503,
         }
     }
 
@@ -50,6 +57,8 @@ impl IntakeError {
             IntakeError::Conflict(_) => (Some("X-Ferry-Custom-Id"), "custom_id_conflict"),
             IntakeError::Unavailable(_) => (None, "storage_unavailable"),
             IntakeError::QueueFull(_) => (None, "queue_full"),
+            IntakeError::ShuttingDown => (None, "shutting_down"),
+            IntakeError::InProgress => (Some("X-Ferry-Custom-Id"), "custom_id_in_progress"),
         };
         ErrorEnvelope::for_status(self.status(), self.to_string(), param, Some(code))
     }
@@ -57,7 +66,10 @@ impl IntakeError {
 
 impl From<StoreError> for IntakeError {
     fn from(e: StoreError) -> Self {
-        IntakeError::Unavailable(e.to_string())
+        match e {
+            StoreError::Busy => IntakeError::InProgress,
+            e => IntakeError::Unavailable(e.to_string()),
+        }
     }
 }
 
@@ -455,6 +467,22 @@ mod tests {
         assert!(validate_body(t.as_bytes(), &|_| &openai, false).is_ok());
         let e = validate_body(t.as_bytes(), &|_| &moonshot, false).unwrap_err();
         assert!(e.to_string().contains("temperature"));
+    }
+
+    #[test]
+    fn unavailable_kinds_each_name_their_cause() {
+        for (e, code) in [
+            (IntakeError::from(StoreError::Busy), "custom_id_in_progress"),
+            (
+                IntakeError::from(StoreError::Flush("disk".into())),
+                "storage_unavailable",
+            ),
+            (IntakeError::ShuttingDown, "shutting_down"),
+            (IntakeError::QueueFull(3), "queue_full"),
+        ] {
+            assert_eq!(e.status(), 503, "{e}");
+            assert_eq!(e.envelope().error.code.as_deref(), Some(code), "{e}");
+        }
     }
 
     #[test]

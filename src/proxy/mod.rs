@@ -24,7 +24,7 @@ use crate::intake::{self, Disposition, IntakeError, NewRequest};
 use crate::limits::LimitKind;
 use crate::store::{CancelOutcome, RequestRecord, RequestStatus};
 use respond::Result;
-use routes::{Route, classify, query_wait};
+use routes::{Route, classify, query_wait, upstream_object_id};
 
 pub struct FerryProxy {
     pub app: Arc<App>,
@@ -288,6 +288,23 @@ async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<
         }
         _ => {
             ctx.mode = "passthrough";
+            if let Some(id) = upstream_object_id(req.uri.path())
+                && app.store.is_own_upstream_object(&id)
+            {
+                // Ferry's batch files hold every tenant's prompts and
+                // answers, and a delete or cancel would lose results: no
+                // tenant reaches them, and none learns more than "not found".
+                warn!(tenant = %tenant.name, object = %id, "a tenant asked for one of Ferry's own upstream objects; refused");
+                return respond::error(
+                    session,
+                    404,
+                    &format!("No such object: {id}"),
+                    None,
+                    "not_found",
+                )
+                .await
+                .map(|_| true);
+            }
             passthrough(app, session, &tenant).await
         }
     }
@@ -394,10 +411,7 @@ async fn deferred(
 ) -> Result<()> {
     let started = Instant::now();
     if app.is_shutting_down() {
-        let e = IntakeError::Unavailable(
-            "Ferry is shutting down; retry against another instance".into(),
-        );
-        return intake_error(session, &e).await;
+        return intake_error(session, &IntakeError::ShuttingDown).await;
     }
     let queued = app.store.queued_total();
     if queued >= app.config.server.max_queued {

@@ -87,6 +87,43 @@ pub fn classify(method: &Method, path: &str) -> Route {
     Route::NotFound
 }
 
+/// The file or batch id a Files or Batches API path names
+/// (`/v1/files/{id}`, `/v1/files/{id}/content`, `/v1/batches/{id}/cancel`,
+/// ...), percent-decoded as the upstream will read it, so an escaped id
+/// cannot slip past the check on Ferry's own objects. A segment that does
+/// not decode to UTF-8 is returned raw (it cannot equal one of Ferry's ids).
+pub fn upstream_object_id(path: &str) -> Option<String> {
+    let rest = path
+        .strip_prefix("/v1/files/")
+        .or_else(|| path.strip_prefix("/v1/batches/"))?;
+    let segment = rest.split('/').next().filter(|s| !s.is_empty())?;
+    Some(percent_decode(segment))
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| s.to_owned())
+}
+
 /// `wait=S` from a query string, if present and numeric.
 pub fn query_wait(query: Option<&str>) -> Option<u64> {
     query?
@@ -99,6 +136,28 @@ pub fn query_wait(query: Option<&str>) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstream_object_ids_are_read_from_files_and_batches_paths() {
+        for (path, id) in [
+            ("/v1/files/file-abc", Some("file-abc")),
+            ("/v1/files/file-abc/content", Some("file-abc")),
+            ("/v1/files/file-abc/", Some("file-abc")),
+            ("/v1/batches/batch_1", Some("batch_1")),
+            ("/v1/batches/batch_1/cancel", Some("batch_1")),
+            ("/v1/files/file%2Dabc/content", Some("file-abc")),
+            ("/v1/files/%66ile-abc", Some("file-abc")),
+            ("/v1/files/bad%zz", Some("bad%zz")),
+            ("/v1/files/%ff", Some("%ff")),
+            ("/v1/files", None),
+            ("/v1/files/", None),
+            ("/v1/batches", None),
+            ("/v1/models/gpt-4o", None),
+            ("/v1/filesx/file-abc", None),
+        ] {
+            assert_eq!(upstream_object_id(path).as_deref(), id, "{path}");
+        }
+    }
 
     #[test]
     fn routes() {

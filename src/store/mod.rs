@@ -20,7 +20,7 @@
 
 pub mod records;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -36,8 +36,6 @@ pub enum StoreError {
     Corrupt(String),
     #[error("durable flush failed: {0}")]
     Flush(String),
-    #[error("the queue is full ({0} requests waiting)")]
-    QueueFull(u64),
     #[error("another request with this custom id is being stored; retry")]
     Busy,
     #[error("it is locked by another process: is a second Ferry running on this data_dir?")]
@@ -214,8 +212,14 @@ pub enum Outcome {
     Completed(StoredResult),
     Failed(RequestError),
     Expired(RequestError),
-    /// Back to the queue for another batch, unconditionally (the batch was
-    /// cancelled upstream, or refused for a reason that is not the request's).
+    /// Its batch was cancelled upstream (Ferry never cancels one: an
+    /// operator or the provider did). Ingestion turns this into a counted
+    /// `Retry` with the upstream's `max_attempts`, so a batch cancelled over
+    /// and over ends with its requests failed instead of re-sent forever.
+    Cancelled(RequestError),
+    /// Back to the queue, and the batch is not counted against
+    /// `max_attempts`: it was refused for the upstream's state, not the
+    /// request's (the token budget was full).
     Requeue,
     /// Back to the queue unless the request has already been sent in
     /// `max_attempts` batches; then failed with this error.
@@ -262,6 +266,11 @@ pub struct Store {
     /// Custom ids being stored right now by this process: a second intake of
     /// the same id must not mistake a claim in progress for a crashed one.
     in_flight: dashmap::DashSet<Vec<u8>>,
+    /// Per Ferry batch, its upstream files and batch that may still exist
+    /// (`BatchRecord::upstream_objects`), kept in step by `put_batch`. The
+    /// proxy refuses tenants access to these: they hold every tenant's
+    /// prompts and answers, and deleting one would lose results.
+    upstream_objects: Mutex<HashMap<u64, Vec<String>>>,
 }
 
 impl Store {
@@ -299,8 +308,14 @@ impl Store {
             flush_lock: tokio::sync::Mutex::new(()),
             flush_histogram: std::sync::OnceLock::new(),
             in_flight: dashmap::DashSet::new(),
+            upstream_objects: Mutex::new(HashMap::new()),
         };
         store.check_format()?;
+        for item in store.batches.iter() {
+            let (_, v) = item?;
+            let b: BatchRecord = serde_json::from_slice(&v).map_err(|e| corrupt("batch", e))?;
+            store.track_upstream_objects(&b);
+        }
         for item in store.queue.iter() {
             let (k, v) = item?;
             let (qk, _) = QueueKey::parse_entry(&k).ok_or_else(|| corrupt("queue key", "bad"))?;
@@ -760,7 +775,32 @@ impl Store {
     pub fn put_batch(&self, b: &BatchRecord) -> Result<(), StoreError> {
         let v = serde_json::to_vec(b).map_err(|e| corrupt("batch", e))?;
         self.batches.insert(b.id.to_be_bytes(), v)?;
+        self.track_upstream_objects(b);
         Ok(())
+    }
+
+    fn track_upstream_objects(&self, b: &BatchRecord) {
+        let ids = b.upstream_objects();
+        let mut map = self
+            .upstream_objects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if ids.is_empty() {
+            map.remove(&b.id);
+        } else {
+            map.insert(b.id, ids);
+        }
+    }
+
+    /// Whether `id` is one of Ferry's own upstream files or batches that may
+    /// still exist upstream. Linear in the live batches, which are few; asked
+    /// only of passthrough calls that name a file or batch.
+    pub fn is_own_upstream_object(&self, id: &str) -> bool {
+        self.upstream_objects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|ids| ids.iter().any(|x| x == id))
     }
 
     pub fn get_batch(&self, id: u64) -> Result<Option<BatchRecord>, StoreError> {
@@ -929,7 +969,9 @@ impl Store {
                     error,
                     max_attempts,
                 } if rec.attempts >= max_attempts => Outcome::Expired(error),
-                Outcome::Retry { .. } | Outcome::RetryOrExpire { .. } => Outcome::Requeue,
+                // Only ingestion knows the upstream's limit, and it converts
+                // these; one that got here anyway is not re-sent unbounded.
+                Outcome::Cancelled(error) => Outcome::Failed(error),
                 o => o,
             };
             let mut stored = None;
@@ -947,7 +989,14 @@ impl Store {
                     rec.status = RequestStatus::Expired;
                     rec.error = Some(e);
                 }
-                Outcome::Requeue | Outcome::Retry { .. } | Outcome::RetryOrExpire { .. } => {
+                Outcome::Requeue
+                | Outcome::Retry { .. }
+                | Outcome::RetryOrExpire { .. }
+                | Outcome::Cancelled(_) => {
+                    if matches!(outcome, Outcome::Requeue) {
+                        // Submission counted this batch; it does not count.
+                        rec.attempts = rec.attempts.saturating_sub(1);
+                    }
                     let qk = QueueKey::of(&rec);
                     let len = line_len(id, rec.body_len);
                     // Age counts from acceptance: a re-queued request has
@@ -1372,6 +1421,103 @@ mod tests {
             .insert(member_key(b.id, u64::MAX), &[1u8, 2, 3][..])
             .unwrap();
         assert!(s.members(b.id).any(|m| m.is_err()));
+    }
+
+    #[test]
+    fn own_upstream_objects_follow_the_batch_and_survive_reopen() {
+        let (_dir, db) = sled_db();
+        let s = Store::from_db(db.clone()).unwrap();
+        let mut b = BatchRecord {
+            id: 7,
+            upstream: "u".into(),
+            model: "m".into(),
+            state: BatchState::Claimed,
+            created_at: 0,
+            request_count: 1,
+            bytes: 10,
+            reason: "size".into(),
+        };
+        let owned = |s: &Store| {
+            ["file-in", "batch_1", "file-out"]
+                .into_iter()
+                .filter(|id| s.is_own_upstream_object(id))
+                .collect::<Vec<_>>()
+        };
+        s.put_batch(&b).unwrap();
+        assert!(owned(&s).is_empty());
+        b.state = BatchState::Uploaded {
+            file_id: "file-in".into(),
+        };
+        s.put_batch(&b).unwrap();
+        assert_eq!(owned(&s), ["file-in"]);
+        b.state = BatchState::Submitted {
+            file_id: "file-in".into(),
+            batch_id: "batch_1".into(),
+        };
+        s.put_batch(&b).unwrap();
+        assert_eq!(owned(&s), ["file-in", "batch_1"]);
+        drop(s);
+        let s = Store::from_db(db.clone()).unwrap();
+        assert_eq!(owned(&s), ["file-in", "batch_1"]);
+        b.state = BatchState::Done {
+            file_id: Some("file-in".into()),
+            batch_id: Some("batch_1".into()),
+            upstream_status: "completed".into(),
+            cleanup: vec!["file-in".into(), "file-out".into()],
+        };
+        s.put_batch(&b).unwrap();
+        assert_eq!(owned(&s), ["file-in", "file-out"]);
+        // Deleted upstream: nothing left to guard.
+        if let BatchState::Done { cleanup, .. } = &mut b.state {
+            cleanup.clear();
+        }
+        s.put_batch(&b).unwrap();
+        assert!(owned(&s).is_empty());
+        assert!(owned(&Store::from_db(db).unwrap()).is_empty());
+    }
+
+    #[test]
+    fn a_requeue_gives_its_attempt_back_and_a_retry_keeps_it() {
+        let (_d, s) = store();
+        for i in 0..2 {
+            s.insert_request(rec("t", &format!("c{i}"), "h"), b"{}")
+                .unwrap();
+        }
+        let retry = |max_attempts| Outcome::Retry {
+            error: RequestError {
+                code: "missing_result".into(),
+                message: "m".into(),
+            },
+            max_attempts,
+        };
+        for round in 1..=2 {
+            let mut b = s.claim_batch(&qk(), 10, 1 << 20, "size").unwrap().unwrap();
+            s.mark_submitted(&mut b, "file", "batch").unwrap();
+            let ids: Vec<u64> = s.members(b.id).map(Result::unwrap).collect();
+            assert_eq!(s.get(ids[0]).unwrap().unwrap().attempts, round);
+            assert_eq!(s.get(ids[1]).unwrap().unwrap().attempts, 1);
+            let done = s
+                .apply_outcomes(
+                    b.id,
+                    vec![(ids[0], retry(3)), (ids[1], Outcome::Requeue)],
+                    &no_payload,
+                )
+                .unwrap();
+            assert!(done.is_empty());
+            // The token-limit requeue did not count; the retry did.
+            assert_eq!(s.get(ids[1]).unwrap().unwrap().attempts, 0);
+            assert_eq!(s.get(ids[0]).unwrap().unwrap().attempts, round);
+        }
+        // At its limit, a retry fails the request.
+        let mut b = s.claim_batch(&qk(), 10, 1 << 20, "size").unwrap().unwrap();
+        s.mark_submitted(&mut b, "file", "batch").unwrap();
+        let ids: Vec<u64> = s.members(b.id).map(Result::unwrap).collect();
+        let done = s
+            .apply_outcomes(b.id, vec![(ids[0], retry(3))], &no_payload)
+            .unwrap();
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].status, RequestStatus::Failed);
+        assert_eq!(done[0].attempts, 3);
     }
 
     #[test]

@@ -311,6 +311,18 @@ impl BatchRecord {
     pub fn is_live(&self) -> bool {
         !matches!(self.state, BatchState::Done { .. })
     }
+
+    /// The upstream files and batch of this batch that may still exist
+    /// upstream and hold its members' prompts or answers. A finished batch's
+    /// are the files it still owes a delete (output and error included).
+    pub fn upstream_objects(&self) -> Vec<String> {
+        match &self.state {
+            BatchState::Claimed => Vec::new(),
+            BatchState::Uploaded { file_id } => vec![file_id.clone()],
+            BatchState::Submitted { file_id, batch_id } => vec![file_id.clone(), batch_id.clone()],
+            BatchState::Done { cleanup, .. } => cleanup.clone(),
+        }
+    }
 }
 
 pub fn now_secs() -> u64 {

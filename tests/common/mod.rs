@@ -289,6 +289,28 @@ impl Stack {
     }
 }
 
+/// Waits until alice's request reaches `status` (intermediate states cannot be
+/// long-polled; this polls Ferry's status route briefly).
+pub async fn until_status(s: &Stack, id: &str, status: &str) -> Value {
+    until(s, id, status, |st| st["status"] == status).await
+}
+
+/// Waits until a request's status object satisfies `done` (`what` names it).
+pub async fn until(s: &Stack, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, st) = s.status("alice-key", id, 0).await;
+        if done(&st) {
+            return st;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{id} never became {what}: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub fn chat(model: &str, text: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": text}]})
 }
