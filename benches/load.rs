@@ -190,6 +190,26 @@ keys = ["{TENANT_KEY}"]
     )
 }
 
+/// An emulator started with `emu_args` and a Ferry in front of it, both
+/// working in `dir` (its config is left in `dir/ferry.toml`).
+fn stack(
+    o: &Opts,
+    dir: &Path,
+    emu_args: &[&str],
+    server_extra: &str,
+    upstream_extra: &str,
+) -> (Proc, Proc) {
+    let emu = emulator(o, dir, emu_args);
+    let cfg = ferry_config(
+        &dir.join("data"),
+        emu.addr("emulator"),
+        server_extra,
+        upstream_extra,
+    );
+    let fer = ferry(o, dir, &cfg);
+    (emu, fer)
+}
+
 fn ferry(o: &Opts, dir: &Path, config: &str) -> Proc {
     let path = dir.join("ferry.toml");
     std::fs::write(&path, config).expect("write config");
@@ -929,15 +949,8 @@ fn print_table(o: &Opts, runs: &[Rows]) {
 async fn passthrough(o: &Opts, run: usize, rows: &mut Rows) {
     eprintln!("== passthrough (figure 1)");
     let dir = workdir();
-    let emu = emulator(o, dir.path(), &[]);
+    let (emu, fer) = stack(o, dir.path(), &[], "", "max_wait_secs = 1e9");
     let emu_addr = emu.addr("emulator");
-    let cfg = ferry_config(
-        &dir.path().join("data"),
-        emu_addr,
-        "",
-        "max_wait_secs = 1e9",
-    );
-    let fer = ferry(o, dir.path(), &cfg);
     let nginx = o
         .nginx
         .as_ref()
@@ -1144,16 +1157,9 @@ fn deferred_req(
 async fn intake(o: &Opts, rows: &mut Rows) {
     eprintln!("== durable intake (figure 2)");
     let dir = workdir();
-    let emu = emulator(o, dir.path(), &["--models", ""]);
     // 16 models, so that no queue reaches 50,000 (the size threshold) while
     // measuring: this figure is intake alone, with no flush running beside it.
-    let cfg = ferry_config(
-        &dir.path().join("data"),
-        emu.addr("emulator"),
-        "",
-        "max_wait_secs = 1e9",
-    );
-    let fer = ferry(o, dir.path(), &cfg);
+    let (_emu, fer) = stack(o, dir.path(), &["--models", ""], "", "max_wait_secs = 1e9");
     let addr = fer.addr("proxy");
     let bodies: Vec<Bytes> = (0..16)
         .map(|m| chat_body(&format!("bench-{m:02}"), 300))
@@ -1232,14 +1238,7 @@ async fn buffer(o: &Opts, rows: &mut Rows) {
     let n = o.buffer_requests;
     eprintln!("== buffer scale (figure 3): {n} requests of ~1 KB");
     let dir = workdir();
-    let emu = emulator(o, dir.path(), &["--models", ""]);
-    let cfg = ferry_config(
-        &dir.path().join("data"),
-        emu.addr("emulator"),
-        "",
-        "max_wait_secs = 1e9",
-    );
-    let mut fer = ferry(o, dir.path(), &cfg);
+    let (_emu, mut fer) = stack(o, dir.path(), &["--models", ""], "", "max_wait_secs = 1e9");
     let addr = fer.addr("proxy");
     // At most 40,000 per queue (model), below the 50,000-line flush threshold.
     let models = n.div_ceil(40_000);
@@ -1333,6 +1332,7 @@ async fn buffer(o: &Opts, rows: &mut Rows) {
     let _ = fer.child.kill();
     let _ = fer.child.wait();
     let t = Instant::now();
+    let cfg = std::fs::read_to_string(dir.path().join("ferry.toml")).expect("config");
     fer = ferry(o, dir.path(), &cfg);
     let listening = t.elapsed();
     let admin = fer.addr("admin");
@@ -1414,15 +1414,14 @@ async fn batch(o: &Opts, rows: &mut Rows) {
     let dir = workdir();
     // Batches stay `validating` until the emulator's clock is moved, so the
     // flush and the ingestion are measured apart.
-    let emu = emulator(o, dir.path(), &["--validating-seconds", "3600"]);
-    let emu_addr = emu.addr("emulator");
-    let cfg = ferry_config(
-        &dir.path().join("data"),
-        emu_addr,
+    let (emu, fer) = stack(
+        o,
+        dir.path(),
+        &["--validating-seconds", "3600"],
         "max_wait_secs = 900",
         "max_requests = 50000\nmax_wait_secs = 1e9\npoll_interval_secs = 0.05\ncalls_per_second = 1000",
     );
-    let fer = ferry(o, dir.path(), &cfg);
+    let emu_addr = emu.addr("emulator");
     let (addr, admin) = (fer.addr("proxy"), fer.addr("admin"));
     let pid = fer.pid();
     let body = chat_body(MODEL, o.batch_body_bytes);

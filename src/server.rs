@@ -54,10 +54,6 @@ fn bind(what: &'static str, addr: SocketAddr) -> Result<StdListener, ServerError
 /// Runs Ferry until SIGTERM/SIGINT/SIGQUIT. Blocks the calling thread.
 pub fn run(config: Config) -> Result<(), ServerError> {
     let data_dir = config.server.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).map_err(|e| ServerError::Store {
-        path: data_dir.display().to_string(),
-        source: crate::store::StoreError::Flush(e.to_string()),
-    })?;
     let store = Arc::new(
         Store::open(&data_dir, config.server.cache_bytes).map_err(|source| ServerError::Store {
             path: data_dir.display().to_string(),

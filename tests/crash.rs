@@ -42,7 +42,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use common::{Stack, UPSTREAM_KEY, chat};
+use common::{Stack, chat};
 use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -684,16 +684,7 @@ async fn sigkill_at_random_moments_loses_nothing_and_runs_nothing_twice() {
             which.join("\n  ")
         ));
     }
-    let files: Value = s
-        .http
-        .get(s.emu("/v1/files?purpose=batch"))
-        .bearer_auth(UPSTREAM_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let files = s.upstream_get("/v1/files?purpose=batch").await;
     let leftover = files["data"].as_array().map_or(0, Vec::len);
     if leftover != 0 {
         problems.push(format!("{leftover} input files left upstream: {files}"));

@@ -217,16 +217,7 @@ async fn deferred_call_gets_a_ticket_then_its_result_by_long_poll() {
     assert_eq!(stats["lines_submitted"], 1);
     // The input and output files are deleted once the batch is done.
     s.until_no_live_batches().await;
-    let files: Value = s
-        .http
-        .get(s.emu("/v1/files"))
-        .bearer_auth(common::UPSTREAM_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let files = s.upstream_get("/v1/files").await;
     assert_eq!(files["data"].as_array().unwrap().len(), 0, "{files}");
 }
 
@@ -498,16 +489,7 @@ async fn no_tenant_reaches_ferrys_own_batch_files_through_passthrough() {
         .as_str()
         .unwrap()
         .to_owned();
-    let batch: Value = s
-        .http
-        .get(s.emu(&format!("/v1/batches/{batch_id}")))
-        .bearer_auth(common::UPSTREAM_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let batch = s.upstream_get(&format!("/v1/batches/{batch_id}")).await;
     let file_id = batch["input_file_id"].as_str().unwrap().to_owned();
     let escaped = format!("%{:02X}{}", file_id.as_bytes()[0], &file_id[1..]);
     for key in ["bob-key", "alice-key"] {
@@ -532,16 +514,7 @@ async fn no_tenant_reaches_ferrys_own_batch_files_through_passthrough() {
         }
     }
     // The batch is untouched upstream.
-    let batch: Value = s
-        .http
-        .get(s.emu(&format!("/v1/batches/{batch_id}")))
-        .bearer_auth(common::UPSTREAM_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let batch = s.upstream_get(&format!("/v1/batches/{batch_id}")).await;
     assert_eq!(batch["status"], "in_progress", "{batch}");
     // A tenant's own files still pass through both ways.
     let form = reqwest::multipart::Form::new()

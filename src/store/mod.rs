@@ -969,9 +969,6 @@ impl Store {
                     error,
                     max_attempts,
                 } if rec.attempts >= max_attempts => Outcome::Expired(error),
-                // Only ingestion knows the upstream's limit, and it converts
-                // these; one that got here anyway is not re-sent unbounded.
-                Outcome::Cancelled(error) => Outcome::Failed(error),
                 o => o,
             };
             let mut stored = None;
@@ -981,7 +978,10 @@ impl Store {
                     stored = Some(r);
                     rec.status = RequestStatus::Completed;
                 }
-                Outcome::Failed(e) => {
+                // Only ingestion knows the upstream's limit and turns
+                // `Cancelled` into a counted `Retry`; one that got here anyway
+                // fails rather than being re-sent without bound.
+                Outcome::Failed(e) | Outcome::Cancelled(e) => {
                     rec.status = RequestStatus::Failed;
                     rec.error = Some(e);
                 }
@@ -989,10 +989,7 @@ impl Store {
                     rec.status = RequestStatus::Expired;
                     rec.error = Some(e);
                 }
-                Outcome::Requeue
-                | Outcome::Retry { .. }
-                | Outcome::RetryOrExpire { .. }
-                | Outcome::Cancelled(_) => {
+                Outcome::Requeue | Outcome::Retry { .. } | Outcome::RetryOrExpire { .. } => {
                     if matches!(outcome, Outcome::Requeue) {
                         // Submission counted this batch; it does not count.
                         rec.attempts = rec.attempts.saturating_sub(1);
@@ -1208,7 +1205,8 @@ pub fn line_prefix(id: u64) -> String {
     )
 }
 
-/// Takes `ferry.lock` in the data dir, exclusively and without waiting.
+/// Creates the data dir if needed and takes `ferry.lock` in it, exclusively
+/// and without waiting.
 /// The kernel drops the lock with the process, so a crash leaves none behind.
 fn lock_dir(dir: &std::path::Path) -> Result<std::fs::File, StoreError> {
     let path = dir.join("ferry.lock");
@@ -1260,6 +1258,36 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = open_db(dir.path(), 64 << 20).unwrap();
         (dir, db)
+    }
+
+    /// Queues `n` requests of tenant `t` with custom ids `{prefix}0..`;
+    /// returns their ids in order.
+    fn queue_n(s: &Store, prefix: &str, n: usize) -> Vec<u64> {
+        (0..n)
+            .map(|i| {
+                match s
+                    .insert_request(rec("t", &format!("{prefix}{i}"), "h"), b"{}")
+                    .unwrap()
+                {
+                    Intake::Created(r) => r.id,
+                    other => panic!("{other:?}"),
+                }
+            })
+            .collect()
+    }
+
+    /// A batch record just claimed: 1 request of 10 bytes for `u`/`m`.
+    fn claimed(id: u64) -> BatchRecord {
+        BatchRecord {
+            id,
+            upstream: "u".into(),
+            model: "m".into(),
+            state: BatchState::Claimed,
+            created_at: 0,
+            request_count: 1,
+            bytes: 10,
+            reason: "size".into(),
+        }
     }
 
     fn rec(tenant: &str, cid: &str, body_hash: &str) -> RequestRecord {
@@ -1354,16 +1382,7 @@ mod tests {
     #[test]
     fn claim_respects_limits_and_order_and_cancel_loses_race() {
         let (_d, s) = store();
-        let mut ids = Vec::new();
-        for i in 0..5 {
-            let Intake::Created(r) = s
-                .insert_request(rec("t", &format!("c{i}"), "h"), b"{}")
-                .unwrap()
-            else {
-                panic!()
-            };
-            ids.push(r.id);
-        }
+        let ids = queue_n(&s, "c", 5);
         let b = s.claim_batch(&qk(), 3, 1_000_000, "size").unwrap().unwrap();
         let members: Vec<u64> = s.members(b.id).map(Result::unwrap).collect();
         assert_eq!(members, ids[..3]);
@@ -1401,16 +1420,7 @@ mod tests {
     fn members_are_packed_per_slice_and_read_in_order() {
         let (_d, s) = store();
         let n = WRITE_SLICE * 2 + WRITE_SLICE / 2;
-        let mut ids = Vec::new();
-        for i in 0..n {
-            let Intake::Created(r) = s
-                .insert_request(rec("t", &format!("p{i}"), "h"), b"{}")
-                .unwrap()
-            else {
-                panic!()
-            };
-            ids.push(r.id);
-        }
+        let ids = queue_n(&s, "p", n);
         let b = s.claim_batch(&qk(), n, u64::MAX, "size").unwrap().unwrap();
         assert_eq!(b.request_count, n as u64);
         assert_eq!(s.members.scan_prefix(b.id.to_be_bytes()).count(), 3);
@@ -1427,16 +1437,7 @@ mod tests {
     fn own_upstream_objects_follow_the_batch_and_survive_reopen() {
         let (_dir, db) = sled_db();
         let s = Store::from_db(db.clone()).unwrap();
-        let mut b = BatchRecord {
-            id: 7,
-            upstream: "u".into(),
-            model: "m".into(),
-            state: BatchState::Claimed,
-            created_at: 0,
-            request_count: 1,
-            bytes: 10,
-            reason: "size".into(),
-        };
+        let mut b = claimed(7);
         let owned = |s: &Store| {
             ["file-in", "batch_1", "file-out"]
                 .into_iter()
@@ -1479,10 +1480,7 @@ mod tests {
     #[test]
     fn a_requeue_gives_its_attempt_back_and_a_retry_keeps_it() {
         let (_d, s) = store();
-        for i in 0..2 {
-            s.insert_request(rec("t", &format!("c{i}"), "h"), b"{}")
-                .unwrap();
-        }
+        queue_n(&s, "c", 2);
         let retry = |max_attempts| Outcome::Retry {
             error: RequestError {
                 code: "missing_result".into(),
@@ -1523,10 +1521,7 @@ mod tests {
     #[test]
     fn outcomes_apply_once_and_requeue_returns_to_queue() {
         let (_d, s) = store();
-        for i in 0..3 {
-            s.insert_request(rec("t", &format!("c{i}"), "h"), b"{}")
-                .unwrap();
-        }
+        queue_n(&s, "c", 3);
         let mut b = s.claim_batch(&qk(), 10, 1 << 20, "size").unwrap().unwrap();
         s.mark_submitted(&mut b, "file-1", "batch_1").unwrap();
         let ids: Vec<u64> = s.members(b.id).map(Result::unwrap).collect();
@@ -1590,10 +1585,7 @@ mod tests {
     #[test]
     fn batch_steps_write_states_not_records() {
         let (_d, s) = store();
-        for i in 0..3 {
-            s.insert_request(rec("t", &format!("c{i}"), "h"), b"{}")
-                .unwrap();
-        }
+        queue_n(&s, "c", 3);
         let id = s.find("t", "c0").unwrap().unwrap().id;
         let json_before = s.requests.get(id.to_be_bytes()).unwrap().unwrap();
         let mut b = s.claim_batch(&qk(), 10, 1 << 20, "size").unwrap().unwrap();
@@ -1645,22 +1637,10 @@ mod tests {
         let (_dir, db) = sled_db();
         {
             let s = Store::from_db(db.clone()).unwrap();
-            for i in 0..4 {
-                s.insert_request(rec("t", &format!("c{i}"), "h"), b"{}")
-                    .unwrap();
-            }
+            queue_n(&s, "c", 4);
             // A claim whose batch record was written but whose queue
             // entries were not yet removed (as if the process died).
-            let b = BatchRecord {
-                id: 999,
-                upstream: "u".into(),
-                model: "m".into(),
-                state: BatchState::Claimed,
-                created_at: 0,
-                request_count: 1,
-                bytes: 10,
-                reason: "size".into(),
-            };
+            let b = claimed(999);
             s.put_batch(&b).unwrap();
             let first = s.find("t", "c0").unwrap().unwrap().id;
             // One member as stores before packed members wrote it.

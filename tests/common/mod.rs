@@ -163,6 +163,20 @@ impl Stack {
         format!("http://{}{path}", self.emulator.addr("emulator"))
     }
 
+    /// `GET` on the emulator's Batch API with the upstream key: what the
+    /// provider itself holds, seen past Ferry.
+    pub async fn upstream_get(&self, path: &str) -> Value {
+        self.http
+            .get(self.emu(path))
+            .bearer_auth(UPSTREAM_KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     pub async fn emulator_stats(&self) -> Value {
         self.http
             .get(self.emu("/_emulator/stats"))
