@@ -162,6 +162,7 @@ struct RawUpstream {
     max_attempts: Option<u32>,
     expired_policy: Option<ExpiredPolicy>,
     token_limit_backoff_secs: Option<f64>,
+    models: Option<Vec<String>>,
 }
 
 /// What becomes of requests a batch did not finish before its window ended.
@@ -291,6 +292,19 @@ pub struct UpstreamSettings {
     pub expired_policy: ExpiredPolicy,
     /// Pause of this upstream's flushes after `token_limit_exceeded`.
     pub token_limit_backoff: Duration,
+    /// The models deferred calls may name (`models`); `None` takes any.
+    /// Each model is its own queue and metric series, so a gateway open to
+    /// untrusted tenants should list them.
+    pub models: Option<Vec<String>>,
+}
+
+impl UpstreamSettings {
+    /// Whether deferred calls for `model` are taken.
+    pub fn serves_model(&self, model: &str) -> bool {
+        self.models
+            .as_ref()
+            .is_none_or(|m| m.iter().any(|x| x == model))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -370,6 +384,24 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text)?;
         raw.validate(env)
+    }
+
+    /// Every model name the config itself names: upstream `models` lists,
+    /// the price table and exact routes.
+    pub fn known_models(&self) -> Vec<String> {
+        let listed = self
+            .upstreams
+            .iter()
+            .flat_map(|u| u.models.iter().flatten());
+        let routed = self.routes.iter().filter_map(|r| match &r.matcher {
+            RouteMatch::Exact(m) => Some(m),
+            RouteMatch::Prefix(_) => None,
+        });
+        listed
+            .chain(routed)
+            .chain(self.prices.keys())
+            .cloned()
+            .collect()
     }
 
     /// The upstream a model is routed to: exact names first, then the longest
@@ -563,6 +595,27 @@ impl RawConfig {
             if max_attempts == 0 {
                 return Err(invalid(key("max_attempts"), "must be at least 1"));
             }
+            if let Some(models) = &u.models {
+                if models.is_empty() {
+                    return Err(invalid(
+                        key("models"),
+                        "must name at least one model (leave it out to take any)",
+                    ));
+                }
+                if let Some(bad) = models.iter().find(|m| {
+                    m.is_empty()
+                        || m.len() > crate::intake::MAX_MODEL_BYTES
+                        || m.chars().any(char::is_control)
+                }) {
+                    return Err(invalid(
+                        key("models"),
+                        format!(
+                            "{bad:?} is not a model name (1-{} bytes, no control characters)",
+                            crate::intake::MAX_MODEL_BYTES
+                        ),
+                    ));
+                }
+            }
             upstreams.push(UpstreamSettings {
                 batch_discount,
                 max_attempts,
@@ -571,6 +624,7 @@ impl RawConfig {
                     &key("token_limit_backoff_secs"),
                     u.token_limit_backoff_secs.unwrap_or(60.0),
                 )?,
+                models: u.models,
                 name: u.name,
                 profile,
                 target,

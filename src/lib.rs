@@ -178,6 +178,8 @@ pub struct App {
     pub upstreams: Vec<Upstream>,
     /// Per-tenant rate limits (429 with `Retry-After`).
     pub limits: limits::TenantLimits,
+    /// Model names as metric labels, capped.
+    pub model_labels: metrics::ModelLabels,
     /// Recovery has finished; `/readyz` answers 200.
     pub ready: AtomicBool,
     /// SIGTERM received: deferred intake answers 503, held callers get their ticket.
@@ -238,6 +240,7 @@ impl App {
         if usage.is_null() {
             return;
         }
+        let model = self.model_labels.label(model);
         let prompt = usage["prompt_tokens"].as_u64().unwrap_or(0);
         let completion = usage["completion_tokens"].as_u64().unwrap_or(0);
         self.metrics
@@ -259,25 +262,41 @@ impl App {
         }
     }
 
-    pub fn publish_queue_metrics(&self, qk: &QueueKey, s: &QueueStats) {
-        let labels = [qk.upstream.as_str(), qk.model.as_str()];
-        self.metrics
-            .queued_requests
-            .with_label_values(&labels)
-            .set(s.count as i64);
-        self.metrics
-            .queued_bytes
-            .with_label_values(&labels)
-            .set(s.bytes as i64);
-        let age = if s.count == 0 {
-            0
-        } else {
-            now_millis().saturating_sub(s.oldest_ms) / 1000
-        };
-        self.metrics
-            .queue_oldest_age
-            .with_label_values(&labels)
-            .set(age as i64);
+    /// Publishes the queue gauges of one upstream. Models folded into
+    /// one label by the cap share a series: theirs are summed.
+    pub fn publish_queue_metrics(&self, upstream: &str, queues: &[(QueueKey, QueueStats)]) {
+        let mut by_label: std::collections::HashMap<&str, QueueStats> =
+            std::collections::HashMap::new();
+        for (qk, s) in queues.iter().filter(|(qk, _)| qk.upstream == upstream) {
+            let sum = by_label
+                .entry(self.model_labels.label(&qk.model))
+                .or_default();
+            sum.count += s.count;
+            sum.bytes += s.bytes;
+            if s.count > 0 && (sum.oldest_ms == 0 || s.oldest_ms < sum.oldest_ms) {
+                sum.oldest_ms = s.oldest_ms;
+            }
+        }
+        for (model, s) in by_label {
+            let labels = [upstream, model];
+            self.metrics
+                .queued_requests
+                .with_label_values(&labels)
+                .set(s.count as i64);
+            self.metrics
+                .queued_bytes
+                .with_label_values(&labels)
+                .set(s.bytes as i64);
+            let age = if s.count == 0 {
+                0
+            } else {
+                now_millis().saturating_sub(s.oldest_ms) / 1000
+            };
+            self.metrics
+                .queue_oldest_age
+                .with_label_values(&labels)
+                .set(age as i64);
+        }
     }
 }
 

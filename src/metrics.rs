@@ -232,6 +232,39 @@ impl Metrics {
         }
     }
 
+    /// Creates at zero every series whose labels are known before any
+    /// traffic (from the config and the fixed label sets), so a dashboard
+    /// panel on a healthy gateway shows 0 rather than "No data", and a
+    /// `rate()` sees the series start from 0.
+    pub fn zero_known_series(&self, upstreams: &[&str], models: &[String], priced: &[String]) {
+        for kind in ["deferred", "passthrough"] {
+            self.rate_limited.with_label_values(&[kind]);
+        }
+        for outcome in ["delivered", "retry", "dead"] {
+            self.webhook_deliveries.with_label_values(&[outcome]);
+        }
+        for status in ["completed", "failed", "expired", "cancelled"] {
+            self.requests_finished.with_label_values(&[status]);
+        }
+        for up in upstreams {
+            self.upstream_backoff_seconds.with_label_values(&[*up]);
+            for event in BATCH_EVENTS {
+                self.batches.with_label_values(&[*up, *event]);
+            }
+            for reason in ["size", "bytes", "time", "manual"] {
+                self.flushes.with_label_values(&[*up, reason]);
+            }
+        }
+        for model in models {
+            for kind in ["prompt", "completion"] {
+                self.tokens.with_label_values(&[model.as_str(), kind]);
+            }
+        }
+        for model in priced {
+            self.savings_usd.with_label_values(&[model.as_str()]);
+        }
+    }
+
     pub fn upstream_call(&self, upstream: &str, op: &str, outcome: &str, took: Duration) {
         self.upstream_calls
             .with_label_values(&[upstream, op, outcome])
@@ -260,9 +293,75 @@ impl Default for Metrics {
     }
 }
 
+/// Every `event` of `ferry_batches_total`: `created`, then the upstream's
+/// terminal statuses, `refused` (the upstream would not take the file or
+/// batch) and `lost` (the upstream no longer knows the batch).
+pub const BATCH_EVENTS: &[&str] = &[
+    "created",
+    "completed",
+    "failed",
+    "expired",
+    "cancelled",
+    "refused",
+    "lost",
+];
+
+/// The label value a model's metric series carries when the model is
+/// past the cap.
+pub const OTHER_MODEL: &str = "other";
+
+/// Model names outside the config that get a metric series of their own.
+pub const MAX_MODEL_LABELS: usize = 100;
+
+/// Model names as metric label values. Names the config knows (upstream
+/// `models` lists, price tables, routes) are always their own series; any
+/// other name a caller sends gets its own series only while fewer than
+/// `cap` such names have been seen, and folds into [`OTHER_MODEL`] after,
+/// so a tenant sending random model names cannot grow `/metrics` without
+/// bound.
+pub struct ModelLabels {
+    known: std::collections::HashSet<String>,
+    seen: dashmap::DashSet<String>,
+    cap: usize,
+}
+
+impl ModelLabels {
+    pub fn new(known: impl IntoIterator<Item = String>, cap: usize) -> ModelLabels {
+        ModelLabels {
+            known: known.into_iter().collect(),
+            seen: dashmap::DashSet::new(),
+            cap,
+        }
+    }
+
+    /// The label value for `model`.
+    pub fn label<'a>(&self, model: &'a str) -> &'a str {
+        if self.known.contains(model) || self.seen.contains(model) {
+            return model;
+        }
+        // Two callers may both pass the check at the cap and end one over:
+        // the bound is `cap` plus the concurrency, which is enough.
+        if self.seen.len() < self.cap {
+            self.seen.insert(model.to_owned());
+            return model;
+        }
+        OTHER_MODEL
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn model_labels_fold_past_the_cap_but_never_known_names() {
+        let l = ModelLabels::new(["gpt-4o".to_owned()], 2);
+        assert_eq!(l.label("a"), "a");
+        assert_eq!(l.label("b"), "b");
+        assert_eq!(l.label("c"), OTHER_MODEL);
+        assert_eq!(l.label("a"), "a", "a name seen before keeps its series");
+        assert_eq!(l.label("gpt-4o"), "gpt-4o", "configured names never fold");
+    }
 
     #[test]
     fn metrics_register_and_render() {

@@ -69,6 +69,15 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let metrics = Arc::new(Metrics::new());
     store.observe_flushes(metrics.storage_flush_duration.clone());
+    metrics.zero_known_series(
+        &config
+            .upstreams
+            .iter()
+            .map(|u| u.name.as_str())
+            .collect::<Vec<_>>(),
+        &config.known_models(),
+        &config.prices.keys().cloned().collect::<Vec<_>>(),
+    );
 
     // The embedded emulator, when some upstream uses it.
     let emulator_url = match &config.emulator {
@@ -168,7 +177,16 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             rate(t.passthrough_rate),
         )
     }));
+    let webhook_http = crate::delivery::webhooks::client(&config).map_err(|e| {
+        ServerError::Runtime(format!(
+            "cannot build the webhook client (Ferry does not deliver webhooks without its redirect and internal-address guards): {e}"
+        ))
+    })?;
     let app = Arc::new(App {
+        model_labels: crate::metrics::ModelLabels::new(
+            config.known_models(),
+            crate::metrics::MAX_MODEL_LABELS,
+        ),
         limits,
         store,
         waiters: Waiters::new(),
@@ -221,7 +239,11 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             for i in 0..app.upstreams.len() {
                 tokio::spawn(batch::run_flusher(app.clone(), i, rx.clone()));
             }
-            tokio::spawn(crate::delivery::webhooks::run(app.clone(), rx.clone()));
+            tokio::spawn(crate::delivery::webhooks::run(
+                app.clone(),
+                webhook_http,
+                rx.clone(),
+            ));
             for i in 0..app.upstreams.len() {
                 tokio::spawn(batch::sweep_orphan_files(app.clone(), i));
             }

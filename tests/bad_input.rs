@@ -24,8 +24,10 @@ use tokio::net::TcpStream;
 /// Small limits so the size and slowness cases are cheap: a 4 KiB body cap,
 /// a 1 s whole-body deadline, and waits clamped to 1 s.
 const SERVER: &str = "max_body_bytes = 4096\nbody_read_timeout_secs = 1\nmax_wait_secs = 1";
-/// `temperature` refused at intake, as Moonshot's profile does.
-const UPSTREAM: &str = r#"forbidden_params = ["temperature"]"#;
+/// `temperature` refused at intake, as Moonshot's profile does; one model
+/// served.
+const UPSTREAM: &str = r#"forbidden_params = ["temperature"]
+models = ["gpt-4o-mini"]"#;
 const LIMIT: usize = 4096;
 const MODEL: &str = "gpt-4o-mini";
 
@@ -645,6 +647,27 @@ async fn malformed_calls_get_enveloped_4xx_and_leave_others_untouched() {
             "model is an object",
             json!({"model": {"name": MODEL}, "messages": msgs}),
             want(&[400], &["invalid_type"], Param::Is("model")),
+        ),
+        // A NUL would make this model's queue key extend gpt-4o-mini's.
+        (
+            "model with a NUL",
+            json!({"model": format!("{MODEL}\u{0}x"), "messages": msgs}),
+            want(&[400], &["invalid_value"], Param::Is("model")),
+        ),
+        (
+            "model with a newline",
+            json!({"model": format!("{MODEL}\nx"), "messages": msgs}),
+            want(&[400], &["invalid_value"], Param::Is("model")),
+        ),
+        (
+            "model of 257 bytes",
+            json!({"model": "m".repeat(257), "messages": msgs}),
+            want(&[400], &["invalid_value"], Param::Is("model")),
+        ),
+        (
+            "model the upstream's list does not name",
+            json!({"model": "gpt-4o", "messages": msgs}),
+            want(&[400], &["model_not_found"], Param::Is("model")),
         ),
         (
             "messages is a string",

@@ -496,6 +496,9 @@ async fn no_tenant_reaches_ferrys_own_batch_files_through_passthrough() {
         for (method, path) in [
             ("GET", format!("/v1/files/{file_id}/content")),
             ("GET", format!("/v1/files/{escaped}/content")),
+            ("GET", format!("/v1//files/{file_id}/content")),
+            ("GET", format!("/v1/files%2F{file_id}/content")),
+            ("DELETE", format!("/v1//files//{file_id}")),
             ("GET", format!("/v1/files/{file_id}")),
             ("DELETE", format!("/v1/files/{file_id}")),
             ("GET", format!("/v1/batches/{batch_id}")),
@@ -742,4 +745,54 @@ passthrough_burst = 1
         metrics.contains("ferry_rate_limited_total{kind=\"passthrough\"} 1"),
         "{metrics}"
     );
+}
+
+#[tokio::test]
+async fn known_series_start_at_zero_and_model_labels_are_capped() {
+    let s = Stack::start("", "");
+    let metrics = s.metrics().await;
+    // Panels on these used to say "No data" until their first event.
+    for line in [
+        r#"ferry_rate_limited_total{kind="deferred"} 0"#,
+        r#"ferry_rate_limited_total{kind="passthrough"} 0"#,
+        r#"ferry_upstream_backoff_seconds_total{upstream="emu"} 0"#,
+        r#"ferry_webhook_deliveries_total{outcome="dead"} 0"#,
+        r#"ferry_batches_total{event="lost",upstream="emu"} 0"#,
+        r#"ferry_requests_finished_total{status="expired"} 0"#,
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} missing:\n{metrics}"
+        );
+    }
+
+    // More distinct models than the cap (no `models` list here): the
+    // series past the cap fold into `other`.
+    let cap = ferry::metrics::MAX_MODEL_LABELS;
+    let extra = 5;
+    for i in 0..cap + extra {
+        let r = s
+            .defer("alice-key", &chat(&format!("m-{i:03}"), "x"), None, None)
+            .await;
+        assert_eq!(r.status(), 202);
+    }
+    let other = r#"ferry_queued_requests{model="other",upstream="emu"}"#;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let metrics = loop {
+        let m = s.metrics().await;
+        if m.lines().any(|l| l == format!("{other} {extra}")) {
+            break m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {other} {extra} in:\n{m}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let models: std::collections::BTreeSet<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("ferry_queued_requests{"))
+        .filter_map(|l| l.split("model=\"").nth(1)?.split('"').next())
+        .collect();
+    assert_eq!(models.len(), cap + 1, "{models:?}");
 }

@@ -43,14 +43,15 @@ pub async fn run_flusher(app: Arc<App>, upstream: usize, mut shutdown: watch::Re
         let manual = up
             .manual_flush
             .swap(false, std::sync::atomic::Ordering::SeqCst);
-        for (qk, stats) in app.store.queue_stats() {
+        let queues = app.store.queue_stats();
+        app.publish_queue_metrics(&up.settings.name, &queues);
+        for (qk, stats) in queues {
             if qk.upstream != up.settings.name {
                 continue;
             }
             if up.flushes_paused() && !manual {
                 continue;
             }
-            app.publish_queue_metrics(&qk, &stats);
             let now = now_millis();
             let reason = flush_reason(&stats, &policy, now)
                 .or((manual && stats.count > 0).then_some(FlushReason::Manual));

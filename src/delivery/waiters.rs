@@ -30,16 +30,15 @@ impl Waiters {
     /// after registering, so a notification between the caller's own check
     /// and this call is never missed. Returns whether it was woken (or done).
     pub async fn wait(&self, id: u64, timeout: Duration, is_done: impl FnOnce() -> bool) -> bool {
-        let woken = {
-            let n = self.map.entry(id).or_default().clone();
-            let notified = n.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            is_done() || tokio::time::timeout(timeout, notified).await.is_ok()
+        let entry = Registered {
+            waiters: self,
+            id,
+            notify: self.map.entry(id).or_default().clone(),
         };
-        // Drop the entry if nobody else waits on it any more.
-        self.map.remove_if(&id, |_, n| Arc::strong_count(n) == 1);
-        woken
+        let notified = entry.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        is_done() || tokio::time::timeout(timeout, notified).await.is_ok()
     }
 
     pub fn len(&self) -> usize {
@@ -48,6 +47,25 @@ impl Waiters {
 
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
+    }
+}
+
+/// One waiter's hold on its map entry. Dropped when the wait ends in any
+/// way, a caller that hung up (its future dropped mid-wait) included: the
+/// entry goes once nobody else holds it.
+struct Registered<'a> {
+    waiters: &'a Waiters,
+    id: u64,
+    notify: Arc<Notify>,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        // Only our own entry (a notify may have replaced it with a newer
+        // waiter's), and only when ours and the map's are the last holds.
+        self.waiters.map.remove_if(&self.id, |_, n| {
+            Arc::ptr_eq(n, &self.notify) && Arc::strong_count(n) <= 2
+        });
     }
 }
 
@@ -73,6 +91,26 @@ mod tests {
         assert!(w.is_empty());
         // Already done: returns at once.
         assert!(w.wait(9, Duration::from_secs(5), || true).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_abandoned_midway_leaves_no_entry() {
+        let w = Arc::new(Waiters::new());
+        let (a, b) = (w.clone(), w.clone());
+        let first = tokio::spawn(async move { a.wait(3, Duration::from_secs(60), || false).await });
+        let second =
+            tokio::spawn(async move { b.wait(3, Duration::from_secs(60), || false).await });
+        // With paused time, a sleep returns only once every other task is idle,
+        // i.e. both waiters are registered.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(w.len(), 1);
+        // One caller hangs up: the other still waits on the entry.
+        first.abort();
+        assert!(first.await.unwrap_err().is_cancelled());
+        assert_eq!(w.len(), 1);
+        second.abort();
+        assert!(second.await.unwrap_err().is_cancelled());
+        assert!(w.is_empty(), "an abandoned wait kept its entry");
     }
 
     #[tokio::test(start_paused = true)]

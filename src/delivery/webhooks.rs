@@ -280,9 +280,11 @@ pub struct WebhookSettings {
     pub per_host: usize,
 }
 
-pub fn client(app: &App) -> reqwest::Client {
-    let exact: HashSet<String> = app
-        .config
+/// The webhook HTTP client: no redirects, the DNS guard against internal
+/// addresses. Built once at start; Ferry refuses to start without it rather
+/// than fall back to a client with neither.
+pub fn client(config: &crate::config::Config) -> Result<reqwest::Client, reqwest::Error> {
+    let exact: HashSet<String> = config
         .tenants
         .iter()
         .flat_map(|t| t.callback_allow.iter())
@@ -293,17 +295,15 @@ pub fn client(app: &App) -> reqwest::Client {
         .collect();
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
-        .timeout(app.config.webhooks.timeout)
+        .timeout(config.webhooks.timeout)
         .dns_resolver(Arc::new(GuardedResolver {
             exact_hosts: Arc::new(exact),
         }))
         .build()
-        .unwrap_or_default()
 }
 
 /// Drains the outbox until shutdown.
-pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
-    let http = client(&app);
+pub async fn run(app: Arc<App>, http: reqwest::Client, mut shutdown: watch::Receiver<bool>) {
     let in_flight: Arc<DashMap<String, usize>> = Arc::new(DashMap::new());
     let total = Arc::new(tokio::sync::Semaphore::new(
         app.config.webhooks.concurrency.max(1),
@@ -312,6 +312,13 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
         app.metrics
             .webhook_outbox_depth
             .set(app.store.outbox_len() as i64);
+        // Deliveries are scheduled by the commit that makes them durable;
+        // their writers commit, so this only hurries along a straggler.
+        if app.store.has_unflushed_deliveries()
+            && let Err(e) = app.store.commit().await
+        {
+            warn!(error = %e, "cannot make webhook deliveries durable; will retry");
+        }
         let now = now_millis();
         for d in app.store.take_due_deliveries(now, 256) {
             let host = host_of(&d.url);

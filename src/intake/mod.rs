@@ -6,7 +6,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use crate::api_error::ErrorEnvelope;
-use crate::config::{Mode, Tenant};
+use crate::config::{Mode, Tenant, UpstreamSettings};
 use crate::store::{Intake, RequestRecord, RequestStatus, Store, StoreError, now_secs};
 use crate::upstream::profile::ProviderProfile;
 
@@ -138,6 +138,9 @@ pub fn disposition(prefer: Prefer, tenant: &Tenant, max_wait: Duration) -> Dispo
     Disposition::Deferred { wait }
 }
 
+/// The longest model name Ferry takes; real ones are far shorter.
+pub const MAX_MODEL_BYTES: usize = 256;
+
 /// A body that passed validation, in the form that goes upstream.
 #[derive(Debug)]
 pub struct ValidBody {
@@ -169,6 +172,22 @@ pub fn validate_body<'a>(
         .as_object_mut()
         .ok_or_else(|| bad("request body must be a JSON object", None, "invalid_json"))?;
     let model = match obj.get("model") {
+        Some(serde_json::Value::String(m)) if m.len() > MAX_MODEL_BYTES => {
+            return Err(bad(
+                format!("`model` must be at most {MAX_MODEL_BYTES} bytes"),
+                Some("model"),
+                "invalid_value",
+            ));
+        }
+        // A model names a queue and a metric label: a control character
+        // (NUL above all) could make one queue's key a prefix of another's.
+        Some(serde_json::Value::String(m)) if m.chars().any(char::is_control) => {
+            return Err(bad(
+                "`model` must not contain control characters",
+                Some("model"),
+                "invalid_value",
+            ));
+        }
         Some(serde_json::Value::String(m)) if !m.is_empty() => m.clone(),
         Some(_) => {
             return Err(bad(
@@ -258,6 +277,21 @@ pub fn validate_body<'a>(
         line_body,
         sha256,
     })
+}
+
+/// Refuses a deferred call for a model its upstream's `models` list does
+/// not name, before anything is stored.
+pub fn check_model_served(upstream: &UpstreamSettings, model: &str) -> Result<(), IntakeError> {
+    if upstream.serves_model(model) {
+        return Ok(());
+    }
+    Err(bad(
+        format!(
+            "The model `{model}` does not exist or is not served for deferred calls by this gateway"
+        ),
+        Some("model"),
+        "model_not_found",
+    ))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -467,6 +501,41 @@ mod tests {
         assert!(validate_body(t.as_bytes(), &|_| &openai, false).is_ok());
         let e = validate_body(t.as_bytes(), &|_| &moonshot, false).unwrap_err();
         assert!(e.to_string().contains("temperature"));
+    }
+
+    #[test]
+    fn model_names_with_control_characters_or_too_long_are_refused() {
+        let openai = ProviderProfile::for_kind(ProviderKind::Openai);
+        let body = |model: &str| {
+            serde_json::json!({"model": model, "messages": [{"role": "user", "content": "x"}]})
+                .to_string()
+        };
+        let long = "m".repeat(MAX_MODEL_BYTES + 1);
+        for model in [
+            "gpt-4o-mini\u{0}x",
+            "gpt-4o\nmini",
+            "a\u{7f}",
+            long.as_str(),
+        ] {
+            let e = validate_body(body(model).as_bytes(), &|_| &openai, false).unwrap_err();
+            assert_eq!(e.status(), 400, "{model:?}");
+            let env = e.envelope();
+            assert_eq!(env.error.param.as_deref(), Some("model"), "{model:?}");
+            assert_eq!(
+                env.error.code.as_deref(),
+                Some("invalid_value"),
+                "{model:?}"
+            );
+        }
+        let longest = "m".repeat(MAX_MODEL_BYTES);
+        for model in [
+            "gpt-4o-mini",
+            "ft:gpt-4o:org:x:1",
+            "моделька",
+            longest.as_str(),
+        ] {
+            assert!(validate_body(body(model).as_bytes(), &|_| &openai, false).is_ok());
+        }
     }
 
     #[test]

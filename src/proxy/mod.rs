@@ -24,7 +24,7 @@ use crate::intake::{self, Disposition, IntakeError, NewRequest};
 use crate::limits::LimitKind;
 use crate::store::{CancelOutcome, RequestRecord, RequestStatus};
 use respond::Result;
-use routes::{Route, classify, query_wait, upstream_object_id};
+use routes::{Route, classify, object_id_candidates, query_wait};
 
 pub struct FerryProxy {
     pub app: Arc<App>,
@@ -288,8 +288,9 @@ async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<
         }
         _ => {
             ctx.mode = "passthrough";
-            if let Some(id) = upstream_object_id(req.uri.path())
-                && app.store.is_own_upstream_object(&id)
+            if let Some(id) = object_id_candidates(req.uri.path())
+                .into_iter()
+                .find(|id| app.store.is_own_upstream_object(id))
             {
                 // Ferry's batch files hold every tenant's prompts and
                 // answers, and a delete or cancel would lose results: no
@@ -476,6 +477,9 @@ async fn deferred(
         Err(e) => return intake_error(session, &e).await,
     };
     let up = &app.upstreams[app.config.upstream_for_model(&valid.model)];
+    if let Err(e) = intake::check_model_served(&up.settings, &valid.model) {
+        return intake_error(session, &e).await;
+    }
     let new = NewRequest {
         tenant: &tenant.name,
         custom_id,

@@ -87,17 +87,28 @@ pub fn classify(method: &Method, path: &str) -> Route {
     Route::NotFound
 }
 
-/// The file or batch id a Files or Batches API path names
-/// (`/v1/files/{id}`, `/v1/files/{id}/content`, `/v1/batches/{id}/cancel`,
-/// ...), percent-decoded as the upstream will read it, so an escaped id
-/// cannot slip past the check on Ferry's own objects. A segment that does
-/// not decode to UTF-8 is returned raw (it cannot equal one of Ferry's ids).
-pub fn upstream_object_id(path: &str) -> Option<String> {
-    let rest = path
-        .strip_prefix("/v1/files/")
-        .or_else(|| path.strip_prefix("/v1/batches/"))?;
-    let segment = rest.split('/').next().filter(|s| !s.is_empty())?;
-    Some(percent_decode(segment))
+/// Every segment of a passthrough path that could name an upstream file or
+/// batch, decoded as an upstream might read it: percent-escapes undone
+/// (repeatedly, so `%2566` counts as `f`), an escaped `/` splitting
+/// segments, empty and `.` segments dropped. Ferry's own objects are refused
+/// when any segment names one, so no spelling of the path (`/v1//files/x`,
+/// `/v1/./files/x`, `/v1/files%2Fx`, `/v1/x/../files/x`) slips past the
+/// check, whatever normalisation the upstream or a proxy before it applies.
+/// Ferry's ids are random, so a segment of an ordinary path never matches.
+pub fn object_id_candidates(path: &str) -> Vec<String> {
+    let mut decoded = path.to_owned();
+    for _ in 0..3 {
+        let next = percent_decode(&decoded);
+        if next == decoded {
+            break;
+        }
+        decoded = next;
+    }
+    decoded
+        .split('/')
+        .filter(|s| !s.is_empty() && *s != "." && *s != "..")
+        .map(str::to_owned)
+        .collect()
 }
 
 fn percent_decode(s: &str) -> String {
@@ -138,25 +149,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn upstream_object_ids_are_read_from_files_and_batches_paths() {
+    fn every_spelling_of_an_object_path_yields_its_id() {
         for (path, id) in [
-            ("/v1/files/file-abc", Some("file-abc")),
-            ("/v1/files/file-abc/content", Some("file-abc")),
-            ("/v1/files/file-abc/", Some("file-abc")),
-            ("/v1/batches/batch_1", Some("batch_1")),
-            ("/v1/batches/batch_1/cancel", Some("batch_1")),
-            ("/v1/files/file%2Dabc/content", Some("file-abc")),
-            ("/v1/files/%66ile-abc", Some("file-abc")),
-            ("/v1/files/bad%zz", Some("bad%zz")),
-            ("/v1/files/%ff", Some("%ff")),
-            ("/v1/files", None),
-            ("/v1/files/", None),
-            ("/v1/batches", None),
-            ("/v1/models/gpt-4o", None),
-            ("/v1/filesx/file-abc", None),
+            ("/v1/files/file-abc", "file-abc"),
+            ("/v1/files/file-abc/content", "file-abc"),
+            ("/v1/files/file-abc/", "file-abc"),
+            ("/v1/batches/batch_1", "batch_1"),
+            ("/v1/batches/batch_1/cancel", "batch_1"),
+            ("/v1/files/file%2Dabc/content", "file-abc"),
+            ("/v1/files/%66ile-abc", "file-abc"),
+            ("/v1//files/file-abc", "file-abc"),
+            ("/v1/./files//file-abc/content", "file-abc"),
+            ("/v1/x/../files/file-abc", "file-abc"),
+            ("/v1/files%2Ffile-abc", "file-abc"),
+            ("/v1/files/%2566ile-abc", "file-abc"),
+            ("//v1/batches/batch_1", "batch_1"),
         ] {
-            assert_eq!(upstream_object_id(path).as_deref(), id, "{path}");
+            assert!(
+                object_id_candidates(path).iter().any(|c| c == id),
+                "{path}: {:?}",
+                object_id_candidates(path)
+            );
         }
+        // Undecodable escapes stay raw (they cannot equal one of Ferry's ids).
+        assert_eq!(
+            object_id_candidates("/v1/files/%ff"),
+            ["v1", "files", "%ff"]
+        );
+        assert_eq!(
+            object_id_candidates("/v1/files/bad%zz"),
+            ["v1", "files", "bad%zz"]
+        );
+        assert_eq!(object_id_candidates("/v1/files/"), ["v1", "files"]);
     }
 
     #[test]

@@ -249,8 +249,14 @@ pub struct Store {
     members: sled::Tree,
     results: sled::Tree,
     outbox: sled::Tree,
-    /// (due millis, request id) of every outbox entry not being sent now.
+    /// (due millis, request id) of every durable outbox entry not being
+    /// sent now.
     outbox_due: Mutex<BTreeSet<(u64, u64)>>,
+    /// Outbox entries written but maybe not yet durable, each with the
+    /// write ticket ([`Store::commit`]'s counter) taken after its write. The
+    /// commit that covers a ticket moves the entry to `outbox_due`: a
+    /// webhook is never sent for a state a crash could still undo.
+    outbox_unflushed: Mutex<Vec<(u64, (u64, u64))>>,
     outbox_wake: tokio::sync::Notify,
     queues: DashMap<QueueKey, QueueStats>,
     /// Serialises claims, cancels and re-queues, which move entries out of and
@@ -299,6 +305,7 @@ impl Store {
             results: db.open_tree("results")?,
             outbox: db.open_tree("outbox")?,
             outbox_due: Mutex::new(BTreeSet::new()),
+            outbox_unflushed: Mutex::new(Vec::new()),
             outbox_wake: tokio::sync::Notify::new(),
             db,
             queues: DashMap::new(),
@@ -381,7 +388,41 @@ impl Store {
             h.observe(started.elapsed().as_secs_f64());
         }
         self.flushed.fetch_max(upto, Ordering::SeqCst);
+        self.release_flushed_deliveries(upto);
         Ok(())
+    }
+
+    /// Hands the outbox entries that the flush up to ticket `upto` made
+    /// durable to the delivery schedule.
+    fn release_flushed_deliveries(&self, upto: u64) {
+        let released: Vec<(u64, u64)> = {
+            let mut pending = self
+                .outbox_unflushed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if pending.is_empty() {
+                return;
+            }
+            let (done, rest) = std::mem::take(&mut *pending)
+                .into_iter()
+                .partition(|(ticket, _)| *ticket <= upto);
+            *pending = rest;
+            done.into_iter().map(|(_, d)| d).collect()
+        };
+        if released.is_empty() {
+            return;
+        }
+        self.lock_outbox().extend(released);
+        self.outbox_wake.notify_one();
+    }
+
+    /// Whether some outbox entry waits for a commit before it may be sent.
+    pub fn has_unflushed_deliveries(&self) -> bool {
+        !self
+            .outbox_unflushed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
     }
 
     /// Reports every durable flush's duration to `h`.
@@ -533,7 +574,7 @@ impl Store {
 
     /// Recomputes the oldest entry of a queue after entries left it.
     fn refresh_oldest(&self, qk: &QueueKey) -> Result<(), StoreError> {
-        let first = self.queue.scan_prefix(qk.prefix()).next().transpose()?;
+        let first = self.queue_entries(qk).next().transpose()?;
         let oldest = first
             .and_then(|(_, v)| parse_queue_value(&v))
             .map_or(0, |(at, _)| at);
@@ -545,6 +586,27 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// The entries of one queue, oldest first, as (request id, value). The
+    /// prefix scan alone is not enough: it also finds the entries of any
+    /// queue whose key extends this one's (a model name containing NUL, as
+    /// stores written before intake refused them may hold), so each key is
+    /// parsed and checked.
+    fn queue_entries<'a>(
+        &'a self,
+        qk: &'a QueueKey,
+    ) -> impl Iterator<Item = Result<(u64, sled::IVec), StoreError>> + 'a {
+        self.queue
+            .scan_prefix(qk.prefix())
+            .filter_map(move |item| match item {
+                Err(e) => Some(Err(e.into())),
+                Ok((k, v)) => match QueueKey::parse_entry(&k) {
+                    Some((key, id)) if key == *qk => Some(Ok((id, v))),
+                    Some(_) => None,
+                    None => Some(Err(corrupt("queue key", "bad"))),
+                },
+            })
     }
 
     /// A request with its current state. A request missing either part was
@@ -694,9 +756,8 @@ impl Store {
         let _g = self.queue_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut ids = Vec::new();
         let mut bytes = 0u64;
-        for item in self.queue.scan_prefix(qk.prefix()) {
-            let (k, v) = item?;
-            let (_, id) = QueueKey::parse_entry(&k).ok_or_else(|| corrupt("queue key", "bad"))?;
+        for item in self.queue_entries(qk) {
+            let (id, v) = item?;
             let (_, len) = parse_queue_value(&v).ok_or_else(|| corrupt("queue value", "bad"))?;
             if ids.len() >= max_requests || (bytes + len > max_bytes && !ids.is_empty()) {
                 break;
@@ -1076,18 +1137,16 @@ impl Store {
         Ok(Some((now, rec.id)))
     }
 
+    /// Schedules deliveries just written to the outbox, for after the next
+    /// commit: the ticket is taken after their write, so the flush that
+    /// covers it covers them.
     fn schedule(&self, due: impl Iterator<Item = (u64, u64)>) {
-        let mut n = 0;
-        {
-            let mut idx = self.lock_outbox();
-            for d in due {
-                idx.insert(d);
-                n += 1;
-            }
-        }
-        if n > 0 {
-            self.outbox_wake.notify_one();
-        }
+        let mut pending = self
+            .outbox_unflushed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let ticket = self.written.fetch_add(1, Ordering::SeqCst) + 1;
+        pending.extend(due.map(|d| (ticket, d)));
     }
 
     pub fn outbox_len(&self) -> usize {
@@ -1417,6 +1476,31 @@ mod tests {
     }
 
     #[test]
+    fn a_model_name_extending_another_queues_key_stays_in_its_own_queue() {
+        let (_d, s) = store();
+        let Intake::Created(plain) = s.insert_request(rec("t", "plain", "h"), b"{}").unwrap()
+        else {
+            panic!()
+        };
+        // Refused at intake today; a store may still hold one.
+        let sneaky = RequestRecord {
+            model: "m\0x".into(),
+            ..rec("t", "sneaky", "h")
+        };
+        let Intake::Created(sneaky) = s.insert_request(sneaky, b"{}").unwrap() else {
+            panic!()
+        };
+        let b = s.claim_batch(&qk(), 10, 1 << 20, "size").unwrap().unwrap();
+        let members: Vec<u64> = s.members(b.id).map(Result::unwrap).collect();
+        assert_eq!(members, vec![plain.id]);
+        let other = QueueKey::of(&sneaky);
+        assert_eq!(s.queue_stats_for(&other).unwrap().count, 1);
+        let b = s.claim_batch(&other, 10, 1 << 20, "size").unwrap().unwrap();
+        let members: Vec<u64> = s.members(b.id).map(Result::unwrap).collect();
+        assert_eq!(members, vec![sneaky.id]);
+    }
+
+    #[test]
     fn members_are_packed_per_slice_and_read_in_order() {
         let (_d, s) = store();
         let n = WRITE_SLICE * 2 + WRITE_SLICE / 2;
@@ -1675,6 +1759,54 @@ mod tests {
             t.await.unwrap().unwrap();
         }
         assert_eq!(s.flushed.load(Ordering::SeqCst), 32);
+    }
+
+    #[tokio::test]
+    async fn a_webhook_is_scheduled_only_once_its_state_is_durable() {
+        let (_d, s) = store();
+        let with_callback = |cid: &str| RequestRecord {
+            callback_url: Some("https://hooks.example/x".into()),
+            ..rec("t", cid, "h")
+        };
+        // A cancel and a finished batch member, each with a callback.
+        let Intake::Created(cancelled) = s.insert_request(with_callback("c"), b"{}").unwrap()
+        else {
+            panic!()
+        };
+        let Intake::Created(done) = s.insert_request(with_callback("d"), b"{}").unwrap() else {
+            panic!()
+        };
+        s.commit().await.unwrap();
+        assert!(matches!(
+            s.cancel("t", "c", &no_payload).unwrap(),
+            CancelOutcome::Cancelled(_)
+        ));
+        let b = s.claim_batch(&qk(), 10, 1 << 20, "size").unwrap().unwrap();
+        let mut b2 = b.clone();
+        s.mark_submitted(&mut b2, "file-1", "batch_1").unwrap();
+        let result = StoredResult {
+            status_code: 200,
+            body: bytes::Bytes::from_static(b"{}"),
+        };
+        s.apply_outcomes(
+            b.id,
+            vec![(done.id, Outcome::Completed(result))],
+            &no_payload,
+        )
+        .unwrap();
+        // Written, not yet durable: nothing may be sent.
+        assert!(s.take_due_deliveries(u64::MAX, 10).is_empty());
+        assert!(s.next_delivery_due().is_none());
+        assert!(s.has_unflushed_deliveries());
+        s.commit().await.unwrap();
+        let mut sent: Vec<u64> = s
+            .take_due_deliveries(u64::MAX, 10)
+            .iter()
+            .map(|d| d.request)
+            .collect();
+        sent.sort_unstable();
+        assert_eq!(sent, vec![cancelled.id, done.id]);
+        assert!(!s.has_unflushed_deliveries());
     }
 
     #[test]

@@ -217,8 +217,7 @@ impl BatchClient {
             .headers()
             .get(http::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            .and_then(retry_after);
         let body = res.bytes().await.unwrap_or_default();
         let (code, message) = match serde_json::from_slice::<crate::api_error::ErrorEnvelope>(&body)
         {
@@ -368,6 +367,16 @@ impl BatchClient {
     }
 }
 
+/// The longest `Retry-After` Ferry honours: a larger (or hostile) value
+/// would park a batch step for days.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// An upstream's `Retry-After` in seconds, capped at [`MAX_RETRY_AFTER`].
+pub fn retry_after(value: &str) -> Option<Duration> {
+    let secs = value.trim().parse::<u64>().ok()?;
+    Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER))
+}
+
 /// Capped exponential backoff with full jitter: attempt 0 waits up to
 /// `base`, each further attempt doubles the ceiling up to `cap`.
 pub fn backoff(attempt: u32, base: Duration, cap: Duration, unit_random: f64) -> Duration {
@@ -435,6 +444,13 @@ mod tests {
         assert_eq!(backoff(3, base, cap, 1.0), Duration::from_secs(4));
         assert_eq!(backoff(30, base, cap, 1.0), cap);
         assert!(backoff(3, base, cap, 0.0) >= base / 4);
+    }
+
+    #[test]
+    fn retry_after_is_read_in_seconds_and_capped() {
+        assert_eq!(retry_after(" 7 "), Some(Duration::from_secs(7)));
+        assert_eq!(retry_after("99999999999"), Some(MAX_RETRY_AFTER));
+        assert_eq!(retry_after("soon"), None);
     }
 
     #[test]
