@@ -317,8 +317,10 @@ fn bench_waiters(c: &mut Criterion) {
                         let done = Arc::new(AtomicBool::new(false));
                         let (w2, d2) = (w.clone(), done.clone());
                         let h = tokio::spawn(async move {
-                            w2.wait(i, Duration::from_secs(60), || d2.load(Ordering::SeqCst))
-                                .await
+                            w2.wait(i, Duration::from_secs(60), async {
+                                d2.load(Ordering::SeqCst)
+                            })
+                            .await
                         });
                         while w.is_empty() {
                             tokio::task::yield_now().await;
@@ -350,7 +352,7 @@ fn bench_waiters(c: &mut Criterion) {
                             .map(|id| {
                                 let (w, done) = (w.clone(), done.clone());
                                 tokio::spawn(async move {
-                                    w.wait(id, Duration::from_secs(60), || {
+                                    w.wait(id, Duration::from_secs(60), async {
                                         done.load(Ordering::SeqCst)
                                     })
                                     .await

@@ -24,9 +24,10 @@ pub fn router(app: Arc<App>) -> Router {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
-    app.metrics
-        .storage_size
-        .set(app.store.size_on_disk() as i64);
+    // sled sums its files' sizes: disk work, off the runtime threads.
+    if let Ok(size) = app.store.blocking(|s| Ok(s.size_on_disk())).await {
+        app.metrics.storage_size.set(size as i64);
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         app.metrics.render(),

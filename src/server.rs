@@ -228,7 +228,15 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         let app = app.clone();
         let rx = shutdown_rx.clone();
         rt.spawn(async move {
-            match recover(&app, &rx) {
+            let recovered = {
+                let app = app.clone();
+                let rx = rx.clone();
+                tokio::task::spawn_blocking(move || recover(&app, &rx))
+                    .await
+                    .map_err(|e| crate::store::StoreError::Task(e.to_string()))
+                    .and_then(|r| r)
+            };
+            match recovered {
                 Ok(n) => info!(
                     resumed_batches = n,
                     queued = app.store.queued_total(),

@@ -26,10 +26,15 @@ impl Waiters {
         }
     }
 
-    /// Waits until `id` is notified or `timeout` passes. `is_done` is checked
+    /// Waits until `id` is notified or `timeout` passes. `is_done` is awaited
     /// after registering, so a notification between the caller's own check
     /// and this call is never missed. Returns whether it was woken (or done).
-    pub async fn wait(&self, id: u64, timeout: Duration, is_done: impl FnOnce() -> bool) -> bool {
+    pub async fn wait(
+        &self,
+        id: u64,
+        timeout: Duration,
+        is_done: impl std::future::Future<Output = bool>,
+    ) -> bool {
         let entry = Registered {
             waiters: self,
             id,
@@ -38,7 +43,7 @@ impl Waiters {
         let notified = entry.notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        is_done() || tokio::time::timeout(timeout, notified).await.is_ok()
+        is_done.await || tokio::time::timeout(timeout, notified).await.is_ok()
     }
 
     pub fn len(&self) -> usize {
@@ -78,7 +83,7 @@ mod tests {
         let w = Arc::new(Waiters::new());
         let w2 = w.clone();
         let waiter =
-            tokio::spawn(async move { w2.wait(7, Duration::from_secs(30), || false).await });
+            tokio::spawn(async move { w2.wait(7, Duration::from_secs(30), async { false }).await });
         // With paused time, a sleep returns only once every other task is idle,
         // i.e. every waiter is registered.
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -87,19 +92,20 @@ mod tests {
         assert!(waiter.await.unwrap());
         assert!(w.is_empty());
         // Nobody notifies: the (paused) clock runs out.
-        assert!(!w.wait(8, Duration::from_secs(5), || false).await);
+        assert!(!w.wait(8, Duration::from_secs(5), async { false }).await);
         assert!(w.is_empty());
         // Already done: returns at once.
-        assert!(w.wait(9, Duration::from_secs(5), || true).await);
+        assert!(w.wait(9, Duration::from_secs(5), async { true }).await);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_wait_abandoned_midway_leaves_no_entry() {
         let w = Arc::new(Waiters::new());
         let (a, b) = (w.clone(), w.clone());
-        let first = tokio::spawn(async move { a.wait(3, Duration::from_secs(60), || false).await });
+        let first =
+            tokio::spawn(async move { a.wait(3, Duration::from_secs(60), async { false }).await });
         let second =
-            tokio::spawn(async move { b.wait(3, Duration::from_secs(60), || false).await });
+            tokio::spawn(async move { b.wait(3, Duration::from_secs(60), async { false }).await });
         // With paused time, a sleep returns only once every other task is idle,
         // i.e. both waiters are registered.
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -120,7 +126,7 @@ mod tests {
         for _ in 0..100 {
             let w = w.clone();
             tasks.push(tokio::spawn(async move {
-                w.wait(1, Duration::from_secs(60), || false).await
+                w.wait(1, Duration::from_secs(60), async { false }).await
             }));
         }
         // With paused time, a sleep returns only once every other task is idle,

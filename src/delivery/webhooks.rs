@@ -320,7 +320,12 @@ pub async fn run(app: Arc<App>, http: reqwest::Client, mut shutdown: watch::Rece
             warn!(error = %e, "cannot make webhook deliveries durable; will retry");
         }
         let now = now_millis();
-        for d in app.store.take_due_deliveries(now, 256) {
+        let due = app
+            .store
+            .blocking(move |s| Ok(s.take_due_deliveries(now, 256)))
+            .await
+            .unwrap_or_default();
+        for d in due {
             let host = host_of(&d.url);
             let busy = in_flight
                 .get(&host)
@@ -376,11 +381,13 @@ async fn deliver(app: &Arc<App>, http: &reqwest::Client, mut d: Delivery) {
         .and_then(|t| t.webhook_key.clone());
     let Some(key) = key else {
         warn!(request = d.request, tenant = %d.tenant, "tenant has no webhook secret any more; dropping the delivery");
-        let _ = app.store.finish_delivery(
-            &d,
+        finish(
+            app,
+            d,
             WebhookStatus::Dead,
             Some("no webhook secret configured".into()),
-        );
+        )
+        .await;
         return;
     };
     let ts = crate::store::now_secs();
@@ -407,9 +414,7 @@ async fn deliver(app: &Arc<App>, http: &reqwest::Client, mut d: Delivery) {
             .with_label_values(&["delivered"])
             .inc();
         info!(request = d.request, msg_id = %d.msg_id, attempts = d.attempts, took_ms = started.elapsed().as_millis() as u64, "webhook delivered");
-        let _ = app
-            .store
-            .finish_delivery(&d, WebhookStatus::Delivered, None);
+        finish(app, d, WebhookStatus::Delivered, None).await;
         return;
     };
     let s = &app.config.webhooks;
@@ -420,9 +425,7 @@ async fn deliver(app: &Arc<App>, http: &reqwest::Client, mut d: Delivery) {
             .with_label_values(&["dead"])
             .inc();
         warn!(request = d.request, msg_id = %d.msg_id, attempts = d.attempts, error = %error, "webhook dead: retries exhausted");
-        let _ = app
-            .store
-            .finish_delivery(&d, WebhookStatus::Dead, Some(error));
+        finish(app, d, WebhookStatus::Dead, Some(error)).await;
         return;
     }
     app.metrics
@@ -437,15 +440,29 @@ async fn deliver(app: &Arc<App>, http: &reqwest::Client, mut d: Delivery) {
     );
     warn!(request = d.request, msg_id = %d.msg_id, attempts = d.attempts, error = %error, retry_in_ms = wait.as_millis() as u64, "webhook failed; will retry");
     d.due_ms = now_millis() + wait.as_millis() as u64;
-    if let Err(e) = app.store.retry_delivery(
-        &d,
-        WebhookState {
-            status: WebhookStatus::Pending,
-            attempts: d.attempts,
-            last_error: Some(error),
-        },
-    ) {
+    let state = WebhookState {
+        status: WebhookStatus::Pending,
+        attempts: d.attempts,
+        last_error: Some(error),
+    };
+    if let Err(e) = app
+        .store
+        .blocking(move |s| s.retry_delivery(&d, state))
+        .await
+    {
         warn!(error = %e, "cannot record the webhook retry");
+    }
+}
+
+/// Records a delivery's end: delivered, or dead.
+async fn finish(app: &App, d: Delivery, status: WebhookStatus, last_error: Option<String>) {
+    let request = d.request;
+    if let Err(e) = app
+        .store
+        .blocking(move |s| s.finish_delivery(&d, status, last_error))
+        .await
+    {
+        warn!(request, error = %e, "cannot record the end of a webhook delivery");
     }
 }
 

@@ -1,6 +1,7 @@
 //! Deferred calls in: decide whether a call is deferred, validate its body,
 //! assign its id, store it durably. Pure functions apart from [`accept`].
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -337,7 +338,7 @@ pub struct Accepted {
     pub created: bool,
 }
 
-pub async fn accept(store: &Store, req: NewRequest<'_>) -> Result<Accepted, IntakeError> {
+pub async fn accept(store: &Arc<Store>, req: NewRequest<'_>) -> Result<Accepted, IntakeError> {
     let custom_id = req.custom_id.unwrap_or_else(assign_custom_id);
     let rec = RequestRecord {
         id: 0,
@@ -359,11 +360,16 @@ pub async fn accept(store: &Store, req: NewRequest<'_>) -> Result<Accepted, Inta
         attempts: 0,
         webhook: None,
     };
-    match store.insert_request(rec, &req.body.line_body)? {
+    let body = req.body.line_body;
+    match store
+        .blocking(move |s| s.insert_request(rec, &body))
+        .await?
+    {
         Intake::Created(rec) => {
             if let Err(e) = store.commit().await {
                 tracing::error!(error = %e, "durable flush failed; refusing the request");
-                let _ = store.forget_request(&rec);
+                let forget = rec.clone();
+                let _ = store.blocking(move |s| s.forget_request(&forget)).await;
                 return Err(IntakeError::Unavailable(e.to_string()));
             }
             Ok(Accepted { rec, created: true })

@@ -505,7 +505,7 @@ async fn deferred(
     if wait.is_zero() {
         // The ticket, also for an idempotent retry of a finished request
         // (its status object then carries the result).
-        let result = stored_result(app, &rec);
+        let result = stored_result(app, &rec).await;
         return respond::value(
             session,
             202,
@@ -525,11 +525,9 @@ async fn hold(app: &Arc<App>, rec: &RequestRecord, wait: Duration) -> RequestRec
         return rec.clone();
     }
     app.metrics.waiters.inc();
-    let is_done = || {
-        app.store
-            .get(rec.id)
-            .ok()
-            .flatten()
+    let is_done = async {
+        current(app, rec.id)
+            .await
             .is_some_and(|r| r.status.is_terminal())
     };
     tokio::select! {
@@ -537,20 +535,26 @@ async fn hold(app: &Arc<App>, rec: &RequestRecord, wait: Duration) -> RequestRec
         _ = app.release_waiters.notified() => {}
     }
     app.metrics.waiters.dec();
-    app.store
-        .get(rec.id)
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| rec.clone())
+    current(app, rec.id).await.unwrap_or_else(|| rec.clone())
+}
+
+/// The request as stored now (`None` if it cannot be read).
+async fn current(app: &App, id: u64) -> Option<RequestRecord> {
+    app.store.blocking(move |s| s.get(id)).await.ok().flatten()
 }
 
 /// The upstream's stored answer; only `completed` requests have one, so
 /// the common case (a fresh ticket) costs no read.
-fn stored_result(app: &App, rec: &RequestRecord) -> Option<crate::store::StoredResult> {
+async fn stored_result(app: &App, rec: &RequestRecord) -> Option<crate::store::StoredResult> {
     if rec.status != RequestStatus::Completed {
         return None;
     }
-    app.store.result(rec.id).ok().flatten()
+    let id = rec.id;
+    app.store
+        .blocking(move |s| s.result(id))
+        .await
+        .ok()
+        .flatten()
 }
 
 fn ticket_headers(rec: &RequestRecord) -> [(&'static str, String); 2] {
@@ -582,7 +586,7 @@ async fn answer_result_or_ticket(
 /// verbatim; for requests the upstream never answered, an error in the
 /// envelope (failed → 502, expired → 504, cancelled → 409).
 async fn answer_result(app: &Arc<App>, session: &mut Session, rec: &RequestRecord) -> Result<()> {
-    if let Some(r) = stored_result(app, rec) {
+    if let Some(r) = stored_result(app, rec).await {
         return respond::json(session, r.status_code, &[], r.body).await;
     }
     let (status, code, message) = no_result_error(rec);
@@ -636,7 +640,7 @@ async fn stream_replay(
             .write_response_body(Some(Bytes::from_static(respond::SSE_KEEPALIVE)), false)
             .await?;
     }
-    let result = stored_result(app, &rec);
+    let result = stored_result(app, &rec).await;
     match (started, rec.status.is_terminal(), result) {
         (false, false, _) => answer_result_or_ticket(app, session, &rec).await,
         (false, true, Some(r)) if r.status_code != 200 => answer_result(app, session, &rec).await,
@@ -684,7 +688,8 @@ async fn lookup(
     want_result: bool,
     wait: Duration,
 ) -> Result<()> {
-    let rec = match app.store.find(&tenant.name, id) {
+    let (name, cid) = (tenant.name.clone(), id.to_owned());
+    let rec = match app.store.blocking(move |s| s.find(&name, &cid)).await {
         Ok(Some(r)) => r,
         Ok(None) => {
             return respond::error(
@@ -702,15 +707,17 @@ async fn lookup(
     if want_result {
         return answer_result_or_ticket(app, session, &rec).await;
     }
-    let result = stored_result(app, &rec);
+    let result = stored_result(app, &rec).await;
     respond::value(session, 200, &[], &status_object(&rec, result.as_ref())).await
 }
 
 async fn cancel(app: &Arc<App>, session: &mut Session, tenant: &Tenant, id: &str) -> Result<()> {
-    match app
+    let (name, cid) = (tenant.name.clone(), id.to_owned());
+    let cancelled = app
         .store
-        .cancel(&tenant.name, id, &crate::delivery::webhook_payload)
-    {
+        .blocking(move |s| s.cancel(&name, &cid, &crate::delivery::webhook_payload))
+        .await;
+    match cancelled {
         Ok(CancelOutcome::Cancelled(rec)) => {
             if let Err(e) = app.store.commit().await {
                 return intake_error(session, &IntakeError::from(e)).await;

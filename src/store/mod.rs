@@ -40,6 +40,8 @@ pub enum StoreError {
     Busy,
     #[error("it is locked by another process: is a second Ferry running on this data_dir?")]
     InUse,
+    #[error("a storage task did not finish: {0}")]
+    Task(String),
     #[error("cannot lock {path}: {source}")]
     Lock {
         path: String,
@@ -423,6 +425,21 @@ impl Store {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .is_empty()
+    }
+
+    /// Runs store work on tokio's blocking pool. sled's calls block — a
+    /// page-cache miss reads the disk, a claim or an ingested slice writes
+    /// thousands of keys — and a runtime thread that blocks stalls every
+    /// caller scheduled on it.
+    pub async fn blocking<T, F>(self: &std::sync::Arc<Self>, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
     /// Reports every durable flush's duration to `h`.
