@@ -7,6 +7,7 @@
 //! cargo bench --bench load -- --large           # 1,000,000 buffered requests, longer runs
 //! cargo bench --bench load -- --runs 3          # every figure 3 times, medians reported
 //! cargo bench --bench load -- --only intake,batch
+//! cargo bench --bench load -- --only intake-default,stall   # flushing on; passthrough beside a claim
 //! ```
 //!
 //! `cargo bench` builds `target/release/ferry` first (the bench profile is
@@ -96,7 +97,7 @@ impl Opts {
                 "-h" | "--help" => {
                     eprintln!(
                         "usage: cargo bench --bench load -- [--large] [--runs N] \
-                         [--only passthrough,intake,buffer,batch] [--duration SECS]\n\
+                         [--only passthrough,intake,intake-default,stall,buffer,batch] [--duration SECS]\n\
                          env: FERRY_BIN, FERRY_BENCH_NGINX, FERRY_BENCH_LARGE, FERRY_BENCH_RUNS, \
                          FERRY_BENCH_ONLY, FERRY_BENCH_DURATION, and sizes FERRY_BENCH_BUFFER, \
                          FERRY_BENCH_BATCH_LINES, FERRY_BENCH_HELD"
@@ -1217,6 +1218,154 @@ async fn intake(o: &Opts, rows: &mut Rows) {
     );
 }
 
+/// Figure 2 again on the shipped default config (`config/ferry.toml`:
+/// flushing every 1,000 requests or 5 s, the emulator in process), so the
+/// flushes, uploads and ingestion run beside the intake they compete with.
+async fn intake_default(o: &Opts, rows: &mut Rows) {
+    eprintln!("== durable intake on the shipped default config (flushing on)");
+    let dir = workdir();
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/ferry.toml"))
+            .expect("config/ferry.toml");
+    // Only what a second copy on this machine must change: ports, the data
+    // dir, JSON logs, and the bench tenant's key beside the demo one.
+    let data = dir.path().join("data");
+    let cfg = shipped
+        .replace("\"127.0.0.1:8080\"", "\"127.0.0.1:0\"")
+        .replace("\"127.0.0.1:9090\"", "\"127.0.0.1:0\"")
+        .replace(
+            "data_dir = \"data/ferry\"",
+            &format!("data_dir = \"{}\"\nlog_format = \"json\"", data.display()),
+        )
+        .replace(
+            "keys = [\"ferry-demo-key\"]",
+            &format!("keys = [\"ferry-demo-key\", \"{TENANT_KEY}\"]"),
+        );
+    assert!(
+        cfg.contains(TENANT_KEY) && cfg.contains("log_format"),
+        "{cfg}"
+    );
+    let fer = ferry(o, dir.path(), &cfg);
+    let addr = fer.addr("proxy");
+    let body = chat_body(MODEL, 300);
+    let make: MakeReq =
+        Arc::new(move |i| deferred_req(addr, body.clone(), &format!("d{i}"), "respond-async"));
+    let cpu0 = cpu_secs(fer.pid(), false);
+    let warmup = Duration::from_secs(2);
+    let l = closed_loop(
+        addr,
+        o.conns,
+        Stop::Time {
+            warmup,
+            duration: o.duration,
+        },
+        make,
+    )
+    .await;
+    let cpu = cpu_secs(fer.pid(), false) - cpu0;
+    l.check("intake with flushing", 202);
+    let scale = o.duration.as_secs_f64() / (o.duration + warmup).as_secs_f64();
+    let section = "2b intake, default config";
+    rows.target(
+        section,
+        format!("202 answers/s, {} conns, one model, flushing on", o.conns),
+        l.rate(202),
+        "req/s",
+        Target::AtLeast(10_000.0),
+    );
+    rows.add(section, "p50", l.pct(50.0), "ms");
+    rows.target(section, "p99", l.pct(99.0), "ms", Target::AtMost(25.0));
+    rows.add(
+        section,
+        "batches flushed during the run",
+        log_events(&fer.log, "queue flushed into a batch").len() as f64,
+        "",
+    );
+    rows.add(
+        section,
+        "Ferry CPU per request (embedded emulator included)",
+        cpu * scale / l.count(202) as f64 * 1e6,
+        "µs",
+    );
+}
+
+/// Passthrough latency beside a 50,000-line claim: the same open-loop
+/// passthrough run once on a quiet Ferry and once while the last deferred
+/// call tips a full queue into a batch (claim, then the upload streaming
+/// every body out of the store). Store work runs off the runtime threads,
+/// so the second p99 should stay within 1 ms of the first.
+async fn stall(o: &Opts, rows: &mut Rows) {
+    let n = o.batch_lines;
+    eprintln!("== passthrough p99 beside a {n}-line claim");
+    let dir = workdir();
+    let (_emu, fer) = stack(
+        o,
+        dir.path(),
+        &["--validating-seconds", "3600"],
+        "",
+        &format!("max_requests = {n}\nmax_wait_secs = 1e9\ncalls_per_second = 1000"),
+    );
+    let addr = fer.addr("proxy");
+    let body = chat_body(MODEL, 300);
+    let deferred: MakeReq =
+        Arc::new(move |i| deferred_req(addr, body.clone(), &format!("s{i}"), "respond-async"));
+    let fill = closed_loop(addr, o.conns, Stop::Count(n - 1), deferred.clone()).await;
+    fill.check("fill", 202);
+    let auth = format!("Bearer {TENANT_KEY}");
+    let pbody = chat_body(MODEL, 200);
+    let pass: MakeReq = Arc::new(move |_| {
+        request(
+            "POST",
+            addr,
+            "/v1/chat/completions",
+            &[("authorization", &auth)],
+            pbody.clone(),
+        )
+    });
+    let rate = 500.0;
+    let (warmup, duration) = (Duration::from_secs(1), Duration::from_secs(4));
+    let quiet = open_loop(addr, 16, rate, warmup, duration, pass.clone()).await;
+    quiet.check("passthrough, quiet", 200);
+    // The last line crosses max_requests 1.5 s into the measured part.
+    let tip = tokio::spawn(async move {
+        tokio::time::sleep(warmup + Duration::from_millis(1500)).await;
+        let (s, _) = send(&mut None, addr, deferred(n - 1))
+            .await
+            .expect("last line");
+        assert_eq!(s, 202);
+    });
+    let busy = open_loop(addr, 16, rate, warmup, duration, pass).await;
+    busy.check("passthrough beside the claim", 200);
+    tip.await.expect("tip");
+    let claimed = log_events(&fer.log, "queue flushed into a batch");
+    let section = "9 store off the runtime";
+    rows.add(
+        section,
+        format!("passthrough p99 at {rate} req/s, quiet"),
+        quiet.pct(99.0),
+        "ms",
+    );
+    rows.add(
+        section,
+        format!("passthrough p99 at {rate} req/s, {n}-line claim + upload running"),
+        busy.pct(99.0),
+        "ms",
+    );
+    rows.target(
+        section,
+        "difference (claim − quiet)",
+        busy.pct(99.0) - quiet.pct(99.0),
+        "ms",
+        Target::AtMost(1.0),
+    );
+    rows.add(
+        section,
+        "batches claimed during the busy run (must be 1)",
+        claimed.len() as f64,
+        "",
+    );
+}
+
 /// A section's directory (config, data, logs) under the target directory,
 /// on a real disk so that fsyncs are real; `FERRY_BENCH_KEEP=1` keeps it.
 fn workdir() -> tempfile::TempDir {
@@ -1710,6 +1859,12 @@ async fn main() {
         }
         if o.wants("intake") {
             intake(&o, &mut rows).await;
+        }
+        if o.wants("intake-default") {
+            intake_default(&o, &mut rows).await;
+        }
+        if o.wants("stall") {
+            stall(&o, &mut rows).await;
         }
         if o.wants("buffer") {
             buffer(&o, &mut rows).await;

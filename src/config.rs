@@ -894,6 +894,28 @@ mod tests {
     }
 
     #[test]
+    fn a_models_list_is_checked_and_names_what_is_served() {
+        let with = |models: &str| {
+            MIN.replace(
+                "emulator = true",
+                &format!("emulator = true\nmodels = {models}"),
+            )
+        };
+        let c = Config::parse_with_env(&with(r#"["gpt-4o-mini"]"#), &no_env).unwrap();
+        let u = &c.upstreams[0];
+        assert!(u.serves_model("gpt-4o-mini"));
+        assert!(!u.serves_model("gpt-4o"));
+        assert!(c.known_models().contains(&"gpt-4o-mini".to_owned()));
+        assert!(Config::parse_with_env(MIN, &no_env).unwrap().upstreams[0].serves_model("any"));
+        for bad in ["[]", r#"[""]"#, r#"["a\u0000b"]"#] {
+            let err = Config::parse_with_env(&with(bad), &no_env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("upstreams[0].models"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn limits_above_the_provider_are_refused() {
         let text = MIN.replace("emulator = true", "emulator = true\nmax_requests = 60000");
         let err = Config::parse_with_env(&text, &no_env)
