@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::policy::{FlushPolicy, FlushReason};
-use super::{create, flush_queue, upload};
+use super::{create, flush_queue, poll_and_ingest, upload};
 use crate::config::Config;
 use crate::store::{
     BatchRecord, BatchState, Intake, QueueKey, RequestRecord, RequestStatus, Store,
@@ -320,4 +320,102 @@ async fn a_created_batch_is_found_behind_more_than_a_thousand_newer_ones() {
         "a second batch was created: {:?}",
         newest.data[0]
     );
+}
+
+#[tokio::test]
+async fn a_run_of_404s_is_stored_and_counts_from_its_first_after_a_restart() {
+    let h = harness().await;
+    let app = h.app.clone();
+    let mut batch = claim(&app).await;
+    // A batch this upstream does not know (as after a changed key).
+    app.store
+        .mark_submitted(&mut batch, "file-gone", "batch_gone")
+        .unwrap();
+    app.store.commit().await.unwrap();
+    let poller = {
+        let (app, mut batch, mut shutdown) = (app.clone(), batch.clone(), h.shutdown.clone());
+        tokio::spawn(async move {
+            let up = &app.upstreams[0];
+            let _ = poll_and_ingest(
+                &app,
+                up,
+                &mut batch,
+                "file-gone",
+                "batch_gone",
+                true,
+                &mut shutdown,
+            )
+            .await;
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let stored = loop {
+        let b = app.store.get_batch(batch.id).unwrap().unwrap();
+        if b.missing_since.is_some() {
+            break b;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first 404 was not stored"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    poller.abort();
+    assert!(
+        matches!(stored.state, BatchState::Submitted { .. }),
+        "lost before lost_after_secs (6 h here): {stored:?}"
+    );
+    assert_eq!(
+        app.metrics
+            .batches
+            .with_label_values(&["emu", "lost"])
+            .get(),
+        0
+    );
+
+    // A restart reads the record back: the run began 6 h ago, so the next
+    // 404 loses the batch at once.
+    let mut batch = stored;
+    let lost_after = app.upstreams[0].settings.lost_after.as_millis() as u64;
+    batch.missing_since = batch.missing_since.map(|t| t - lost_after);
+    app.store.put_batch(&batch).unwrap();
+    let mut shutdown = h.shutdown.clone();
+    let up = &app.upstreams[0];
+    let step = poll_and_ingest(
+        &app,
+        up,
+        &mut batch,
+        "file-gone",
+        "batch_gone",
+        true,
+        &mut shutdown,
+    );
+    tokio::time::timeout(Duration::from_secs(20), step)
+        .await
+        .expect("the batch was not lost")
+        .unwrap();
+    assert!(
+        matches!(&batch.state, BatchState::Done { upstream_status, .. } if upstream_status == "lost"),
+        "{batch:?}"
+    );
+    assert_eq!(
+        app.store.get_batch(batch.id).unwrap().as_ref(),
+        Some(&batch)
+    );
+    assert_eq!(
+        app.metrics
+            .batches
+            .with_label_values(&["emu", "lost"])
+            .get(),
+        1
+    );
+    // Both members are queued again, one attempt spent.
+    assert_eq!(
+        app.store.queue_stats_for(&queue()).map(|s| s.count),
+        Some(2)
+    );
+    for id in app.store.members(batch.id) {
+        let rec = app.store.get(id.unwrap()).unwrap().unwrap();
+        assert_eq!((rec.status, rec.attempts), (RequestStatus::Queued, 1));
+    }
 }
