@@ -85,7 +85,6 @@ async fn a_second_instance_leaves_the_first_ones_batch_and_files_alone() {
     let a_batch = listed["data"][0].clone();
     let a_file = a_batch["input_file_id"].as_str().unwrap().to_owned();
     let a_instance = a_batch["metadata"]["ferry_instance"].clone();
-    assert!(a_instance.is_string(), "{a_batch}");
 
     // B: its own data_dir on the same upstream and key. It starts as A's
     // batch validates: its start-up sweep must not take A's input file for
@@ -133,6 +132,7 @@ async fn a_second_instance_leaves_the_first_ones_batch_and_files_alone() {
         b_batch["input_file_id"], a_batch["input_file_id"],
         "B's resumed upload adopted A's input file"
     );
+    assert!(a_instance.is_string(), "{a_batch}");
     assert_ne!(b_batch["metadata"]["ferry_instance"], a_instance);
     assert_eq!(
         b_batch["metadata"]["ferry_batch_id"], a_batch["metadata"]["ferry_batch_id"],
