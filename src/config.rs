@@ -163,6 +163,7 @@ struct RawUpstream {
     expired_policy: Option<ExpiredPolicy>,
     token_limit_backoff_secs: Option<f64>,
     models: Option<Vec<String>>,
+    lost_after_secs: Option<f64>,
 }
 
 /// What becomes of requests a batch did not finish before its window ended.
@@ -296,6 +297,10 @@ pub struct UpstreamSettings {
     /// Each model is its own queue and metric series, so a gateway open to
     /// untrusted tenants should list them.
     pub models: Option<Vec<String>>,
+    /// How long a submitted batch may be answered `404` (every poll, without
+    /// a success between) before it is given up as lost and its requests are
+    /// sent again. At least [`LOST_AFTER_MIN_POLLS`] poll intervals.
+    pub lost_after: Duration,
 }
 
 impl UpstreamSettings {
@@ -306,6 +311,10 @@ impl UpstreamSettings {
             .is_none_or(|m| m.iter().any(|x| x == model))
     }
 }
+
+/// `lost_after_secs` must span at least this many poll intervals, so one
+/// upstream hiccup answering `404` for a few polls cannot lose a batch.
+pub const LOST_AFTER_MIN_POLLS: u32 = 10;
 
 #[derive(Debug, Clone)]
 pub enum RouteMatch {
@@ -616,6 +625,24 @@ impl RawConfig {
                     ));
                 }
             }
+            let poll_interval = secs(
+                &key("poll_interval_secs"),
+                u.poll_interval_secs.unwrap_or(30.0),
+            )?
+            .max(Duration::from_millis(50));
+            let lost_after = secs(
+                &key("lost_after_secs"),
+                u.lost_after_secs.unwrap_or(6.0 * 3600.0),
+            )?;
+            if lost_after < poll_interval * LOST_AFTER_MIN_POLLS {
+                return Err(invalid(
+                    key("lost_after_secs"),
+                    format!(
+                        "must be at least {LOST_AFTER_MIN_POLLS} poll intervals ({} s)",
+                        (poll_interval * LOST_AFTER_MIN_POLLS).as_secs_f64()
+                    ),
+                ));
+            }
             upstreams.push(UpstreamSettings {
                 batch_discount,
                 max_attempts,
@@ -633,11 +660,8 @@ impl RawConfig {
                 max_requests,
                 max_bytes,
                 max_wait: secs(&key("max_wait_secs"), u.max_wait_secs.unwrap_or(60.0))?,
-                poll_interval: secs(
-                    &key("poll_interval_secs"),
-                    u.poll_interval_secs.unwrap_or(30.0),
-                )?
-                .max(Duration::from_millis(50)),
+                poll_interval,
+                lost_after,
                 calls_per_second,
                 batches_per_hour,
             });
@@ -955,6 +979,23 @@ mod tests {
             c.upstreams[0].target,
             UpstreamTarget::Url("https://api.openai.com/v1".into())
         );
+    }
+
+    #[test]
+    fn lost_after_must_span_ten_polls() {
+        let c = Config::parse_with_env(MIN, &no_env).unwrap();
+        assert_eq!(c.upstreams[0].lost_after, Duration::from_secs(6 * 3600));
+        let text = MIN.replace(
+            "emulator = true",
+            "emulator = true\npoll_interval_secs = 30\nlost_after_secs = 299",
+        );
+        let err = Config::parse_with_env(&text, &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("upstreams[0].lost_after_secs"), "{err}");
+        let text = text.replace("= 299", "= 300");
+        let c = Config::parse_with_env(&text, &no_env).unwrap();
+        assert_eq!(c.upstreams[0].lost_after, Duration::from_secs(300));
     }
 
     #[test]

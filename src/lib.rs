@@ -173,6 +173,9 @@ impl Upstream {
 pub struct App {
     pub config: Config,
     pub store: Arc<Store>,
+    /// This data_dir's id (`store::instance`), in every upstream file name
+    /// and batch's metadata: what Ferry may sweep, adopt and delete upstream.
+    pub instance_id: String,
     pub waiters: Waiters,
     pub metrics: Arc<Metrics>,
     pub upstreams: Vec<Upstream>,

@@ -185,7 +185,7 @@ impl Metrics {
             ),
             batches: counter_vec(
                 "ferry_batches_total",
-                "Batch lifecycle events (created, completed, failed, expired, cancelled).",
+                "Batch lifecycle events (created, completed, failed, expired, cancelled, refused, lost).",
                 &["upstream", "event"],
             ),
             live_batches,

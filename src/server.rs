@@ -60,6 +60,13 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             source,
         })?,
     );
+    // Before any upload: every file and batch is named with it.
+    let instance_id =
+        crate::store::instance::load_or_create(&data_dir).map_err(|source| ServerError::Store {
+            path: data_dir.display().to_string(),
+            source,
+        })?;
+    info!(instance = %instance_id, "store opened");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("ferry-worker")
@@ -189,6 +196,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         ),
         limits,
         store,
+        instance_id,
         waiters: Waiters::new(),
         metrics,
         upstreams,

@@ -1,10 +1,15 @@
 //! From queue to batch and back: the flush loop of each upstream, and one
 //! driver task per batch that walks it through its recorded states
-//! (claimed → uploaded → submitted → done). Each state is stored before the
-//! upstream call that follows it, so a restart resumes where it stopped.
+//! (claimed → uploaded → submitted → done). Each state is stored, durably,
+//! before the upstream call that follows it and before the driver acts on
+//! it, so a restart (or a failed write) resumes from the last state on disk.
 
+pub mod adopt;
+#[cfg(test)]
+mod driver_tests;
 pub mod ingest;
 pub mod jsonl;
+pub mod lost;
 pub mod policy;
 
 use std::collections::HashMap;
@@ -17,7 +22,7 @@ use tracing::{error, info, warn};
 
 use crate::App;
 use crate::store::{BatchRecord, BatchState, Outcome, QueueKey, RequestError, now_millis};
-use crate::upstream::{BatchObject, UpstreamError, with_retry};
+use crate::upstream::{BatchObject, UpstreamError, backoff, with_retry};
 use policy::{FlushPolicy, FlushReason, flush_reason, time_to_deadline};
 
 /// Upstream calls are retried this many times before a step is tried anew
@@ -93,8 +98,10 @@ async fn flush_queue(
                 return;
             }
         };
-        if let Err(e) = app.store.commit().await {
-            error!(error = %e, "cannot make a claimed batch durable; will retry");
+        // No upstream call for a claim that is not on disk: after a crash
+        // its members would be queued again and sent twice.
+        if !commit_claim(app, batch.id, shutdown).await {
+            return;
         }
         info!(
             ferry_batch = batch.id, upstream = %batch.upstream, model = %batch.model,
@@ -118,6 +125,51 @@ async fn flush_queue(
             None => return,
         }
     }
+}
+
+/// Retries the commit of a fresh claim, with backoff, until it is durable
+/// (true) or Ferry shuts down (false: the claim is left to recovery).
+async fn commit_claim(app: &App, batch: u64, shutdown: &watch::Receiver<bool>) -> bool {
+    let mut shutdown = shutdown.clone();
+    let mut failures = 0u32;
+    loop {
+        if *shutdown.borrow() {
+            return false;
+        }
+        let Err(e) = app.store.commit().await else {
+            return true;
+        };
+        let wait = backoff(
+            failures,
+            Duration::from_millis(100),
+            Duration::from_secs(30),
+            rand::random(),
+        );
+        failures += 1;
+        error!(ferry_batch = batch, error = %e, retry_in_ms = wait.as_millis() as u64, "cannot make a claimed batch durable; it waits until it is");
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return false,
+        }
+    }
+}
+
+/// Moves `batch` on by `change`: the changed record is stored and made
+/// durable first, and only then becomes the driver's record. A failed write
+/// leaves the driver on the last durable state, which it retries from
+/// (looking upstream before acting), so no upstream call ever follows a
+/// state that is not on disk.
+async fn advance(
+    app: &App,
+    batch: &mut BatchRecord,
+    change: impl FnOnce(&mut BatchRecord),
+) -> Result<(), crate::store::StoreError> {
+    let mut next = batch.clone();
+    change(&mut next);
+    app.store.put_batch(&next)?;
+    app.store.commit().await?;
+    *batch = next;
+    Ok(())
 }
 
 pub fn spawn_driver(
@@ -209,7 +261,10 @@ async fn upload(
     resumed: bool,
     shutdown: &watch::Receiver<bool>,
 ) -> Result<(), StepError> {
-    let filename = format!("ferry-batch-{}.jsonl", batch.id);
+    // Named with this instance's id: a resumed upload adopts or deletes only
+    // files this data_dir made (another Ferry on the same key has its own
+    // batch numbers, the same as ours).
+    let filename = crate::store::instance::upload_filename(&app.instance_id, batch.id);
     if resumed {
         // An upload cut short by a crash may have completed upstream: use
         // that file rather than leave it orphaned.
@@ -227,9 +282,7 @@ async fn upload(
         }
         if let Some(file_id) = adopted {
             info!(ferry_batch = batch.id, file_id = %file_id, "found the file uploaded before the restart");
-            batch.state = BatchState::Uploaded { file_id };
-            app.store.put_batch(batch)?;
-            app.store.commit().await?;
+            advance(app, batch, |b| b.state = BatchState::Uploaded { file_id }).await?;
             return Ok(());
         }
     }
@@ -257,9 +310,7 @@ async fn upload(
         Err(e) => return Err(e.into()),
     };
     info!(ferry_batch = batch.id, upstream = %batch.upstream, model = %batch.model, file_id = %file_id, bytes = batch.bytes, took_ms = started.elapsed().as_millis() as u64, "input file uploaded");
-    batch.state = BatchState::Uploaded { file_id };
-    app.store.put_batch(batch)?;
-    app.store.commit().await?;
+    advance(app, batch, |b| b.state = BatchState::Uploaded { file_id }).await?;
     Ok(())
 }
 
@@ -283,8 +334,11 @@ pub async fn delete_upstream_files(app: &Arc<App>, up: &crate::Upstream, batch: 
     }
 }
 
-/// Deletes input files Ferry uploaded that no live batch uses (uploads cut
-/// short by a crash, or files whose delete failed). Run once at start.
+/// Deletes input files this instance uploaded that no live batch uses
+/// (uploads cut short by a crash, or files whose delete failed). Run once at
+/// start. Files of other instances, and the unnamed `ferry-batch-<n>.jsonl`
+/// of builds before instance ids, are left alone: they may be another live
+/// Ferry's.
 pub async fn sweep_orphan_files(app: Arc<App>, upstream: usize) {
     let up = &app.upstreams[upstream];
     // Deletes a finished batch still owes (a crash or an upstream error cut
@@ -308,9 +362,7 @@ pub async fn sweep_orphan_files(app: Arc<App>, upstream: usize) {
         let Some(id) = f
             .filename
             .as_deref()
-            .and_then(|n| n.strip_prefix("ferry-batch-"))
-            .and_then(|n| n.strip_suffix(".jsonl"))
-            .and_then(|n| n.parse::<u64>().ok())
+            .and_then(|n| crate::store::instance::own_upload(n, &app.instance_id))
         else {
             continue;
         };
@@ -323,34 +375,7 @@ pub async fn sweep_orphan_files(app: Arc<App>, upstream: usize) {
             Err(e) => warn!(file_id = %f.id, error = %e, "cannot delete an orphaned upload"),
         }
     }
-    if deleted > 0 {
-        info!(upstream = %up.settings.name, deleted, "deleted orphaned upstream input files");
-    }
-}
-
-/// Finds the upstream batch Ferry created for `batch` before a restart, by
-/// the `ferry_batch_id` it put in the metadata.
-async fn find_created(
-    up: &crate::Upstream,
-    batch: &BatchRecord,
-) -> Result<Option<BatchObject>, UpstreamError> {
-    let want = batch.id.to_string();
-    let mut after: Option<String> = None;
-    for _ in 0..10 {
-        let page = up.client.list_batches(after.as_deref(), 100).await?;
-        if let Some(b) = page
-            .data
-            .iter()
-            .find(|b| b.metadata_str("ferry_batch_id") == Some(want.as_str()))
-        {
-            return Ok(Some(b.clone()));
-        }
-        match (page.has_more, page.data.last()) {
-            (true, Some(last)) => after = Some(last.id.clone()),
-            _ => break,
-        }
-    }
-    Ok(None)
+    info!(upstream = %up.settings.name, deleted, "orphaned upstream input files swept");
 }
 
 async fn create(
@@ -363,7 +388,7 @@ async fn create(
     // After a restart or a failed try the batch may exist already: creating
     // it again would pay for every request twice.
     let existing = if resumed {
-        find_created(up, batch).await?
+        adopt::find_created(up, &app.instance_id, batch, file_id).await?
     } else {
         None
     };
@@ -375,6 +400,7 @@ async fn create(
         None => {
             let metadata = serde_json::json!({
                 "ferry_batch_id": batch.id.to_string(),
+                "ferry_instance": app.instance_id,
                 "ferry_model": batch.model.chars().take(500).collect::<String>(),
                 "created_by": "ferry",
             });
@@ -394,8 +420,10 @@ async fn create(
             }
         }
     };
-    app.store.mark_submitted(batch, file_id, &created.id)?;
+    let mut next = batch.clone();
+    app.store.mark_submitted(&mut next, file_id, &created.id)?;
     app.store.commit().await?;
+    *batch = next;
     app.metrics
         .batches
         .with_label_values(&[&batch.upstream, "created"])
@@ -434,7 +462,7 @@ async fn poll_and_ingest(
             }
         }
         first = false;
-        let obj = with_retry(
+        let polled = with_retry(
             &up.settings.name,
             "get_batch",
             STEP_ATTEMPTS,
@@ -442,7 +470,30 @@ async fn poll_and_ingest(
             shutdown.clone(),
             || up.client.get_batch(batch_id),
         )
-        .await?;
+        .await;
+        let obj = match polled {
+            Ok(obj) => obj,
+            Err(UpstreamError::Status { status: 404, .. }) => {
+                let now = now_millis();
+                let Some(since) = batch.missing_since else {
+                    warn!(ferry_batch = batch.id, upstream = %batch.upstream, model = %batch.model, batch_id, lost_after_secs = up.settings.lost_after.as_secs_f64(), "the upstream answers 404 for this batch; it is lost if that lasts");
+                    advance(app, batch, |b| b.missing_since = Some(now)).await?;
+                    continue;
+                };
+                if lost::is_lost(since, now, up.settings.lost_after) {
+                    return lost::lose_batch(app, up, batch, file_id, batch_id).await;
+                }
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if batch.missing_since.is_some() {
+            info!(
+                ferry_batch = batch.id,
+                batch_id, "the upstream knows this batch again"
+            );
+            advance(app, batch, |b| b.missing_since = None).await?;
+        }
         if obj.is_terminal() {
             break obj;
         }
@@ -464,14 +515,15 @@ async fn poll_and_ingest(
         .flatten()
         .map(str::to_owned)
         .collect();
-    batch.state = BatchState::Done {
-        file_id: Some(file_id.to_owned()),
-        batch_id: Some(batch_id.to_owned()),
-        upstream_status: obj.status.clone(),
-        cleanup,
-    };
-    app.store.put_batch(batch)?;
-    app.store.commit().await?;
+    advance(app, batch, |b| {
+        b.state = BatchState::Done {
+            file_id: Some(file_id.to_owned()),
+            batch_id: Some(batch_id.to_owned()),
+            upstream_status: obj.status.clone(),
+            cleanup,
+        };
+    })
+    .await?;
     delete_upstream_files(app, up, batch).await;
     info!(
         ferry_batch = batch.id,
@@ -775,14 +827,15 @@ async fn fail_all(
             &crate::delivery::webhook_payload,
         )?);
     }
-    batch.state = BatchState::Done {
-        file_id: None,
-        batch_id: None,
-        upstream_status: "refused".into(),
-        cleanup: Vec::new(),
-    };
-    app.store.put_batch(batch)?;
-    app.store.commit().await?;
+    advance(app, batch, |b| {
+        b.state = BatchState::Done {
+            file_id: None,
+            batch_id: None,
+            upstream_status: "refused".into(),
+            cleanup: Vec::new(),
+        };
+    })
+    .await?;
     for rec in &done {
         app.on_terminal(rec);
     }
@@ -807,6 +860,7 @@ mod tests {
             errors: Some(BatchErrors { data: errors }),
             metadata: None,
             input_file_id: None,
+            created_at: None,
         }
     }
 

@@ -18,6 +18,7 @@
 //! Writes go to sled's page cache; [`Store::commit`] makes them durable with
 //! one fsync for every caller waiting at that moment (group commit).
 
+pub mod instance;
 pub mod records;
 
 use std::collections::{BTreeSet, HashMap};
@@ -279,6 +280,10 @@ pub struct Store {
     /// proxy refuses tenants access to these: they hold every tenant's
     /// prompts and answers, and deleting one would lose results.
     upstream_objects: Mutex<HashMap<u64, Vec<String>>>,
+    /// Tests only: while set, [`Store::commit`] fails (a full disk, an I/O
+    /// error), counting each failure.
+    #[cfg(test)]
+    pub(crate) fail_commits: (std::sync::atomic::AtomicBool, AtomicU64),
 }
 
 impl Store {
@@ -318,6 +323,8 @@ impl Store {
             flush_histogram: std::sync::OnceLock::new(),
             in_flight: dashmap::DashSet::new(),
             upstream_objects: Mutex::new(HashMap::new()),
+            #[cfg(test)]
+            fail_commits: Default::default(),
         };
         store.check_format()?;
         for item in store.batches.iter() {
@@ -375,6 +382,11 @@ impl Store {
     /// share one fsync: whoever holds the lock flushes for all writes made so
     /// far, and those whose writes it covered return without flushing again.
     pub async fn commit(&self) -> Result<(), StoreError> {
+        #[cfg(test)]
+        if self.fail_commits.0.load(Ordering::SeqCst) {
+            self.fail_commits.1.fetch_add(1, Ordering::SeqCst);
+            return Err(StoreError::Flush("injected by a test".into()));
+        }
         let mine = self.written.fetch_add(1, Ordering::SeqCst) + 1;
         let _guard = self.flush_lock.lock().await;
         if self.flushed.load(Ordering::SeqCst) >= mine {
@@ -794,6 +806,7 @@ impl Store {
             request_count: ids.len() as u64,
             bytes,
             reason: reason.to_owned(),
+            missing_since: None,
         };
         self.put_batch(&batch)?;
         // One key per slice of 1,000 members (the ids packed in its value),
@@ -1363,6 +1376,7 @@ mod tests {
             request_count: 1,
             bytes: 10,
             reason: "size".into(),
+            missing_since: None,
         }
     }
 

@@ -305,6 +305,11 @@ pub struct BatchRecord {
     pub bytes: u64,
     /// Why it was flushed (size, bytes, time, manual, shutdown).
     pub reason: String,
+    /// Unix millis of the first of the `404`s in a row the upstream has
+    /// answered for this submitted batch; `None` once a poll succeeds.
+    /// Stored, so the bound on a lost batch survives restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing_since: Option<u64>,
 }
 
 impl BatchRecord {

@@ -69,6 +69,9 @@ pub struct BatchObject {
     pub metadata: Option<HashMap<String, serde_json::Value>>,
     #[serde(default)]
     pub input_file_id: Option<String>,
+    /// Unix seconds.
+    #[serde(default)]
+    pub created_at: Option<u64>,
 }
 
 impl BatchObject {

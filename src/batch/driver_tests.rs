@@ -1,0 +1,421 @@
+//! The batch driver's steps against the in-process emulator: durable
+//! before the next upstream call (with a store whose commits are made to
+//! fail), and adopting a created batch however many came after it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::policy::{FlushPolicy, FlushReason};
+use super::{create, flush_queue, poll_and_ingest, upload};
+use crate::config::Config;
+use crate::store::{
+    BatchRecord, BatchState, Intake, QueueKey, RequestRecord, RequestStatus, Store,
+};
+use crate::upstream::BatchClient;
+use crate::{App, PassthroughTarget, Upstream};
+
+const KEY: &str = "emulator-key";
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    app: Arc<App>,
+    shutdown: watch::Receiver<bool>,
+    _stop: watch::Sender<bool>,
+}
+
+/// An App with one upstream: the emulator, serving in this runtime, with
+/// batches that stay `validating` (nothing here needs them to finish).
+async fn harness() -> Harness {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let emu = crate::emulator::EmulatorConfig {
+        validating_seconds: 3600.0,
+        ..Default::default()
+    };
+    tokio::spawn(crate::emulator::serve(
+        listener,
+        emu,
+        std::future::pending(),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let base = format!("http://{addr}/v1");
+    let text = format!(
+        r#"
+        [server]
+        data_dir = "{}"
+        [[upstreams]]
+        name = "emu"
+        kind = "openai"
+        base_url = "{base}"
+        api_key_env = "KEY"
+        poll_interval_secs = 0.05
+        [[tenants]]
+        name = "t"
+        keys = ["k"]
+        "#,
+        dir.path().join("data").display()
+    );
+    let config = Config::parse_with_env(&text, &|_| Some(KEY.into())).unwrap();
+    let store = Arc::new(Store::open(&config.server.data_dir, 64 << 20).unwrap());
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let settings = config.upstreams[0].clone();
+    let client = BatchClient::new(
+        &settings.name,
+        &base,
+        KEY,
+        1000,
+        2000,
+        None,
+        metrics.clone(),
+    )
+    .unwrap();
+    let up = Upstream::new(
+        settings,
+        client,
+        PassthroughTarget::parse(&base).unwrap(),
+        KEY,
+    );
+    let (stop, shutdown) = watch::channel(false);
+    let app = Arc::new(App {
+        config,
+        store,
+        instance_id: "00112233aabbccdd".into(),
+        waiters: crate::delivery::waiters::Waiters::new(),
+        metrics,
+        upstreams: vec![up],
+        limits: crate::limits::TenantLimits::new([]),
+        ready: AtomicBool::new(true),
+        shutting_down: AtomicBool::new(false),
+        release_waiters: tokio::sync::Notify::new(),
+    });
+    Harness {
+        _dir: dir,
+        app,
+        shutdown,
+        _stop: stop,
+    }
+}
+
+fn queue() -> QueueKey {
+    QueueKey {
+        upstream: "emu".into(),
+        model: "gpt-4o-mini".into(),
+    }
+}
+
+/// Queues `n` chat completions and commits them.
+async fn enqueue(app: &App, n: usize) {
+    for i in 0..n {
+        let body =
+            format!(r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"m{i}"}}]}}"#);
+        let rec = RequestRecord {
+            id: 0,
+            tenant: "t".into(),
+            custom_id: format!("c{i}"),
+            model: "gpt-4o-mini".into(),
+            upstream: "emu".into(),
+            body_sha256: format!("h{i}"),
+            body_len: body.len() as u64,
+            status: RequestStatus::Queued,
+            created_at: crate::store::now_secs(),
+            submitted_at: None,
+            completed_at: None,
+            batch: None,
+            batch_id: None,
+            error: None,
+            callback_url: None,
+            stream: false,
+            attempts: 0,
+            webhook: None,
+        };
+        let stored = app.store.insert_request(rec, body.as_bytes()).unwrap();
+        assert!(matches!(stored, Intake::Created(_)));
+    }
+    app.store.commit().await.unwrap();
+}
+
+async fn claim(app: &App) -> BatchRecord {
+    enqueue(app, 2).await;
+    let b = app
+        .store
+        .claim_batch(&queue(), 100, 1 << 20, "manual")
+        .unwrap()
+        .unwrap();
+    app.store.commit().await.unwrap();
+    b
+}
+
+fn fail_commits(app: &App, on: bool) {
+    app.store.fail_commits.0.store(on, Ordering::SeqCst);
+}
+
+fn failed_commits(app: &App) -> u64 {
+    app.store.fail_commits.1.load(Ordering::SeqCst)
+}
+
+#[tokio::test]
+async fn a_step_whose_record_is_not_durable_leaves_the_driver_on_the_last_durable_state() {
+    let h = harness().await;
+    let app = &h.app;
+    let up = &app.upstreams[0];
+    let mut batch = claim(app).await;
+
+    // The upload succeeds upstream but `uploaded` cannot be made durable.
+    fail_commits(app, true);
+    let step = upload(app, up, &mut batch, false, &h.shutdown).await;
+    assert!(step.is_err(), "the step must report the failed commit");
+    assert_eq!(
+        batch.state,
+        BatchState::Claimed,
+        "the driver must not act on an `uploaded` that is not on disk"
+    );
+    // Retried from `claimed` (resumed: look first), the upload is adopted.
+    fail_commits(app, false);
+    upload(app, up, &mut batch, true, &h.shutdown)
+        .await
+        .unwrap();
+    let BatchState::Uploaded { file_id } = batch.state.clone() else {
+        panic!("{:?}", batch.state);
+    };
+    assert_eq!(up.client.list_batch_files().await.unwrap().len(), 1);
+
+    // The batch is created upstream but `submitted` cannot be made durable.
+    fail_commits(app, true);
+    let step = create(app, up, &mut batch, &file_id, false).await;
+    assert!(step.is_err());
+    assert_eq!(
+        batch.state,
+        BatchState::Uploaded {
+            file_id: file_id.clone()
+        },
+        "the driver must not act on a `submitted` that is not on disk"
+    );
+    fail_commits(app, false);
+    create(app, up, &mut batch, &file_id, true).await.unwrap();
+    assert!(matches!(batch.state, BatchState::Submitted { .. }));
+    let listed = up.client.list_batches(None, 100).await.unwrap();
+    assert_eq!(listed.data.len(), 1, "created once, then adopted");
+    assert_eq!(app.store.get_batch(batch.id).unwrap(), Some(batch));
+}
+
+#[tokio::test]
+async fn no_driver_starts_for_a_claim_that_is_not_durable() {
+    let h = harness().await;
+    let app = h.app.clone();
+    enqueue(&app, 2).await;
+    fail_commits(&app, true);
+    let policy = FlushPolicy {
+        max_requests: 100,
+        max_bytes: 1 << 20,
+        max_wait: Duration::from_secs(3600),
+    };
+    let flusher = {
+        let app = app.clone();
+        let shutdown = h.shutdown.clone();
+        tokio::spawn(async move {
+            flush_queue(&app, &queue(), &policy, FlushReason::Manual, &shutdown).await;
+        })
+    };
+    // The claim's commit fails again and again: no driver meanwhile.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while failed_commits(&app) < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "commits never retried"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        app.metrics.live_batches.get(),
+        0,
+        "a driver started for a claim that is not on disk"
+    );
+    fail_commits(&app, false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while app.metrics.live_batches.get() != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no driver once durable"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    flusher.await.unwrap();
+}
+
+/// Creates `n` batches on the emulator that are not Ferry's (no metadata,
+/// another input file), straight through its API.
+async fn foreign_batches(app: &App, n: usize) {
+    let up = &app.upstreams[0];
+    let line = r#"{"custom_id":"x","method":"POST","url":"/v1/chat/completions","body":{"model":"gpt-4o-mini","messages":[{"role":"user","content":"x"}]}}"#;
+    let body = format!("{line}\n");
+    let len = body.len() as u64;
+    let stream = futures::stream::once(async move { Ok(bytes::Bytes::from(body)) });
+    let file = up
+        .client
+        .upload_jsonl("someone-else.jsonl", len, stream)
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("{}/batches", base_url(up));
+    for _ in 0..n {
+        let r = http
+            .post(&url)
+            .bearer_auth(KEY)
+            .json(&serde_json::json!({
+                "input_file_id": file, "endpoint": "/v1/chat/completions",
+                "completion_window": "24h",
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    }
+}
+
+fn base_url(up: &Upstream) -> String {
+    match &up.settings.target {
+        crate::config::UpstreamTarget::Url(u) => u.clone(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_created_batch_is_found_behind_more_than_a_thousand_newer_ones() {
+    let h = harness().await;
+    let app = &h.app;
+    let up = &app.upstreams[0];
+    let mut batch = claim(app).await;
+    upload(app, up, &mut batch, false, &h.shutdown)
+        .await
+        .unwrap();
+    let uploaded = batch.clone();
+    let BatchState::Uploaded { file_id } = uploaded.state.clone() else {
+        panic!("{:?}", batch.state);
+    };
+    create(app, up, &mut batch, &file_id, false).await.unwrap();
+    let BatchState::Submitted { batch_id, .. } = batch.state.clone() else {
+        panic!("{:?}", batch.state);
+    };
+    // The account goes on making batches (1,050 more) while Ferry is down,
+    // and Ferry comes back with only `uploaded` on record (the crash fell
+    // between the create and its record).
+    foreign_batches(app, 1_050).await;
+    let mut batch = uploaded;
+    create(app, up, &mut batch, &file_id, true).await.unwrap();
+    assert_eq!(
+        batch.state,
+        BatchState::Submitted {
+            file_id,
+            batch_id: batch_id.clone()
+        },
+        "the batch created before must be adopted, not created again"
+    );
+    let newest = up.client.list_batches(None, 1).await.unwrap();
+    assert_ne!(newest.data[0].id, batch_id);
+    assert!(
+        newest.data[0].metadata_str("ferry_batch_id").is_none(),
+        "a second batch was created: {:?}",
+        newest.data[0]
+    );
+}
+
+#[tokio::test]
+async fn a_run_of_404s_is_stored_and_counts_from_its_first_after_a_restart() {
+    let h = harness().await;
+    let app = h.app.clone();
+    let mut batch = claim(&app).await;
+    // A batch this upstream does not know (as after a changed key).
+    app.store
+        .mark_submitted(&mut batch, "file-gone", "batch_gone")
+        .unwrap();
+    app.store.commit().await.unwrap();
+    let poller = {
+        let (app, mut batch, mut shutdown) = (app.clone(), batch.clone(), h.shutdown.clone());
+        tokio::spawn(async move {
+            let up = &app.upstreams[0];
+            let _ = poll_and_ingest(
+                &app,
+                up,
+                &mut batch,
+                "file-gone",
+                "batch_gone",
+                true,
+                &mut shutdown,
+            )
+            .await;
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let stored = loop {
+        let b = app.store.get_batch(batch.id).unwrap().unwrap();
+        if b.missing_since.is_some() {
+            break b;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first 404 was not stored"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    poller.abort();
+    assert!(
+        matches!(stored.state, BatchState::Submitted { .. }),
+        "lost before lost_after_secs (6 h here): {stored:?}"
+    );
+    assert_eq!(
+        app.metrics
+            .batches
+            .with_label_values(&["emu", "lost"])
+            .get(),
+        0
+    );
+
+    // A restart reads the record back: the run began 6 h ago, so the next
+    // 404 loses the batch at once.
+    let mut batch = stored;
+    let lost_after = app.upstreams[0].settings.lost_after.as_millis() as u64;
+    batch.missing_since = batch.missing_since.map(|t| t - lost_after);
+    app.store.put_batch(&batch).unwrap();
+    let mut shutdown = h.shutdown.clone();
+    let up = &app.upstreams[0];
+    let step = poll_and_ingest(
+        &app,
+        up,
+        &mut batch,
+        "file-gone",
+        "batch_gone",
+        true,
+        &mut shutdown,
+    );
+    tokio::time::timeout(Duration::from_secs(20), step)
+        .await
+        .expect("the batch was not lost")
+        .unwrap();
+    assert!(
+        matches!(&batch.state, BatchState::Done { upstream_status, .. } if upstream_status == "lost"),
+        "{batch:?}"
+    );
+    assert_eq!(
+        app.store.get_batch(batch.id).unwrap().as_ref(),
+        Some(&batch)
+    );
+    assert_eq!(
+        app.metrics
+            .batches
+            .with_label_values(&["emu", "lost"])
+            .get(),
+        1
+    );
+    // Both members are queued again, one attempt spent.
+    assert_eq!(
+        app.store.queue_stats_for(&queue()).map(|s| s.count),
+        Some(2)
+    );
+    for id in app.store.members(batch.id) {
+        let rec = app.store.get(id.unwrap()).unwrap().unwrap();
+        assert_eq!((rec.status, rec.attempts), (RequestStatus::Queued, 1));
+    }
+}
