@@ -87,6 +87,7 @@ async fn harness() -> Harness {
         metrics,
         upstreams: vec![up],
         limits: crate::limits::TenantLimits::new([]),
+        model_labels: crate::metrics::ModelLabels::new([], crate::metrics::MAX_MODEL_LABELS),
         ready: AtomicBool::new(true),
         shutting_down: AtomicBool::new(false),
         release_waiters: tokio::sync::Notify::new(),
