@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::policy::{FlushPolicy, FlushReason};
-use super::{create, flush_queue, poll_and_ingest, upload};
+use super::{OUTCOME_CHUNK, create, flush_queue, ingest_batch, poll_and_ingest, upload};
 use crate::config::Config;
 use crate::store::{
     BatchRecord, BatchState, Intake, QueueKey, RequestRecord, RequestStatus, Store,
@@ -419,4 +419,56 @@ async fn a_run_of_404s_is_stored_and_counts_from_its_first_after_a_restart() {
         let rec = app.store.get(id.unwrap()).unwrap().unwrap();
         assert_eq!((rec.status, rec.attempts), (RequestStatus::Queued, 1));
     }
+}
+
+#[tokio::test]
+async fn a_whole_batch_of_outcomes_is_written_in_slices() {
+    let h = harness().await;
+    let app = &h.app;
+    let up = &app.upstreams[0];
+    let n = OUTCOME_CHUNK + OUTCOME_CHUNK / 4;
+    enqueue(app, n).await;
+    let mut batch = app
+        .store
+        .claim_batch(&queue(), n, 1 << 30, "manual")
+        .unwrap()
+        .unwrap();
+    app.store
+        .mark_submitted(&mut batch, "file-x", "batch_x")
+        .unwrap();
+    let obj = |status: &str| -> crate::upstream::BatchObject {
+        serde_json::from_value(serde_json::json!({"id": "batch_x", "status": status})).unwrap()
+    };
+    // A batch that failed with no reason given: every member is retried.
+    let finished = ingest_batch(app, up, &batch, &obj("failed"), &h.shutdown)
+        .await
+        .unwrap();
+    assert_eq!(finished, 0);
+    assert_eq!(app.store.queued_total(), n as u64, "all re-queued");
+    let largest = || app.store.largest_outcome_write.load(Ordering::SeqCst);
+    assert!(
+        largest() <= OUTCOME_CHUNK,
+        "one write of {} outcomes",
+        largest()
+    );
+
+    // A completed batch with no result lines: every member is absent.
+    let mut batch = app
+        .store
+        .claim_batch(&queue(), n, 1 << 30, "manual")
+        .unwrap()
+        .unwrap();
+    app.store
+        .mark_submitted(&mut batch, "file-y", "batch_y")
+        .unwrap();
+    app.store.largest_outcome_write.store(0, Ordering::SeqCst);
+    ingest_batch(app, up, &batch, &obj("completed"), &h.shutdown)
+        .await
+        .unwrap();
+    assert_eq!(app.store.queued_total(), n as u64, "all re-queued again");
+    assert!(
+        largest() <= OUTCOME_CHUNK,
+        "one write of {} outcomes",
+        largest()
+    );
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tracing::error;
 
-use super::{Ingest, OUTCOME_CHUNK, StepError, advance, delete_upstream_files};
+use super::{Ingest, StepError, advance, delete_upstream_files, member_ids};
 use crate::App;
 use crate::store::{BatchRecord, BatchState, Outcome, RequestError};
 
@@ -47,7 +47,7 @@ pub(super) async fn lose_batch(
         missing_for_secs = missing_for, requests = batch.request_count,
         "the upstream no longer knows this batch (404 for lost_after_secs); it is lost, its requests are sent again"
     );
-    let members: Vec<u64> = app.store.members(batch.id).collect::<Result<_, _>>()?;
+    let members = member_ids(app, batch.id).await?;
     let error = RequestError {
         code: "batch_lost".into(),
         message: "the upstream stopped knowing this request's batch (404 for lost_after_secs) \
@@ -56,16 +56,11 @@ pub(super) async fn lose_batch(
     };
     let mut ingest = Ingest::new(app, up, batch.id);
     for id in members {
-        ingest.add(
-            id,
-            Outcome::Retry {
-                error: error.clone(),
-                max_attempts: up.settings.max_attempts,
-            },
-        );
-        if ingest.pending.len() >= OUTCOME_CHUNK {
-            ingest.apply().await?;
-        }
+        let outcome = Outcome::Retry {
+            error: error.clone(),
+            max_attempts: up.settings.max_attempts,
+        };
+        ingest.add(id, outcome).await?;
     }
     ingest.apply().await?;
     advance(app, batch, |b| {

@@ -87,9 +87,11 @@ async fn flush_queue(
     shutdown: &watch::Receiver<bool>,
 ) {
     loop {
-        let claimed =
-            app.store
-                .claim_batch(qk, policy.max_requests, policy.max_bytes, reason.as_str());
+        let (key, max_requests, max_bytes) = (qk.clone(), policy.max_requests, policy.max_bytes);
+        let claimed = app
+            .store
+            .blocking(move |s| s.claim_batch(&key, max_requests, max_bytes, reason.as_str()))
+            .await;
         let batch = match claimed {
             Ok(Some(b)) => b,
             Ok(None) => return,
@@ -166,10 +168,20 @@ async fn advance(
 ) -> Result<(), crate::store::StoreError> {
     let mut next = batch.clone();
     change(&mut next);
-    app.store.put_batch(&next)?;
+    let next = app
+        .store
+        .blocking(move |s| s.put_batch(&next).map(|()| next))
+        .await?;
     app.store.commit().await?;
     *batch = next;
     Ok(())
+}
+
+/// A batch's member ids, in member (line) order.
+async fn member_ids(app: &App, batch: u64) -> Result<Vec<u64>, crate::store::StoreError> {
+    app.store
+        .blocking(move |s| s.members(batch).collect())
+        .await
 }
 
 pub fn spawn_driver(
@@ -286,7 +298,7 @@ async fn upload(
             return Ok(());
         }
     }
-    let members: Vec<u64> = app.store.members(batch.id).collect::<Result<_, _>>()?;
+    let members = member_ids(app, batch.id).await?;
     let started = Instant::now();
     let res = with_retry(
         &up.settings.name,
@@ -304,7 +316,7 @@ async fn upload(
         Ok(f) => f,
         Err(e) if !e.is_transient() => {
             // The upstream refuses the file itself: no retry will help.
-            fail_all(app, batch, "upload_refused", &e.to_string()).await?;
+            fail_all(app, up, batch, "upload_refused", &e.to_string()).await?;
             return Ok(());
         }
         Err(e) => return Err(e.into()),
@@ -329,7 +341,8 @@ pub async fn delete_upstream_files(app: &Arc<App>, up: &crate::Upstream, batch: 
         }
     }
     *cleanup = owed;
-    if let Err(e) = app.store.put_batch(batch) {
+    let record = batch.clone();
+    if let Err(e) = app.store.blocking(move |s| s.put_batch(&record)).await {
         warn!(ferry_batch = batch.id, error = %e, "cannot record the file cleanup");
     }
 }
@@ -343,7 +356,12 @@ pub async fn sweep_orphan_files(app: Arc<App>, upstream: usize) {
     let up = &app.upstreams[upstream];
     // Deletes a finished batch still owes (a crash or an upstream error cut
     // them short), output and error files included.
-    match app.store.batches_owing_cleanup(&up.settings.name) {
+    let name = up.settings.name.clone();
+    match app
+        .store
+        .blocking(move |s| s.batches_owing_cleanup(&name))
+        .await
+    {
         Ok(batches) => {
             for mut b in batches {
                 delete_upstream_files(&app, up, &mut b).await;
@@ -366,7 +384,10 @@ pub async fn sweep_orphan_files(app: Arc<App>, upstream: usize) {
         else {
             continue;
         };
-        let live = matches!(app.store.get_batch(id), Ok(Some(b)) if b.is_live());
+        let live = matches!(
+            app.store.blocking(move |s| s.get_batch(id)).await,
+            Ok(Some(b)) if b.is_live()
+        );
         if live {
             continue;
         }
@@ -412,7 +433,7 @@ async fn create(
             {
                 Ok(b) => b,
                 Err(e) if !e.is_transient() => {
-                    fail_all(app, batch, "batch_refused", &e.to_string()).await?;
+                    fail_all(app, up, batch, "batch_refused", &e.to_string()).await?;
                     let _ = up.client.delete_file(file_id).await;
                     return Ok(());
                 }
@@ -420,8 +441,14 @@ async fn create(
             }
         }
     };
-    let mut next = batch.clone();
-    app.store.mark_submitted(&mut next, file_id, &created.id)?;
+    let (mut next, file, created_id) = (batch.clone(), file_id.to_owned(), created.id.clone());
+    let next = app
+        .store
+        .blocking(move |s| {
+            s.mark_submitted(&mut next, &file, &created_id)
+                .map(|()| next)
+        })
+        .await?;
     app.store.commit().await?;
     *batch = next;
     app.metrics
@@ -568,7 +595,18 @@ impl<'a> Ingest<'a> {
         }
     }
 
-    fn add(&mut self, id: u64, outcome: Outcome) {
+    /// Adds an outcome, and stores the pending slice once it is full, so
+    /// no single write covers a whole 50,000-member batch.
+    async fn add(&mut self, id: u64, outcome: Outcome) -> Result<(), StepError> {
+        self.push(id, outcome);
+        if self.pending.len() >= OUTCOME_CHUNK {
+            self.apply().await?;
+        }
+        Ok(())
+    }
+
+    /// Adds an outcome without storing anything (the caller applies).
+    fn push(&mut self, id: u64, outcome: Outcome) {
         let outcome = match (outcome, self.requeue_expired) {
             (Outcome::Expired(error), Some(max_attempts)) => Outcome::RetryOrExpire {
                 error,
@@ -588,11 +626,12 @@ impl<'a> Ingest<'a> {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let slice = std::mem::take(&mut self.pending);
-        let done =
-            self.app
-                .store
-                .apply_outcomes(self.batch, slice, &crate::delivery::webhook_payload)?;
+        let (slice, batch) = (std::mem::take(&mut self.pending), self.batch);
+        let done = self
+            .app
+            .store
+            .blocking(move |s| s.apply_outcomes(batch, slice, &crate::delivery::webhook_payload))
+            .await?;
         self.app.store.commit().await?;
         for rec in &done {
             self.app.on_terminal(rec);
@@ -610,7 +649,7 @@ async fn ingest_batch(
     obj: &BatchObject,
     shutdown: &watch::Receiver<bool>,
 ) -> Result<usize, StepError> {
-    let members: Vec<u64> = app.store.members(batch.id).collect::<Result<_, _>>()?;
+    let members = member_ids(app, batch.id).await?;
     let mut ingest = Ingest::new(app, up, batch.id);
     if obj.status == "failed" {
         let mut outcomes = HashMap::with_capacity(members.len());
@@ -626,7 +665,7 @@ async fn ingest_batch(
             up.pause_flushes(up.settings.token_limit_backoff);
         }
         for (id, o) in outcomes {
-            ingest.add(id, o);
+            ingest.add(id, o).await?;
         }
     } else {
         let member_set: std::collections::HashSet<u64> = members.iter().copied().collect();
@@ -683,7 +722,7 @@ async fn ingest_batch(
             warn!(ferry_batch = batch.id, absent = absent.len(), status = %obj.status, "members without a result line");
         }
         for id in absent {
-            ingest.add(id, missing.clone());
+            ingest.add(id, missing.clone()).await?;
         }
     }
     ingest.apply().await?;
@@ -779,7 +818,7 @@ async fn read_result_file(
         if let Outcome::Completed(r) = &outcome {
             app.count_tokens(up, model, &r.body);
         }
-        ingest.add(id, outcome);
+        ingest.push(id, outcome);
     };
     let mut stream = res.bytes_stream();
     while let Some(chunk) = stream.next().await {
@@ -802,6 +841,7 @@ async fn read_result_file(
 /// Fails every member of a batch the upstream refused outright.
 async fn fail_all(
     app: &Arc<App>,
+    up: &crate::Upstream,
     batch: &mut BatchRecord,
     code: &str,
     message: &str,
@@ -810,23 +850,16 @@ async fn fail_all(
         ferry_batch = batch.id,
         code, message, "upstream refused the batch; failing its requests"
     );
-    let members: Vec<u64> = app.store.members(batch.id).collect::<Result<_, _>>()?;
     let err = RequestError {
         code: code.to_owned(),
         message: message.to_owned(),
     };
-    let mut done = Vec::new();
-    for chunk in members.chunks(OUTCOME_CHUNK) {
-        let outcomes = chunk
-            .iter()
-            .map(|id| (*id, Outcome::Failed(err.clone())))
-            .collect();
-        done.extend(app.store.apply_outcomes(
-            batch.id,
-            outcomes,
-            &crate::delivery::webhook_payload,
-        )?);
+    // Stored (and its callers woken) a slice at a time.
+    let mut ingest = Ingest::new(app, up, batch.id);
+    for id in member_ids(app, batch.id).await? {
+        ingest.add(id, Outcome::Failed(err.clone())).await?;
     }
+    ingest.apply().await?;
     advance(app, batch, |b| {
         b.state = BatchState::Done {
             file_id: None,
@@ -836,9 +869,6 @@ async fn fail_all(
         };
     })
     .await?;
-    for rec in &done {
-        app.on_terminal(rec);
-    }
     app.metrics
         .batches
         .with_label_values(&[&batch.upstream, "refused"])

@@ -19,6 +19,7 @@
 //! one fsync for every caller waiting at that moment (group commit).
 
 pub mod instance;
+pub mod pg;
 pub mod records;
 
 use std::collections::{BTreeSet, HashMap};
@@ -284,6 +285,9 @@ pub struct Store {
     /// error), counting each failure.
     #[cfg(test)]
     pub(crate) fail_commits: (std::sync::atomic::AtomicBool, AtomicU64),
+    /// Tests only: the most outcomes one `apply_outcomes` call was given.
+    #[cfg(test)]
+    pub(crate) largest_outcome_write: std::sync::atomic::AtomicUsize,
 }
 
 impl Store {
@@ -325,6 +329,8 @@ impl Store {
             upstream_objects: Mutex::new(HashMap::new()),
             #[cfg(test)]
             fail_commits: Default::default(),
+            #[cfg(test)]
+            largest_outcome_write: Default::default(),
         };
         store.check_format()?;
         for item in store.batches.iter() {
@@ -1032,6 +1038,9 @@ impl Store {
         outcomes: Vec<(u64, Outcome)>,
         payload: &PayloadFn<'_>,
     ) -> Result<Vec<RequestRecord>, StoreError> {
+        #[cfg(test)]
+        self.largest_outcome_write
+            .fetch_max(outcomes.len(), Ordering::SeqCst);
         let _g = self.queue_lock.lock().unwrap_or_else(|p| p.into_inner());
         let now = now_secs();
         let batch_id = self.upstream_batch_id(batch)?;
