@@ -2,11 +2,12 @@
 //! upstream and lives in Ferry's process. A SIGKILL while a batch is live
 //! upstream kills the emulator too; after the restart the batch must still
 //! be there (on the emulator's new port) and every request must complete.
+//! The standalone `ferry emulator` keeps its state only with `--data-dir`.
 
 mod common;
 
-use common::{Stack, chat, until_status};
-use serde_json::json;
+use common::{Stack, UPSTREAM_KEY, chat, until_status};
+use serde_json::{Value, json};
 
 /// Batches stay `validating` until the test moves the emulator's clock, so
 /// the kill lands while the batch is live upstream, every time.
@@ -104,4 +105,61 @@ async fn sigkill_with_a_batch_live_upstream_loses_nothing() {
     s.until_no_live_batches().await;
     let files = s.upstream_get("/v1/files?purpose=batch").await;
     assert_eq!(files["data"], json!([]), "input file left upstream");
+}
+
+/// Uploads a small file to the emulator at `addr`; its id.
+async fn upload(http: &reqwest::Client, addr: std::net::SocketAddr) -> String {
+    let part = reqwest::multipart::Part::bytes(b"kept".to_vec()).file_name("notes.txt");
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "user_data")
+        .part("file", part);
+    let file: Value = http
+        .post(format!("http://{addr}/v1/files"))
+        .bearer_auth(UPSTREAM_KEY)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    file["id"].as_str().expect("file id").to_owned()
+}
+
+/// The content of `id` at `addr`, or the status when there is none.
+async fn content(
+    http: &reqwest::Client,
+    addr: std::net::SocketAddr,
+    id: &str,
+) -> Result<String, u16> {
+    let r = http
+        .get(format!("http://{addr}/v1/files/{id}/content"))
+        .bearer_auth(UPSTREAM_KEY)
+        .send()
+        .await
+        .unwrap();
+    match r.status().as_u16() {
+        200 => Ok(r.text().await.unwrap()),
+        code => Err(code),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standalone_emulator_keeps_its_state_only_with_a_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let state = dir.path().join("emulator-state");
+    let state = state.to_str().unwrap();
+    for (args, kept) in [(vec!["--data-dir", state], true), (vec![], false)] {
+        let mut emu = tokio::task::block_in_place(|| common::emulator(dir.path(), &args));
+        let id = upload(&http, emu.addr("emulator")).await;
+        emu.signal_and_wait("KILL");
+        let emu = tokio::task::block_in_place(|| common::emulator(dir.path(), &args));
+        let got = content(&http, emu.addr("emulator"), &id).await;
+        if kept {
+            assert_eq!(got, Ok("kept".to_owned()), "{args:?}");
+        } else {
+            assert_eq!(got, Err(404), "{args:?}");
+        }
+    }
 }
