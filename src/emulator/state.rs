@@ -19,9 +19,10 @@
 //! Locks: the index of batches, each batch, the files, the counters and the
 //! config are separate `std` mutexes, held briefly and never across an await.
 //! The order is batch → files → counters; nothing takes a batch while holding
-//! another lock, so they cannot deadlock. The clock's locks and the
-//! journal's are taken last. A poisoned lock is taken over rather than
-//! propagated: a test double must keep answering.
+//! another lock, so they cannot deadlock. The clock's offset and the
+//! journal's file are locked last, the clock's `advancing` alone and first.
+//! A poisoned lock is taken over rather than propagated: a test double must
+//! keep answering.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -330,6 +331,7 @@ impl Emulator {
             mut files,
             counters,
             batches,
+            positions: _,
         } = replay;
         // Contents: every File's, and the input of every unfinished batch
         // (whose File may have been deleted).
@@ -1163,16 +1165,17 @@ struct Replay {
     floor: f64,
     files: Files,
     counters: Counters,
-    /// Every batch, and how many of its good lines had run.
+    /// Every batch in creation order, and how many of its good lines had run.
     batches: Vec<(Batch, usize)>,
+    /// Batch id → its place in `batches`.
+    positions: HashMap<String, usize>,
 }
 
 impl Replay {
     fn batch(&mut self, id: &str) -> Result<&mut (Batch, usize), String> {
-        self.batches
-            .iter_mut()
-            .rev()
-            .find(|(b, _)| b.id == id)
+        self.positions
+            .get(id)
+            .and_then(|&i| self.batches.get_mut(i))
             .ok_or_else(|| format!("an event about batch {id}, which was never created"))
     }
 
@@ -1190,7 +1193,10 @@ impl Replay {
             Event::FileDeleted { id } => {
                 self.files.remove(&id);
             }
-            Event::BatchCreated { batch } => self.batches.push((Batch::from_meta(batch), 0)),
+            Event::BatchCreated { batch } => {
+                self.positions.insert(batch.id.clone(), self.batches.len());
+                self.batches.push((Batch::from_meta(batch), 0));
+            }
             Event::Validated {
                 batch,
                 lines,
