@@ -148,7 +148,8 @@ pub enum Event {
         errors: Option<Vec<Value>>,
         valid_lines: Option<usize>,
     },
-    /// Good lines `from..upto` ran; `custom_ids` are theirs, in order.
+    /// Good lines up to `upto` (exclusive) have run; `custom_ids` are those
+    /// of the lines this step ran, in order.
     Executed {
         batch: String,
         upto: usize,
