@@ -86,9 +86,13 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         &config.prices.keys().cloned().collect::<Vec<_>>(),
     );
 
-    // The embedded emulator, when some upstream uses it.
+    // The embedded emulator, when some upstream uses it. Its state lives
+    // beside the store (sled keeps its own files at the top of data_dir), so
+    // the batches Ferry submitted to it survive a crash of this process.
     let emulator_url = match &config.emulator {
         Some(cfg) => {
+            let service = emulator::Service::new(cfg.clone(), Some(&data_dir.join("emulator")))
+                .map_err(|e| ServerError::Runtime(format!("the embedded emulator: {e}")))?;
             let l = bind(
                 "the embedded emulator",
                 SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -96,7 +100,6 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             let addr = l
                 .local_addr()
                 .map_err(|e| ServerError::Runtime(e.to_string()))?;
-            let cfg = cfg.clone();
             let mut rx = shutdown_rx.clone();
             rt.spawn(async move {
                 let listener = match tokio::net::TcpListener::from_std(l) {
@@ -106,7 +109,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
                 let stop = async move {
                     let _ = rx.changed().await;
                 };
-                if let Err(e) = emulator::serve(listener, cfg, stop).await {
+                if let Err(e) = service.serve(listener, stop).await {
                     error!(error = %e, "embedded emulator stopped");
                 }
             });

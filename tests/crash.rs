@@ -1,6 +1,9 @@
-//! The crash harness: the real `ferry` binary under load in front of a
-//! standalone emulator, killed with SIGKILL at random moments and restarted
-//! on the same data dir, many times. Each kill aims, in turn, at intake, a
+//! The crash harness: the real `ferry` binary under load in front of the
+//! emulator, killed with SIGKILL at random moments and restarted on the same
+//! data dir, many times. It runs on two shapes, one test each: a standalone
+//! emulator that outlives every kill, and Ferry's embedded default, where the
+//! emulator lives in Ferry's process, dies with it and comes back from its
+//! own state under `<data_dir>/emulator` (on a new port each time). Each kill aims, in turn, at intake, a
 //! flush (upload, create), polling and result ingestion: it falls at a
 //! random time, waits for that phase to be going on (read from Ferry's JSON
 //! log, or the clients' calls in flight), then a random instant more. At the
@@ -26,11 +29,12 @@
 //! cycles × requests / rate), `FERRY_CRASH_SEED` (default random, printed;
 //! it fixes the kill schedule, not the timing of everything else),
 //! `FERRY_CRASH_KEEP=1` (keep the temp dir with every log; it is always kept
-//! on failure). A long run (about 17 minutes):
+//! on failure). They apply to both shapes; the two tests run one after the
+//! other. A long run of one shape (about 17 minutes):
 //!
 //! ```sh
 //! FERRY_CRASH_CYCLES=500 FERRY_CRASH_REQUESTS=400 FERRY_CRASH_RATE=200 \
-//!     cargo test --release --test crash -- --nocapture
+//!     cargo test --release --test crash -- --nocapture embedded
 //! ```
 
 mod common;
@@ -46,7 +50,7 @@ use common::{Stack, chat};
 use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::Notify;
 use tokio::time::MissedTickBehavior;
 
@@ -75,6 +79,29 @@ batches_per_hour = 1000000
 "#;
 /// JSON logs, so the harness can tell what a killed Ferry was doing.
 const SERVER_EXTRA: &str = r#"log_format = "json""#;
+/// Batches that live long enough (~0.5 s) for kills to land in every phase,
+/// and upstream calls slow enough for uploads and result downloads to be cut
+/// off. The embedded emulator takes them from Ferry's config at every start
+/// (knobs are not kept across restarts); the standalone one is patched once.
+const EMULATOR_KNOBS: &str = r#"
+validating_seconds = 0.2
+per_request_seconds = 0.004
+finalizing_seconds = 0.15
+latency_ms = 2
+"#;
+
+/// Where the emulator runs.
+#[derive(Clone, Copy, Debug)]
+enum Shape {
+    /// `ferry emulator` in its own process, never killed.
+    Standalone,
+    /// In Ferry's process (`emulator = true`), killed with it.
+    Embedded,
+}
+
+/// Both shapes kill and restart processes at moments chosen by timing, on
+/// machines with few cores: one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The size of the run, from the environment.
 struct Knobs {
@@ -451,25 +478,34 @@ fn ferry_complaints(dir: &Path, max: usize) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_at_random_moments_loses_nothing_and_runs_nothing_twice() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    crash_harness(Shape::Standalone).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_with_the_embedded_emulator_loses_nothing_and_runs_nothing_twice() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    crash_harness(Shape::Embedded).await;
+}
+
+async fn crash_harness(shape: Shape) {
     let knobs = Knobs::from_env();
     let total = knobs.per_cycle * knobs.cycles as u64;
     eprintln!(
-        "crash harness: seed {} (FERRY_CRASH_SEED={} repeats the kill schedule), {} cycles of {} requests at {}/s",
+        "crash harness ({shape:?} emulator): seed {} (FERRY_CRASH_SEED={} repeats the kill schedule), {} cycles of {} requests at {}/s",
         knobs.seed, knobs.seed, knobs.cycles, knobs.per_cycle, knobs.rate
     );
     let started = Instant::now();
     let mut rng = StdRng::seed_from_u64(knobs.seed);
-    let mut s = Stack::start(UPSTREAM_EXTRA, SERVER_EXTRA);
-    // Batches that live long enough (~0.5 s) for kills to land in every
-    // phase, and upstream calls slow enough for uploads and result
-    // downloads to be cut off.
-    s.emulator_config(json!({
-        "validating_seconds": 0.2,
-        "per_request_seconds": 0.004,
-        "finalizing_seconds": 0.15,
-        "latency_ms": 2,
-    }))
-    .await;
+    let mut s = match shape {
+        Shape::Standalone => {
+            let s = Stack::start(UPSTREAM_EXTRA, SERVER_EXTRA);
+            let knobs: Value = toml::from_str(EMULATOR_KNOBS).expect("knobs");
+            s.emulator_config(knobs).await;
+            s
+        }
+        Shape::Embedded => Stack::start_embedded(EMULATOR_KNOBS, UPSTREAM_EXTRA, SERVER_EXTRA),
+    };
 
     let load = Arc::new(Load {
         http: reqwest::Client::builder()
@@ -709,7 +745,7 @@ async fn sigkill_at_random_moments_loses_nothing_and_runs_nothing_twice() {
         stored_unacked,
     );
     eprintln!(
-        "crash harness: {} SIGKILLs over {sent} requests ({} accepted): {} lost, {twice} executed twice, {in_two_batches} in two batches, {stuck} batches stuck, {leftover} input files left ({:.1} s, seed {})",
+        "crash harness ({shape:?} emulator): {} SIGKILLs over {sent} requests ({} accepted): {} lost, {twice} executed twice, {in_two_batches} in two batches, {stuck} batches stuck, {leftover} input files left ({:.1} s, seed {})",
         kills.len(),
         tally.accepted.len(),
         lost.len(),
@@ -725,7 +761,7 @@ async fn sigkill_at_random_moments_loses_nothing_and_runs_nothing_twice() {
     }
     let dir = s.dir.keep();
     panic!(
-        "crash harness failed (seed {}, FERRY_CRASH_SEED={} to repeat the schedule):\n- {}\nemulator stats: {stats}\nlogs kept in {}\nFerry's warnings and errors:\n{}",
+        "crash harness ({shape:?} emulator) failed (seed {}, FERRY_CRASH_SEED={} to repeat the schedule):\n- {}\nemulator stats: {stats}\nlogs kept in {}\nFerry's warnings and errors:\n{}",
         knobs.seed,
         knobs.seed,
         problems.join("\n- "),

@@ -17,6 +17,12 @@ pub struct EmulatorArgs {
     /// `POST /_emulator/config`. Flags override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Keep files, batches, counters and the clock in this directory (created
+    /// if missing) and recover them at start, so a restart loses nothing
+    /// acknowledged. Without it, everything is in memory only. Knobs are not
+    /// kept: each start takes them from the flags and `--config`.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
     /// The bearer token clients must send [default: emulator-key].
     #[arg(long, env = "FERRY_EMULATOR_API_KEY")]
     pub api_key: Option<String>,
@@ -194,6 +200,14 @@ mod tests {
         assert_eq!(c.models, vec!["a", "b"]);
         assert_eq!(c.expire_after_seconds, Some(60.0));
         assert_eq!(c.validating_seconds, 0.0);
+    }
+
+    #[test]
+    fn data_dir_is_optional() {
+        let cli = Cli::try_parse_from(["x"]).unwrap();
+        assert_eq!(cli.args.data_dir, None);
+        let cli = Cli::try_parse_from(["x", "--data-dir", "/tmp/emu"]).unwrap();
+        assert_eq!(cli.args.data_dir, Some(PathBuf::from("/tmp/emu")));
     }
 
     #[test]

@@ -13,13 +13,21 @@
 //! read. With the default zero delays a batch is `validating` in the answer to
 //! its creation and terminal on its first read.
 //!
+//! State lives in memory, and optionally also on disk ([`journal`]): the
+//! standalone `ferry emulator` keeps it only in memory unless given
+//! `--data-dir`; the one embedded in Ferry keeps it under
+//! `<data_dir>/emulator`, so a batch Ferry submitted survives a crash of the
+//! process that holds both, as it would at a real provider.
+//!
 //! Layout: [`config`] (knobs), [`cli`] (flags), [`timeline`] (the state
 //! function of time), [`validate`] (input checks), [`model`] (answers),
-//! `state` (files, batches, counters) and `routes` (HTTP).
+//! [`journal`] (durability), `state` (files, batches, counters) and `routes`
+//! (HTTP).
 
 mod cli;
 pub mod config;
 mod error;
+pub mod journal;
 pub mod model;
 mod routes;
 mod state;
@@ -27,45 +35,102 @@ pub mod timeline;
 pub mod validate;
 
 use std::future::Future;
+use std::path::Path;
 use std::sync::Arc;
 
 pub use cli::EmulatorArgs;
 pub use config::{EmulatorConfig, Profile};
 
-/// The emulator's axum router, for embedding it in another server or driving
-/// it without a socket.
+/// Why an emulator could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("invalid emulator config: {0}")]
+    Config(String),
+    #[error("cannot open the emulator's state: {0}")]
+    Journal(#[from] journal::JournalError),
+}
+
+/// An emulator ready to serve: its config checked and, when durable, its
+/// state recovered.
+pub struct Service {
+    state: Arc<state::Emulator>,
+}
+
+impl Service {
+    /// Checks `config`. With `data_dir`, the state is kept there (created if
+    /// missing, recovered if present: files, batches, counters and clock);
+    /// without, in memory only. Opening reads every stored file's content, so
+    /// it blocks.
+    pub fn new(config: EmulatorConfig, data_dir: Option<&Path>) -> Result<Service, OpenError> {
+        config.validate().map_err(OpenError::Config)?;
+        let state = match data_dir {
+            Some(dir) => state::Emulator::open(config, dir)?,
+            None => state::Emulator::new(config),
+        };
+        Ok(Service {
+            state: Arc::new(state),
+        })
+    }
+
+    /// The axum router, for embedding it in another server or driving it
+    /// without a socket.
+    pub fn router(&self) -> axum::Router {
+        routes::router(self.state.clone())
+    }
+
+    /// Serves on an already-bound listener until `shutdown` resolves.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let addr = listener.local_addr()?;
+        let profile = self.state.config().profile;
+        tracing::info!(%addr, %profile, "emulator serving");
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+}
+
+fn invalid_input(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
+}
+
+/// The emulator's axum router, in memory, for embedding it in another server
+/// or driving it without a socket.
 pub fn router(config: EmulatorConfig) -> axum::Router {
     routes::router(Arc::new(state::Emulator::new(config)))
 }
 
-/// Runs the emulator on an already-bound listener until `shutdown` resolves.
-/// Fails at once if the config is invalid.
+/// Runs an in-memory emulator on an already-bound listener until `shutdown`
+/// resolves. Fails at once if the config is invalid.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     config: EmulatorConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    config
-        .validate()
-        .map_err(|m| std::io::Error::new(std::io::ErrorKind::InvalidInput, m))?;
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, profile = %config.profile, "emulator serving");
-    axum::serve(listener, router(config))
-        .with_graceful_shutdown(shutdown)
+    Service::new(config, None)
+        .map_err(invalid_input)?
+        .serve(listener, shutdown)
         .await
 }
 
-/// For `ferry emulator`: binds `args.listen()`, announces the address on
-/// stdout, and serves until ctrl-c or SIGTERM.
+/// For `ferry emulator`: opens the state (`--data-dir`, or memory), binds
+/// `args.listen()`, announces the address on stdout, and serves until ctrl-c
+/// or SIGTERM.
 pub async fn run_cli(args: EmulatorArgs) -> std::io::Result<()> {
     let listen = args.listen();
-    let config = args
-        .load_config()
-        .map_err(|m| std::io::Error::new(std::io::ErrorKind::InvalidInput, m))?;
+    let data_dir = args.data_dir.clone();
+    let config = args.load_config().map_err(invalid_input)?;
+    let service = tokio::task::spawn_blocking(move || Service::new(config, data_dir.as_deref()))
+        .await
+        .map_err(std::io::Error::other)?
+        .map_err(invalid_input)?;
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     crate::announce::listening("emulator", addr);
-    serve(listener, config, shutdown_signal()).await
+    service.serve(listener, shutdown_signal()).await
 }
 
 /// Resolves on ctrl-c or (on Unix) SIGTERM.

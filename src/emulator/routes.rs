@@ -65,7 +65,8 @@ pub fn router(emulator: Shared) -> Router {
 }
 
 /// Runs `f` on the blocking pool: batch reads may validate or execute many
-/// lines, which must not stall the async workers.
+/// lines, and a durable emulator's changes wait for an fsync, neither of
+/// which may stall the async workers.
 async fn blocking<T: Send + 'static>(
     emulator: &Shared,
     f: impl FnOnce(&Emulator) -> Result<T, ApiError> + Send + 'static,
@@ -180,6 +181,9 @@ async fn api_gate(State(emulator): State<Shared>, request: Request, next: Next) 
             )
             .into_response();
         }
+    }
+    if let Err(e) = emulator.available() {
+        return e.into_response();
     }
     if let Some(status) = emulator.roll_fault() {
         tracing::debug!(status, uri = %request.uri(), "injected fault");
@@ -306,7 +310,10 @@ async fn upload_file(
             )?
         }
     };
-    let file = emulator.add_file(filename, purpose, content, expires)?;
+    let file = blocking(&emulator, move |e| {
+        e.add_file(filename, purpose, content, expires)
+    })
+    .await?;
     Ok(json_response(file))
 }
 
@@ -348,7 +355,9 @@ async fn delete_file(
     id: Result<Path<String>, PathRejection>,
 ) -> ApiResult {
     let id = path_id(id)?;
-    Ok(json_response(emulator.delete_file(&id)?))
+    Ok(json_response(
+        blocking(&emulator, move |e| e.delete_file(&id)).await?,
+    ))
 }
 
 /// The raw bytes, sent from the stored `Bytes` without copying.
@@ -372,7 +381,7 @@ async fn create_batch(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let body = parse_json(body)?;
-    let batch = emulator.create_batch(&body)?;
+    let batch = blocking(&emulator, move |e| e.create_batch(&body)).await?;
     Ok(json_response(batch))
 }
 
@@ -392,10 +401,7 @@ async fn list_batches(
     let q = query(q)?;
     let limit = limit(&q, 100)?.unwrap_or(20);
     let after = q.get("after").cloned();
-    let list = blocking(&emulator, move |e| {
-        Ok(e.list_batches(limit, after.as_deref()))
-    })
-    .await?;
+    let list = blocking(&emulator, move |e| e.list_batches(limit, after.as_deref())).await?;
     Ok(json_response(list))
 }
 
@@ -623,14 +629,12 @@ async fn advance_clock(
             Some("missing_required_parameter"),
         ));
     };
-    let clock = emulator
-        .advance_clock(seconds)
-        .map_err(|m| ApiError::bad_request(m, Some("advance_seconds"), Some("invalid_value")))?;
+    let clock = blocking(&emulator, move |e| e.advance_clock(seconds)).await?;
     Ok(json_response(clock))
 }
 
 async fn stats(State(emulator): State<Shared>) -> ApiResult {
-    let stats = blocking(&emulator, |e| Ok(e.stats())).await?;
+    let stats = blocking(&emulator, |e| e.stats()).await?;
     Ok(json_response(stats))
 }
 

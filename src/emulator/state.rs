@@ -9,13 +9,24 @@
 //! that are due, and the output and error files when it reaches a terminal
 //! status.
 //!
+//! Durability (optional, see [`super::journal`]): every operation that
+//! changes something writes its event to the journal, and waits for the
+//! fsync, before the change can be seen: an upload or delete with the files
+//! lock held, a batch's steps with its lock held. A read that changes nothing
+//! writes nothing. If a write fails the emulator stops serving `/v1/*` (500),
+//! since what it holds in memory is then ahead of what it could recover.
+//!
 //! Locks: the index of batches, each batch, the files, the counters and the
 //! config are separate `std` mutexes, held briefly and never across an await.
 //! The order is batch → files → counters; nothing takes a batch while holding
-//! another lock, so they cannot deadlock. A poisoned lock is taken over rather
-//! than propagated: a test double must keep answering.
+//! another lock, so they cannot deadlock. The clock's offset and the
+//! journal's file are locked last, the clock's `advancing` alone and first.
+//! A poisoned lock is taken over rather than propagated: a test double must
+//! keep answering.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -27,6 +38,7 @@ use serde_json::{Map, Value, json};
 
 use super::config::{EmulatorConfig, Profile};
 use super::error::ApiError;
+use super::journal::{BatchMeta, Entry, Event, Exact, FileMeta, Journal, JournalError};
 use super::model::{self, Answer, Usage};
 use super::timeline::{Eval, Outcome, Spec, Status, Timing};
 use super::validate::{self, GoodLine, LineError, Rules};
@@ -55,17 +67,29 @@ struct Clock {
     start_unix: f64,
     start: Instant,
     offset: Mutex<f64>,
+    /// Held across an advance and its journal write, so that concurrent
+    /// advances are written in the order they add up.
+    advancing: Mutex<()>,
 }
 
 impl Clock {
     fn new() -> Clock {
+        Clock::resume(0.0, f64::NEG_INFINITY)
+    }
+
+    /// A clock with `offset`, moved further forward if needed so that it
+    /// does not read earlier than `floor` (the last time a previous run
+    /// wrote down): time never goes back across a restart, even if the
+    /// system clock did.
+    fn resume(offset: f64, floor: f64) -> Clock {
         let start_unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
         Clock {
             start_unix,
             start: Instant::now(),
-            offset: Mutex::new(0.0),
+            offset: Mutex::new(resumed_offset(start_unix, offset, floor)),
+            advancing: Mutex::new(()),
         }
     }
 
@@ -87,6 +111,28 @@ pub struct StoredFile {
 }
 
 impl StoredFile {
+    fn from_meta(meta: FileMeta, bytes: Bytes) -> StoredFile {
+        StoredFile {
+            id: meta.id,
+            bytes,
+            created_at: meta.created_at,
+            expires_at: meta.expires_at,
+            filename: meta.filename,
+            purpose: meta.purpose,
+            seq: 0,
+        }
+    }
+
+    fn meta(&self) -> FileMeta {
+        FileMeta {
+            id: self.id.clone(),
+            created_at: self.created_at,
+            expires_at: self.expires_at,
+            filename: self.filename.clone(),
+            purpose: self.purpose.clone(),
+        }
+    }
+
     /// The File object.
     pub fn to_json(&self) -> Value {
         json!({
@@ -111,6 +157,10 @@ struct Files {
     next_seq: u64,
     /// Files of purpose `batch` present, for Moonshot's quota.
     batch_files: u64,
+    /// Input file id → unfinished batches reading it. A durable emulator
+    /// keeps such a content on disk after its File is deleted, until the
+    /// last of them finishes.
+    pins: HashMap<String, usize>,
 }
 
 impl Files {
@@ -123,6 +173,31 @@ impl Files {
         self.order.insert(file.seq, file.id.clone());
         self.by_id.insert(file.id.clone(), file.clone());
         file
+    }
+
+    fn remove(&mut self, id: &str) -> Option<StoredFile> {
+        let file = self.by_id.remove(id)?;
+        self.order.remove(&file.seq);
+        if file.purpose == "batch" {
+            self.batch_files = self.batch_files.saturating_sub(1);
+        }
+        Some(file)
+    }
+
+    fn pin(&mut self, id: &str) {
+        *self.pins.entry(id.to_owned()).or_default() += 1;
+    }
+
+    /// Drops a batch's hold on its input; true if nothing needs the content
+    /// any more.
+    fn unpin(&mut self, id: &str) -> bool {
+        if let Some(n) = self.pins.get_mut(id) {
+            *n -= 1;
+            if *n == 0 {
+                self.pins.remove(id);
+            }
+        }
+        !self.pins.contains_key(id) && !self.by_id.contains_key(id)
     }
 }
 
@@ -172,7 +247,8 @@ struct Batch {
     // What has been observed so far.
     eval: Eval,
     model: Option<String>,
-    errors: Option<Vec<LineError>>,
+    /// The `errors.data` entries of a failed batch.
+    errors: Option<Vec<Value>>,
     good: Vec<GoodLine>,
     executed: Vec<Executed>,
     completed: u64,
@@ -199,6 +275,10 @@ pub struct Emulator {
     batches: Mutex<BatchIndex>,
     counters: Mutex<Counters>,
     faults: Mutex<Faults>,
+    /// `None`: in memory only.
+    journal: Option<Journal>,
+    /// A journal write failed: `/v1/*` answers 500 from then on.
+    broken: AtomicBool,
 }
 
 /// A parsed `GET /v1/files` query.
@@ -223,6 +303,142 @@ impl Emulator {
                 rng: StdRng::seed_from_u64(seed),
                 next_is_503: false,
             }),
+            journal: None,
+            broken: AtomicBool::new(false),
+        }
+    }
+
+    /// A durable emulator: replays the journal under `dir` (creating it if
+    /// needed) and writes every change to it from then on. `config` is the
+    /// config of this run: knobs patched at run time are not kept, but every
+    /// batch keeps the knobs it was created with.
+    pub fn open(config: EmulatorConfig, dir: &Path) -> Result<Emulator, JournalError> {
+        let (journal, entries) = Journal::open(dir)?;
+        let path = journal.path().display().to_string();
+        let mut replay = Replay::default();
+        for (n, entry) in entries.into_iter().enumerate() {
+            replay
+                .apply(entry)
+                .map_err(|message| JournalError::Corrupt {
+                    path: path.clone(),
+                    line: n + 1,
+                    message,
+                })?;
+        }
+        let Replay {
+            offset,
+            floor,
+            mut files,
+            counters,
+            batches,
+            positions: _,
+        } = replay;
+        // Contents: every File's, and the input of every unfinished batch
+        // (whose File may have been deleted).
+        let mut contents: HashMap<String, Bytes> = HashMap::new();
+        let mut content = |id: &str| -> Result<Bytes, JournalError> {
+            if let Some(b) = contents.get(id) {
+                return Ok(b.clone());
+            }
+            let bytes = journal.read_content(id)?;
+            contents.insert(id.to_owned(), bytes.clone());
+            Ok(bytes)
+        };
+        for file in files.by_id.values_mut() {
+            file.bytes = content(&file.id)?;
+        }
+        let mut index = BatchIndex::default();
+        for (mut b, ran) in batches {
+            if !b.finished {
+                files.pin(&b.input_file_id);
+                b.input = content(&b.input_file_id)?;
+                if let Some(Outcome::Valid { .. }) = b.spec.outcome {
+                    b.good = validate::check_file(&b.input, &b.rules).good;
+                }
+                // The lines that ran before, again (the answers are a pure
+                // function of the input; only the ids are new, and nobody has
+                // seen them: lines show only in the output file).
+                run_lines(&mut b, ran);
+            }
+            index.order.push(b.id.clone());
+            index.by_id.insert(b.id.clone(), Arc::new(Mutex::new(b)));
+        }
+        let keep: HashSet<String> = contents.into_keys().collect();
+        journal.collect_garbage(&keep);
+        let live = index.by_id.values().filter(|b| !lock(b).finished).count();
+        tracing::info!(
+            dir = %dir.display(),
+            files = files.by_id.len(),
+            batches = index.order.len(),
+            live,
+            offset_seconds = offset,
+            "emulator state recovered"
+        );
+        let mut emulator = Emulator::new(config);
+        emulator.clock = Clock::resume(offset, floor);
+        emulator.files = Mutex::new(files);
+        emulator.batches = Mutex::new(index);
+        emulator.counters = Mutex::new(counters);
+        emulator.journal = Some(journal);
+        Ok(emulator)
+    }
+
+    /// Writes `events` to the journal and waits until they are durable.
+    /// Nothing to do in memory, or with no events.
+    fn record(&self, events: Vec<Event>) -> Result<(), ApiError> {
+        let Some(journal) = &self.journal else {
+            return Ok(());
+        };
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.available()?;
+        let at = Exact(self.now());
+        let (api_calls, realtime_requests) = {
+            let c = lock(&self.counters);
+            (c.api_calls, c.realtime_requests)
+        };
+        let entries: Vec<Entry> = events
+            .into_iter()
+            .map(|event| Entry {
+                at,
+                api_calls,
+                realtime_requests,
+                event,
+            })
+            .collect();
+        journal.append(&entries).map_err(|e| {
+            self.broken.store(true, Ordering::SeqCst);
+            tracing::error!(path = %journal.path().display(), error = %e, "emulator journal write failed; answering 500 from now on");
+            broken_error()
+        })
+    }
+
+    /// Writes a File's content before the event that names it.
+    fn write_content(&self, file: &StoredFile) -> Result<(), ApiError> {
+        let Some(journal) = &self.journal else {
+            return Ok(());
+        };
+        self.available()?;
+        journal.write_content(&file.id, &file.bytes).map_err(|e| {
+            self.broken.store(true, Ordering::SeqCst);
+            tracing::error!(id = %file.id, error = %e, "emulator cannot store a file's content; answering 500 from now on");
+            broken_error()
+        })
+    }
+
+    fn remove_content(&self, id: &str) {
+        if let Some(journal) = &self.journal {
+            journal.remove_content(id);
+        }
+    }
+
+    /// Err once a journal write has failed.
+    pub fn available(&self) -> Result<(), ApiError> {
+        if self.broken.load(Ordering::SeqCst) {
+            Err(broken_error())
+        } else {
+            Ok(())
         }
     }
 
@@ -258,14 +474,23 @@ impl Emulator {
         json!({"now": self.now(), "offset_seconds": *lock(&self.clock.offset)})
     }
 
-    /// Moves the clock forward.
-    pub fn advance_clock(&self, seconds: f64) -> Result<Value, String> {
+    /// Moves the clock forward (durably, before answering).
+    pub fn advance_clock(&self, seconds: f64) -> Result<Value, ApiError> {
         if !(seconds.is_finite() && seconds >= 0.0) {
-            return Err(format!(
-                "`advance_seconds` must be a finite number >= 0 (time does not run backwards), got {seconds}"
+            return Err(ApiError::bad_request(
+                format!(
+                    "`advance_seconds` must be a finite number >= 0 (time does not run backwards), got {seconds}"
+                ),
+                Some("advance_seconds"),
+                Some("invalid_value"),
             ));
         }
-        *lock(&self.clock.offset) += seconds;
+        let _advancing = lock(&self.clock.advancing);
+        let offset = *lock(&self.clock.offset) + seconds;
+        self.record(vec![Event::Clock {
+            offset: Exact(offset),
+        }])?;
+        *lock(&self.clock.offset) = offset;
         tracing::debug!(seconds, "emulator clock advanced");
         Ok(self.clock_json())
     }
@@ -297,7 +522,7 @@ impl Emulator {
 
     /// The stats object. Every batch is brought up to date first, so the
     /// numbers are those of the current clock time.
-    pub fn stats(&self) -> Value {
+    pub fn stats(&self) -> Result<Value, ApiError> {
         let now = self.now();
         let all: Vec<Arc<Mutex<Batch>>> = {
             let index = lock(&self.batches);
@@ -311,14 +536,14 @@ impl Emulator {
             Status::ALL.iter().map(|s| (s.as_str(), 0)).collect();
         for batch in &all {
             let mut b = lock(batch);
-            self.observe(&mut b, now);
+            self.observe(&mut b, now)?;
             *by_status.entry(b.eval.status.as_str()).or_default() += 1;
         }
         let files = lock(&self.files);
         let files_present = files.by_id.len();
         drop(files);
         let c = lock(&self.counters);
-        json!({
+        Ok(json!({
             "files_uploaded": c.files_uploaded,
             "files_present": files_present,
             "batches": all.len(),
@@ -329,7 +554,7 @@ impl Emulator {
             "executed_more_than_once": c.executions.values().filter(|&&n| n > 1).count(),
             "realtime_requests": c.realtime_requests,
             "api_calls": c.api_calls,
-        })
+        }))
     }
 
     // ---- files ------------------------------------------------------------
@@ -344,31 +569,44 @@ impl Emulator {
         ttl: Option<i64>,
     ) -> Result<Value, ApiError> {
         let quota = lock(&self.config).max_batch_files();
+        let over_quota = |files: &Files| -> Result<(), ApiError> {
+            match quota {
+                Some(quota) if purpose == "batch" && files.batch_files >= quota => {
+                    Err(ApiError::bad_request(
+                        format!(
+                            "Too many batch files: at most {quota} files of purpose 'batch' may exist at once. \
+                             Delete input files of finished batches and try again."
+                        ),
+                        Some("file"),
+                        Some("file_quota_exceeded"),
+                    ))
+                }
+                _ => Ok(()),
+            }
+        };
+        over_quota(&lock(&self.files))?;
         let created_at = self.now() as i64;
-        let mut files = lock(&self.files);
-        if purpose == "batch"
-            && let Some(quota) = quota
-            && files.batch_files >= quota
-        {
-            return Err(ApiError::bad_request(
-                format!(
-                    "Too many batch files: at most {quota} files of purpose 'batch' may exist at once. \
-                     Delete input files of finished batches and try again."
-                ),
-                Some("file"),
-                Some("file_quota_exceeded"),
-            ));
-        }
         let ttl = ttl.or((purpose == "batch").then_some(FILE_TTL_SECONDS));
-        let file = files.insert(StoredFile {
+        let file = StoredFile {
             id: new_id("file-"),
             bytes,
             created_at,
             expires_at: ttl.map(|t| created_at + t),
             filename,
-            purpose,
+            purpose: purpose.clone(),
             seq: 0,
-        });
+        };
+        // The content goes to disk outside the lock (it may be large); the
+        // event, small, under it, so the quota holds.
+        self.write_content(&file)?;
+        let mut files = lock(&self.files);
+        if let Err(e) = over_quota(&files) {
+            drop(files);
+            self.remove_content(&file.id);
+            return Err(e);
+        }
+        self.record(vec![Event::FileAdded { file: file.meta() }])?;
+        let file = files.insert(file);
         drop(files);
         lock(&self.counters).files_uploaded += 1;
         tracing::debug!(id = %file.id, bytes = file.bytes.len(), purpose = %file.purpose, "file stored");
@@ -385,13 +623,16 @@ impl Emulator {
 
     pub fn delete_file(&self, id: &str) -> Result<Value, ApiError> {
         let mut files = lock(&self.files);
-        let file = files
-            .by_id
-            .remove(id)
-            .ok_or_else(|| no_such_file(id, "id"))?;
-        files.order.remove(&file.seq);
-        if file.purpose == "batch" {
-            files.batch_files = files.batch_files.saturating_sub(1);
+        if !files.by_id.contains_key(id) {
+            return Err(no_such_file(id, "id"));
+        }
+        self.record(vec![Event::FileDeleted { id: id.to_owned() }])?;
+        files.remove(id);
+        // An unfinished batch still reads it: its finish removes the content.
+        let unused = !files.pins.contains_key(id);
+        drop(files);
+        if unused {
+            self.remove_content(id);
         }
         Ok(json!({"id": id, "object": "file", "deleted": true}))
     }
@@ -474,7 +715,7 @@ impl Emulator {
             .map_err(|m| ApiError::bad_request(m, Some("metadata"), Some("invalid_value")))?;
         let output_ttl = expires_after(body.get("output_expires_after"), "output_expires_after")?;
         let input = {
-            let files = lock(&self.files);
+            let mut files = lock(&self.files);
             let file = files
                 .by_id
                 .get(&input_file_id)
@@ -489,7 +730,11 @@ impl Emulator {
                     Some("invalid_value"),
                 ));
             }
-            file.bytes.clone()
+            let bytes = file.bytes.clone();
+            // Held until the batch finishes, so a durable emulator keeps the
+            // content if the File is deleted meanwhile.
+            files.pin(&input_file_id);
+            bytes
         };
         // Decide the token-limit fault now, so "the next N batches" means the
         // next N created, whatever order they are read in.
@@ -544,6 +789,12 @@ impl Emulator {
             error_file_id: None,
             finished: false,
         };
+        if let Err(e) = self.record(vec![Event::BatchCreated {
+            batch: batch.meta(),
+        }]) {
+            lock(&self.files).unpin(&batch.input_file_id);
+            return Err(e);
+        }
         let rendered = render(&batch, config.profile);
         tracing::info!(id = %batch.id, endpoint = %batch.endpoint, token_limit, "batch created");
         let mut index = lock(&self.batches);
@@ -565,12 +816,12 @@ impl Emulator {
         let now = self.now();
         let profile = lock(&self.config).profile;
         let mut b = lock(&batch);
-        self.observe(&mut b, now);
+        self.observe(&mut b, now)?;
         Ok(render(&b, profile))
     }
 
     /// `GET /v1/batches`: newest first, `limit` items after the `after` cursor.
-    pub fn list_batches(&self, limit: usize, after: Option<&str>) -> Value {
+    pub fn list_batches(&self, limit: usize, after: Option<&str>) -> Result<Value, ApiError> {
         let profile = lock(&self.config).profile;
         let (page, has_more) = {
             let index = lock(&self.batches);
@@ -578,7 +829,7 @@ impl Emulator {
             if let Some(after) = after
                 && !newest_first.by_ref().any(|id| id == after)
             {
-                return list_json(profile, Vec::new(), false);
+                return Ok(list_json(profile, Vec::new(), false));
             }
             let page: Vec<Arc<Mutex<Batch>>> = newest_first
                 .by_ref()
@@ -592,11 +843,11 @@ impl Emulator {
             .iter()
             .map(|batch| {
                 let mut b = lock(batch);
-                self.observe(&mut b, now);
-                render(&b, profile)
+                self.observe(&mut b, now)?;
+                Ok(render(&b, profile))
             })
-            .collect();
-        list_json(profile, data, has_more)
+            .collect::<Result<_, ApiError>>()?;
+        Ok(list_json(profile, data, has_more))
     }
 
     /// `POST /v1/batches/{id}/cancel`.
@@ -605,7 +856,7 @@ impl Emulator {
         let now = self.now();
         let profile = lock(&self.config).profile;
         let mut b = lock(&batch);
-        self.observe(&mut b, now);
+        self.observe(&mut b, now)?;
         let status = b.eval.status;
         let refuse = |code: u16| {
             ApiError::new(
@@ -625,6 +876,10 @@ impl Emulator {
         }
         // Work stops now; what ran so far stays. The answer shows `cancelling`
         // even when `cancel_seconds` is 0: the next read shows `cancelled`.
+        self.record(vec![Event::Cancelled {
+            batch: b.id.clone(),
+            at: Exact(now),
+        }])?;
         b.spec.cancel_at = Some(now);
         b.eval.status = Status::Cancelling;
         b.eval.cancelling_at = Some(now);
@@ -632,39 +887,43 @@ impl Emulator {
         Ok(render(&b, profile))
     }
 
-    /// Brings a batch to its state at clock time `now`, doing the work due.
-    fn observe(&self, b: &mut Batch, now: f64) {
+    /// Brings a batch to its state at clock time `now`, doing the work due,
+    /// and records what it did before anyone can see it.
+    fn observe(&self, b: &mut Batch, now: f64) -> Result<(), ApiError> {
         if b.finished {
-            return;
+            return Ok(());
         }
+        let mut events = Vec::new();
         if b.spec.outcome.is_none() && b.spec.needs_outcome(now) {
-            self.validate(b);
+            events.push(self.validate(b));
         }
         let eval = b.spec.eval(now);
         if eval.done > b.executed.len() {
-            self.execute(b, eval.done);
+            events.push(self.execute(b, eval.done));
         }
         b.eval = eval;
         if eval.status.is_terminal() {
-            self.finish(b);
+            self.finish(b, events)
+        } else {
+            self.record(events)
         }
     }
 
     /// The end of `validating`: check every line, decide the outcome.
-    fn validate(&self, b: &mut Batch) {
+    fn validate(&self, b: &mut Batch) -> Event {
         let report = validate::check_file(&b.input, &b.rules);
         {
             let mut c = lock(&self.counters);
             c.lines_submitted += report.lines;
-            c.submitted_ids.extend(report.custom_ids);
+            c.submitted_ids.extend(report.custom_ids.iter().cloned());
         }
         b.model = report.model;
         let outcome = if !report.errors.is_empty() {
-            b.errors = Some(report.errors);
+            b.errors = Some(report.errors.iter().map(LineError::to_json).collect());
             Outcome::Invalid
         } else if b.token_limit {
             let model = b.model.as_deref().unwrap_or("the model");
-            b.errors = Some(vec![LineError {
+            let error = LineError {
                 code: "token_limit_exceeded",
                 message: format!(
                     "Enqueued token limit reached for {model} in organization org-emulator. \
@@ -672,7 +931,8 @@ impl Emulator {
                 ),
                 param: None,
                 line: None,
-            }]);
+            };
+            b.errors = Some(vec![error.to_json()]);
             Outcome::Invalid
         } else {
             b.good = report.good;
@@ -685,76 +945,42 @@ impl Emulator {
         }
         tracing::debug!(id = %b.id, ?outcome, "batch validated");
         b.spec.outcome = Some(outcome);
+        Event::Validated {
+            batch: b.id.clone(),
+            lines: report.lines,
+            custom_ids: report.custom_ids,
+            model: b.model.clone(),
+            errors: b.errors.clone(),
+            valid_lines: match outcome {
+                Outcome::Valid { lines } => Some(lines),
+                Outcome::Invalid => None,
+            },
+        }
     }
 
-    /// Runs good lines up to index `upto` (exclusive), in input order.
-    fn execute(&self, b: &mut Batch, upto: usize) {
-        let start = b.executed.len();
-        let mut ids = Vec::with_capacity(upto - start);
-        for i in start..upto {
-            let Some(good) = b.good.get(i) else { break };
-            // Each line finishes one `per_request` period after the previous.
-            let finished = b.spec.validated_at() + (i + 1) as f64 * b.spec.timing.per_request;
-            let body = b
-                .input
-                .get(good.range.clone())
-                .and_then(|text| serde_json::from_slice::<Value>(text).ok())
-                .and_then(|mut line| match line.get_mut("body").map(Value::take) {
-                    Some(Value::Object(body)) => Some(body),
-                    _ => None,
-                })
-                .unwrap_or_default();
-            let answer = model::answer(
-                &b.endpoint,
-                &body,
-                &response_id(&b.endpoint),
-                finished as i64,
-            );
-            let status = answer.status();
-            let (ok, response_body) = match answer {
-                Answer::Ok { body, usage } => {
-                    b.usage.prompt += usage.prompt;
-                    b.usage.completion += usage.completion;
-                    (true, body)
-                }
-                Answer::Failed { body, .. } => (false, body),
-            };
-            if ok {
-                b.completed += 1;
-            } else {
-                b.failed += 1;
-            }
-            let line = json!({
-                "id": new_id("batch_req_"),
-                "custom_id": good.custom_id,
-                "response": {
-                    "status_code": status,
-                    "request_id": new_id("req_"),
-                    "body": response_body,
-                },
-                "error": null,
-            });
-            b.executed.push(Executed {
-                ok,
-                line: line.to_string(),
-            });
-            ids.push(good.custom_id.clone());
-        }
+    /// Runs good lines up to index `upto` (exclusive), in input order, and
+    /// counts the executions.
+    fn execute(&self, b: &mut Batch, upto: usize) -> Event {
+        let ids = run_lines(b, upto);
         let mut c = lock(&self.counters);
-        c.executed_lines += ids.len() as u64;
-        for id in ids {
-            *c.executions.entry(id).or_default() += 1;
+        c.count_executions(&ids);
+        Event::Executed {
+            batch: b.id.clone(),
+            upto: b.executed.len(),
+            custom_ids: ids,
         }
     }
 
     /// The end of a batch: write the output and error files (each only if it
-    /// has a line) and let go of the input.
+    /// has a line) and let go of the input. `events` (the steps that led
+    /// here) are recorded with the end, after the files' contents are on disk
+    /// and before the files can be seen.
     ///
     /// Lines are written in the reverse of the order they ran, so a client
     /// cannot rely on output order matching input order (the real API makes
     /// no such promise either); lines cut off by expiry or cancel come last in
     /// the error file, also reversed.
-    fn finish(&self, b: &mut Batch) {
+    fn finish(&self, b: &mut Batch, mut events: Vec<Event>) -> Result<(), ApiError> {
         b.finished = true;
         let cut_off = match b.eval.status {
             Status::Expired => Some((
@@ -796,27 +1022,43 @@ impl Emulator {
         }
         let created_at = self.now() as i64;
         let ttl = b.output_ttl.unwrap_or(FILE_TTL_SECONDS);
-        let mut files = lock(&self.files);
-        let mut store = |content: Vec<u8>, kind: &str| {
-            files
-                .insert(StoredFile {
-                    id: new_id("file-"),
-                    bytes: Bytes::from(content),
-                    created_at,
-                    expires_at: Some(created_at + ttl),
-                    filename: format!("{}_{kind}.jsonl", b.id),
-                    purpose: "batch_output".to_owned(),
-                    seq: 0,
-                })
-                .id
+        let file = |content: Vec<u8>, kind: &str| {
+            (!content.is_empty()).then(|| StoredFile {
+                id: new_id("file-"),
+                bytes: Bytes::from(content),
+                created_at,
+                expires_at: Some(created_at + ttl),
+                filename: format!("{}_{kind}.jsonl", b.id),
+                purpose: "batch_output".to_owned(),
+                seq: 0,
+            })
         };
-        if !output.is_empty() {
-            b.output_file_id = Some(store(output, "output"));
+        let output = file(output, "output");
+        let error = file(errors, "error");
+        for f in output.iter().chain(&error) {
+            self.write_content(f)?;
         }
-        if !errors.is_empty() {
-            b.error_file_id = Some(store(errors, "error"));
+        events.push(Event::Finished {
+            batch: b.id.clone(),
+            completed: b.completed,
+            failed: b.failed,
+            prompt_tokens: b.usage.prompt,
+            completion_tokens: b.usage.completion,
+            output: output.as_ref().map(StoredFile::meta),
+            error: error.as_ref().map(StoredFile::meta),
+        });
+        self.record(events)?;
+        b.output_file_id = output.as_ref().map(|f| f.id.clone());
+        b.error_file_id = error.as_ref().map(|f| f.id.clone());
+        let mut files = lock(&self.files);
+        for f in output.into_iter().chain(error) {
+            files.insert(f);
         }
+        let unused = files.unpin(&b.input_file_id);
         drop(files);
+        if unused {
+            self.remove_content(&b.input_file_id);
+        }
         b.executed = Vec::new();
         b.good = Vec::new();
         b.input = Bytes::new();
@@ -827,6 +1069,189 @@ impl Emulator {
             failed = b.failed,
             "batch finished"
         );
+        Ok(())
+    }
+}
+
+/// The answers of good lines up to index `upto` (exclusive) not run yet, in
+/// input order, kept in the batch until its files are written; returns their
+/// custom ids. A pure function of the input apart from the response ids, so
+/// a durable emulator runs them again on replay.
+fn run_lines(b: &mut Batch, upto: usize) -> Vec<String> {
+    let start = b.executed.len();
+    let mut ids = Vec::with_capacity(upto.saturating_sub(start));
+    for i in start..upto {
+        let Some(good) = b.good.get(i) else { break };
+        // Each line finishes one `per_request` period after the previous.
+        let finished = b.spec.validated_at() + (i + 1) as f64 * b.spec.timing.per_request;
+        let body = b
+            .input
+            .get(good.range.clone())
+            .and_then(|text| serde_json::from_slice::<Value>(text).ok())
+            .and_then(|mut line| match line.get_mut("body").map(Value::take) {
+                Some(Value::Object(body)) => Some(body),
+                _ => None,
+            })
+            .unwrap_or_default();
+        let answer = model::answer(
+            &b.endpoint,
+            &body,
+            &response_id(&b.endpoint),
+            finished as i64,
+        );
+        let status = answer.status();
+        let (ok, response_body) = match answer {
+            Answer::Ok { body, usage } => {
+                b.usage.prompt += usage.prompt;
+                b.usage.completion += usage.completion;
+                (true, body)
+            }
+            Answer::Failed { body, .. } => (false, body),
+        };
+        if ok {
+            b.completed += 1;
+        } else {
+            b.failed += 1;
+        }
+        let line = json!({
+            "id": new_id("batch_req_"),
+            "custom_id": good.custom_id,
+            "response": {
+                "status_code": status,
+                "request_id": new_id("req_"),
+                "body": response_body,
+            },
+            "error": null,
+        });
+        b.executed.push(Executed {
+            ok,
+            line: line.to_string(),
+        });
+        ids.push(good.custom_id.clone());
+    }
+    ids
+}
+
+impl Counters {
+    fn count_executions(&mut self, ids: &[String]) {
+        self.executed_lines += ids.len() as u64;
+        for id in ids {
+            *self.executions.entry(id.clone()).or_default() += 1;
+        }
+    }
+}
+
+/// The clock offset after a restart: the one written down, moved forward if
+/// the system clock now reads so early that time would otherwise go back
+/// behind `floor`, the last time the previous run wrote down.
+fn resumed_offset(real_now: f64, offset: f64, floor: f64) -> f64 {
+    if real_now + offset < floor {
+        floor - real_now
+    } else {
+        offset
+    }
+}
+
+fn broken_error() -> ApiError {
+    ApiError::internal(
+        "The emulator could not write its state to disk and stopped serving; see its log.",
+    )
+}
+
+/// The state rebuilt from the journal's events, in order.
+#[derive(Default)]
+struct Replay {
+    offset: f64,
+    floor: f64,
+    files: Files,
+    counters: Counters,
+    /// Every batch in creation order, and how many of its good lines had run.
+    batches: Vec<(Batch, usize)>,
+    /// Batch id → its place in `batches`.
+    positions: HashMap<String, usize>,
+}
+
+impl Replay {
+    fn batch(&mut self, id: &str) -> Result<&mut (Batch, usize), String> {
+        self.positions
+            .get(id)
+            .and_then(|&i| self.batches.get_mut(i))
+            .ok_or_else(|| format!("an event about batch {id}, which was never created"))
+    }
+
+    fn apply(&mut self, entry: Entry) -> Result<(), String> {
+        self.floor = self.floor.max(entry.at.0);
+        let c = &mut self.counters;
+        c.api_calls = c.api_calls.max(entry.api_calls);
+        c.realtime_requests = c.realtime_requests.max(entry.realtime_requests);
+        match entry.event {
+            Event::Format { .. } => {}
+            Event::FileAdded { file } => {
+                self.files.insert(StoredFile::from_meta(file, Bytes::new()));
+                self.counters.files_uploaded += 1;
+            }
+            Event::FileDeleted { id } => {
+                self.files.remove(&id);
+            }
+            Event::BatchCreated { batch } => {
+                self.positions.insert(batch.id.clone(), self.batches.len());
+                self.batches.push((Batch::from_meta(batch), 0));
+            }
+            Event::Validated {
+                batch,
+                lines,
+                custom_ids,
+                model,
+                errors,
+                valid_lines,
+            } => {
+                self.counters.lines_submitted += lines;
+                self.counters.submitted_ids.extend(custom_ids);
+                let (b, _) = self.batch(&batch)?;
+                b.model = model;
+                b.errors = errors;
+                b.spec.outcome = Some(match valid_lines {
+                    Some(lines) => Outcome::Valid { lines },
+                    None => Outcome::Invalid,
+                });
+            }
+            Event::Executed {
+                batch,
+                upto,
+                custom_ids,
+            } => {
+                self.counters.count_executions(&custom_ids);
+                self.batch(&batch)?.1 = upto;
+            }
+            Event::Cancelled { batch, at } => self.batch(&batch)?.0.spec.cancel_at = Some(at.0),
+            Event::Finished {
+                batch,
+                completed,
+                failed,
+                prompt_tokens,
+                completion_tokens,
+                output,
+                error,
+            } => {
+                let (b, _) = self.batch(&batch)?;
+                b.finished = true;
+                b.completed = completed;
+                b.failed = failed;
+                b.usage = Usage {
+                    prompt: prompt_tokens,
+                    completion: completion_tokens,
+                };
+                // A terminal status does not change with time.
+                b.eval = b.spec.eval(f64::INFINITY);
+                b.output_file_id = output.as_ref().map(|f| f.id.clone());
+                b.error_file_id = error.as_ref().map(|f| f.id.clone());
+                for f in output.into_iter().chain(error) {
+                    self.files.insert(StoredFile::from_meta(f, Bytes::new()));
+                }
+            }
+            Event::Clock { offset } => self.offset = self.offset.max(offset.0),
+        }
+        Ok(())
     }
 }
 
@@ -887,9 +1312,10 @@ fn render(b: &Batch, profile: Profile) -> Value {
     o.insert("endpoint".into(), json!(b.endpoint));
     if profile == Profile::Openai {
         o.insert("model".into(), json!(b.model));
-        let errors = b.errors.as_ref().map(|errs| {
-            json!({"object": "list", "data": errs.iter().map(LineError::to_json).collect::<Vec<_>>()})
-        });
+        let errors = b
+            .errors
+            .as_ref()
+            .map(|errs| json!({"object": "list", "data": errs}));
         o.insert("errors".into(), errors.unwrap_or(Value::Null));
     }
     o.insert("input_file_id".into(), json!(b.input_file_id));
@@ -929,6 +1355,73 @@ fn render(b: &Batch, profile: Profile) -> Value {
 }
 
 impl Batch {
+    /// A batch as created, before anything was observed.
+    fn from_meta(m: BatchMeta) -> Batch {
+        let spec = Spec {
+            created: m.created.0,
+            timing: Timing {
+                validating: m.validating.0,
+                per_request: m.per_request.0,
+                finalizing: m.finalizing.0,
+                cancel: m.cancel.0,
+            },
+            deadline: m.deadline.0,
+            outcome: None,
+            cancel_at: None,
+        };
+        Batch {
+            id: m.id,
+            endpoint: m.endpoint.clone(),
+            input_file_id: m.input_file_id,
+            completion_window: m.completion_window,
+            metadata: m.metadata,
+            output_ttl: m.output_ttl,
+            spec,
+            rules: Rules {
+                profile: m.profile,
+                endpoint: m.endpoint,
+                models: m.models,
+                max_lines: m.max_lines,
+            },
+            token_limit: m.token_limit,
+            input: Bytes::new(),
+            eval: spec.eval(f64::NEG_INFINITY),
+            model: None,
+            errors: None,
+            good: Vec::new(),
+            executed: Vec::new(),
+            completed: 0,
+            failed: 0,
+            usage: Usage::default(),
+            output_file_id: None,
+            error_file_id: None,
+            finished: false,
+        }
+    }
+
+    /// What the journal keeps of a new batch.
+    fn meta(&self) -> BatchMeta {
+        let s = &self.spec;
+        BatchMeta {
+            id: self.id.clone(),
+            endpoint: self.endpoint.clone(),
+            input_file_id: self.input_file_id.clone(),
+            completion_window: self.completion_window.clone(),
+            metadata: self.metadata.clone(),
+            output_ttl: self.output_ttl,
+            created: Exact(s.created),
+            deadline: Exact(s.deadline),
+            validating: Exact(s.timing.validating),
+            per_request: Exact(s.timing.per_request),
+            finalizing: Exact(s.timing.finalizing),
+            cancel: Exact(s.timing.cancel),
+            profile: self.rules.profile,
+            models: self.rules.models.clone(),
+            max_lines: self.rules.max_lines,
+            token_limit: self.token_limit,
+        }
+    }
+
     /// Request lines that passed validation (0 before validation ends or when
     /// it failed).
     fn good_total(&self) -> u64 {
@@ -938,3 +1431,6 @@ impl Batch {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,6 +1,7 @@
 //! Shared harness for the integration tests: the real `ferry` binary and a
 //! standalone `ferry emulator`, each started on port 0 in its own process,
-//! talking real HTTP over loopback.
+//! talking real HTTP over loopback; or Ferry alone with its embedded
+//! emulator (the default shape), which dies and restarts with it.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod process;
@@ -57,6 +58,37 @@ pub fn config(
     upstream_extra: &str,
     server_extra: &str,
 ) -> String {
+    let target =
+        format!("base_url = \"http://{upstream}/v1\"\napi_key_env = \"FERRY_TEST_UPSTREAM_KEY\"");
+    config_for(dir, "", &target, upstream_extra, server_extra)
+}
+
+/// A Ferry config whose upstream is its embedded emulator (as in
+/// `config/ferry.toml`), with `emulator_extra` knobs in its `[emulator]`
+/// table; otherwise as [`config`].
+pub fn embedded_config(
+    dir: &Path,
+    emulator_extra: &str,
+    upstream_extra: &str,
+    server_extra: &str,
+) -> String {
+    let emulator = format!("[emulator]\napi_key = \"{UPSTREAM_KEY}\"\n{emulator_extra}\n");
+    config_for(
+        dir,
+        &emulator,
+        "emulator = true",
+        upstream_extra,
+        server_extra,
+    )
+}
+
+fn config_for(
+    dir: &Path,
+    emulator: &str,
+    target: &str,
+    upstream_extra: &str,
+    server_extra: &str,
+) -> String {
     format!(
         r#"
 [server]
@@ -67,11 +99,11 @@ threads = 1
 {grace}
 {server_extra}
 
+{emulator}
 [[upstreams]]
 name = "emu"
 kind = "openai"
-base_url = "http://{upstream}/v1"
-api_key_env = "FERRY_TEST_UPSTREAM_KEY"
+{target}
 poll_interval_secs = 0.05
 {max_wait}
 {upstream_extra}
@@ -93,6 +125,15 @@ poll_interval_secs = 0.05
 }
 
 pub fn ferry(dir: &Path, config: &str) -> Proc {
+    ferry_with(dir, config, &["proxy", "admin"])
+}
+
+/// Ferry on its embedded emulator: waits for the emulator's address too.
+pub fn ferry_embedded(dir: &Path, config: &str) -> Proc {
+    ferry_with(dir, config, &["proxy", "admin", "emulator"])
+}
+
+fn ferry_with(dir: &Path, config: &str, services: &[&str]) -> Proc {
     let path = dir.join("ferry.toml");
     std::fs::write(&path, config).expect("write config");
     let mut cmd = Command::new(BIN);
@@ -102,7 +143,7 @@ pub fn ferry(dir: &Path, config: &str) -> Proc {
         .env("FERRY_LOG", "info,pingora_core=warn,pingora_proxy=warn");
     spawn(
         cmd,
-        &["proxy", "admin"],
+        services,
         dir.join(format!(
             "ferry-{}.log",
             std::time::SystemTime::now()
@@ -116,9 +157,17 @@ pub fn ferry(dir: &Path, config: &str) -> Proc {
 /// An emulator and a Ferry in front of it.
 pub struct Stack {
     pub dir: tempfile::TempDir,
-    pub emulator: Proc,
+    /// The standalone emulator; `None` when Ferry embeds it.
+    pub emulator: Option<Proc>,
     pub ferry: Proc,
     pub http: reqwest::Client,
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .expect("client")
 }
 
 impl Stack {
@@ -134,21 +183,36 @@ impl Stack {
         let ferry = ferry(dir.path(), &cfg);
         Stack {
             dir,
-            emulator,
+            emulator: Some(emulator),
             ferry,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(120))
-                .build()
-                .expect("client"),
+            http: client(),
+        }
+    }
+
+    /// Ferry alone on its embedded emulator, with `emulator_extra` knobs
+    /// (they apply at every start, restarts included).
+    pub fn start_embedded(emulator_extra: &str, upstream_extra: &str, server_extra: &str) -> Stack {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = embedded_config(dir.path(), emulator_extra, upstream_extra, server_extra);
+        let ferry = ferry_embedded(dir.path(), &cfg);
+        Stack {
+            dir,
+            emulator: None,
+            ferry,
+            http: client(),
         }
     }
 
     /// Stops Ferry (SIGKILL) and starts it again on the same data and config.
+    /// An embedded emulator dies and comes back with it, on a new port.
     pub fn restart_ferry(&mut self) {
         let _ = self.ferry.child.kill();
         let _ = self.ferry.child.wait();
         let cfg = std::fs::read_to_string(self.dir.path().join("ferry.toml")).expect("config");
-        self.ferry = ferry(self.dir.path(), &cfg);
+        self.ferry = match self.emulator {
+            Some(_) => ferry(self.dir.path(), &cfg),
+            None => ferry_embedded(self.dir.path(), &cfg),
+        };
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -159,8 +223,11 @@ impl Stack {
         format!("http://{}{path}", self.ferry.addr("admin"))
     }
 
+    /// A URL on the emulator, standalone or embedded (the embedded one's
+    /// port changes at every restart).
     pub fn emu(&self, path: &str) -> String {
-        format!("http://{}{path}", self.emulator.addr("emulator"))
+        let emulator = self.emulator.as_ref().unwrap_or(&self.ferry);
+        format!("http://{}{path}", emulator.addr("emulator"))
     }
 
     /// `GET` on the emulator's Batch API with the upstream key: what the
