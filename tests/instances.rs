@@ -92,7 +92,10 @@ async fn a_second_instance_leaves_the_first_ones_batch_and_files_alone() {
     let b_dir = tempfile::tempdir().unwrap();
     let b_config = common::config(
         b_dir.path(),
-        a.emulator.addr("emulator"),
+        a.emulator
+            .as_ref()
+            .expect("a standalone emulator")
+            .addr("emulator"),
         "max_requests = 2",
         "",
     );

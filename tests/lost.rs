@@ -23,9 +23,10 @@ async fn lose_the_batch(s: &mut Stack) {
         assert_eq!(r.status(), 202);
     }
     until_status(s, "r-2", "submitted").await;
-    let addr = s.emulator.addr("emulator");
-    let _ = s.emulator.child.kill();
-    let _ = s.emulator.child.wait();
+    let emulator = s.emulator.as_mut().expect("a standalone emulator");
+    let addr = emulator.addr("emulator");
+    let _ = emulator.child.kill();
+    let _ = emulator.child.wait();
     let mut cmd = Command::new(common::BIN);
     cmd.args([
         "emulator",
@@ -34,12 +35,12 @@ async fn lose_the_batch(s: &mut Stack) {
         "--api-key",
         common::UPSTREAM_KEY,
     ]);
-    s.emulator = common::spawn(
+    s.emulator = Some(common::spawn(
         cmd,
         &["emulator"],
         s.dir.path().join("emulator-2.log"),
         Duration::from_secs(60),
-    );
+    ));
 }
 
 fn lost_count(metrics: &str) -> u64 {
