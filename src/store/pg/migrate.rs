@@ -1,0 +1,195 @@
+//! Schema migrations, run by every node at start. Versioned and append-only:
+//! migration N is applied once, in order, and recorded in `ferry_schema`.
+//! Two nodes starting at once are serialised by a transaction-scoped
+//! advisory lock, so each migration runs exactly once; a node that finds a
+//! version newer than it knows refuses to start rather than misread rows
+//! written by a newer build.
+
+use super::PgError;
+
+/// The advisory lock key migrations hold (an arbitrary constant: "ferrymig").
+const MIGRATION_LOCK: i64 = 0x6665_7272_796d_6967;
+
+/// (version, SQL). Never edit an applied migration: add the next one.
+pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1)];
+
+/// The newest schema this build knows.
+pub fn known_version() -> i32 {
+    MIGRATIONS.last().map_or(0, |(v, _)| *v)
+}
+
+/// Layout 1. Bodies and results live apart from the request rows that each
+/// batch step updates, so a state change rewrites a small row, not a prompt.
+/// Queue thresholds are read from `queue_counters`, kept in step by the
+/// same transactions that add and remove queue rows, never by counting.
+const V1: &str = r#"
+CREATE SEQUENCE ferry_ids;
+
+CREATE TABLE requests (
+    id            bigint PRIMARY KEY,
+    tenant        text     NOT NULL,
+    custom_id     text     NOT NULL,
+    upstream      text     NOT NULL,
+    model         text     NOT NULL,
+    body_sha256   text     NOT NULL,
+    body_len      bigint   NOT NULL,
+    callback_url  text,
+    stream        boolean  NOT NULL,
+    created_at    bigint   NOT NULL,
+    status        smallint NOT NULL,
+    attempts      integer  NOT NULL DEFAULT 0,
+    batch         bigint,
+    submitted_at  bigint,
+    completed_at  bigint,
+    error         jsonb,
+    webhook       jsonb,
+    UNIQUE (tenant, custom_id)
+);
+
+CREATE TABLE bodies (
+    id   bigint PRIMARY KEY,
+    body bytea  NOT NULL
+);
+
+CREATE TABLE results (
+    id          bigint   PRIMARY KEY,
+    status_code smallint NOT NULL,
+    body        bytea    NOT NULL
+);
+
+CREATE TABLE queue (
+    upstream    text   NOT NULL,
+    model       text   NOT NULL,
+    id          bigint NOT NULL,
+    enqueued_ms bigint NOT NULL,
+    line_len    bigint NOT NULL,
+    PRIMARY KEY (upstream, model, id)
+);
+
+CREATE TABLE queue_counters (
+    upstream text   NOT NULL,
+    model    text   NOT NULL,
+    count    bigint NOT NULL DEFAULT 0,
+    bytes    bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (upstream, model)
+);
+
+CREATE TABLE batches (
+    id       bigint  PRIMARY KEY,
+    upstream text    NOT NULL,
+    live     boolean NOT NULL,
+    record   jsonb   NOT NULL
+);
+CREATE INDEX batches_live ON batches (upstream) WHERE live;
+
+CREATE TABLE members (
+    batch bigint NOT NULL,
+    id    bigint NOT NULL,
+    PRIMARY KEY (batch, id)
+);
+
+CREATE TABLE outbox (
+    id          bigint PRIMARY KEY,
+    due_ms      bigint NOT NULL,
+    delivery    jsonb  NOT NULL,
+    lease_owner text,
+    lease_until timestamptz
+);
+CREATE INDEX outbox_due ON outbox (due_ms);
+
+CREATE TABLE leases (
+    name       text        PRIMARY KEY,
+    owner      text        NOT NULL,
+    token      bigint      NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+"#;
+
+/// What [`migrate`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migrated {
+    /// The version found before (0: an empty database).
+    pub from: i32,
+    /// The versions applied now, in order.
+    pub applied: Vec<i32>,
+}
+
+/// Brings the database to [`known_version`], or refuses one that is newer.
+pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<Migrated, PgError> {
+    migrate_with(client, MIGRATIONS).await
+}
+
+/// [`migrate`] with a given list, so tests can stand in a newer build.
+pub async fn migrate_with(
+    client: &mut tokio_postgres::Client,
+    migrations: &[(i32, &str)],
+) -> Result<Migrated, PgError> {
+    let known = migrations.last().map_or(0, |(v, _)| *v);
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS ferry_schema (
+             version    integer     PRIMARY KEY,
+             applied_at timestamptz NOT NULL DEFAULT now()
+         )",
+    )
+    .await?;
+    let from: i32 = tx
+        .query_one("SELECT coalesce(max(version), 0) FROM ferry_schema", &[])
+        .await?
+        .get(0);
+    let todo = pending(from, known, migrations)?;
+    for (version, sql) in &todo {
+        tx.batch_execute(sql).await?;
+        tx.execute("INSERT INTO ferry_schema (version) VALUES ($1)", &[version])
+            .await?;
+        tracing::info!(version, "applied a schema migration");
+    }
+    tx.commit().await?;
+    Ok(Migrated {
+        from,
+        applied: todo.iter().map(|(v, _)| *v).collect(),
+    })
+}
+
+/// The migrations to apply to a database at `found`, or the refusal of a
+/// database newer than this build.
+fn pending<'a>(
+    found: i32,
+    known: i32,
+    migrations: &'a [(i32, &'a str)],
+) -> Result<Vec<(i32, &'a str)>, PgError> {
+    if found > known {
+        return Err(PgError::SchemaTooNew { found, known });
+    }
+    Ok(migrations
+        .iter()
+        .filter(|(v, _)| *v > found)
+        .map(|(v, s)| (*v, *s))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_numbered_from_one_without_gaps() {
+        for (i, (v, _)) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(*v as usize, i + 1);
+        }
+    }
+
+    #[test]
+    fn pending_applies_what_is_missing_and_refuses_the_future() {
+        let m: &[(i32, &str)] = &[(1, "a"), (2, "b"), (3, "c")];
+        assert_eq!(pending(0, 3, m).unwrap().len(), 3);
+        assert_eq!(pending(2, 3, m).unwrap(), vec![(3, "c")]);
+        assert!(pending(3, 3, m).unwrap().is_empty());
+        assert!(matches!(
+            pending(4, 3, m),
+            Err(PgError::SchemaTooNew { found: 4, known: 3 })
+        ));
+    }
+}

@@ -1,0 +1,57 @@
+//! PostgreSQL, the shared store of a Ferry cluster: several nodes on one
+//! database, each stateless apart from what it holds in memory.
+//!
+//! What is here so far: the connection pool and the versioned schema
+//! migrations that every node runs at start. The store operations behind
+//! the storage seam come next; see the README's "Running a cluster" once
+//! they land.
+
+pub mod migrate;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+
+/// Errors of the PostgreSQL layer.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("bad PostgreSQL connection URL: {0}")]
+    Url(String),
+    #[error("PostgreSQL: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    #[error("cannot get a PostgreSQL connection: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("cannot build the PostgreSQL pool: {0}")]
+    Build(String),
+    #[error(
+        "the database is at schema version {found}, newer than this Ferry knows ({known}): \
+         upgrade this node, or point it at another database"
+    )]
+    SchemaTooNew { found: i32, known: i32 },
+}
+
+/// Parses a connection URL (`postgres://user@host:port/db?...`).
+pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, PgError> {
+    url.parse().map_err(|e: tokio_postgres::Error| {
+        // The URL may carry a password: name the problem, never the URL.
+        PgError::Url(e.to_string())
+    })
+}
+
+/// A pool of at most `size` connections. Connections are made lazily, so
+/// this does not touch the network; the first query does.
+pub fn pool(config: tokio_postgres::Config, size: usize) -> Result<Pool, PgError> {
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            // A connection a query left broken is noticed by the next
+            // query's error; a check before every checkout would cost a
+            // round trip per call.
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size.max(1))
+        .build()
+        .map_err(|e| PgError::Build(e.to_string()))
+}
