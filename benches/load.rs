@@ -1173,21 +1173,8 @@ async fn intake(o: &Opts, rows: &mut Rows) {
             "respond-async",
         )
     });
-    let cpu0 = cpu_secs(fer.pid(), false);
-    let warmup = Duration::from_secs(2);
-    let l = closed_loop(
-        addr,
-        o.conns,
-        Stop::Time {
-            warmup,
-            duration: o.duration,
-        },
-        make,
-    )
-    .await;
-    let cpu = cpu_secs(fer.pid(), false) - cpu0;
+    let (l, cpu_per_202) = timed_intake(o, &fer, make).await;
     l.check("intake", 202);
-    let scale = o.duration.as_secs_f64() / (o.duration + warmup).as_secs_f64();
     rows.target(
         "2 durable intake",
         format!("202 answers/s, {} conns, ~300 B bodies", o.conns),
@@ -1207,7 +1194,7 @@ async fn intake(o: &Opts, rows: &mut Rows) {
     rows.add(
         "2 durable intake",
         "Ferry CPU per request",
-        cpu * scale / l.count(202) as f64 * 1e6,
+        cpu_per_202,
         "µs",
     );
     rows.add(
@@ -1216,6 +1203,23 @@ async fn intake(o: &Opts, rows: &mut Rows) {
         mem_mib(fer.pid(), "VmRSS"),
         "MiB",
     );
+}
+
+/// A closed-loop intake run against `fer` (2 s warm-up, then
+/// `o.duration`): the load, and Ferry's CPU per `202` in µs over the whole
+/// run scaled to the measured part.
+async fn timed_intake(o: &Opts, fer: &Proc, make: MakeReq) -> (Load, f64) {
+    let cpu0 = cpu_secs(fer.pid(), false);
+    let warmup = Duration::from_secs(2);
+    let stop = Stop::Time {
+        warmup,
+        duration: o.duration,
+    };
+    let l = closed_loop(fer.addr("proxy"), o.conns, stop, make).await;
+    let cpu = cpu_secs(fer.pid(), false) - cpu0;
+    let scale = o.duration.as_secs_f64() / (o.duration + warmup).as_secs_f64();
+    let per_202 = cpu * scale / l.count(202) as f64 * 1e6;
+    (l, per_202)
 }
 
 /// Figure 2 again on the shipped default config (`config/ferry.toml`:
@@ -1250,21 +1254,8 @@ async fn intake_default(o: &Opts, rows: &mut Rows) {
     let body = chat_body(MODEL, 300);
     let make: MakeReq =
         Arc::new(move |i| deferred_req(addr, body.clone(), &format!("d{i}"), "respond-async"));
-    let cpu0 = cpu_secs(fer.pid(), false);
-    let warmup = Duration::from_secs(2);
-    let l = closed_loop(
-        addr,
-        o.conns,
-        Stop::Time {
-            warmup,
-            duration: o.duration,
-        },
-        make,
-    )
-    .await;
-    let cpu = cpu_secs(fer.pid(), false) - cpu0;
+    let (l, cpu_per_202) = timed_intake(o, &fer, make).await;
     l.check("intake with flushing", 202);
-    let scale = o.duration.as_secs_f64() / (o.duration + warmup).as_secs_f64();
     let section = "2b intake, default config";
     rows.target(
         section,
@@ -1284,7 +1275,7 @@ async fn intake_default(o: &Opts, rows: &mut Rows) {
     rows.add(
         section,
         "Ferry CPU per request (embedded emulator included)",
-        cpu * scale / l.count(202) as f64 * 1e6,
+        cpu_per_202,
         "µs",
     );
 }

@@ -749,46 +749,25 @@ impl Emulator {
         };
         let created = self.now();
         let deadline = created + config.expire_after_seconds.unwrap_or(window);
-        let spec = Spec {
-            created,
-            timing: Timing {
-                validating: config.validating_seconds,
-                per_request: config.per_request_seconds,
-                finalizing: config.finalizing_seconds,
-                cancel: config.cancel_seconds,
-            },
-            deadline,
-            outcome: None,
-            cancel_at: None,
-        };
-        let batch = Batch {
+        let mut batch = Batch::from_meta(BatchMeta {
             id: new_id("batch_"),
-            endpoint: endpoint.clone(),
+            endpoint,
             input_file_id,
             completion_window,
             metadata,
             output_ttl,
-            spec,
-            rules: Rules {
-                profile: config.profile,
-                endpoint,
-                models: config.models.clone(),
-                max_lines: config.max_lines(),
-            },
+            created: Exact(created),
+            deadline: Exact(deadline),
+            validating: Exact(config.validating_seconds),
+            per_request: Exact(config.per_request_seconds),
+            finalizing: Exact(config.finalizing_seconds),
+            cancel: Exact(config.cancel_seconds),
+            profile: config.profile,
+            models: config.models.clone(),
+            max_lines: config.max_lines(),
             token_limit,
-            input,
-            eval: spec.eval(f64::NEG_INFINITY),
-            model: None,
-            errors: None,
-            good: Vec::new(),
-            executed: Vec::new(),
-            completed: 0,
-            failed: 0,
-            usage: Usage::default(),
-            output_file_id: None,
-            error_file_id: None,
-            finished: false,
-        };
+        });
+        batch.input = input;
         if let Err(e) = self.record(vec![Event::BatchCreated {
             batch: batch.meta(),
         }]) {
@@ -1355,7 +1334,8 @@ fn render(b: &Batch, profile: Profile) -> Value {
 }
 
 impl Batch {
-    /// A batch as created, before anything was observed.
+    /// A batch as created, before anything was observed (its input is
+    /// set by the caller: the upload's bytes, or at replay the file's).
     fn from_meta(m: BatchMeta) -> Batch {
         let spec = Spec {
             created: m.created.0,
