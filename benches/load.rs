@@ -1173,8 +1173,9 @@ async fn intake(o: &Opts, rows: &mut Rows) {
             "respond-async",
         )
     });
-    let (l, cpu_per_202) = timed_intake(o, &fer, make).await;
+    let (l, cpu_per_202, flushes) = timed_intake(o, &fer, make).await;
     l.check("intake", 202);
+    flush_rows(rows, "2 durable intake", &l, flushes);
     rows.target(
         "2 durable intake",
         format!("202 answers/s, {} conns, ~300 B bodies", o.conns),
@@ -1206,9 +1207,19 @@ async fn intake(o: &Opts, rows: &mut Rows) {
 }
 
 /// A closed-loop intake run against `fer` (2 s warm-up, then
-/// `o.duration`): the load, and Ferry's CPU per `202` in µs over the whole
-/// run scaled to the measured part.
-async fn timed_intake(o: &Opts, fer: &Proc, make: MakeReq) -> (Load, f64) {
+/// `o.duration`): the load, Ferry's CPU per `202` in µs over the whole run
+/// scaled to the measured part, and its durable flushes over the run
+/// (count, mean duration in ms): with a group commit, every connection
+/// waits for one flush per call, so connections ÷ (flush + store time)
+/// bounds the rate.
+async fn timed_intake(o: &Opts, fer: &Proc, make: MakeReq) -> (Load, f64, (f64, f64)) {
+    let flushes = |m: &str| {
+        (
+            metric_sum(m, "ferry_storage_flush_duration_seconds_count", ""),
+            metric_sum(m, "ferry_storage_flush_duration_seconds_sum", ""),
+        )
+    };
+    let (n0, s0) = flushes(&metrics(fer.addr("admin")).await);
     let cpu0 = cpu_secs(fer.pid(), false);
     let warmup = Duration::from_secs(2);
     let stop = Stop::Time {
@@ -1217,9 +1228,22 @@ async fn timed_intake(o: &Opts, fer: &Proc, make: MakeReq) -> (Load, f64) {
     };
     let l = closed_loop(fer.addr("proxy"), o.conns, stop, make).await;
     let cpu = cpu_secs(fer.pid(), false) - cpu0;
+    let (n1, s1) = flushes(&metrics(fer.addr("admin")).await);
     let scale = o.duration.as_secs_f64() / (o.duration + warmup).as_secs_f64();
     let per_202 = cpu * scale / l.count(202) as f64 * 1e6;
-    (l, per_202)
+    let mean_ms = (s1 - s0) / (n1 - n0).max(1.0) * 1000.0;
+    (l, per_202, (n1 - n0, mean_ms))
+}
+
+/// The flush rows of an intake section.
+fn flush_rows(rows: &mut Rows, section: &'static str, l: &Load, (n, mean_ms): (f64, f64)) {
+    rows.add(section, "durable flushes: mean duration", mean_ms, "ms");
+    rows.add(
+        section,
+        "durable flushes: calls per flush (whole run)",
+        l.count(202) as f64 / n.max(1.0),
+        "",
+    );
 }
 
 /// Figure 2 again on the shipped default config (`config/ferry.toml`:
@@ -1254,9 +1278,10 @@ async fn intake_default(o: &Opts, rows: &mut Rows) {
     let body = chat_body(MODEL, 300);
     let make: MakeReq =
         Arc::new(move |i| deferred_req(addr, body.clone(), &format!("d{i}"), "respond-async"));
-    let (l, cpu_per_202) = timed_intake(o, &fer, make).await;
+    let (l, cpu_per_202, flushes) = timed_intake(o, &fer, make).await;
     l.check("intake with flushing", 202);
     let section = "2b intake, default config";
+    flush_rows(rows, section, &l, flushes);
     rows.target(
         section,
         format!("202 answers/s, {} conns, one model, flushing on", o.conns),

@@ -327,9 +327,6 @@ pub struct NewRequest<'a> {
     pub callback_url: Option<String>,
 }
 
-/// Stores the request and makes it durable. On `Created` the request is on
-/// disk; if the flush fails the request is removed again and the caller gets
-/// `Unavailable` (503), so Ferry holds nothing it did not promise.
 /// A stored request, and whether this call created it (else it is the
 /// earlier ticket of an idempotent retry).
 #[derive(Debug)]
@@ -338,6 +335,9 @@ pub struct Accepted {
     pub created: bool,
 }
 
+/// Stores the request and makes it durable. On `Created` the request is on
+/// disk; if the flush fails the request is removed again and the caller gets
+/// `Unavailable` (503), so Ferry holds nothing it did not promise.
 pub async fn accept(store: &Arc<Store>, req: NewRequest<'_>) -> Result<Accepted, IntakeError> {
     let custom_id = req.custom_id.unwrap_or_else(assign_custom_id);
     let rec = RequestRecord {
@@ -360,29 +360,12 @@ pub async fn accept(store: &Arc<Store>, req: NewRequest<'_>) -> Result<Accepted,
         attempts: 0,
         webhook: None,
     };
-    let body = req.body.line_body;
-    match store
-        .blocking(move |s| s.insert_request(rec, &body))
-        .await?
-    {
-        Intake::Created(rec) => {
-            if let Err(e) = store.commit().await {
-                tracing::error!(error = %e, "durable flush failed; refusing the request");
-                let forget = rec.clone();
-                let _ = store.blocking(move |s| s.forget_request(&forget)).await;
-                return Err(IntakeError::Unavailable(e.to_string()));
-            }
-            Ok(Accepted { rec, created: true })
-        }
-        Intake::Existing(rec) => {
-            // The earlier write may still be in flight in another task's
-            // commit; make sure it is durable before repeating its ticket.
-            store.commit().await?;
-            Ok(Accepted {
-                rec,
-                created: false,
-            })
-        }
+    match store.accept(rec, req.body.line_body).await? {
+        Intake::Created(rec) => Ok(Accepted { rec, created: true }),
+        Intake::Existing(rec) => Ok(Accepted {
+            rec,
+            created: false,
+        }),
         Intake::Conflict(_) => Err(IntakeError::Conflict(custom_id)),
     }
 }

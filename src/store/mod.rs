@@ -19,6 +19,7 @@
 //! one fsync for every caller waiting at that moment (group commit).
 
 pub mod instance;
+mod intake_writer;
 pub mod pg;
 pub mod records;
 
@@ -281,6 +282,9 @@ pub struct Store {
     /// proxy refuses tenants access to these: they hold every tenant's
     /// prompts and answers, and deleting one would lose results.
     upstream_objects: Mutex<HashMap<u64, Vec<String>>>,
+    /// The intake writer's queue, started with the first intake
+    /// ([`Store::accept`]).
+    intake: std::sync::OnceLock<intake_writer::Queue>,
     /// Tests only: while set, [`Store::commit`] fails (a full disk, an I/O
     /// error), counting each failure.
     #[cfg(test)]
@@ -327,6 +331,7 @@ impl Store {
             flush_histogram: std::sync::OnceLock::new(),
             in_flight: dashmap::DashSet::new(),
             upstream_objects: Mutex::new(HashMap::new()),
+            intake: std::sync::OnceLock::new(),
             #[cfg(test)]
             fail_commits: Default::default(),
             #[cfg(test)]
@@ -388,10 +393,8 @@ impl Store {
     /// share one fsync: whoever holds the lock flushes for all writes made so
     /// far, and those whose writes it covered return without flushing again.
     pub async fn commit(&self) -> Result<(), StoreError> {
-        #[cfg(test)]
-        if self.fail_commits.0.load(Ordering::SeqCst) {
-            self.fail_commits.1.fetch_add(1, Ordering::SeqCst);
-            return Err(StoreError::Flush("injected by a test".into()));
+        if let Some(refused) = self.injected_commit_failure() {
+            return refused;
         }
         let mine = self.written.fetch_add(1, Ordering::SeqCst) + 1;
         let _guard = self.flush_lock.lock().await;
@@ -404,12 +407,45 @@ impl Store {
         tokio::task::spawn_blocking(move || db.flush())
             .await
             .map_err(|e| StoreError::Flush(e.to_string()))??;
+        self.flushed_up_to(upto, started);
+        Ok(())
+    }
+
+    /// [`commit`](Self::commit) for a thread outside the runtime (the
+    /// intake writer): the same group commit, waiting in place.
+    fn commit_blocking(&self) -> Result<(), StoreError> {
+        if let Some(refused) = self.injected_commit_failure() {
+            return refused;
+        }
+        let mine = self.written.fetch_add(1, Ordering::SeqCst) + 1;
+        let _guard = self.flush_lock.blocking_lock();
+        if self.flushed.load(Ordering::SeqCst) >= mine {
+            return Ok(());
+        }
+        let upto = self.written.load(Ordering::SeqCst);
+        let started = std::time::Instant::now();
+        self.db.flush()?;
+        self.flushed_up_to(upto, started);
+        Ok(())
+    }
+
+    /// Records a durable flush that covered every write ticket up to `upto`.
+    fn flushed_up_to(&self, upto: u64, started: std::time::Instant) {
         if let Some(h) = self.flush_histogram.get() {
             h.observe(started.elapsed().as_secs_f64());
         }
         self.flushed.fetch_max(upto, Ordering::SeqCst);
         self.release_flushed_deliveries(upto);
-        Ok(())
+    }
+
+    /// Tests only: a commit refused as by a full disk.
+    fn injected_commit_failure(&self) -> Option<Result<(), StoreError>> {
+        #[cfg(test)]
+        if self.fail_commits.0.load(Ordering::SeqCst) {
+            self.fail_commits.1.fetch_add(1, Ordering::SeqCst);
+            return Some(Err(StoreError::Flush("injected by a test".into())));
+        }
+        None
     }
 
     /// Hands the outbox entries that the flush up to ticket `upto` made
