@@ -518,8 +518,9 @@ impl Store {
 
     // ------------------------------------------------------------ requests
 
-    /// Stores a new deferred request and queues it. The caller must
-    /// [`commit`](Self::commit) before answering `202`.
+    /// Stores a new deferred request and queues it, not yet durably: intake
+    /// goes through [`Store::accept`], which runs this on the intake thread
+    /// and commits before answering.
     ///
     /// The custom id is claimed first with one compare-and-swap, then the
     /// record, the body and, last, the queue entry are written with plain
