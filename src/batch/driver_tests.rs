@@ -113,24 +113,11 @@ async fn enqueue(app: &App, n: usize) {
         let body =
             format!(r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"m{i}"}}]}}"#);
         let rec = RequestRecord {
-            id: 0,
-            tenant: "t".into(),
-            custom_id: format!("c{i}"),
             model: "gpt-4o-mini".into(),
             upstream: "emu".into(),
-            body_sha256: format!("h{i}"),
             body_len: body.len() as u64,
-            status: RequestStatus::Queued,
             created_at: crate::store::now_secs(),
-            submitted_at: None,
-            completed_at: None,
-            batch: None,
-            batch_id: None,
-            error: None,
-            callback_url: None,
-            stream: false,
-            attempts: 0,
-            webhook: None,
+            ..RequestRecord::for_test("t", &format!("c{i}"), &format!("h{i}"))
         };
         let stored = app.store.insert_request(rec, body.as_bytes()).unwrap();
         assert!(matches!(stored, Intake::Created(_)));

@@ -112,29 +112,9 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use super::*;
-    use crate::store::RequestStatus;
 
     fn rec(custom_id: &str, body_sha256: &str) -> RequestRecord {
-        RequestRecord {
-            id: 0,
-            tenant: "t".into(),
-            custom_id: custom_id.into(),
-            model: "m".into(),
-            upstream: "u".into(),
-            body_sha256: body_sha256.into(),
-            body_len: 2,
-            status: RequestStatus::Queued,
-            created_at: 1,
-            submitted_at: None,
-            completed_at: None,
-            batch: None,
-            batch_id: None,
-            error: None,
-            callback_url: None,
-            stream: false,
-            attempts: 0,
-            webhook: None,
-        }
+        RequestRecord::for_test("t", custom_id, body_sha256)
     }
 
     fn store() -> (tempfile::TempDir, Arc<Store>) {

@@ -1427,26 +1427,7 @@ mod tests {
     }
 
     fn rec(tenant: &str, cid: &str, body_hash: &str) -> RequestRecord {
-        RequestRecord {
-            id: 0,
-            tenant: tenant.into(),
-            custom_id: cid.into(),
-            model: "m".into(),
-            upstream: "u".into(),
-            body_sha256: body_hash.into(),
-            body_len: 2,
-            status: RequestStatus::Queued,
-            created_at: 1,
-            submitted_at: None,
-            completed_at: None,
-            batch: None,
-            batch_id: None,
-            error: None,
-            callback_url: None,
-            stream: false,
-            attempts: 0,
-            webhook: None,
-        }
+        RequestRecord::for_test(tenant, cid, body_hash)
     }
 
     fn no_payload(_: &RequestRecord, _: Option<&StoredResult>) -> String {

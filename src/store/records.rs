@@ -109,6 +109,32 @@ pub struct RequestRecord {
 }
 
 impl RequestRecord {
+    /// Tests only: a queued request of `tenant` for model `m` of upstream
+    /// `u`, with a 2-byte body (`{}`).
+    #[cfg(test)]
+    pub(crate) fn for_test(tenant: &str, custom_id: &str, body_sha256: &str) -> RequestRecord {
+        RequestRecord {
+            id: 0,
+            tenant: tenant.into(),
+            custom_id: custom_id.into(),
+            model: "m".into(),
+            upstream: "u".into(),
+            body_sha256: body_sha256.into(),
+            body_len: 2,
+            status: RequestStatus::Queued,
+            created_at: 1,
+            submitted_at: None,
+            completed_at: None,
+            batch: None,
+            batch_id: None,
+            error: None,
+            callback_url: None,
+            stream: false,
+            attempts: 0,
+            webhook: None,
+        }
+    }
+
     pub fn upstream_custom_id(&self) -> String {
         upstream_custom_id(self.id)
     }
