@@ -17,19 +17,35 @@
 //!
 //! Writes go to sled's page cache; [`Store::commit`] makes them durable with
 //! one fsync for every caller waiting at that moment (group commit).
+//!
+//! Files: `encoding` (keys and values, the JSONL line's fixed parts),
+//! `durability` (the group commit and the blocking pool), `intake_writer`
+//! (deferred calls in, durable on return), `outbox` (webhook deliveries),
+//! [`instance`] (the data_dir's instance id), [`records`] (the record
+//! types), [`pg`] (PostgreSQL, the cluster's store, under way); this file
+//! holds requests, queues, claims, batches and outcomes.
 
+mod durability;
+mod encoding;
 pub mod instance;
 mod intake_writer;
+mod outbox;
 pub mod pg;
 pub mod records;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
 use dashmap::DashMap;
 
 pub use records::*;
+
+pub use encoding::{CHAT_COMPLETIONS, LINE_SUFFIX, QueueKey, line_len, line_prefix};
+use encoding::{
+    custom_id_key, encode_record, id_from, member_key, parse_queue_value, queue_value,
+    unpack_members,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -80,52 +96,6 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// A queue: requests for one model of one upstream, flushed together.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct QueueKey {
-    pub upstream: String,
-    pub model: String,
-}
-
-impl QueueKey {
-    /// The queue a request belongs to.
-    pub fn of(rec: &RequestRecord) -> QueueKey {
-        QueueKey {
-            upstream: rec.upstream.clone(),
-            model: rec.model.clone(),
-        }
-    }
-
-    fn prefix(&self) -> Vec<u8> {
-        let mut k = Vec::with_capacity(self.upstream.len() + self.model.len() + 2);
-        k.extend_from_slice(self.upstream.as_bytes());
-        k.push(0);
-        k.extend_from_slice(self.model.as_bytes());
-        k.push(0);
-        k
-    }
-
-    fn entry(&self, id: u64) -> Vec<u8> {
-        let mut k = self.prefix();
-        k.extend_from_slice(&id.to_be_bytes());
-        k
-    }
-
-    fn parse_entry(key: &[u8]) -> Option<(QueueKey, u64)> {
-        let (head, id) = key.split_at(key.len().checked_sub(8)?);
-        let id = u64::from_be_bytes(id.try_into().ok()?);
-        let head = head.strip_suffix(&[0])?;
-        let sep = head.iter().position(|b| *b == 0)?;
-        Some((
-            QueueKey {
-                upstream: String::from_utf8(head[..sep].to_vec()).ok()?,
-                model: String::from_utf8(head[sep + 1..].to_vec()).ok()?,
-            },
-            id,
-        ))
-    }
-}
-
 /// What the flush policy looks at, kept in memory and rebuilt at open.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct QueueStats {
@@ -134,59 +104,6 @@ pub struct QueueStats {
     pub bytes: u64,
     /// Enqueue time of the oldest entry (unix millis), 0 when empty.
     pub oldest_ms: u64,
-}
-
-fn queue_value(enqueued_ms: u64, line_len: u64) -> [u8; 16] {
-    let mut v = [0u8; 16];
-    v[..8].copy_from_slice(&enqueued_ms.to_be_bytes());
-    v[8..].copy_from_slice(&line_len.to_be_bytes());
-    v
-}
-
-fn parse_queue_value(v: &[u8]) -> Option<(u64, u64)> {
-    let a = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
-    let b = u64::from_be_bytes(v.get(8..16)?.try_into().ok()?);
-    Some((a, b))
-}
-
-fn custom_id_key(tenant: &str, custom_id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(tenant.len() + custom_id.len() + 1);
-    k.extend_from_slice(tenant.as_bytes());
-    k.push(0);
-    k.extend_from_slice(custom_id.as_bytes());
-    k
-}
-
-fn member_key(batch: u64, id: u64) -> [u8; 16] {
-    let mut k = [0u8; 16];
-    k[..8].copy_from_slice(&batch.to_be_bytes());
-    k[8..].copy_from_slice(&id.to_be_bytes());
-    k
-}
-
-/// The ids of one `members` entry: packed in the value, or, in stores
-/// written before members were packed, the key's own id with an empty value.
-fn unpack_members(item: sled::Result<(sled::IVec, sled::IVec)>) -> Result<Vec<u64>, StoreError> {
-    let (k, v) = item?;
-    if v.is_empty() {
-        return Ok(vec![id_from(
-            k.get(8..16).ok_or_else(|| corrupt("member key", "short"))?,
-        )?]);
-    }
-    if v.len() % 8 != 0 {
-        return Err(corrupt("members", "length not a multiple of 8"));
-    }
-    v.chunks_exact(8).map(id_from).collect()
-}
-
-fn encode_record(rec: &RequestRecord) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(rec).map_err(|e| corrupt("record", e))
-}
-
-fn id_from(bytes: &[u8]) -> Result<u64, StoreError> {
-    Ok(u64::from_be_bytes(
-        bytes.try_into().map_err(|_| corrupt("id", "not 8 bytes"))?,
-    ))
 }
 
 /// The result of storing a deferred request.
@@ -383,128 +300,6 @@ impl Store {
                  let that build drain it, or start with an empty data_dir",
             )),
         }
-    }
-
-    fn lock_outbox(&self) -> std::sync::MutexGuard<'_, BTreeSet<(u64, u64)>> {
-        self.outbox_due.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Makes every write made before this call durable. Concurrent callers
-    /// share one fsync: whoever holds the lock flushes for all writes made so
-    /// far, and those whose writes it covered return without flushing again.
-    pub async fn commit(&self) -> Result<(), StoreError> {
-        if let Some(refused) = self.injected_commit_failure() {
-            return refused;
-        }
-        let mine = self.written.fetch_add(1, Ordering::SeqCst) + 1;
-        let _guard = self.flush_lock.lock().await;
-        if self.flushed.load(Ordering::SeqCst) >= mine {
-            return Ok(());
-        }
-        let upto = self.written.load(Ordering::SeqCst);
-        let db = self.db.clone();
-        let started = std::time::Instant::now();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| StoreError::Flush(e.to_string()))??;
-        self.flushed_up_to(upto, started);
-        Ok(())
-    }
-
-    /// [`commit`](Self::commit) for a thread outside the runtime (the
-    /// intake writer): the same group commit, waiting in place.
-    fn commit_blocking(&self) -> Result<(), StoreError> {
-        if let Some(refused) = self.injected_commit_failure() {
-            return refused;
-        }
-        let mine = self.written.fetch_add(1, Ordering::SeqCst) + 1;
-        let _guard = self.flush_lock.blocking_lock();
-        if self.flushed.load(Ordering::SeqCst) >= mine {
-            return Ok(());
-        }
-        let upto = self.written.load(Ordering::SeqCst);
-        let started = std::time::Instant::now();
-        self.db.flush()?;
-        self.flushed_up_to(upto, started);
-        Ok(())
-    }
-
-    /// Records a durable flush that covered every write ticket up to `upto`.
-    fn flushed_up_to(&self, upto: u64, started: std::time::Instant) {
-        if let Some(h) = self.flush_histogram.get() {
-            h.observe(started.elapsed().as_secs_f64());
-        }
-        self.flushed.fetch_max(upto, Ordering::SeqCst);
-        self.release_flushed_deliveries(upto);
-    }
-
-    /// Tests only: a commit refused as by a full disk.
-    fn injected_commit_failure(&self) -> Option<Result<(), StoreError>> {
-        #[cfg(test)]
-        if self.fail_commits.0.load(Ordering::SeqCst) {
-            self.fail_commits.1.fetch_add(1, Ordering::SeqCst);
-            return Some(Err(StoreError::Flush("injected by a test".into())));
-        }
-        None
-    }
-
-    /// Hands the outbox entries that the flush up to ticket `upto` made
-    /// durable to the delivery schedule.
-    fn release_flushed_deliveries(&self, upto: u64) {
-        let released: Vec<(u64, u64)> = {
-            let mut pending = self
-                .outbox_unflushed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if pending.is_empty() {
-                return;
-            }
-            let (done, rest) = std::mem::take(&mut *pending)
-                .into_iter()
-                .partition(|(ticket, _)| *ticket <= upto);
-            *pending = rest;
-            done.into_iter().map(|(_, d)| d).collect()
-        };
-        if released.is_empty() {
-            return;
-        }
-        self.lock_outbox().extend(released);
-        self.outbox_wake.notify_one();
-    }
-
-    /// Whether some outbox entry waits for a commit before it may be sent.
-    pub fn has_unflushed_deliveries(&self) -> bool {
-        !self
-            .outbox_unflushed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_empty()
-    }
-
-    /// Runs store work on tokio's blocking pool. sled's calls block — a
-    /// page-cache miss reads the disk, a claim or an ingested slice writes
-    /// thousands of keys — and a runtime thread that blocks stalls every
-    /// caller scheduled on it.
-    pub async fn blocking<T, F>(self: &std::sync::Arc<Self>, f: F) -> Result<T, StoreError>
-    where
-        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
-        T: Send + 'static,
-    {
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))?
-    }
-
-    /// Reports every durable flush's duration to `h`.
-    pub fn observe_flushes(&self, h: prometheus::Histogram) {
-        let _ = self.flush_histogram.set(h);
-    }
-
-    /// Synchronous flush, for shutdown.
-    pub fn flush_blocking(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
     }
 
     pub fn size_on_disk(&self) -> u64 {
@@ -1077,7 +872,7 @@ impl Store {
     ) -> Result<Vec<RequestRecord>, StoreError> {
         #[cfg(test)]
         self.largest_outcome_write
-            .fetch_max(outcomes.len(), Ordering::SeqCst);
+            .fetch_max(outcomes.len(), std::sync::atomic::Ordering::SeqCst);
         let _g = self.queue_lock.lock().unwrap_or_else(|p| p.into_inner());
         let now = now_secs();
         let batch_id = self.upstream_batch_id(batch)?;
@@ -1175,145 +970,6 @@ impl Store {
         }
         Ok(done)
     }
-
-    // -------------------------------------------------------------- outbox
-
-    /// For a request that just became terminal and has a callback URL: marks
-    /// its webhook pending and adds the delivery to `outbox`.
-    fn prepare_delivery(
-        &self,
-        rec: &mut RequestRecord,
-        result: Option<&StoredResult>,
-        payload: &PayloadFn<'_>,
-        outbox: &mut sled::Batch,
-    ) -> Result<Option<(u64, u64)>, StoreError> {
-        let Some(url) = rec.callback_url.clone() else {
-            return Ok(None);
-        };
-        rec.webhook = Some(WebhookState {
-            status: WebhookStatus::Pending,
-            attempts: 0,
-            last_error: None,
-        });
-        let now = now_millis();
-        let d = Delivery {
-            request: rec.id,
-            tenant: rec.tenant.clone(),
-            url,
-            msg_id: format!("msg_ferry_{}", rec.id),
-            payload: payload(rec, result),
-            first_ms: now,
-            due_ms: now,
-            attempts: 0,
-        };
-        outbox.insert(
-            &rec.id.to_be_bytes(),
-            serde_json::to_vec(&d).map_err(|e| corrupt("delivery", e))?,
-        );
-        Ok(Some((now, rec.id)))
-    }
-
-    /// Schedules deliveries just written to the outbox, for after the next
-    /// commit: the ticket is taken after their write, so the flush that
-    /// covers it covers them.
-    fn schedule(&self, due: impl Iterator<Item = (u64, u64)>) {
-        let mut pending = self
-            .outbox_unflushed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let ticket = self.written.fetch_add(1, Ordering::SeqCst) + 1;
-        pending.extend(due.map(|d| (ticket, d)));
-    }
-
-    pub fn outbox_len(&self) -> usize {
-        self.outbox.len()
-    }
-
-    pub fn wake_outbox(&self) {
-        self.outbox_wake.notify_one();
-    }
-
-    pub async fn outbox_notified(&self) {
-        self.outbox_wake.notified().await
-    }
-
-    pub fn next_delivery_due(&self) -> Option<u64> {
-        self.lock_outbox().first().map(|(due, _)| *due)
-    }
-
-    /// Takes up to `max` deliveries due by `now` out of the schedule; each
-    /// must come back through `reschedule`, `retry` or `finish`.
-    pub fn take_due_deliveries(&self, now: u64, max: usize) -> Vec<Delivery> {
-        let mut taken = Vec::new();
-        let mut idx = self.lock_outbox();
-        while taken.len() < max {
-            let Some(&(due, id)) = idx.first() else { break };
-            if due > now {
-                break;
-            }
-            idx.remove(&(due, id));
-            match self.outbox.get(id.to_be_bytes()) {
-                Ok(Some(v)) => match serde_json::from_slice::<Delivery>(&v) {
-                    Ok(d) => taken.push(d),
-                    Err(e) => {
-                        tracing::error!(request = id, error = %e, "unreadable outbox entry; skipped")
-                    }
-                },
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::error!(request = id, error = %e, "cannot read the outbox");
-                    idx.insert((now + 1000, id));
-                    break;
-                }
-            }
-        }
-        taken
-    }
-
-    /// Puts a taken delivery back in the schedule without a try (its
-    /// receiver is busy).
-    pub fn reschedule_delivery(&self, d: &Delivery, due_ms: u64) {
-        self.lock_outbox().insert((due_ms, d.request));
-        self.outbox_wake.notify_one();
-    }
-
-    /// Records a failed try and schedules the next one at `d.due_ms`.
-    pub fn retry_delivery(&self, d: &Delivery, state: WebhookState) -> Result<(), StoreError> {
-        self.outbox.insert(
-            d.request.to_be_bytes(),
-            serde_json::to_vec(d).map_err(|e| corrupt("delivery", e))?,
-        )?;
-        self.set_webhook_state(d.request, state)?;
-        self.reschedule_delivery(d, d.due_ms);
-        Ok(())
-    }
-
-    /// Ends a delivery: delivered, or dead after its retries ran out.
-    pub fn finish_delivery(
-        &self,
-        d: &Delivery,
-        status: WebhookStatus,
-        last_error: Option<String>,
-    ) -> Result<(), StoreError> {
-        self.set_webhook_state(
-            d.request,
-            WebhookState {
-                status,
-                attempts: d.attempts,
-                last_error,
-            },
-        )?;
-        self.outbox.remove(d.request.to_be_bytes())?;
-        Ok(())
-    }
-
-    fn set_webhook_state(&self, id: u64, state: WebhookState) -> Result<(), StoreError> {
-        if let Some(mut rec) = self.get_fixed(id)? {
-            rec.webhook = Some(state);
-            self.put_record(&rec)?;
-        }
-        Ok(())
-    }
 }
 
 /// The store layout this build reads and writes (see the module docs).
@@ -1326,19 +982,6 @@ const WRITE_SLICE: usize = 1_000;
 
 /// Builds a webhook's JSON body for a request that just became terminal.
 pub type PayloadFn<'a> = dyn Fn(&RequestRecord, Option<&StoredResult>) -> String + 'a;
-
-/// Bytes of the JSONL line for a request whose body is `body_len` long:
-/// `{"custom_id":"ferry-<id>","method":"POST","url":"/v1/chat/completions","body":<body>}\n`.
-pub fn line_len(id: u64, body_len: u64) -> u64 {
-    (line_prefix(id).len() + LINE_SUFFIX.len()) as u64 + body_len
-}
-
-pub fn line_prefix(id: u64) -> String {
-    format!(
-        "{{\"custom_id\":\"{}\",\"method\":\"POST\",\"url\":\"{CHAT_COMPLETIONS}\",\"body\":",
-        upstream_custom_id(id)
-    )
-}
 
 /// Creates the data dir if needed and takes `ferry.lock` in it, exclusively
 /// and without waiting.
@@ -1371,11 +1014,10 @@ fn open_db(path: &std::path::Path, cache_bytes: u64) -> Result<sled::Db, StoreEr
         .open()?)
 }
 
-pub const LINE_SUFFIX: &str = "}\n";
-pub const CHAT_COMPLETIONS: &str = "/v1/chat/completions";
-
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
     use super::*;
 
     fn store() -> (tempfile::TempDir, Store) {

@@ -1,0 +1,122 @@
+//! How the store lays its data out in sled: keys (big-endian, so that
+//! sled's order is numeric order), the small fixed-size values, and the
+//! fixed parts of the JSONL line each request becomes.
+
+use super::{RequestRecord, StoreError, corrupt, upstream_custom_id};
+
+/// A queue: requests for one model of one upstream, flushed together.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueKey {
+    pub upstream: String,
+    pub model: String,
+}
+
+impl QueueKey {
+    /// The queue a request belongs to.
+    pub fn of(rec: &RequestRecord) -> QueueKey {
+        QueueKey {
+            upstream: rec.upstream.clone(),
+            model: rec.model.clone(),
+        }
+    }
+
+    pub(super) fn prefix(&self) -> Vec<u8> {
+        let mut k = Vec::with_capacity(self.upstream.len() + self.model.len() + 2);
+        k.extend_from_slice(self.upstream.as_bytes());
+        k.push(0);
+        k.extend_from_slice(self.model.as_bytes());
+        k.push(0);
+        k
+    }
+
+    pub(super) fn entry(&self, id: u64) -> Vec<u8> {
+        let mut k = self.prefix();
+        k.extend_from_slice(&id.to_be_bytes());
+        k
+    }
+
+    pub(super) fn parse_entry(key: &[u8]) -> Option<(QueueKey, u64)> {
+        let (head, id) = key.split_at(key.len().checked_sub(8)?);
+        let id = u64::from_be_bytes(id.try_into().ok()?);
+        let head = head.strip_suffix(&[0])?;
+        let sep = head.iter().position(|b| *b == 0)?;
+        Some((
+            QueueKey {
+                upstream: String::from_utf8(head[..sep].to_vec()).ok()?,
+                model: String::from_utf8(head[sep + 1..].to_vec()).ok()?,
+            },
+            id,
+        ))
+    }
+}
+
+pub(super) fn queue_value(enqueued_ms: u64, line_len: u64) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&enqueued_ms.to_be_bytes());
+    v[8..].copy_from_slice(&line_len.to_be_bytes());
+    v
+}
+
+pub(super) fn parse_queue_value(v: &[u8]) -> Option<(u64, u64)> {
+    let a = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+    let b = u64::from_be_bytes(v.get(8..16)?.try_into().ok()?);
+    Some((a, b))
+}
+
+pub(super) fn custom_id_key(tenant: &str, custom_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(tenant.len() + custom_id.len() + 1);
+    k.extend_from_slice(tenant.as_bytes());
+    k.push(0);
+    k.extend_from_slice(custom_id.as_bytes());
+    k
+}
+
+pub(super) fn member_key(batch: u64, id: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&batch.to_be_bytes());
+    k[8..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// The ids of one `members` entry: packed in the value, or, in stores
+/// written before members were packed, the key's own id with an empty value.
+pub(super) fn unpack_members(
+    item: sled::Result<(sled::IVec, sled::IVec)>,
+) -> Result<Vec<u64>, StoreError> {
+    let (k, v) = item?;
+    if v.is_empty() {
+        return Ok(vec![id_from(
+            k.get(8..16).ok_or_else(|| corrupt("member key", "short"))?,
+        )?]);
+    }
+    if v.len() % 8 != 0 {
+        return Err(corrupt("members", "length not a multiple of 8"));
+    }
+    v.chunks_exact(8).map(id_from).collect()
+}
+
+pub(super) fn encode_record(rec: &RequestRecord) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(rec).map_err(|e| corrupt("record", e))
+}
+
+pub(super) fn id_from(bytes: &[u8]) -> Result<u64, StoreError> {
+    Ok(u64::from_be_bytes(
+        bytes.try_into().map_err(|_| corrupt("id", "not 8 bytes"))?,
+    ))
+}
+
+/// Bytes of the JSONL line for a request whose body is `body_len` long:
+/// `{"custom_id":"ferry-<id>","method":"POST","url":"/v1/chat/completions","body":<body>}\n`.
+pub fn line_len(id: u64, body_len: u64) -> u64 {
+    (line_prefix(id).len() + LINE_SUFFIX.len()) as u64 + body_len
+}
+
+pub fn line_prefix(id: u64) -> String {
+    format!(
+        "{{\"custom_id\":\"{}\",\"method\":\"POST\",\"url\":\"{CHAT_COMPLETIONS}\",\"body\":",
+        upstream_custom_id(id)
+    )
+}
+
+pub const LINE_SUFFIX: &str = "}\n";
+pub const CHAT_COMPLETIONS: &str = "/v1/chat/completions";
