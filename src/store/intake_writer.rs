@@ -15,7 +15,9 @@ use std::sync::{Arc, Weak};
 
 use tokio::sync::oneshot;
 
-use super::{Intake, RequestRecord, Store, StoreError};
+use super::{
+    Intake, QueueKey, RequestRecord, RequestStatus, Store, StoreError, line_len, queue_value,
+};
 
 /// Calls stored and made durable together, at most.
 const MAX_JOBS: usize = 512;
@@ -51,6 +53,19 @@ impl Store {
 
     /// One round of the writer: store each job, one commit for all, answer.
     fn write_round(&self, jobs: Vec<Job>) {
+        // Marks where this round's ids start, written before any of its
+        // requests: a crash in the middle of the round can leave one request
+        // part-written, and the next start repairs exactly this range.
+        let marked = self.new_id().and_then(|from| {
+            self.db.insert(ROUND_KEY, &from.to_be_bytes())?;
+            Ok(())
+        });
+        if let Err(e) = marked {
+            for job in jobs {
+                let _ = job.done.send(Err(StoreError::Flush(e.to_string())));
+            }
+            return;
+        }
         let stored: Vec<_> = jobs
             .into_iter()
             .map(|Job { rec, body, done }| (done, self.insert_request(rec, &body)))
@@ -74,6 +89,62 @@ impl Store {
             // A caller that hung up no longer wants the answer.
             let _ = done.send(answer);
         }
+    }
+}
+
+/// Key in sled's default tree: the first id of the last intake round.
+const ROUND_KEY: &[u8] = b"intake_round_from";
+
+impl Store {
+    /// At open: finishes or undoes what a crash cut short in the last intake
+    /// round (rounds before it were durable before it began). A request
+    /// written up to its body but not its queue entry is whole, and is
+    /// queued: it completes like any other, and its caller's retry finds
+    /// it. One missing its state or body was never answered and is removed,
+    /// freeing its custom id. This reads one round's requests, no more.
+    pub(super) fn repair_intake_round(&self) -> Result<(), StoreError> {
+        let Some(from) = self.db.get(ROUND_KEY)? else {
+            return Ok(());
+        };
+        let from = super::id_from(&from)?;
+        for item in self.requests.range(from.to_be_bytes()..) {
+            let (key, _) = item?;
+            let id = super::id_from(&key)?;
+            let Some(rec) = self.get_fixed(id)? else {
+                continue;
+            };
+            let whole = self.bodies.contains_key(&key)?;
+            match self.state(id)? {
+                Some(state) if state.status == RequestStatus::Queued && state.batch.is_none() => {
+                    let entry = QueueKey::of(&rec).entry(id);
+                    if !whole {
+                        tracing::warn!(
+                            request = id,
+                            "removed a request a crash cut short before its body was stored"
+                        );
+                        self.forget_request(&rec)?;
+                    } else if !self.queue.contains_key(&entry)? {
+                        let len = line_len(id, rec.body_len);
+                        let since = rec.created_at.saturating_mul(1000);
+                        self.queue.insert(entry, &queue_value(since, len))?;
+                        tracing::warn!(
+                            request = id,
+                            "queued a request a crash cut short before its queue entry"
+                        );
+                    }
+                }
+                // Claimed or finished since: it was whole.
+                Some(_) => {}
+                None => {
+                    tracing::warn!(
+                        request = id,
+                        "removed a request a crash cut short before its state was stored"
+                    );
+                    self.forget_request(&rec)?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -147,6 +218,56 @@ mod tests {
         // Everything answered was covered by a flush.
         assert!(s.flushed.load(Ordering::SeqCst) >= 1);
         assert!(s.find("t", "c0").unwrap().is_some());
+    }
+
+    #[test]
+    fn the_next_start_repairs_a_round_a_crash_cut_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = super::super::open_db(dir.path(), 64 << 20).unwrap();
+        let s = Store::from_db(db.clone()).unwrap();
+        // An earlier, whole round, then the round the crash cut short.
+        let Intake::Created(earlier) = s.insert_request(rec("earlier", "h"), b"{}").unwrap() else {
+            panic!()
+        };
+        let from = s.new_id().unwrap();
+        s.db.insert(ROUND_KEY, &from.to_be_bytes()).unwrap();
+        let mut cut = Vec::new();
+        for cid in ["no-queue-entry", "no-body", "no-state"] {
+            let Intake::Created(r) = s.insert_request(rec(cid, "h"), b"{}").unwrap() else {
+                panic!()
+            };
+            cut.push(r);
+        }
+        let key = |r: &RequestRecord| r.id.to_be_bytes();
+        // Written up to its body; then up to its state; then its record only.
+        s.queue
+            .remove(QueueKey::of(&cut[0]).entry(cut[0].id))
+            .unwrap();
+        for r in &cut[1..] {
+            s.queue.remove(QueueKey::of(r).entry(r.id)).unwrap();
+            s.bodies.remove(key(r)).unwrap();
+        }
+        s.states.remove(key(&cut[2])).unwrap();
+        drop(s);
+
+        // The next start (a second store on the same database, as the
+        // store's reopen tests do).
+        let s = Store::from_db(db).unwrap();
+        assert_eq!(s.queued_total(), 2, "the earlier request and the whole one");
+        let queued = s
+            .claim_batch(&QueueKey::of(&earlier), 10, 1 << 20, "size")
+            .unwrap();
+        let members: Vec<u64> = s.members(queued.unwrap().id).map(Result::unwrap).collect();
+        assert_eq!(members, vec![earlier.id, cut[0].id]);
+        for gone in ["no-body", "no-state"] {
+            assert!(s.find("t", gone).unwrap().is_none(), "{gone} kept");
+            assert!(
+                s.custom_ids
+                    .get(super::super::custom_id_key("t", gone))
+                    .unwrap()
+                    .is_none()
+            );
+        }
     }
 
     #[tokio::test]

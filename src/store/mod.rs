@@ -255,6 +255,7 @@ impl Store {
             largest_outcome_write: Default::default(),
         };
         store.check_format()?;
+        store.repair_intake_round()?;
         for item in store.batches.iter() {
             let (_, v) = item?;
             let b: BatchRecord = serde_json::from_slice(&v).map_err(|e| corrupt("batch", e))?;
@@ -413,8 +414,13 @@ impl Store {
         if let Some(v) = self.queue.remove(qk.entry(rec.id))? {
             self.unaccount(&qk, &v);
         }
-        self.custom_ids
-            .remove(custom_id_key(&rec.tenant, &rec.custom_id))?;
+        // Only if the custom id still names this request: it must not free
+        // the id of another request that holds it.
+        let _ = self.custom_ids.compare_and_swap(
+            custom_id_key(&rec.tenant, &rec.custom_id),
+            Some(&id[..]),
+            None as Option<&[u8]>,
+        )?;
         self.requests.remove(id)?;
         self.states.remove(id)?;
         self.bodies.remove(id)?;
