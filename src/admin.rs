@@ -24,8 +24,7 @@ pub fn router(app: Arc<App>) -> Router {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
-    // sled sums its files' sizes: disk work, off the runtime threads.
-    if let Ok(size) = app.store.blocking(|s| Ok(s.size_on_disk())).await {
+    if let Ok(size) = app.store.storage_size().await {
         app.metrics.storage_size.set(size as i64);
     }
     (

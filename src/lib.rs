@@ -2,7 +2,7 @@
 //! into Batch API jobs and hands each caller its own answer back.
 //!
 //! One deferred request travels: [`proxy`] (classify, authenticate) →
-//! [`intake`] (validate, store durably, `202`) → [`store`] (sled) →
+//! [`intake`] (validate, store durably, `202`) → [`store`] (durable on return; sled embedded) →
 //! [`batch`] (flush into a JSONL file, create, poll, ingest) → [`upstream`]
 //! (the Batch API client) → back through [`delivery`] (wake held callers).
 
@@ -203,9 +203,9 @@ impl App {
     /// Called after a request is stored: wakes the flush loop when the
     /// request starts a queue (its time threshold begins) or crosses the
     /// size or byte threshold.
-    pub fn after_enqueue(&self, upstream: &Upstream, rec: &RequestRecord) {
+    pub async fn after_enqueue(&self, upstream: &Upstream, rec: &RequestRecord) {
         let qk = QueueKey::of(rec);
-        let Some(st) = self.store.queue_stats_for(&qk) else {
+        let Ok(Some(st)) = self.store.queue_stats_for(&qk).await else {
             return;
         };
         let s = &upstream.settings;

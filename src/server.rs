@@ -55,9 +55,11 @@ fn bind(what: &'static str, addr: SocketAddr) -> Result<StdListener, ServerError
 pub fn run(config: Config) -> Result<(), ServerError> {
     let data_dir = config.server.data_dir.clone();
     let store = Arc::new(
-        Store::open(&data_dir, config.server.cache_bytes).map_err(|source| ServerError::Store {
-            path: data_dir.display().to_string(),
-            source,
+        Store::open_sled(&data_dir, config.server.cache_bytes).map_err(|source| {
+            ServerError::Store {
+                path: data_dir.display().to_string(),
+                source,
+            }
         })?,
     );
     // Before any upload: every file and batch is named with it.
@@ -242,17 +244,11 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             let recovered = {
                 let app = app.clone();
                 let rx = rx.clone();
-                tokio::task::spawn_blocking(move || recover(&app, &rx))
-                    .await
-                    .map_err(|e| crate::store::StoreError::Task(e.to_string()))
-                    .and_then(|r| r)
+                recover(&app, &rx).await
             };
+            let queued = app.store.queued_total().await.unwrap_or(0);
             match recovered {
-                Ok(n) => info!(
-                    resumed_batches = n,
-                    queued = app.store.queued_total(),
-                    "recovery finished"
-                ),
+                Ok(n) => info!(resumed_batches = n, queued, "recovery finished"),
                 Err(e) => return error!(error = %e, "recovery failed; Ferry stays not-ready"),
             }
             for i in 0..app.upstreams.len() {
@@ -341,7 +337,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     app.shutting_down.store(true, Ordering::SeqCst);
     let _ = shutdown_tx.send(true);
     rt.shutdown_timeout(Duration::from_secs(5));
-    match app.store.flush_blocking() {
+    match app.store.close() {
         Ok(()) => info!("storage flushed; Ferry stopped"),
         Err(e) => error!(error = %e, "final storage flush failed"),
     }
@@ -408,16 +404,16 @@ fn announce_when_accepting(addr: SocketAddr) {
 
 /// Finishes what a previous run left: claims cut short, members of submitted
 /// batches not yet marked, and a driver for every live batch.
-fn recover(
+async fn recover(
     app: &Arc<App>,
     shutdown: &watch::Receiver<bool>,
 ) -> Result<usize, crate::store::StoreError> {
-    app.store.recover_claims()?;
-    let live = app.store.live_batches()?;
+    app.store.recover_claims().await?;
+    let live = app.store.live_batches().await?;
     let n = live.len();
     for b in live {
         if matches!(b.state, BatchState::Submitted { .. }) {
-            app.store.apply_submitted(b.id)?;
+            app.store.apply_submitted(b.id).await?;
         }
         info!(ferry_batch = b.id, state = ?b.state, "resuming a batch");
         batch::spawn_driver(app.clone(), b, true, shutdown.clone());

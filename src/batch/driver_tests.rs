@@ -59,7 +59,7 @@ async fn harness() -> Harness {
         dir.path().join("data").display()
     );
     let config = Config::parse_with_env(&text, &|_| Some(KEY.into())).unwrap();
-    let store = Arc::new(Store::open(&config.server.data_dir, 64 << 20).unwrap());
+    let store = Arc::new(Store::open_sled(&config.server.data_dir, 64 << 20).unwrap());
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let settings = config.upstreams[0].clone();
     let client = BatchClient::new(
@@ -119,29 +119,26 @@ async fn enqueue(app: &App, n: usize) {
             created_at: crate::store::now_secs(),
             ..RequestRecord::for_test("t", &format!("c{i}"), &format!("h{i}"))
         };
-        let stored = app.store.insert_request(rec, body.as_bytes()).unwrap();
+        let stored = app.store.accept(rec, body.into_bytes()).await.unwrap();
         assert!(matches!(stored, Intake::Created(_)));
     }
-    app.store.commit().await.unwrap();
 }
 
 async fn claim(app: &App) -> BatchRecord {
     enqueue(app, 2).await;
-    let b = app
-        .store
+    app.store
         .claim_batch(&queue(), 100, 1 << 20, "manual")
+        .await
         .unwrap()
-        .unwrap();
-    app.store.commit().await.unwrap();
-    b
+        .unwrap()
 }
 
 fn fail_commits(app: &App, on: bool) {
-    app.store.fail_commits.0.store(on, Ordering::SeqCst);
+    app.store.sled().fail_commits.0.store(on, Ordering::SeqCst);
 }
 
 fn failed_commits(app: &App) -> u64 {
-    app.store.fail_commits.1.load(Ordering::SeqCst)
+    app.store.sled().fail_commits.1.load(Ordering::SeqCst)
 }
 
 #[tokio::test]
@@ -186,7 +183,7 @@ async fn a_step_whose_record_is_not_durable_leaves_the_driver_on_the_last_durabl
     assert!(matches!(batch.state, BatchState::Submitted { .. }));
     let listed = up.client.list_batches(None, 100).await.unwrap();
     assert_eq!(listed.data.len(), 1, "created once, then adopted");
-    assert_eq!(app.store.get_batch(batch.id).unwrap(), Some(batch));
+    assert_eq!(app.store.get_batch(batch.id).await.unwrap(), Some(batch));
 }
 
 #[tokio::test]
@@ -314,12 +311,13 @@ async fn a_created_batch_is_found_behind_more_than_a_thousand_newer_ones() {
 async fn a_run_of_404s_is_stored_and_counts_from_its_first_after_a_restart() {
     let h = harness().await;
     let app = h.app.clone();
-    let mut batch = claim(&app).await;
+    let batch = claim(&app).await;
     // A batch this upstream does not know (as after a changed key).
-    app.store
-        .mark_submitted(&mut batch, "file-gone", "batch_gone")
+    let batch = app
+        .store
+        .mark_submitted(&batch, "file-gone", "batch_gone")
+        .await
         .unwrap();
-    app.store.commit().await.unwrap();
     let poller = {
         let (app, mut batch, mut shutdown) = (app.clone(), batch.clone(), h.shutdown.clone());
         tokio::spawn(async move {
@@ -338,7 +336,7 @@ async fn a_run_of_404s_is_stored_and_counts_from_its_first_after_a_restart() {
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let stored = loop {
-        let b = app.store.get_batch(batch.id).unwrap().unwrap();
+        let b = app.store.get_batch(batch.id).await.unwrap().unwrap();
         if b.missing_since.is_some() {
             break b;
         }
@@ -366,7 +364,7 @@ async fn a_run_of_404s_is_stored_and_counts_from_its_first_after_a_restart() {
     let mut batch = stored;
     let lost_after = app.upstreams[0].settings.lost_after.as_millis() as u64;
     batch.missing_since = batch.missing_since.map(|t| t - lost_after);
-    app.store.put_batch(&batch).unwrap();
+    app.store.put_batch(&batch).await.unwrap();
     let mut shutdown = h.shutdown.clone();
     let up = &app.upstreams[0];
     let step = poll_and_ingest(
@@ -387,7 +385,7 @@ async fn a_run_of_404s_is_stored_and_counts_from_its_first_after_a_restart() {
         "{batch:?}"
     );
     assert_eq!(
-        app.store.get_batch(batch.id).unwrap().as_ref(),
+        app.store.get_batch(batch.id).await.unwrap().as_ref(),
         Some(&batch)
     );
     assert_eq!(
@@ -399,11 +397,15 @@ async fn a_run_of_404s_is_stored_and_counts_from_its_first_after_a_restart() {
     );
     // Both members are queued again, one attempt spent.
     assert_eq!(
-        app.store.queue_stats_for(&queue()).map(|s| s.count),
+        app.store
+            .queue_stats_for(&queue())
+            .await
+            .unwrap()
+            .map(|s| s.count),
         Some(2)
     );
-    for id in app.store.members(batch.id) {
-        let rec = app.store.get(id.unwrap()).unwrap().unwrap();
+    for id in app.store.members(batch.id).await.unwrap() {
+        let rec = app.store.get(id).await.unwrap().unwrap();
         assert_eq!((rec.status, rec.attempts), (RequestStatus::Queued, 1));
     }
 }
@@ -418,10 +420,13 @@ async fn a_whole_batch_of_outcomes_is_written_in_slices() {
     let mut batch = app
         .store
         .claim_batch(&queue(), n, 1 << 30, "manual")
+        .await
         .unwrap()
         .unwrap();
-    app.store
-        .mark_submitted(&mut batch, "file-x", "batch_x")
+    batch = app
+        .store
+        .mark_submitted(&batch, "file-x", "batch_x")
+        .await
         .unwrap();
     let obj = |status: &str| -> crate::upstream::BatchObject {
         serde_json::from_value(serde_json::json!({"id": "batch_x", "status": status})).unwrap()
@@ -431,8 +436,17 @@ async fn a_whole_batch_of_outcomes_is_written_in_slices() {
         .await
         .unwrap();
     assert_eq!(finished, 0);
-    assert_eq!(app.store.queued_total(), n as u64, "all re-queued");
-    let largest = || app.store.largest_outcome_write.load(Ordering::SeqCst);
+    assert_eq!(
+        app.store.queued_total().await.unwrap(),
+        n as u64,
+        "all re-queued"
+    );
+    let largest = || {
+        app.store
+            .sled()
+            .largest_outcome_write
+            .load(Ordering::SeqCst)
+    };
     assert!(
         largest() <= OUTCOME_CHUNK,
         "one write of {} outcomes",
@@ -443,16 +457,26 @@ async fn a_whole_batch_of_outcomes_is_written_in_slices() {
     let mut batch = app
         .store
         .claim_batch(&queue(), n, 1 << 30, "manual")
+        .await
         .unwrap()
         .unwrap();
-    app.store
-        .mark_submitted(&mut batch, "file-y", "batch_y")
+    batch = app
+        .store
+        .mark_submitted(&batch, "file-y", "batch_y")
+        .await
         .unwrap();
-    app.store.largest_outcome_write.store(0, Ordering::SeqCst);
+    app.store
+        .sled()
+        .largest_outcome_write
+        .store(0, Ordering::SeqCst);
     ingest_batch(app, up, &batch, &obj("completed"), &h.shutdown)
         .await
         .unwrap();
-    assert_eq!(app.store.queued_total(), n as u64, "all re-queued again");
+    assert_eq!(
+        app.store.queued_total().await.unwrap(),
+        n as u64,
+        "all re-queued again"
+    );
     assert!(
         largest() <= OUTCOME_CHUNK,
         "one write of {} outcomes",

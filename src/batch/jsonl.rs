@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::Stream;
 
-use crate::store::{LINE_SUFFIX, Store, line_prefix};
+use crate::store::Store;
 
 /// Lines gathered before a chunk is handed to the HTTP body.
 const CHUNK_BYTES: usize = 256 * 1024;
@@ -25,36 +25,10 @@ pub fn stream_batch(
             if next >= members.len() {
                 return None;
             }
-            // Reading a chunk's bodies is disk work: off the runtime threads.
-            let chunk = tokio::task::spawn_blocking(move || chunk(&store, &members, next))
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
-            match chunk {
+            match store.input_lines(members, next, CHUNK_BYTES).await {
                 Ok((bytes, next)) => Some((Ok(bytes), next)),
-                Err(e) => Some((Err(e), usize::MAX)),
+                Err(e) => Some((Err(std::io::Error::other(e.to_string())), usize::MAX)),
             }
         }
     })
-}
-
-/// The lines of members from `next` on, up to about [`CHUNK_BYTES`];
-/// returns them and the index of the first member not taken.
-fn chunk(
-    store: &Store,
-    members: &[u64],
-    mut next: usize,
-) -> Result<(Bytes, usize), std::io::Error> {
-    let mut buf = BytesMut::with_capacity(CHUNK_BYTES + 4096);
-    while next < members.len() && buf.len() < CHUNK_BYTES {
-        let id = members[next];
-        next += 1;
-        let body = store
-            .body(id)
-            .map_err(|e| std::io::Error::other(e.to_string()))?
-            .ok_or_else(|| std::io::Error::other(format!("body of request {id} is missing")))?;
-        buf.extend_from_slice(line_prefix(id).as_bytes());
-        buf.extend_from_slice(&body);
-        buf.extend_from_slice(LINE_SUFFIX.as_bytes());
-    }
-    Ok((buf.freeze(), next))
 }

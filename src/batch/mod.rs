@@ -22,7 +22,7 @@ use tracing::{error, info, warn};
 
 use crate::App;
 use crate::store::{BatchRecord, BatchState, Outcome, QueueKey, RequestError, now_millis};
-use crate::upstream::{BatchObject, UpstreamError, backoff, with_retry};
+use crate::upstream::{BatchObject, UpstreamError, with_retry};
 use policy::{FlushPolicy, FlushReason, flush_reason, time_to_deadline};
 
 /// Upstream calls are retried this many times before a step is tried anew
@@ -48,7 +48,13 @@ pub async fn run_flusher(app: Arc<App>, upstream: usize, mut shutdown: watch::Re
         let manual = up
             .manual_flush
             .swap(false, std::sync::atomic::Ordering::SeqCst);
-        let queues = app.store.queue_stats();
+        let queues = match app.store.queue_stats().await {
+            Ok(q) => q,
+            Err(e) => {
+                warn!(upstream = %up.settings.name, error = %e, "cannot read the queues; will retry");
+                Vec::new()
+            }
+        };
         app.publish_queue_metrics(&up.settings.name, &queues);
         for (qk, stats) in queues {
             if qk.upstream != up.settings.name {
@@ -86,12 +92,15 @@ async fn flush_queue(
     mut reason: FlushReason,
     shutdown: &watch::Receiver<bool>,
 ) {
+    let mut shutdown = shutdown.clone();
     loop {
-        let (key, max_requests, max_bytes) = (qk.clone(), policy.max_requests, policy.max_bytes);
-        let claimed = app
-            .store
-            .blocking(move |s| s.claim_batch(&key, max_requests, max_bytes, reason.as_str()))
-            .await;
+        // The claim returns once it is durable: no upstream call for a claim
+        // that is not on disk, or after a crash its members would be queued
+        // again and sent twice. At shutdown it is left to recovery.
+        let claimed = tokio::select! {
+            claimed = app.store.claim_batch(qk, policy.max_requests, policy.max_bytes, reason.as_str()) => claimed,
+            _ = shutdown.changed() => return,
+        };
         let batch = match claimed {
             Ok(Some(b)) => b,
             Ok(None) => return,
@@ -100,9 +109,7 @@ async fn flush_queue(
                 return;
             }
         };
-        // No upstream call for a claim that is not on disk: after a crash
-        // its members would be queued again and sent twice.
-        if !commit_claim(app, batch.id, shutdown).await {
+        if *shutdown.borrow() {
             return;
         }
         info!(
@@ -121,37 +128,13 @@ async fn flush_queue(
         match app
             .store
             .queue_stats_for(qk)
+            .await
+            .ok()
+            .flatten()
             .and_then(|s| flush_reason(&s, policy, now_millis()))
         {
             Some(r) => reason = r,
             None => return,
-        }
-    }
-}
-
-/// Retries the commit of a fresh claim, with backoff, until it is durable
-/// (true) or Ferry shuts down (false: the claim is left to recovery).
-async fn commit_claim(app: &App, batch: u64, shutdown: &watch::Receiver<bool>) -> bool {
-    let mut shutdown = shutdown.clone();
-    let mut failures = 0u32;
-    loop {
-        if *shutdown.borrow() {
-            return false;
-        }
-        let Err(e) = app.store.commit().await else {
-            return true;
-        };
-        let wait = backoff(
-            failures,
-            Duration::from_millis(100),
-            Duration::from_secs(30),
-            rand::random(),
-        );
-        failures += 1;
-        error!(ferry_batch = batch, error = %e, retry_in_ms = wait.as_millis() as u64, "cannot make a claimed batch durable; it waits until it is");
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.changed() => return false,
         }
     }
 }
@@ -168,20 +151,14 @@ async fn advance(
 ) -> Result<(), crate::store::StoreError> {
     let mut next = batch.clone();
     change(&mut next);
-    let next = app
-        .store
-        .blocking(move |s| s.put_batch(&next).map(|()| next))
-        .await?;
-    app.store.commit().await?;
+    app.store.put_batch(&next).await?;
     *batch = next;
     Ok(())
 }
 
 /// A batch's member ids, in member (line) order.
 async fn member_ids(app: &App, batch: u64) -> Result<Vec<u64>, crate::store::StoreError> {
-    app.store
-        .blocking(move |s| s.members(batch).collect())
-        .await
+    app.store.members(batch).await
 }
 
 pub fn spawn_driver(
@@ -341,8 +318,7 @@ pub async fn delete_upstream_files(app: &Arc<App>, up: &crate::Upstream, batch: 
         }
     }
     *cleanup = owed;
-    let record = batch.clone();
-    if let Err(e) = app.store.blocking(move |s| s.put_batch(&record)).await {
+    if let Err(e) = app.store.put_batch(batch).await {
         warn!(ferry_batch = batch.id, error = %e, "cannot record the file cleanup");
     }
 }
@@ -356,12 +332,7 @@ pub async fn sweep_orphan_files(app: Arc<App>, upstream: usize) {
     let up = &app.upstreams[upstream];
     // Deletes a finished batch still owes (a crash or an upstream error cut
     // them short), output and error files included.
-    let name = up.settings.name.clone();
-    match app
-        .store
-        .blocking(move |s| s.batches_owing_cleanup(&name))
-        .await
-    {
+    match app.store.batches_owing_cleanup(&up.settings.name).await {
         Ok(batches) => {
             for mut b in batches {
                 delete_upstream_files(&app, up, &mut b).await;
@@ -385,7 +356,7 @@ pub async fn sweep_orphan_files(app: Arc<App>, upstream: usize) {
             continue;
         };
         let live = matches!(
-            app.store.blocking(move |s| s.get_batch(id)).await,
+            app.store.get_batch(id).await,
             Ok(Some(b)) if b.is_live()
         );
         if live {
@@ -441,16 +412,10 @@ async fn create(
             }
         }
     };
-    let (mut next, file, created_id) = (batch.clone(), file_id.to_owned(), created.id.clone());
-    let next = app
+    *batch = app
         .store
-        .blocking(move |s| {
-            s.mark_submitted(&mut next, &file, &created_id)
-                .map(|()| next)
-        })
+        .mark_submitted(batch, file_id, &created.id)
         .await?;
-    app.store.commit().await?;
-    *batch = next;
     app.metrics
         .batches
         .with_label_values(&[&batch.upstream, "created"])
@@ -630,9 +595,8 @@ impl<'a> Ingest<'a> {
         let done = self
             .app
             .store
-            .blocking(move |s| s.apply_outcomes(batch, slice, &crate::delivery::webhook_payload))
+            .apply_outcomes(batch, slice, crate::delivery::webhook_payload)
             .await?;
-        self.app.store.commit().await?;
         for rec in &done {
             self.app.on_terminal(rec);
         }

@@ -309,34 +309,29 @@ pub async fn run(app: Arc<App>, http: reqwest::Client, mut shutdown: watch::Rece
         app.config.webhooks.concurrency.max(1),
     ));
     loop {
-        app.metrics
-            .webhook_outbox_depth
-            .set(app.store.outbox_len() as i64);
-        // Deliveries are scheduled by the commit that makes them durable;
-        // their writers commit, so this only hurries along a straggler.
-        if app.store.has_unflushed_deliveries()
-            && let Err(e) = app.store.commit().await
-        {
-            warn!(error = %e, "cannot make webhook deliveries durable; will retry");
+        if let Ok(depth) = app.store.outbox_len().await {
+            app.metrics.webhook_outbox_depth.set(depth as i64);
         }
         let now = now_millis();
-        let due = app
-            .store
-            .blocking(move |s| Ok(s.take_due_deliveries(now, 256)))
-            .await
-            .unwrap_or_default();
+        let due = match app.store.take_due_deliveries(now, 256).await {
+            Ok(due) => due,
+            Err(e) => {
+                warn!(error = %e, "cannot take due webhook deliveries; will retry");
+                Vec::new()
+            }
+        };
         for d in due {
             let host = host_of(&d.url);
             let busy = in_flight
                 .get(&host)
                 .is_some_and(|n| *n >= app.config.webhooks.per_host);
             let Ok(permit) = total.clone().try_acquire_owned() else {
-                app.store.reschedule_delivery(&d, now + 50);
+                app.store.reschedule_delivery(&d, now + 50).await;
                 continue;
             };
             if busy {
                 // This receiver is slow: try again shortly, others go on.
-                app.store.reschedule_delivery(&d, now + 100);
+                app.store.reschedule_delivery(&d, now + 100).await;
                 continue;
             }
             *in_flight.entry(host.clone()).or_insert(0) += 1;
@@ -353,6 +348,9 @@ pub async fn run(app: Arc<App>, http: reqwest::Client, mut shutdown: watch::Rece
         let sleep = app
             .store
             .next_delivery_due()
+            .await
+            .ok()
+            .flatten()
             .map_or(Duration::from_secs(1), |due| {
                 Duration::from_millis(due.saturating_sub(now_millis()))
             })
@@ -445,11 +443,7 @@ async fn deliver(app: &Arc<App>, http: &reqwest::Client, mut d: Delivery) {
         attempts: d.attempts,
         last_error: Some(error),
     };
-    if let Err(e) = app
-        .store
-        .blocking(move |s| s.retry_delivery(&d, state))
-        .await
-    {
+    if let Err(e) = app.store.retry_delivery(d, state).await {
         warn!(error = %e, "cannot record the webhook retry");
     }
 }
@@ -457,11 +451,7 @@ async fn deliver(app: &Arc<App>, http: &reqwest::Client, mut d: Delivery) {
 /// Records a delivery's end: delivered, or dead.
 async fn finish(app: &App, d: Delivery, status: WebhookStatus, last_error: Option<String>) {
     let request = d.request;
-    if let Err(e) = app
-        .store
-        .blocking(move |s| s.finish_delivery(&d, status, last_error))
-        .await
-    {
+    if let Err(e) = app.store.finish_delivery(d, status, last_error).await {
         warn!(request, error = %e, "cannot record the end of a webhook delivery");
     }
 }

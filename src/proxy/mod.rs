@@ -288,10 +288,7 @@ async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<
         }
         _ => {
             ctx.mode = "passthrough";
-            if let Some(id) = object_id_candidates(req.uri.path())
-                .into_iter()
-                .find(|id| app.store.is_own_upstream_object(id))
-            {
+            if let Some(id) = own_object_named(app, req.uri.path()).await {
                 // Ferry's batch files hold every tenant's prompts and
                 // answers, and a delete or cancel would lose results: no
                 // tenant reaches them, and none learns more than "not found".
@@ -414,7 +411,10 @@ async fn deferred(
     if app.is_shutting_down() {
         return intake_error(session, &IntakeError::ShuttingDown).await;
     }
-    let queued = app.store.queued_total();
+    let queued = match app.store.queued_total().await {
+        Ok(n) => n,
+        Err(e) => return intake_error(session, &IntakeError::from(e)).await,
+    };
     if queued >= app.config.server.max_queued {
         return intake_error(session, &IntakeError::QueueFull(queued)).await;
     }
@@ -490,7 +490,7 @@ async fn deferred(
     let rec = match intake::accept(&app.store, new).await {
         Ok(accepted) => {
             if accepted.created {
-                app.after_enqueue(up, &accepted.rec);
+                app.after_enqueue(up, &accepted.rec).await;
             }
             accepted.rec
         }
@@ -538,9 +538,20 @@ async fn hold(app: &Arc<App>, rec: &RequestRecord, wait: Duration) -> RequestRec
     current(app, rec.id).await.unwrap_or_else(|| rec.clone())
 }
 
+/// The first spelling of an object id in `path` that names one of Ferry's
+/// own upstream files or batches.
+async fn own_object_named(app: &App, path: &str) -> Option<String> {
+    for id in object_id_candidates(path) {
+        if app.store.is_own_upstream_object(&id).await {
+            return Some(id);
+        }
+    }
+    None
+}
+
 /// The request as stored now (`None` if it cannot be read).
 async fn current(app: &App, id: u64) -> Option<RequestRecord> {
-    app.store.blocking(move |s| s.get(id)).await.ok().flatten()
+    app.store.get(id).await.ok().flatten()
 }
 
 /// The upstream's stored answer; only `completed` requests have one, so
@@ -549,12 +560,7 @@ async fn stored_result(app: &App, rec: &RequestRecord) -> Option<crate::store::S
     if rec.status != RequestStatus::Completed {
         return None;
     }
-    let id = rec.id;
-    app.store
-        .blocking(move |s| s.result(id))
-        .await
-        .ok()
-        .flatten()
+    app.store.result(rec.id).await.ok().flatten()
 }
 
 fn ticket_headers(rec: &RequestRecord) -> [(&'static str, String); 2] {
@@ -688,8 +694,7 @@ async fn lookup(
     want_result: bool,
     wait: Duration,
 ) -> Result<()> {
-    let (name, cid) = (tenant.name.clone(), id.to_owned());
-    let rec = match app.store.blocking(move |s| s.find(&name, &cid)).await {
+    let rec = match app.store.find(&tenant.name, id).await {
         Ok(Some(r)) => r,
         Ok(None) => {
             return respond::error(
@@ -712,16 +717,12 @@ async fn lookup(
 }
 
 async fn cancel(app: &Arc<App>, session: &mut Session, tenant: &Tenant, id: &str) -> Result<()> {
-    let (name, cid) = (tenant.name.clone(), id.to_owned());
     let cancelled = app
         .store
-        .blocking(move |s| s.cancel(&name, &cid, &crate::delivery::webhook_payload))
+        .cancel(&tenant.name, id, crate::delivery::webhook_payload)
         .await;
     match cancelled {
         Ok(CancelOutcome::Cancelled(rec)) => {
-            if let Err(e) = app.store.commit().await {
-                return intake_error(session, &IntakeError::from(e)).await;
-            }
             app.on_terminal(&rec);
             respond::value(session, 200, &[], &status_object(&rec, None)).await
         }

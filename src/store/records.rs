@@ -368,6 +368,69 @@ pub fn now_millis() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// What the flush policy looks at, kept in memory and rebuilt at open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    pub count: u64,
+    /// Sum of JSONL line lengths.
+    pub bytes: u64,
+    /// Enqueue time of the oldest entry (unix millis), 0 when empty.
+    pub oldest_ms: u64,
+}
+
+/// The result of storing a deferred request.
+#[derive(Debug)]
+pub enum Intake {
+    /// Stored under a new id.
+    Created(RequestRecord),
+    /// The same tenant and custom id with the same body: the earlier ticket.
+    Existing(RequestRecord),
+    /// The same tenant and custom id with a different body.
+    Conflict(RequestRecord),
+}
+
+/// The result of `DELETE /v1/ferry/requests/{id}`.
+#[derive(Debug)]
+pub enum CancelOutcome {
+    Cancelled(RequestRecord),
+    /// Cancelled by an earlier call: nothing changed.
+    AlreadyCancelled(RequestRecord),
+    /// Already in a batch or finished: nothing changed.
+    TooLate(RequestRecord),
+    NotFound,
+}
+
+/// What became of one member of a finished batch.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Completed(StoredResult),
+    Failed(RequestError),
+    Expired(RequestError),
+    /// Its batch was cancelled upstream (Ferry never cancels one: an
+    /// operator or the provider did). Ingestion turns this into a counted
+    /// `Retry` with the upstream's `max_attempts`, so a batch cancelled over
+    /// and over ends with its requests failed instead of re-sent forever.
+    Cancelled(RequestError),
+    /// Back to the queue, and the batch is not counted against
+    /// `max_attempts`: it was refused for the upstream's state, not the
+    /// request's (the token budget was full).
+    Requeue,
+    /// Back to the queue unless the request has already been sent in
+    /// `max_attempts` batches; then failed with this error.
+    Retry {
+        error: RequestError,
+        max_attempts: u32,
+    },
+    /// Like `Retry`, but the request ends `expired` when attempts run out.
+    RetryOrExpire {
+        error: RequestError,
+        max_attempts: u32,
+    },
+}
+
+/// Builds a webhook's JSON body for a request that just became terminal.
+pub type PayloadFn<'a> = dyn Fn(&RequestRecord, Option<&StoredResult>) -> String + 'a;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,11 +6,11 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 
 use super::{
-    Delivery, PayloadFn, RequestRecord, Store, StoreError, StoredResult, WebhookState,
+    Delivery, PayloadFn, RequestRecord, SledStore, StoreError, StoredResult, WebhookState,
     WebhookStatus, corrupt, now_millis,
 };
 
-impl Store {
+impl SledStore {
     pub(super) fn lock_outbox(&self) -> std::sync::MutexGuard<'_, BTreeSet<(u64, u64)>> {
         self.outbox_due.lock().unwrap_or_else(|p| p.into_inner())
     }

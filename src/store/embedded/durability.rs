@@ -3,9 +3,9 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{Store, StoreError};
+use super::{SledStore, StoreError};
 
-impl Store {
+impl SledStore {
     /// Makes every write made before this call durable. Concurrent callers
     /// share one fsync: whoever holds the lock flushes for all writes made so
     /// far, and those whose writes it covered return without flushing again.
@@ -71,7 +71,7 @@ impl Store {
     /// caller scheduled on it.
     pub async fn blocking<T, F>(self: &std::sync::Arc<Self>, f: F) -> Result<T, StoreError>
     where
-        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&SledStore) -> Result<T, StoreError> + Send + 'static,
         T: Send + 'static,
     {
         let store = self.clone();

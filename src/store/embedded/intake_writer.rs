@@ -16,7 +16,7 @@ use std::sync::{Arc, Weak};
 use tokio::sync::oneshot;
 
 use super::{
-    Intake, QueueKey, RequestRecord, RequestStatus, Store, StoreError, line_len, queue_value,
+    Intake, QueueKey, RequestRecord, RequestStatus, SledStore, StoreError, line_len, queue_value,
 };
 
 /// Calls stored and made durable together, at most.
@@ -30,7 +30,7 @@ pub(super) struct Job {
 
 pub(super) type Queue = Sender<Job>;
 
-impl Store {
+impl SledStore {
     /// Stores a new deferred request and queues it; returns once it is
     /// durable. On `Created` the request is on disk; if the durable flush
     /// fails the request is removed again and the caller gets the error, so
@@ -95,7 +95,7 @@ impl Store {
 /// Key in sled's default tree: the first id of the last intake round.
 const ROUND_KEY: &[u8] = b"intake_round_from";
 
-impl Store {
+impl SledStore {
     /// At open: finishes or undoes what a crash cut short in the last intake
     /// round (rounds before it were durable before it began). A request
     /// written up to its body but not its queue entry is whole, and is
@@ -149,7 +149,7 @@ impl Store {
 }
 
 /// Starts the writer thread; it ends when the store is dropped.
-fn start(store: Weak<Store>) -> Queue {
+fn start(store: Weak<SledStore>) -> Queue {
     let (queue, jobs) = std::sync::mpsc::channel();
     let spawned = std::thread::Builder::new()
         .name("ferry-intake".into())
@@ -162,7 +162,7 @@ fn start(store: Weak<Store>) -> Queue {
     queue
 }
 
-fn run(store: &Weak<Store>, jobs: &Receiver<Job>) {
+fn run(store: &Weak<SledStore>, jobs: &Receiver<Job>) {
     while let Ok(first) = jobs.recv() {
         let mut round = vec![first];
         while round.len() < MAX_JOBS {
@@ -188,9 +188,9 @@ mod tests {
         RequestRecord::for_test("t", custom_id, body_sha256)
     }
 
-    fn store() -> (tempfile::TempDir, Arc<Store>) {
+    fn store() -> (tempfile::TempDir, Arc<SledStore>) {
         let dir = tempfile::tempdir().unwrap();
-        let s = Arc::new(Store::open(dir.path(), 64 << 20).unwrap());
+        let s = Arc::new(SledStore::open(dir.path(), 64 << 20).unwrap());
         (dir, s)
     }
 
@@ -224,7 +224,7 @@ mod tests {
     fn the_next_start_repairs_a_round_a_crash_cut_short() {
         let dir = tempfile::tempdir().unwrap();
         let db = super::super::open_db(dir.path(), 64 << 20).unwrap();
-        let s = Store::from_db(db.clone()).unwrap();
+        let s = SledStore::from_db(db.clone()).unwrap();
         // An earlier, whole round, then the round the crash cut short.
         let Intake::Created(earlier) = s.insert_request(rec("earlier", "h"), b"{}").unwrap() else {
             panic!()
@@ -252,7 +252,7 @@ mod tests {
 
         // The next start (a second store on the same database, as the
         // store's reopen tests do).
-        let s = Store::from_db(db).unwrap();
+        let s = SledStore::from_db(db).unwrap();
         assert_eq!(s.queued_total(), 2, "the earlier request and the whole one");
         let queued = s
             .claim_batch(&QueueKey::of(&earlier), 10, 1 << 20, "size")
