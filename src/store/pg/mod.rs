@@ -6,6 +6,7 @@
 //! the storage seam come next; see the README's "Running a cluster" once
 //! they land.
 
+pub mod events;
 pub mod migrate;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -20,6 +21,8 @@ pub enum PgError {
     Query(#[from] tokio_postgres::Error),
     #[error("cannot get a PostgreSQL connection: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
+    #[error("the PostgreSQL connection closed")]
+    Closed,
     #[error("cannot build the PostgreSQL pool: {0}")]
     Build(String),
     #[error(
