@@ -870,3 +870,50 @@ async fn leases_are_held_by_one_node_and_fence_a_stale_holder() {
         2
     );
 }
+
+#[tokio::test]
+async fn a_cancel_and_a_claim_racing_never_both_win() {
+    let (config, a) = store("a").await;
+    let b = node(&config, "b").await;
+    let ids = queue_n(&a, "c", 200).await;
+    let claimer = tokio::spawn(async move {
+        let mut claimed = HashSet::new();
+        while let Some(batch) = b.claim_batch(&qk(), 3, u64::MAX, "size").await.unwrap() {
+            claimed.extend(b.members(batch.id).await.unwrap());
+        }
+        claimed
+    });
+    let canceller = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            let mut cancelled = HashSet::new();
+            // From the newest back, so the two meet in the middle.
+            for i in (0..200).rev() {
+                match a.cancel("t", &format!("c{i}"), &payload).await.unwrap() {
+                    CancelOutcome::Cancelled(r) => {
+                        cancelled.insert(r.id);
+                    }
+                    CancelOutcome::TooLate(r) => assert!(r.batch.is_some(), "{r:?}"),
+                    other => panic!("{other:?}"),
+                }
+            }
+            cancelled
+        })
+    };
+    let (claimed, cancelled) = (claimer.await.unwrap(), canceller.await.unwrap());
+    assert!(claimed.is_disjoint(&cancelled));
+    assert_eq!(claimed.len() + cancelled.len(), 200);
+    for id in ids {
+        let r = a.get(id).await.unwrap().unwrap();
+        if cancelled.contains(&id) {
+            assert_eq!((r.status, r.batch), (RequestStatus::Cancelled, None));
+        } else {
+            assert_eq!(r.status, RequestStatus::Queued);
+            assert!(r.batch.is_some());
+        }
+    }
+    assert_eq!(
+        a.queue_stats().await.unwrap(),
+        vec![(qk(), QueueStats::default())]
+    );
+}
