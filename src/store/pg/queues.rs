@@ -115,17 +115,17 @@ impl PgStore {
             &[&qk.upstream, &qk.model, &ids],
         )
         .await?;
+        tx.execute(
+            "UPDATE requests SET batch = $1 \
+             WHERE id = ANY($2) AND status = 'queued' AND batch IS NULL",
+            &[&batch_id, &ids],
+        )
+        .await?;
         add_to_counters(
             &tx,
             qk,
             -(ids.len() as i64),
             -to_i64(bytes, "claimed bytes")?,
-        )
-        .await?;
-        tx.execute(
-            "UPDATE requests SET batch = $1 \
-             WHERE id = ANY($2) AND status = 'queued' AND batch IS NULL",
-            &[&batch_id, &ids],
         )
         .await?;
         tx.commit().await?;
