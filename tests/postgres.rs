@@ -121,3 +121,799 @@ async fn a_bad_url_is_refused_without_echoing_it() {
     let err = pg::parse_url("postgres://user:s3cret@host:notaport/db").unwrap_err();
     assert!(!err.to_string().contains("s3cret"), "{err}");
 }
+
+// ------------------------------------------------------------ the store
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use ferry::store::pg::PgStore;
+use ferry::store::{
+    BatchRecord, BatchState, CancelOutcome, Intake, Outcome, QueueKey, QueueStats, RequestError,
+    RequestRecord, RequestStatus, StoredResult, WebhookState, WebhookStatus, line_len,
+};
+
+/// A store on a fresh database, named `owner` in leases.
+async fn store(owner: &str) -> (tokio_postgres::Config, PgStore) {
+    let config = fresh_database().await;
+    let s = PgStore::connect(config.clone(), 4)
+        .await
+        .expect("connect")
+        .with_owner(owner);
+    (config, s)
+}
+
+/// Another node on the same database.
+async fn node(config: &tokio_postgres::Config, owner: &str) -> PgStore {
+    PgStore::connect(config.clone(), 4)
+        .await
+        .expect("connect")
+        .with_owner(owner)
+}
+
+/// A queued request of `tenant` for model `m` of upstream `u`, with a
+/// 2-byte body (`{}`).
+fn rec(tenant: &str, custom_id: &str, body_sha256: &str) -> RequestRecord {
+    RequestRecord {
+        id: 0,
+        tenant: tenant.into(),
+        custom_id: custom_id.into(),
+        model: "m".into(),
+        upstream: "u".into(),
+        body_sha256: body_sha256.into(),
+        body_len: 2,
+        status: RequestStatus::Queued,
+        created_at: 1_700_000_000,
+        submitted_at: None,
+        completed_at: None,
+        batch: None,
+        batch_id: None,
+        error: None,
+        callback_url: None,
+        stream: false,
+        attempts: 0,
+        webhook: None,
+    }
+}
+
+fn with_callback(r: RequestRecord) -> RequestRecord {
+    RequestRecord {
+        callback_url: Some("https://hooks.example/x".into()),
+        ..r
+    }
+}
+
+fn qk() -> QueueKey {
+    QueueKey {
+        upstream: "u".into(),
+        model: "m".into(),
+    }
+}
+
+fn payload(r: &RequestRecord, res: Option<&StoredResult>) -> String {
+    format!(
+        r#"{{"id":{},"status":"{}","result":{}}}"#,
+        r.id,
+        r.status.as_str(),
+        res.is_some()
+    )
+}
+
+fn err(code: &str) -> RequestError {
+    RequestError {
+        code: code.into(),
+        message: "m".into(),
+    }
+}
+
+async fn created(s: &PgStore, r: RequestRecord) -> RequestRecord {
+    match s.accept(r, b"{}".to_vec()).await.unwrap() {
+        Intake::Created(r) => r,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Queues `n` requests of tenant `t` with custom ids `{prefix}0..`; their
+/// ids in order.
+async fn queue_n(s: &PgStore, prefix: &str, n: usize) -> Vec<u64> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        ids.push(created(s, rec("t", &format!("{prefix}{i}"), "h")).await.id);
+    }
+    ids
+}
+
+async fn count(config: &tokio_postgres::Config, sql: &str) -> i64 {
+    let (client, conn) = config.connect(NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test]
+async fn accept_is_idempotent_per_custom_id_and_refuses_another_body() {
+    let (_, s) = store("a").await;
+    let a = created(&s, rec("t1", "x", "h1")).await;
+    assert!(a.id > 0);
+    let Intake::Existing(b) = s
+        .accept(rec("t1", "x", "h1"), b"{}".to_vec())
+        .await
+        .unwrap()
+    else {
+        panic!("same body: the earlier ticket")
+    };
+    assert_eq!(b, a);
+    let Intake::Conflict(c) = s
+        .accept(rec("t1", "x", "h2"), b"[]".to_vec())
+        .await
+        .unwrap()
+    else {
+        panic!("another body: a conflict")
+    };
+    assert_eq!(c.id, a.id);
+    let other = created(&s, rec("t2", "x", "h2")).await;
+    assert_ne!(other.id, a.id);
+
+    assert_eq!(s.get(a.id).await.unwrap().unwrap(), a);
+    assert_eq!(s.find("t1", "x").await.unwrap().unwrap(), a);
+    assert!(s.find("t3", "x").await.unwrap().is_none());
+    assert!(s.get(u64::from(u32::MAX)).await.unwrap().is_none());
+    assert_eq!(s.body(a.id).await.unwrap().unwrap(), b"{}");
+    assert!(s.result(a.id).await.unwrap().is_none());
+    // The conflicting intake stored nothing: the first body stands.
+    let stats = s.queue_stats_for(&qk()).await.unwrap().unwrap();
+    assert_eq!(stats.count, 2);
+    assert_eq!(stats.bytes, line_len(a.id, 2) + line_len(other.id, 2));
+    assert!(stats.oldest_ms > 0);
+    assert_eq!(s.queued_total().await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn two_nodes_accepting_one_custom_id_store_one_request() {
+    let (config, a) = store("a").await;
+    let b = node(&config, "b").await;
+    let mut races = Vec::new();
+    for i in 0..25 {
+        for s in [a.clone(), b.clone()] {
+            races.push(tokio::spawn(async move {
+                s.accept(rec("t", &format!("race{i}"), "h"), b"{}".to_vec())
+                    .await
+            }));
+        }
+    }
+    let mut ids_created = Vec::new();
+    let mut existing = 0;
+    for r in races {
+        match r.await.unwrap().unwrap() {
+            Intake::Created(r) => ids_created.push(r.id),
+            Intake::Existing(_) => existing += 1,
+            Intake::Conflict(r) => panic!("same body, conflict: {r:?}"),
+        }
+    }
+    assert_eq!((ids_created.len(), existing), (25, 25));
+    assert_eq!(count(&config, "SELECT count(*) FROM requests").await, 25);
+    assert_eq!(count(&config, "SELECT count(*) FROM queue").await, 25);
+    assert_eq!(count(&config, "SELECT count(*) FROM bodies").await, 25);
+    assert_eq!(a.queued_total().await.unwrap(), 25);
+    for id in ids_created {
+        assert!(b.get(id).await.unwrap().is_some());
+    }
+}
+
+#[tokio::test]
+async fn cancel_wins_only_while_queued_and_unclaimed() {
+    let (config, s) = store("a").await;
+    let plain = created(&s, rec("t", "plain", "h")).await;
+    let hooked = created(&s, with_callback(rec("t", "hooked", "h"))).await;
+    let claimed = created(&s, rec("t", "claimed", "h")).await;
+    let b = s
+        .claim_batch(&qk(), 1, u64::MAX, "size")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.members(b.id).await.unwrap(), vec![plain.id]);
+
+    // Claimed: too late, and nothing changed.
+    let CancelOutcome::TooLate(r) = s.cancel("t", "plain", &payload).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!((r.status, r.batch), (RequestStatus::Queued, Some(b.id)));
+
+    // Queued without a callback: cancelled, no webhook, body gone.
+    let CancelOutcome::Cancelled(r) = s.cancel("t", "claimed", &payload).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(r.status, RequestStatus::Cancelled);
+    assert!(r.completed_at.is_some() && r.webhook.is_none());
+    assert_eq!(s.get(claimed.id).await.unwrap().unwrap(), r);
+    assert!(s.body(claimed.id).await.unwrap().is_none());
+    assert_eq!(s.outbox_len().await.unwrap(), 0);
+
+    // Queued with a callback: an outbox entry, its payload fixed now.
+    let CancelOutcome::Cancelled(r) = s.cancel("t", "hooked", &payload).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(r.webhook.as_ref().unwrap().status, WebhookStatus::Pending);
+    assert_eq!(s.get(hooked.id).await.unwrap().unwrap(), r);
+    assert_eq!(s.outbox_len().await.unwrap(), 1);
+    let taken = s.take_due_deliveries(u64::MAX, 10).await.unwrap();
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].request, hooked.id);
+    assert_eq!(taken[0].msg_id, format!("msg_ferry_{}", hooked.id));
+    assert_eq!(
+        taken[0].payload,
+        format!(
+            r#"{{"id":{},"status":"cancelled","result":false}}"#,
+            hooked.id
+        )
+    );
+
+    assert!(matches!(
+        s.cancel("t", "hooked", &payload).await.unwrap(),
+        CancelOutcome::AlreadyCancelled(_)
+    ));
+    assert!(matches!(
+        s.cancel("other", "hooked", &payload).await.unwrap(),
+        CancelOutcome::NotFound
+    ));
+    assert!(matches!(
+        s.cancel("t", "never", &payload).await.unwrap(),
+        CancelOutcome::NotFound
+    ));
+    // Both cancels left the queue; the claim took the third.
+    assert_eq!(
+        s.queue_stats().await.unwrap(),
+        vec![(qk(), QueueStats::default())]
+    );
+    assert_eq!(count(&config, "SELECT count(*) FROM queue").await, 0);
+}
+
+#[tokio::test]
+async fn claims_take_the_oldest_within_their_limits_and_keep_counters() {
+    let (_, s) = store("a").await;
+    assert!(
+        s.claim_batch(&qk(), 10, 1 << 20, "size")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let ids = queue_n(&s, "c", 5).await;
+    let one = line_len(ids[0], 2);
+    let b = s
+        .claim_batch(&qk(), 3, u64::MAX, "size")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.members(b.id).await.unwrap(), ids[..3]);
+    assert_eq!(
+        (b.request_count, b.bytes, b.state.clone()),
+        (3, 3 * one, BatchState::Claimed)
+    );
+    assert_eq!(s.get_batch(b.id).await.unwrap().unwrap(), b);
+    for id in &ids[..3] {
+        let r = s.get(*id).await.unwrap().unwrap();
+        assert_eq!(
+            (r.status, r.batch, r.batch_id),
+            (RequestStatus::Queued, Some(b.id), None)
+        );
+    }
+    let stats = s.queue_stats_for(&qk()).await.unwrap().unwrap();
+    assert_eq!((stats.count, stats.bytes), (2, 2 * one));
+    // A byte limit of one and a half lines takes one line; a limit below
+    // one line still takes one.
+    let b2 = s
+        .claim_batch(&qk(), 10, one + one / 2, "bytes")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((b2.request_count, b2.bytes), (1, one));
+    let b3 = s.claim_batch(&qk(), 10, 1, "bytes").await.unwrap().unwrap();
+    assert_eq!(s.members(b3.id).await.unwrap(), vec![ids[4]]);
+    assert_eq!(
+        s.queue_stats_for(&qk()).await.unwrap().unwrap(),
+        QueueStats::default()
+    );
+    assert_eq!(s.queued_total().await.unwrap(), 0);
+    assert!(
+        s.queue_stats_for(&QueueKey {
+            upstream: "u".into(),
+            model: "other".into()
+        })
+        .await
+        .unwrap()
+        .is_none()
+    );
+    assert_eq!(s.recover_claims().await.unwrap(), 3);
+    assert_eq!(s.live_batches().await.unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn two_nodes_claiming_at_once_never_share_a_request() {
+    let (config, a) = store("a").await;
+    let b = node(&config, "b").await;
+    let ids = queue_n(&a, "c", 500).await;
+    let claimer = |s: PgStore| {
+        tokio::spawn(async move {
+            let mut batches = Vec::new();
+            while let Some(batch) = s.claim_batch(&qk(), 7, u64::MAX, "size").await.unwrap() {
+                let members = s.members(batch.id).await.unwrap();
+                assert_eq!(members.len() as u64, batch.request_count);
+                batches.push((batch.id, members));
+            }
+            batches
+        })
+    };
+    let (ta, tb) = (claimer(a.clone()), claimer(b.clone()));
+    let (ba, bb) = (ta.await.unwrap(), tb.await.unwrap());
+    assert!(
+        !ba.is_empty() && !bb.is_empty(),
+        "both claimed: {} {}",
+        ba.len(),
+        bb.len()
+    );
+    let mut seen = HashSet::new();
+    for (batch, members) in ba.iter().chain(&bb) {
+        for id in members {
+            assert!(seen.insert(*id), "request {id} in two batches");
+            assert_eq!(a.get(*id).await.unwrap().unwrap().batch, Some(*batch));
+        }
+    }
+    assert_eq!(seen, ids.into_iter().collect::<HashSet<_>>());
+    assert_eq!(a.queued_total().await.unwrap(), 0);
+    assert_eq!(
+        a.queue_stats().await.unwrap(),
+        vec![(qk(), QueueStats::default())]
+    );
+}
+
+/// Claims every queued request of `u`/`m` and submits the batch.
+async fn submitted_batch(s: &PgStore) -> (BatchRecord, Vec<u64>) {
+    let mut b = s
+        .claim_batch(&qk(), 100, u64::MAX, "size")
+        .await
+        .unwrap()
+        .unwrap();
+    s.mark_submitted(&mut b, "file-in", "batch_up")
+        .await
+        .unwrap();
+    let ids = s.members(b.id).await.unwrap();
+    (b, ids)
+}
+
+#[tokio::test]
+async fn outcomes_finish_or_requeue_members_once() {
+    let (config, s) = store("a").await;
+    for (i, cid) in [
+        "done",
+        "failed",
+        "expired",
+        "cancelled",
+        "requeue",
+        "retry",
+        "retry_out",
+        "expire_out",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let r = rec("t", cid, "h");
+        created(&s, if i < 2 { with_callback(r) } else { r }).await;
+    }
+    let (b, ids) = submitted_batch(&s).await;
+    for id in &ids {
+        let r = s.get(*id).await.unwrap().unwrap();
+        assert_eq!((r.status, r.attempts), (RequestStatus::Submitted, 1));
+        assert_eq!(r.batch_id.as_deref(), Some("batch_up"));
+        assert!(r.submitted_at.is_some());
+    }
+    // Applying submission again counts nothing twice.
+    s.apply_submitted(b.id).await.unwrap();
+    assert_eq!(s.get(ids[0]).await.unwrap().unwrap().attempts, 1);
+
+    let result = StoredResult {
+        status_code: 200,
+        body: bytes::Bytes::from_static(br#"{"ok": true}"#),
+    };
+    let outcomes = vec![
+        (ids[0], Outcome::Completed(result.clone())),
+        (ids[1], Outcome::Failed(err("bad"))),
+        (ids[2], Outcome::Expired(err("late"))),
+        (ids[3], Outcome::Cancelled(err("gone"))),
+        (ids[4], Outcome::Requeue),
+        (
+            ids[5],
+            Outcome::Retry {
+                error: err("r"),
+                max_attempts: 3,
+            },
+        ),
+        (
+            ids[6],
+            Outcome::Retry {
+                error: err("r1"),
+                max_attempts: 1,
+            },
+        ),
+        (
+            ids[7],
+            Outcome::RetryOrExpire {
+                error: err("x1"),
+                max_attempts: 1,
+            },
+        ),
+    ];
+    let done = s
+        .apply_outcomes(b.id, outcomes.clone(), &payload)
+        .await
+        .unwrap();
+    let statuses: Vec<_> = done.iter().map(|r| (r.id, r.status)).collect();
+    use RequestStatus::*;
+    assert_eq!(
+        statuses,
+        vec![
+            (ids[0], Completed),
+            (ids[1], Failed),
+            (ids[2], Expired),
+            (ids[3], Failed),
+            (ids[6], Failed),
+            (ids[7], Expired)
+        ]
+    );
+    for r in &done {
+        assert_eq!(
+            &s.get(r.id).await.unwrap().unwrap(),
+            r,
+            "read back as returned"
+        );
+        assert!(r.completed_at.is_some());
+        assert_eq!(r.batch_id.as_deref(), Some("batch_up"));
+        assert!(
+            s.body(r.id).await.unwrap().is_none(),
+            "a finished body is dropped"
+        );
+    }
+    assert_eq!(s.result(ids[0]).await.unwrap().unwrap(), result);
+    assert!(done[0].error.is_none());
+    let codes: Vec<_> = done[1..]
+        .iter()
+        .map(|r| r.error.clone().unwrap().code)
+        .collect();
+    assert_eq!(codes, ["bad", "late", "gone", "r1", "x1"]);
+    // Re-queued: the requeue gave its attempt back, the retry kept it.
+    for (id, attempts) in [(ids[4], 0), (ids[5], 1)] {
+        let r = s.get(id).await.unwrap().unwrap();
+        assert_eq!(
+            (r.status, r.batch, r.submitted_at, r.attempts),
+            (Queued, None, None, attempts)
+        );
+        assert!(r.error.is_none());
+        assert!(s.body(id).await.unwrap().is_some());
+    }
+    let stats = s.queue_stats_for(&qk()).await.unwrap().unwrap();
+    assert_eq!(stats.count, 2);
+    assert_eq!(stats.bytes, line_len(ids[4], 2) + line_len(ids[5], 2));
+    // Re-queued at acceptance time, so the time threshold sends them soon.
+    assert_eq!(stats.oldest_ms, 1_700_000_000_000);
+    // Webhooks for the two with callbacks, written with their state.
+    assert_eq!(s.outbox_len().await.unwrap(), 2);
+    let sent = s.take_due_deliveries(u64::MAX, 10).await.unwrap();
+    let mut by_request: Vec<_> = sent
+        .iter()
+        .map(|d| (d.request, d.payload.clone()))
+        .collect();
+    by_request.sort();
+    assert_eq!(
+        by_request,
+        vec![
+            (
+                ids[0],
+                format!(r#"{{"id":{},"status":"completed","result":true}}"#, ids[0])
+            ),
+            (
+                ids[1],
+                format!(r#"{{"id":{},"status":"failed","result":false}}"#, ids[1])
+            ),
+        ]
+    );
+
+    // Applying again changes nothing.
+    let again = s.apply_outcomes(b.id, outcomes, &payload).await.unwrap();
+    assert!(again.is_empty());
+    assert_eq!(s.queue_stats_for(&qk()).await.unwrap().unwrap().count, 2);
+    assert_eq!(s.get(ids[0]).await.unwrap().unwrap().status, Completed);
+    assert_eq!(count(&config, "SELECT count(*) FROM outbox").await, 2);
+
+    // The re-queued go out in the next batch; the retry is counted there,
+    // and at its limit fails.
+    let (b2, ids2) = submitted_batch(&s).await;
+    assert_eq!(ids2, vec![ids[4], ids[5]]);
+    let done = s
+        .apply_outcomes(
+            b2.id,
+            vec![(
+                ids[5],
+                Outcome::Retry {
+                    error: err("r"),
+                    max_attempts: 2,
+                },
+            )],
+            &payload,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (done.len(), done[0].status, done[0].attempts),
+        (1, Failed, 2)
+    );
+    // An outcome naming another batch's member changes nothing.
+    let other = s
+        .apply_outcomes(b.id, vec![(ids[4], Outcome::Failed(err("no")))], &payload)
+        .await
+        .unwrap();
+    assert!(other.is_empty());
+    assert_eq!(s.get(ids[4]).await.unwrap().unwrap().status, Submitted);
+}
+
+#[tokio::test]
+async fn batch_records_track_their_upstream_objects_across_nodes() {
+    let (config, s) = store("a").await;
+    let other = node(&config, "b").await;
+    created(&s, rec("t", "c", "h")).await;
+    let mut b = s
+        .claim_batch(&qk(), 10, u64::MAX, "size")
+        .await
+        .unwrap()
+        .unwrap();
+    let owned = |s: PgStore| async move {
+        let mut v = Vec::new();
+        for id in ["file-in", "batch_1", "file-out"] {
+            if s.is_own_upstream_object(id).await {
+                v.push(id);
+            }
+        }
+        v
+    };
+    assert!(owned(other.clone()).await.is_empty());
+    b.state = BatchState::Uploaded {
+        file_id: "file-in".into(),
+    };
+    s.put_batch(&b).await.unwrap();
+    assert_eq!(owned(other.clone()).await, ["file-in"]);
+    s.mark_submitted(&mut b, "file-in", "batch_1")
+        .await
+        .unwrap();
+    assert_eq!(owned(other.clone()).await, ["file-in", "batch_1"]);
+    assert_eq!(s.recover_claims().await.unwrap(), 0);
+    assert_eq!(other.live_batches().await.unwrap(), vec![b.clone()]);
+    assert!(other.batches_owing_cleanup("u").await.unwrap().is_empty());
+    b.state = BatchState::Done {
+        file_id: Some("file-in".into()),
+        batch_id: Some("batch_1".into()),
+        upstream_status: "completed".into(),
+        cleanup: vec!["file-in".into(), "file-out".into()],
+    };
+    s.put_batch(&b).await.unwrap();
+    assert_eq!(owned(other.clone()).await, ["file-in", "file-out"]);
+    assert!(other.live_batches().await.unwrap().is_empty());
+    assert_eq!(
+        other.batches_owing_cleanup("u").await.unwrap(),
+        vec![b.clone()]
+    );
+    assert!(other.batches_owing_cleanup("v").await.unwrap().is_empty());
+    // A done batch still names its upstream batch to its members.
+    let member = s.find("t", "c").await.unwrap().unwrap();
+    assert_eq!(member.batch_id.as_deref(), Some("batch_1"));
+    if let BatchState::Done { cleanup, .. } = &mut b.state {
+        cleanup.clear();
+    }
+    s.put_batch(&b).await.unwrap();
+    assert!(owned(other.clone()).await.is_empty());
+    assert!(other.batches_owing_cleanup("u").await.unwrap().is_empty());
+    assert!(s.get_batch(b.id + 1_000).await.unwrap().is_none());
+}
+
+/// Cancels `n` queued requests with callbacks (custom ids `{prefix}0..`):
+/// `n` deliveries owed.
+async fn owe_deliveries(s: &PgStore, prefix: &str, n: usize) -> Vec<u64> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let r = created(s, with_callback(rec("t", &format!("{prefix}{i}"), "h"))).await;
+        let CancelOutcome::Cancelled(_) = s.cancel("t", &r.custom_id, &payload).await.unwrap()
+        else {
+            panic!()
+        };
+        ids.push(r.id);
+    }
+    ids
+}
+
+#[tokio::test]
+async fn two_nodes_never_take_one_delivery_and_a_lapsed_lease_is_retaken() {
+    let (config, a) = store("a").await;
+    let b = node(&config, "b").await;
+    let ids = owe_deliveries(&a, "w", 20).await;
+    assert_eq!(a.outbox_len().await.unwrap(), 20);
+    let due = a.next_delivery_due().await.unwrap().unwrap();
+    // Not yet due: nothing is taken.
+    assert!(
+        a.take_due_deliveries(due - 1, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let (ta, tb) = tokio::join!(
+        a.take_due_deliveries(u64::MAX, 15),
+        b.take_due_deliveries(u64::MAX, 15)
+    );
+    let (ta, tb) = (ta.unwrap(), tb.unwrap());
+    let mut all: Vec<u64> = ta.iter().chain(&tb).map(|d| d.request).collect();
+    assert_eq!(all.len(), 20, "{} + {}", ta.len(), tb.len());
+    all.sort_unstable();
+    assert_eq!(all, ids);
+    // All held: nothing left to take for anyone.
+    assert!(
+        a.take_due_deliveries(u64::MAX, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        b.take_due_deliveries(u64::MAX, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // A failed try, due again later: back in the schedule with its state.
+    let mut d = ta[0].clone();
+    d.attempts = 1;
+    d.due_ms = 5;
+    let state = WebhookState {
+        status: WebhookStatus::Pending,
+        attempts: 1,
+        last_error: Some("503".into()),
+    };
+    a.retry_delivery(&d, state.clone()).await.unwrap();
+    assert_eq!(
+        a.get(d.request).await.unwrap().unwrap().webhook,
+        Some(state)
+    );
+    assert!(b.take_due_deliveries(4, 10).await.unwrap().is_empty());
+    let again = b.take_due_deliveries(5, 10).await.unwrap();
+    assert_eq!(again, vec![d.clone()]);
+    // `a` no longer holds it: its late retry changes nothing.
+    a.retry_delivery(
+        &ta[0],
+        WebhookState {
+            attempts: 9,
+            ..state_of(&a, d.request).await
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(state_of(&a, d.request).await.attempts, 1);
+    b.finish_delivery(&again[0], WebhookStatus::Delivered, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        state_of(&a, d.request).await.status,
+        WebhookStatus::Delivered
+    );
+    assert_eq!(a.outbox_len().await.unwrap(), 19);
+
+    // A node whose leases last no time at all (standing in for one that
+    // died mid-send): what it takes is free again at once.
+    let lapsing = node(&config, "c").await.with_delivery_lease(Duration::ZERO);
+    for d in ta.iter().skip(1).chain(&tb) {
+        b.finish_delivery(d, WebhookStatus::Delivered, None)
+            .await
+            .unwrap();
+    }
+    assert_eq!(a.outbox_len().await.unwrap(), 0);
+    let more = owe_deliveries(&a, "late", 3).await;
+    let taken = lapsing.take_due_deliveries(u64::MAX, 10).await.unwrap();
+    assert_eq!(taken.iter().map(|d| d.request).collect::<Vec<_>>(), more);
+    let retaken = a.take_due_deliveries(u64::MAX, 10).await.unwrap();
+    assert_eq!(retaken, taken);
+    // Held by `a` now (60 s): not due until its lease runs out.
+    let next = a.next_delivery_due().await.unwrap().unwrap();
+    assert!(next > d.first_ms + 50_000, "{next}");
+}
+
+async fn state_of(s: &PgStore, id: u64) -> WebhookState {
+    s.get(id).await.unwrap().unwrap().webhook.unwrap()
+}
+
+#[tokio::test]
+async fn leases_are_held_by_one_node_and_fence_a_stale_holder() {
+    let (config, a) = store("a").await;
+    let b = node(&config, "b").await;
+    let long = Duration::from_secs(60);
+    assert_eq!(a.acquire_lease("driver", long).await.unwrap(), Some(1));
+    assert_eq!(b.acquire_lease("driver", long).await.unwrap(), None);
+    // The holder renews: same token.
+    assert_eq!(a.acquire_lease("driver", long).await.unwrap(), Some(1));
+    assert!(a.renew_lease("driver", 1, long).await.unwrap());
+    assert!(!b.renew_lease("driver", 1, long).await.unwrap());
+    // Other names are independent.
+    assert_eq!(b.acquire_lease("other", long).await.unwrap(), Some(1));
+
+    // `a` renews with no time left (standing in for its lease running
+    // out): `b` takes it over with a higher token.
+    assert!(a.renew_lease("driver", 1, Duration::ZERO).await.unwrap());
+    assert_eq!(b.acquire_lease("driver", long).await.unwrap(), Some(2));
+    assert_eq!(a.acquire_lease("driver", long).await.unwrap(), None);
+    assert!(!a.renew_lease("driver", 1, long).await.unwrap());
+
+    // A batch write under the stale token is refused; under the new one
+    // it lands.
+    created(&a, rec("t", "c", "h")).await;
+    let claimed = a
+        .claim_batch(&qk(), 10, u64::MAX, "size")
+        .await
+        .unwrap()
+        .unwrap();
+    let mut stale = claimed.clone();
+    stale.state = BatchState::Uploaded {
+        file_id: "file-stale".into(),
+    };
+    assert!(!a.put_batch_fenced(&stale, "driver", 1).await.unwrap());
+    assert_eq!(a.get_batch(claimed.id).await.unwrap().unwrap(), claimed);
+    let mut fresh = claimed.clone();
+    fresh.state = BatchState::Uploaded {
+        file_id: "file-new".into(),
+    };
+    assert!(b.put_batch_fenced(&fresh, "driver", 2).await.unwrap());
+    assert_eq!(a.get_batch(claimed.id).await.unwrap().unwrap(), fresh);
+    assert!(!b.put_batch_fenced(&fresh, "nobody", 1).await.unwrap());
+    assert_eq!(
+        count(&config, "SELECT token FROM leases WHERE name = 'driver'").await,
+        2
+    );
+}
+
+#[tokio::test]
+async fn a_cancel_and_a_claim_racing_never_both_win() {
+    let (config, a) = store("a").await;
+    let b = node(&config, "b").await;
+    let ids = queue_n(&a, "c", 200).await;
+    let claimer = tokio::spawn(async move {
+        let mut claimed = HashSet::new();
+        while let Some(batch) = b.claim_batch(&qk(), 3, u64::MAX, "size").await.unwrap() {
+            claimed.extend(b.members(batch.id).await.unwrap());
+        }
+        claimed
+    });
+    let canceller = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            let mut cancelled = HashSet::new();
+            // From the newest back, so the two meet in the middle.
+            for i in (0..200).rev() {
+                match a.cancel("t", &format!("c{i}"), &payload).await.unwrap() {
+                    CancelOutcome::Cancelled(r) => {
+                        cancelled.insert(r.id);
+                    }
+                    CancelOutcome::TooLate(r) => assert!(r.batch.is_some(), "{r:?}"),
+                    other => panic!("{other:?}"),
+                }
+            }
+            cancelled
+        })
+    };
+    let (claimed, cancelled) = (claimer.await.unwrap(), canceller.await.unwrap());
+    assert!(claimed.is_disjoint(&cancelled));
+    assert_eq!(claimed.len() + cancelled.len(), 200);
+    for id in ids {
+        let r = a.get(id).await.unwrap().unwrap();
+        if cancelled.contains(&id) {
+            assert_eq!((r.status, r.batch), (RequestStatus::Cancelled, None));
+        } else {
+            assert_eq!(r.status, RequestStatus::Queued);
+            assert!(r.batch.is_some());
+        }
+    }
+    assert_eq!(
+        a.queue_stats().await.unwrap(),
+        vec![(qk(), QueueStats::default())]
+    );
+}

@@ -13,6 +13,7 @@
 mod embedded;
 mod error;
 pub mod instance;
+pub mod lifecycle;
 pub mod pg;
 pub mod records;
 

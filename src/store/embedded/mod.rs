@@ -507,11 +507,12 @@ impl SledStore {
         let Some(mut rec) = self.find(tenant, custom_id)? else {
             return Ok(CancelOutcome::NotFound);
         };
-        if rec.status == RequestStatus::Cancelled {
-            return Ok(CancelOutcome::AlreadyCancelled(rec));
-        }
-        if rec.status != RequestStatus::Queued || rec.batch.is_some() {
-            return Ok(CancelOutcome::TooLate(rec));
+        match lifecycle::cancel_verdict(rec.status, rec.batch) {
+            lifecycle::CancelVerdict::AlreadyCancelled => {
+                return Ok(CancelOutcome::AlreadyCancelled(rec));
+            }
+            lifecycle::CancelVerdict::TooLate => return Ok(CancelOutcome::TooLate(rec)),
+            lifecycle::CancelVerdict::Cancel => {}
         }
         let qk = QueueKey::of(&rec);
         if let Some(v) = self.queue.remove(qk.entry(rec.id))? {
@@ -566,7 +567,7 @@ impl SledStore {
         for item in self.queue_entries(qk) {
             let (id, v) = item?;
             let (_, len) = parse_queue_value(&v).ok_or_else(|| corrupt("queue value", "bad"))?;
-            if ids.len() >= max_requests || (bytes + len > max_bytes && !ids.is_empty()) {
+            if !lifecycle::claim_takes(ids.len(), bytes, len, max_requests, max_bytes) {
                 break;
             }
             ids.push(id);
@@ -829,43 +830,17 @@ impl SledStore {
             let Some(mut rec) = self.get_with_state(id)? else {
                 continue;
             };
-            if rec.batch != Some(batch) || rec.status.is_terminal() {
+            if !lifecycle::outcome_applies(rec.status, rec.batch, batch) {
                 continue;
             }
-            let outcome = match outcome {
-                Outcome::Retry {
+            let (status, error, stored) = match lifecycle::outcome_effect(outcome, rec.attempts) {
+                lifecycle::Effect::Finish {
+                    status,
                     error,
-                    max_attempts,
-                } if rec.attempts >= max_attempts => Outcome::Failed(error),
-                Outcome::RetryOrExpire {
-                    error,
-                    max_attempts,
-                } if rec.attempts >= max_attempts => Outcome::Expired(error),
-                o => o,
-            };
-            let mut stored = None;
-            match outcome {
-                Outcome::Completed(r) => {
-                    results.insert(&id.to_be_bytes(), r.encode());
-                    stored = Some(r);
-                    rec.status = RequestStatus::Completed;
-                }
-                // Only ingestion knows the upstream's limit and turns
-                // `Cancelled` into a counted `Retry`; one that got here anyway
-                // fails rather than being re-sent without bound.
-                Outcome::Failed(e) | Outcome::Cancelled(e) => {
-                    rec.status = RequestStatus::Failed;
-                    rec.error = Some(e);
-                }
-                Outcome::Expired(e) => {
-                    rec.status = RequestStatus::Expired;
-                    rec.error = Some(e);
-                }
-                Outcome::Requeue | Outcome::Retry { .. } | Outcome::RetryOrExpire { .. } => {
-                    if matches!(outcome, Outcome::Requeue) {
-                        // Submission counted this batch; it does not count.
-                        rec.attempts = rec.attempts.saturating_sub(1);
-                    }
+                    result,
+                } => (status, error, result),
+                lifecycle::Effect::Requeue { attempts } => {
+                    rec.attempts = attempts;
                     let qk = QueueKey::of(&rec);
                     let len = line_len(id, rec.body_len);
                     // Age counts from acceptance: a re-queued request has
@@ -879,6 +854,13 @@ impl SledStore {
                     states.insert(&id.to_be_bytes(), &rec.state().encode());
                     continue;
                 }
+            };
+            if let Some(r) = &stored {
+                results.insert(&id.to_be_bytes(), r.encode());
+            }
+            rec.status = status;
+            if error.is_some() {
+                rec.error = error;
             }
             rec.completed_at = Some(now);
             rec.batch_id.clone_from(&batch_id);

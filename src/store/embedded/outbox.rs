@@ -59,24 +59,9 @@ impl SledStore {
         payload: &PayloadFn<'_>,
         outbox: &mut sled::Batch,
     ) -> Result<Option<(u64, u64)>, StoreError> {
-        let Some(url) = rec.callback_url.clone() else {
-            return Ok(None);
-        };
-        rec.webhook = Some(WebhookState {
-            status: WebhookStatus::Pending,
-            attempts: 0,
-            last_error: None,
-        });
         let now = now_millis();
-        let d = Delivery {
-            request: rec.id,
-            tenant: rec.tenant.clone(),
-            url,
-            msg_id: format!("msg_ferry_{}", rec.id),
-            payload: payload(rec, result),
-            first_ms: now,
-            due_ms: now,
-            attempts: 0,
+        let Some(d) = super::lifecycle::delivery_for(rec, result, payload, now) else {
+            return Ok(None);
         };
         outbox.insert(
             &rec.id.to_be_bytes(),

@@ -121,8 +121,7 @@ pub async fn listen(
     loop {
         let session = async {
             let (client, mut conn) = config.connect(NoTls).await?;
-            let mut messages =
-                futures::stream::poll_fn(move |cx| conn.poll_message(cx)).boxed();
+            let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx)).boxed();
             // The connection is driven by polling `messages`, so the LISTEN
             // runs beside it.
             let statement = format!("LISTEN {CHANNEL}");

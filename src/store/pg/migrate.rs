@@ -22,11 +22,15 @@ pub fn known_version() -> i32 {
 /// batch step updates, so a state change rewrites a small row, not a prompt.
 /// Queue thresholds are read from `queue_counters`, kept in step by the
 /// same transactions that add and remove queue rows, never by counting.
+///
+/// Invariant kept by every transaction: a request has a `queue` row exactly
+/// while it is `queued` with no batch. Ids of requests and batches come
+/// from one sequence, as in the embedded store.
 const V1: &str = r#"
 CREATE SEQUENCE ferry_ids;
 
 CREATE TABLE requests (
-    id            bigint PRIMARY KEY,
+    id            bigint   PRIMARY KEY,
     tenant        text     NOT NULL,
     custom_id     text     NOT NULL,
     upstream      text     NOT NULL,
@@ -36,7 +40,8 @@ CREATE TABLE requests (
     callback_url  text,
     stream        boolean  NOT NULL,
     created_at    bigint   NOT NULL,
-    status        smallint NOT NULL,
+    status        text     NOT NULL CHECK (status IN
+                      ('queued', 'submitted', 'completed', 'failed', 'expired', 'cancelled')),
     attempts      integer  NOT NULL DEFAULT 0,
     batch         bigint,
     submitted_at  bigint,
@@ -45,6 +50,8 @@ CREATE TABLE requests (
     webhook       jsonb,
     UNIQUE (tenant, custom_id)
 );
+-- Members' states are read and moved per batch.
+CREATE INDEX requests_batch ON requests (batch) WHERE batch IS NOT NULL;
 
 CREATE TABLE bodies (
     id   bigint PRIMARY KEY,
@@ -53,10 +60,11 @@ CREATE TABLE bodies (
 
 CREATE TABLE results (
     id          bigint   PRIMARY KEY,
-    status_code smallint NOT NULL,
+    status_code integer  NOT NULL,
     body        bytea    NOT NULL
 );
 
+-- Claims take a queue's rows in id (arrival) order: the primary key's.
 CREATE TABLE queue (
     upstream    text   NOT NULL,
     model       text   NOT NULL,
@@ -65,6 +73,9 @@ CREATE TABLE queue (
     line_len    bigint NOT NULL,
     PRIMARY KEY (upstream, model, id)
 );
+-- A re-queued request keeps its acceptance time, so the oldest entry is
+-- not always the first by id.
+CREATE INDEX queue_oldest ON queue (upstream, model, enqueued_ms);
 
 CREATE TABLE queue_counters (
     upstream text   NOT NULL,
@@ -74,13 +85,18 @@ CREATE TABLE queue_counters (
     PRIMARY KEY (upstream, model)
 );
 
+-- `upstream_batch_id`, `live` and `upstream_objects` are derived from the
+-- record by every write, for reads that must not parse every record.
 CREATE TABLE batches (
-    id       bigint  PRIMARY KEY,
-    upstream text    NOT NULL,
-    live     boolean NOT NULL,
-    record   jsonb   NOT NULL
+    id                bigint  PRIMARY KEY,
+    upstream          text    NOT NULL,
+    live              boolean NOT NULL,
+    upstream_batch_id text,
+    upstream_objects  text[]  NOT NULL DEFAULT '{}',
+    record            jsonb   NOT NULL
 );
 CREATE INDEX batches_live ON batches (upstream) WHERE live;
+CREATE INDEX batches_objects ON batches USING gin (upstream_objects);
 
 CREATE TABLE members (
     batch bigint NOT NULL,
@@ -88,6 +104,8 @@ CREATE TABLE members (
     PRIMARY KEY (batch, id)
 );
 
+-- A row is taken by one node at a time: `lease_until` (database clock)
+-- bounds how long a node that died while sending keeps it.
 CREATE TABLE outbox (
     id          bigint PRIMARY KEY,
     due_ms      bigint NOT NULL,
@@ -97,6 +115,8 @@ CREATE TABLE outbox (
 );
 CREATE INDEX outbox_due ON outbox (due_ms);
 
+-- Named leases with fencing tokens: the token grows by one each time the
+-- lease changes hands, and writes guarded by a lease carry it.
 CREATE TABLE leases (
     name       text        PRIMARY KEY,
     owner      text        NOT NULL,

@@ -1,13 +1,27 @@
 //! PostgreSQL, the shared store of a Ferry cluster: several nodes on one
 //! database, each stateless apart from what it holds in memory.
 //!
-//! What is here so far: the connection pool and the versioned schema
-//! migrations that every node runs at start. The store operations behind
-//! the storage seam come next; see the README's "Running a cluster" once
-//! they land.
+//! Files: `migrate` (the versioned schema), `store` ([`PgStore`], reads
+//! and row decoding), `requests` (intake and cancel), `queues` (queue
+//! counters and claims), `batches` (batch records and their members'
+//! steps), `outcomes` (a finished batch's results), `outbox` (webhook
+//! deliveries, leased per node), `leases` (named leases with fencing
+//! tokens), [`events`] (LISTEN/NOTIFY between nodes). The decisions
+//! themselves are shared with the embedded store, in [`super::lifecycle`];
+//! the store operations mirror the embedded store's method by method, each
+//! one transaction, durable on return.
 
+mod batches;
 pub mod events;
+mod leases;
 pub mod migrate;
+mod outbox;
+mod outcomes;
+mod queues;
+mod requests;
+mod store;
+
+pub use store::{PgStore, SyncPayloadFn};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
@@ -30,6 +44,10 @@ pub enum PgError {
          upgrade this node, or point it at another database"
     )]
     SchemaTooNew { found: i32, known: i32 },
+    #[error("stored data is unreadable: {0}")]
+    Corrupt(String),
+    #[error("{0} is out of PostgreSQL's range")]
+    OutOfRange(&'static str),
 }
 
 /// Parses a connection URL (`postgres://user@host:port/db?...`).

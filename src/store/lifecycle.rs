@@ -1,0 +1,262 @@
+//! The request lifecycle's decisions as pure functions over plain data,
+//! shared by every store backend (sled, PostgreSQL) so that each only
+//! persists what was decided here. Nothing in this file reads or writes
+//! storage.
+
+use super::{
+    Delivery, Outcome, PayloadFn, RequestError, RequestRecord, RequestStatus, StoredResult,
+    WebhookState, WebhookStatus,
+};
+
+/// What one [`Outcome`] does to a member of a finished batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// The request ends with `status`. `error`, when set, replaces the
+    /// record's error (a completed request keeps what it had); `result`,
+    /// when set, is the answer to store.
+    Finish {
+        status: RequestStatus,
+        error: Option<RequestError>,
+        result: Option<StoredResult>,
+    },
+    /// Back to the queue (status `queued`, no batch, no `submitted_at`),
+    /// with this many attempts counted. The record's error is left as is.
+    Requeue { attempts: u32 },
+}
+
+/// Decides what `outcome` does to a member that has been sent in
+/// `attempts` batches (this one included).
+pub fn outcome_effect(outcome: Outcome, attempts: u32) -> Effect {
+    let finish = |status, error| Effect::Finish {
+        status,
+        error: Some(error),
+        result: None,
+    };
+    match outcome {
+        Outcome::Completed(r) => Effect::Finish {
+            status: RequestStatus::Completed,
+            error: None,
+            result: Some(r),
+        },
+        // Only ingestion knows the upstream's limit and turns `Cancelled`
+        // into a counted `Retry`; one that got here anyway fails rather
+        // than being re-sent without bound.
+        Outcome::Failed(e) | Outcome::Cancelled(e) => finish(RequestStatus::Failed, e),
+        Outcome::Expired(e) => finish(RequestStatus::Expired, e),
+        Outcome::Retry {
+            error,
+            max_attempts,
+        } if attempts >= max_attempts => finish(RequestStatus::Failed, error),
+        Outcome::RetryOrExpire {
+            error,
+            max_attempts,
+        } if attempts >= max_attempts => finish(RequestStatus::Expired, error),
+        // Submission counted this batch; a requeue for the upstream's state
+        // (its token budget was full) does not count against the request.
+        Outcome::Requeue => Effect::Requeue {
+            attempts: attempts.saturating_sub(1),
+        },
+        Outcome::Retry { .. } | Outcome::RetryOrExpire { .. } => Effect::Requeue { attempts },
+    }
+}
+
+/// Whether an outcome for `batch` may still change a request in `status`,
+/// claimed by `in_batch`: only a member of that batch that is not yet
+/// terminal, so applying a batch's outcomes twice changes nothing.
+pub fn outcome_applies(status: RequestStatus, in_batch: Option<u64>, batch: u64) -> bool {
+    in_batch == Some(batch) && !status.is_terminal()
+}
+
+/// What a cancel does to a request in `status`, claimed by `batch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelVerdict {
+    Cancel,
+    AlreadyCancelled,
+    /// Claimed by a flush, submitted or finished: nothing changes.
+    TooLate,
+}
+
+/// Only a request still queued and not claimed by a flush can be cancelled.
+pub fn cancel_verdict(status: RequestStatus, batch: Option<u64>) -> CancelVerdict {
+    if status == RequestStatus::Cancelled {
+        CancelVerdict::AlreadyCancelled
+    } else if status != RequestStatus::Queued || batch.is_some() {
+        CancelVerdict::TooLate
+    } else {
+        CancelVerdict::Cancel
+    }
+}
+
+/// Whether a claim that has taken `taken` lines of `bytes` JSONL so far
+/// takes the next line of `len` bytes. The first line is always taken, so a
+/// line longer than `max_bytes` still leaves the queue (alone).
+pub fn claim_takes(
+    taken: usize,
+    bytes: u64,
+    len: u64,
+    max_requests: usize,
+    max_bytes: u64,
+) -> bool {
+    taken < max_requests && (taken == 0 || bytes.saturating_add(len) <= max_bytes)
+}
+
+/// For a request that just became terminal: when it has a callback URL,
+/// marks its webhook pending and returns the delivery owed, its payload
+/// fixed now (at `now_ms`, due at once).
+pub fn delivery_for(
+    rec: &mut RequestRecord,
+    result: Option<&StoredResult>,
+    payload: &PayloadFn<'_>,
+    now_ms: u64,
+) -> Option<Delivery> {
+    let url = rec.callback_url.clone()?;
+    rec.webhook = Some(WebhookState {
+        status: WebhookStatus::Pending,
+        attempts: 0,
+        last_error: None,
+    });
+    Some(Delivery {
+        request: rec.id,
+        tenant: rec.tenant.clone(),
+        url,
+        msg_id: format!("msg_ferry_{}", rec.id),
+        payload: payload(rec, result),
+        first_ms: now_ms,
+        due_ms: now_ms,
+        attempts: 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(code: &str) -> RequestError {
+        RequestError {
+            code: code.into(),
+            message: "m".into(),
+        }
+    }
+
+    fn failed(status: RequestStatus, code: &str) -> Effect {
+        Effect::Finish {
+            status,
+            error: Some(err(code)),
+            result: None,
+        }
+    }
+
+    #[test]
+    fn each_outcome_has_its_effect() {
+        use RequestStatus::*;
+        let r = StoredResult {
+            status_code: 200,
+            body: bytes::Bytes::from_static(b"{}"),
+        };
+        assert_eq!(
+            outcome_effect(Outcome::Completed(r.clone()), 1),
+            Effect::Finish {
+                status: Completed,
+                error: None,
+                result: Some(r)
+            }
+        );
+        assert_eq!(
+            outcome_effect(Outcome::Failed(err("f")), 1),
+            failed(Failed, "f")
+        );
+        assert_eq!(
+            outcome_effect(Outcome::Cancelled(err("c")), 1),
+            failed(Failed, "c")
+        );
+        assert_eq!(
+            outcome_effect(Outcome::Expired(err("e")), 1),
+            failed(Expired, "e")
+        );
+        // A requeue gives its attempt back, and never below zero.
+        assert_eq!(
+            outcome_effect(Outcome::Requeue, 2),
+            Effect::Requeue { attempts: 1 }
+        );
+        assert_eq!(
+            outcome_effect(Outcome::Requeue, 0),
+            Effect::Requeue { attempts: 0 }
+        );
+    }
+
+    #[test]
+    fn retries_count_until_attempts_run_out() {
+        use RequestStatus::*;
+        let retry = |max_attempts| Outcome::Retry {
+            error: err("r"),
+            max_attempts,
+        };
+        let or_expire = |max_attempts| Outcome::RetryOrExpire {
+            error: err("x"),
+            max_attempts,
+        };
+        assert_eq!(outcome_effect(retry(3), 2), Effect::Requeue { attempts: 2 });
+        assert_eq!(outcome_effect(retry(3), 3), failed(Failed, "r"));
+        assert_eq!(outcome_effect(retry(3), 4), failed(Failed, "r"));
+        assert_eq!(
+            outcome_effect(or_expire(3), 2),
+            Effect::Requeue { attempts: 2 }
+        );
+        assert_eq!(outcome_effect(or_expire(3), 3), failed(Expired, "x"));
+    }
+
+    #[test]
+    fn outcomes_apply_only_to_pending_members_of_their_batch() {
+        use RequestStatus::*;
+        assert!(outcome_applies(Submitted, Some(7), 7));
+        assert!(outcome_applies(Queued, Some(7), 7));
+        assert!(!outcome_applies(Submitted, Some(8), 7));
+        assert!(!outcome_applies(Queued, None, 7));
+        for t in [Completed, Failed, Expired, Cancelled] {
+            assert!(!outcome_applies(t, Some(7), 7));
+        }
+    }
+
+    #[test]
+    fn only_a_queued_unclaimed_request_is_cancelled() {
+        use RequestStatus::*;
+        assert_eq!(cancel_verdict(Queued, None), CancelVerdict::Cancel);
+        assert_eq!(cancel_verdict(Queued, Some(1)), CancelVerdict::TooLate);
+        assert_eq!(
+            cancel_verdict(Cancelled, None),
+            CancelVerdict::AlreadyCancelled
+        );
+        for s in [Submitted, Completed, Failed, Expired] {
+            assert_eq!(cancel_verdict(s, Some(1)), CancelVerdict::TooLate);
+        }
+    }
+
+    #[test]
+    fn a_claim_stops_at_either_limit_but_takes_at_least_one() {
+        assert!(claim_takes(0, 0, 500, 10, 100));
+        assert!(!claim_takes(1, 500, 501, 10, 1000));
+        assert!(claim_takes(1, 50, 50, 10, 100));
+        assert!(!claim_takes(1, 50, 51, 10, 100));
+        assert!(!claim_takes(10, 0, 1, 10, 100));
+        assert!(!claim_takes(0, 0, 1, 0, 100));
+        assert!(claim_takes(1, u64::MAX, 1, 10, u64::MAX));
+    }
+
+    #[test]
+    fn a_delivery_is_owed_only_with_a_callback() {
+        let mut rec = RequestRecord::for_test("t", "c", "h");
+        rec.id = 42;
+        let payload =
+            |r: &RequestRecord, res: Option<&StoredResult>| format!("{}:{}", r.id, res.is_some());
+        assert!(delivery_for(&mut rec, None, &payload, 5).is_none());
+        assert!(rec.webhook.is_none());
+        rec.callback_url = Some("https://hooks.example/x".into());
+        let d = delivery_for(&mut rec, None, &payload, 5).unwrap();
+        assert_eq!(
+            (d.request, d.msg_id.as_str(), d.payload.as_str()),
+            (42, "msg_ferry_42", "42:false")
+        );
+        assert_eq!((d.first_ms, d.due_ms, d.attempts), (5, 5, 0));
+        assert_eq!(rec.webhook.map(|w| w.status), Some(WebhookStatus::Pending));
+    }
+}

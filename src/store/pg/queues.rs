@@ -1,0 +1,199 @@
+//! Queues: the counters the flush policy reads, entries in and out, and
+//! claims that move a queue's oldest entries into a new batch.
+
+use deadpool_postgres::Transaction;
+
+use super::PgError;
+use super::batches::put_batch_in;
+use super::store::{PgStore, to_i64, to_u64};
+use crate::store::lifecycle;
+use crate::store::{BatchRecord, BatchState, QueueKey, QueueStats, now_secs};
+
+/// Counts, bytes and the oldest entry of every queue with a counter row.
+/// The oldest comes from the `queue_oldest` index, one probe per queue.
+const STATS: &str = "SELECT c.upstream, c.model, c.count, c.bytes, \
+     coalesce((SELECT min(q.enqueued_ms) FROM queue q \
+               WHERE q.upstream = c.upstream AND q.model = c.model), 0) \
+     FROM queue_counters c";
+
+impl PgStore {
+    /// Every queue that ever had an entry (an emptied one reads as zeros),
+    /// as the embedded store keeps them.
+    pub async fn queue_stats(&self) -> Result<Vec<(QueueKey, QueueStats)>, PgError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(&format!("{STATS} ORDER BY c.upstream, c.model"), &[])
+            .await?;
+        rows.iter().map(stats_from).collect()
+    }
+
+    pub async fn queue_stats_for(&self, qk: &QueueKey) -> Result<Option<QueueStats>, PgError> {
+        let client = self.client().await?;
+        client
+            .query_opt(
+                &format!("{STATS} WHERE c.upstream = $1 AND c.model = $2"),
+                &[&qk.upstream, &qk.model],
+            )
+            .await?
+            .map(|row| stats_from(&row).map(|(_, s)| s))
+            .transpose()
+    }
+
+    pub async fn queued_total(&self) -> Result<u64, PgError> {
+        let client = self.client().await?;
+        let n: i64 = client
+            .query_one(
+                "SELECT coalesce(sum(count), 0)::bigint FROM queue_counters",
+                &[],
+            )
+            .await?
+            .try_get(0)?;
+        to_u64(n, "queued total")
+    }
+
+    /// Moves the oldest entries of a queue (at most `max_requests` lines and
+    /// `max_bytes` of JSONL, at least one line) into a new batch, `Claimed`,
+    /// in one transaction. Entries another node is claiming (or a cancel
+    /// holds) are skipped, not waited for: two claimers never share a
+    /// request, and neither blocks the other.
+    pub async fn claim_batch(
+        &self,
+        qk: &QueueKey,
+        max_requests: usize,
+        max_bytes: u64,
+        reason: &str,
+    ) -> Result<Option<BatchRecord>, PgError> {
+        if max_requests == 0 {
+            return Ok(None);
+        }
+        let limit = i64::try_from(max_requests).unwrap_or(i64::MAX);
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let rows = tx
+            .query(
+                "SELECT id, line_len FROM queue WHERE upstream = $1 AND model = $2 \
+                 ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED",
+                &[&qk.upstream, &qk.model, &limit],
+            )
+            .await?;
+        let mut ids: Vec<i64> = Vec::new();
+        let mut bytes = 0u64;
+        for row in &rows {
+            let len = to_u64(row.try_get(1)?, "line length")?;
+            if !lifecycle::claim_takes(ids.len(), bytes, len, max_requests, max_bytes) {
+                break;
+            }
+            ids.push(row.try_get(0)?);
+            bytes += len;
+        }
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        let batch_id: i64 = tx
+            .query_one("SELECT nextval('ferry_ids')", &[])
+            .await?
+            .try_get(0)?;
+        let batch = BatchRecord {
+            id: to_u64(batch_id, "batch id")?,
+            upstream: qk.upstream.clone(),
+            model: qk.model.clone(),
+            state: BatchState::Claimed,
+            created_at: now_secs(),
+            request_count: ids.len() as u64,
+            bytes,
+            reason: reason.to_owned(),
+            missing_since: None,
+        };
+        put_batch_in(&tx, &batch).await?;
+        tx.execute(
+            "INSERT INTO members (batch, id) SELECT $1, unnest($2::bigint[])",
+            &[&batch_id, &ids],
+        )
+        .await?;
+        tx.execute(
+            "DELETE FROM queue WHERE upstream = $1 AND model = $2 AND id = ANY($3)",
+            &[&qk.upstream, &qk.model, &ids],
+        )
+        .await?;
+        tx.execute(
+            "UPDATE requests SET batch = $1 \
+             WHERE id = ANY($2) AND status = 'queued' AND batch IS NULL",
+            &[&batch_id, &ids],
+        )
+        .await?;
+        add_to_counters(
+            &tx,
+            qk,
+            -(ids.len() as i64),
+            -to_i64(bytes, "claimed bytes")?,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Some(batch))
+    }
+}
+
+fn stats_from(row: &tokio_postgres::Row) -> Result<(QueueKey, QueueStats), PgError> {
+    Ok((
+        QueueKey {
+            upstream: row.try_get(0)?,
+            model: row.try_get(1)?,
+        },
+        QueueStats {
+            count: to_u64(row.try_get(2)?, "queue count")?,
+            bytes: to_u64(row.try_get(3)?, "queue bytes")?,
+            oldest_ms: to_u64(row.try_get(4)?, "queue oldest")?,
+        },
+    ))
+}
+
+/// Adds a queue entry for request `id` and counts it, inside `tx`.
+pub(super) async fn enqueue(
+    tx: &Transaction<'_>,
+    qk: &QueueKey,
+    id: i64,
+    enqueued_ms: u64,
+    line_len: u64,
+) -> Result<(), PgError> {
+    let line_len = to_i64(line_len, "line length")?;
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO queue (upstream, model, id, enqueued_ms, line_len) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .await?;
+    tx.execute(
+        &insert,
+        &[
+            &qk.upstream,
+            &qk.model,
+            &id,
+            &to_i64(enqueued_ms, "enqueue time")?,
+            &line_len,
+        ],
+    )
+    .await?;
+    add_to_counters(tx, qk, 1, line_len).await
+}
+
+/// Moves a queue's counters by (`count`, `bytes`), creating its row the
+/// first time. Always the last row a transaction locks, after the queue and
+/// request rows, so that transactions never wait on each other in a cycle.
+pub(super) async fn add_to_counters(
+    tx: &Transaction<'_>,
+    qk: &QueueKey,
+    count: i64,
+    bytes: i64,
+) -> Result<(), PgError> {
+    let upsert = tx
+        .prepare_cached(
+            "INSERT INTO queue_counters AS c (upstream, model, count, bytes) \
+             VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (upstream, model) DO UPDATE \
+             SET count = c.count + EXCLUDED.count, bytes = c.bytes + EXCLUDED.bytes",
+        )
+        .await?;
+    tx.execute(&upsert, &[&qk.upstream, &qk.model, &count, &bytes])
+        .await?;
+    Ok(())
+}
