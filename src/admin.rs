@@ -52,6 +52,10 @@ async fn flush(State(app): State<Arc<App>>) -> impl IntoResponse {
         up.wake.notify_one();
         names.push(up.settings.name.clone());
     }
+    // The upstreams' owners may be other nodes.
+    app.store
+        .publish(crate::store::ClusterEvent::Flush(None))
+        .await;
     (
         StatusCode::ACCEPTED,
         Json(serde_json::json!({"flushing": names})),

@@ -62,9 +62,30 @@ struct RawConfig {
     tenants: Vec<RawTenant>,
     #[serde(default)]
     webhooks: RawWebhooks,
+    #[serde(default)]
+    storage: RawStorage,
     /// Real-time prices per model, for the savings estimate.
     #[serde(default)]
     prices: HashMap<String, Price>,
+}
+
+/// `[storage]`: where Ferry keeps its state.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawStorage {
+    kind: String,
+    url_env: Option<String>,
+    pool_size: usize,
+}
+
+impl Default for RawStorage {
+    fn default() -> Self {
+        RawStorage {
+            kind: "sled".into(),
+            url_env: None,
+            pool_size: 16,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -347,9 +368,21 @@ pub struct Tenant {
     pub passthrough_rate: Option<RateSetting>,
 }
 
+/// Where Ferry keeps its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageSettings {
+    /// sled in `server.data_dir`: one node, nothing to install.
+    Sled,
+    /// PostgreSQL, shared by the nodes of a cluster. The URL is read from
+    /// the environment variable `url_env` at start, never from the file
+    /// (it may hold a password).
+    Postgres { url_env: String, pool_size: usize },
+}
+
 #[derive(Debug)]
 pub struct Config {
     pub server: ServerSettings,
+    pub storage: StorageSettings,
     pub emulator: Option<EmulatorConfig>,
     pub upstreams: Vec<UpstreamSettings>,
     pub routes: Vec<Route>,
@@ -822,7 +855,40 @@ impl RawConfig {
                 ));
             }
         }
+        let st = self.storage;
+        let storage = match (st.kind.as_str(), st.url_env) {
+            ("sled", None) => StorageSettings::Sled,
+            ("sled", Some(_)) => {
+                return Err(invalid(
+                    "storage.url_env",
+                    "is for kind = \"postgres\"; sled keeps its data in server.data_dir",
+                ));
+            }
+            ("postgres", Some(url_env)) if !url_env.is_empty() => {
+                if !(1..=1000).contains(&st.pool_size) {
+                    return Err(invalid("storage.pool_size", "must be 1 to 1000"));
+                }
+                StorageSettings::Postgres {
+                    url_env,
+                    pool_size: st.pool_size,
+                }
+            }
+            ("postgres", _) => {
+                return Err(invalid(
+                    "storage.url_env",
+                    "kind = \"postgres\" needs the name of the environment variable \
+                     holding the connection URL (the URL itself never goes in the file)",
+                ));
+            }
+            (other, _) => {
+                return Err(invalid(
+                    "storage.kind",
+                    format!("`{other}` is not one of sled, postgres"),
+                ));
+            }
+        };
         Ok(Config {
+            storage,
             webhooks,
             prices: self.prices,
             server,
@@ -907,6 +973,42 @@ mod tests {
         assert_eq!(u.completion_window, "24h");
         assert_eq!(c.tenant_for_key("k1").unwrap().name, "t");
         assert!(c.tenant_for_key("k2").is_none());
+    }
+
+    #[test]
+    fn storage_is_sled_unless_postgres_is_named_with_its_url_variable() {
+        let with = |storage: &str| format!("{MIN}\n[storage]\n{storage}");
+        assert_eq!(
+            Config::parse_with_env(MIN, &no_env).unwrap().storage,
+            StorageSettings::Sled
+        );
+        let c = Config::parse_with_env(
+            &with("kind = \"postgres\"\nurl_env = \"FERRY_DATABASE_URL\""),
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(
+            c.storage,
+            StorageSettings::Postgres {
+                url_env: "FERRY_DATABASE_URL".into(),
+                pool_size: 16
+            }
+        );
+        for (bad, names) in [
+            ("kind = \"postgres\"", "storage.url_env"),
+            ("kind = \"sled\"\nurl_env = \"X\"", "storage.url_env"),
+            (
+                "kind = \"postgres\"\nurl_env = \"X\"\npool_size = 0",
+                "storage.pool_size",
+            ),
+            ("kind = \"mysql\"", "storage.kind"),
+            ("url = \"postgres://x\"", "url"),
+        ] {
+            let err = Config::parse_with_env(&with(bad), &no_env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(names), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod announce;
 pub mod api_error;
 pub mod batch;
+pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod emulator;
@@ -101,6 +102,9 @@ pub struct Upstream {
     pub manual_flush: AtomicBool,
     /// Unix millis before which no new batch is flushed (token budget full).
     paused_until: AtomicU64,
+    /// Whether this node owns the upstream's batches (one node at a time
+    /// does; with sled, always this one).
+    pub ownership: batch::ownership::Ownership,
 }
 
 impl Upstream {
@@ -120,6 +124,7 @@ impl Upstream {
             wake: tokio::sync::Notify::new(),
             manual_flush: AtomicBool::new(false),
             paused_until: AtomicU64::new(0),
+            ownership: Default::default(),
         }
     }
 
@@ -211,6 +216,12 @@ impl App {
         let s = &upstream.settings;
         if st.count == 1 || st.count >= s.max_requests as u64 || st.bytes >= s.max_bytes {
             upstream.wake.notify_one();
+            // Another node may own the upstream's flush loop.
+            if self.store.is_shared() {
+                self.store
+                    .publish(store::ClusterEvent::Queued(upstream.settings.name.clone()))
+                    .await;
+            }
         }
     }
 

@@ -113,7 +113,7 @@ impl Metrics {
         reg(Box::new(waiters.clone()));
         let storage_size = must(IntGauge::new(
             "ferry_storage_size_bytes",
-            "Size of the sled database on disk.",
+            "Size of the store on disk (the sled database, or the PostgreSQL database).",
         ));
         reg(Box::new(storage_size.clone()));
         let float_counter = |name: &str, help: &str, labels: &[&str]| {
@@ -225,7 +225,7 @@ impl Metrics {
             storage_size,
             storage_flush_duration: hist(
                 "ferry_storage_flush_duration_seconds",
-                "Duration of durable flushes (group commits).",
+                "Duration of durable writes: sled's group commits, or PostgreSQL's write transactions.",
                 latency(),
             ),
             registry,

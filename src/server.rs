@@ -13,11 +13,11 @@ use pingora::server::configuration::ServerConf;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, UpstreamTarget};
+use crate::config::{Config, StorageSettings, UpstreamTarget};
 use crate::delivery::waiters::Waiters;
 use crate::metrics::Metrics;
 use crate::proxy::FerryProxy;
-use crate::store::{BatchState, Store};
+use crate::store::Store;
 use crate::upstream::BatchClient;
 use crate::{App, PassthroughTarget, Upstream, announce, batch, emulator};
 
@@ -54,27 +54,21 @@ fn bind(what: &'static str, addr: SocketAddr) -> Result<StdListener, ServerError
 /// Runs Ferry until SIGTERM/SIGINT/SIGQUIT. Blocks the calling thread.
 pub fn run(config: Config) -> Result<(), ServerError> {
     let data_dir = config.server.data_dir.clone();
-    let store = Arc::new(
-        Store::open_sled(&data_dir, config.server.cache_bytes).map_err(|source| {
-            ServerError::Store {
-                path: data_dir.display().to_string(),
-                source,
-            }
-        })?,
-    );
-    // Before any upload: every file and batch is named with it.
-    let instance_id =
-        crate::store::instance::load_or_create(&data_dir).map_err(|source| ServerError::Store {
-            path: data_dir.display().to_string(),
-            source,
-        })?;
-    info!(instance = %instance_id, "store opened");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("ferry-worker")
         .enable_all()
         .build()
         .map_err(|e| ServerError::Runtime(e.to_string()))?;
+    let store = Arc::new(rt.block_on(open_store(&config))?);
+    // Before any upload: every file and batch is named with it.
+    let instance_id = rt
+        .block_on(store.instance_id(&data_dir))
+        .map_err(|source| ServerError::Store {
+            path: data_dir.display().to_string(),
+            source,
+        })?;
+    info!(instance = %instance_id, "store opened");
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let metrics = Arc::new(Metrics::new());
     store.observe_flushes(metrics.storage_flush_duration.clone());
@@ -241,14 +235,10 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         let app = app.clone();
         let rx = shutdown_rx.clone();
         rt.spawn(async move {
-            let recovered = {
-                let app = app.clone();
-                let rx = rx.clone();
-                recover(&app, &rx).await
-            };
+            let recovered = recover(&app).await;
             let queued = app.store.queued_total().await.unwrap_or(0);
             match recovered {
-                Ok(n) => info!(resumed_batches = n, queued, "recovery finished"),
+                Ok(n) => info!(live_batches = n, queued, "recovery finished"),
                 Err(e) => return error!(error = %e, "recovery failed; Ferry stays not-ready"),
             }
             for i in 0..app.upstreams.len() {
@@ -259,10 +249,12 @@ pub fn run(config: Config) -> Result<(), ServerError> {
                 webhook_http,
                 rx.clone(),
             ));
-            for i in 0..app.upstreams.len() {
-                tokio::spawn(batch::sweep_orphan_files(app.clone(), i));
-            }
             tokio::spawn(refresh_dns(app.clone(), rx.clone()));
+            if let Some(events) = app.store.subscribe() {
+                tokio::spawn(crate::cluster::follow(app.clone(), events, rx.clone()));
+                let (app, rx) = (app.clone(), rx.clone());
+                tokio::spawn(async move { app.store.listen(rx).await });
+            }
             app.ready.store(true, Ordering::SeqCst);
         });
     }
@@ -402,21 +394,50 @@ fn announce_when_accepting(addr: SocketAddr) {
     warn!(%addr, "the proxy port never accepted a connection");
 }
 
-/// Finishes what a previous run left: claims cut short, members of submitted
-/// batches not yet marked, and a driver for every live batch.
-async fn recover(
-    app: &Arc<App>,
-    shutdown: &watch::Receiver<bool>,
-) -> Result<usize, crate::store::StoreError> {
+/// Finishes what a previous run left in the store: claims cut short. Each
+/// upstream's live batches are resumed by its flush loop once it holds the
+/// upstream (at once with sled; see `batch::ownership`). Returns how many
+/// live batches there are.
+async fn recover(app: &Arc<App>) -> Result<usize, crate::store::StoreError> {
     app.store.recover_claims().await?;
     let live = app.store.live_batches().await?;
-    let n = live.len();
-    for b in live {
-        if matches!(b.state, BatchState::Submitted { .. }) {
-            app.store.apply_submitted(b.id).await?;
-        }
-        info!(ferry_batch = b.id, state = ?b.state, "resuming a batch");
-        batch::spawn_driver(app.clone(), b, true, shutdown.clone());
+    for b in live
+        .iter()
+        .filter(|b| app.upstream_named(&b.upstream).is_none())
+    {
+        error!(ferry_batch = b.id, upstream = %b.upstream, "batch names an upstream that is no longer configured; leaving it");
     }
-    Ok(n)
+    Ok(live.len())
+}
+
+/// Opens the store the config names: sled in `data_dir`, or PostgreSQL at
+/// the URL in `url_env` (read here, never logged: it may hold a password).
+async fn open_store(config: &Config) -> Result<Store, ServerError> {
+    let data_dir = &config.server.data_dir;
+    match &config.storage {
+        StorageSettings::Sled => {
+            Store::open_sled(data_dir, config.server.cache_bytes).map_err(|source| {
+                ServerError::Store {
+                    path: data_dir.display().to_string(),
+                    source,
+                }
+            })
+        }
+        StorageSettings::Postgres { url_env, pool_size } => {
+            let failed = |source| ServerError::Store {
+                path: format!("the PostgreSQL database at ${url_env}"),
+                source,
+            };
+            let url = std::env::var(url_env).map_err(|_| {
+                ServerError::Runtime(format!(
+                    "storage.url_env: environment variable `{url_env}` is not set"
+                ))
+            })?;
+            let pg = crate::store::pg::parse_url(&url)
+                .map_err(|e| failed(crate::store::StoreError::from(e)))?;
+            Store::connect_postgres(pg, *pool_size, data_dir)
+                .await
+                .map_err(failed)
+        }
+    }
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::http::{HeaderMap, StatusCode};
-use common::{Stack, chat};
+use common::{Backend, Stack, chat};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -85,9 +85,10 @@ callback_allow = ["http://127.0.0.1:*", "https://*"]
 webhook_secret = "whsec_ZmVycnktdGVzdC13ZWJob29rLXNlY3JldA=="
 "#;
 
-fn stack(extra_server: &str, webhooks: &str) -> Stack {
+fn stack(backend: Backend, extra_server: &str, webhooks: &str) -> Stack {
     // Tenants and [webhooks] go after the upstream table.
-    Stack::start(
+    Stack::start_on(
+        backend,
         &format!("{WEBHOOK_TENANT}\n[webhooks]\n{webhooks}"),
         extra_server,
     )
@@ -134,9 +135,8 @@ fn verify_with_official_library(r: &Received) -> String {
     common::run_python("verify_webhook.py", &[], &input)
 }
 
-#[tokio::test]
-async fn webhook_is_signed_per_standard_webhooks_and_verifies() {
-    let s = stack("", "retry_base_secs = 0.05");
+async fn webhook_is_signed_per_standard_webhooks_and_verifies(backend: Backend) {
+    let s = stack(backend, "", "retry_base_secs = 0.05");
     let mut rcv = receiver(0).await;
     let r = defer_with_callback(&s, "hooked-key", "wh-1", &rcv.url).await;
     assert_eq!(r.status(), 202);
@@ -190,9 +190,8 @@ async fn webhook_is_signed_per_standard_webhooks_and_verifies() {
     assert_eq!(payload["data"]["id"], "wh-2");
 }
 
-#[tokio::test]
-async fn failed_deliveries_are_retried_with_the_same_id() {
-    let s = stack("", "retry_base_secs = 0.05\nretry_cap_secs = 0.2");
+async fn failed_deliveries_are_retried_with_the_same_id(backend: Backend) {
+    let s = stack(backend, "", "retry_base_secs = 0.05\nretry_cap_secs = 0.2");
     let mut rcv = receiver(2).await;
     defer_with_callback(&s, "hooked-key", "wh-r", &rcv.url).await;
     s.flush().await;
@@ -225,9 +224,8 @@ async fn failed_deliveries_are_retried_with_the_same_id() {
     );
 }
 
-#[tokio::test]
-async fn a_pending_webhook_is_delivered_after_a_restart() {
-    let mut s = stack("", "retry_base_secs = 0.2\nretry_cap_secs = 0.5");
+async fn a_pending_webhook_is_delivered_after_a_restart(backend: Backend) {
+    let mut s = stack(backend, "", "retry_base_secs = 0.2\nretry_cap_secs = 0.5");
     // The receiver refuses for as long as we like.
     let mut rcv = receiver(usize::MAX).await;
     defer_with_callback(&s, "hooked-key", "wh-restart", &rcv.url).await;
@@ -251,9 +249,9 @@ async fn a_pending_webhook_is_delivered_after_a_restart() {
     .await;
 }
 
-#[tokio::test]
-async fn undeliverable_webhooks_end_dead() {
+async fn undeliverable_webhooks_end_dead(backend: Backend) {
     let s = stack(
+        backend,
         "",
         "retry_base_secs = 0.05\nretry_cap_secs = 0.1\nmax_age_secs = 0.3",
     );
@@ -282,7 +280,7 @@ async fn undeliverable_webhooks_end_dead() {
 
 #[tokio::test]
 async fn callback_urls_outside_the_allow_list_or_internal_are_refused() {
-    let s = stack("", "");
+    let s = stack(Backend::Sled, "", "");
     let cases = [
         // alice has no allow-list at all.
         ("alice-key", "https://hooks.example.com/x", "allow-list"),
@@ -314,9 +312,8 @@ async fn callback_urls_outside_the_allow_list_or_internal_are_refused() {
     assert_eq!(code, 404);
 }
 
-#[tokio::test]
-async fn custom_ids_are_idempotent_and_conflicts_are_409() {
-    let s = Stack::start("", "");
+async fn custom_ids_are_idempotent_and_conflicts_are_409(backend: Backend) {
+    let s = Stack::start_on(backend, "", "");
     let body = chat("gpt-4o-mini", "once only");
     let a = s.defer("alice-key", &body, None, Some("idem-1")).await;
     let b = s.defer("alice-key", &body, None, Some("idem-1")).await;
@@ -349,9 +346,8 @@ async fn custom_ids_are_idempotent_and_conflicts_are_409() {
     assert_eq!(stats["lines_submitted"], 1, "{stats}");
 }
 
-#[tokio::test]
-async fn streaming_replay_sends_keepalives_then_chunks_then_done() {
-    let s = Stack::start("max_wait_secs = 0.5", "sse_keepalive_secs = 0.05");
+async fn streaming_replay_sends_keepalives_then_chunks_then_done(backend: Backend) {
+    let s = Stack::start_on(backend, "max_wait_secs = 0.5", "sse_keepalive_secs = 0.05");
     let mut body = chat("gpt-4o-mini", "replay me");
     body["stream"] = json!(true);
     let r = s.defer("alice-key", &body, Some(60), Some("sse-1")).await;
@@ -383,3 +379,12 @@ async fn streaming_replay_sends_keepalives_then_chunks_then_done() {
     let (_, st) = s.status("alice-key", "sse-1", 0).await;
     assert_eq!(st["status"], "completed");
 }
+
+on_both_backends!(
+    webhook_is_signed_per_standard_webhooks_and_verifies,
+    failed_deliveries_are_retried_with_the_same_id,
+    a_pending_webhook_is_delivered_after_a_restart,
+    undeliverable_webhooks_end_dead,
+    custom_ids_are_idempotent_and_conflicts_are_409,
+    streaming_replay_sends_keepalives_then_chunks_then_done,
+);

@@ -5,7 +5,7 @@ mod common;
 
 use std::io::Read;
 
-use common::{Stack, chat};
+use common::{Backend, Stack, chat};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -164,9 +164,8 @@ async fn unreachable_upstream_is_502_and_a_silent_one_504() {
     assert_eq!(e["error"]["code"], "upstream_timeout");
 }
 
-#[tokio::test]
-async fn deferred_call_gets_a_ticket_then_its_result_by_long_poll() {
-    let s = Stack::start("", "");
+async fn deferred_call_gets_a_ticket_then_its_result_by_long_poll(backend: Backend) {
+    let s = Stack::start_on(backend, "", "");
     let r = s
         .defer(
             "alice-key",
@@ -221,10 +220,9 @@ async fn deferred_call_gets_a_ticket_then_its_result_by_long_poll() {
     assert_eq!(files["data"].as_array().unwrap().len(), 0, "{files}");
 }
 
-#[tokio::test]
-async fn wait_returns_the_chat_completion_itself() {
+async fn wait_returns_the_chat_completion_itself(backend: Backend) {
     // Flush by time after 0.2 s: the held call comes back with the answer.
-    let s = Stack::start("max_wait_secs = 0.2", "");
+    let s = Stack::start_on(backend, "max_wait_secs = 0.2", "");
     let r = s
         .defer("alice-key", &chat("gpt-4o-mini", "hold me"), Some(60), None)
         .await;
@@ -244,9 +242,8 @@ async fn wait_returns_the_chat_completion_itself() {
     assert_eq!(s.emulator_stats().await["realtime_requests"], 0);
 }
 
-#[tokio::test]
-async fn flush_by_size_puts_exactly_max_requests_in_a_batch() {
-    let s = Stack::start("max_requests = 3", "");
+async fn flush_by_size_puts_exactly_max_requests_in_a_batch(backend: Backend) {
+    let s = Stack::start_on(backend, "max_requests = 3", "");
     let mut ids = Vec::new();
     for i in 0..3 {
         let r = s
@@ -283,10 +280,9 @@ async fn flush_by_size_puts_exactly_max_requests_in_a_batch() {
     );
 }
 
-#[tokio::test]
-async fn flush_by_bytes_and_two_models_make_separate_batches() {
+async fn flush_by_bytes_and_two_models_make_separate_batches(backend: Backend) {
     // Each line is ~160 bytes: 1,024 bytes is reached at the 7th request.
-    let s = Stack::start("max_bytes = 1024", "");
+    let s = Stack::start_on(backend, "max_bytes = 1024", "");
     let mut ids = Vec::new();
     for i in 0..7 {
         let r = s
@@ -333,9 +329,8 @@ async fn flush_by_bytes_and_two_models_make_separate_batches() {
     assert_eq!(st_b["result"]["body"]["model"], "gpt-4.1-mini");
 }
 
-#[tokio::test]
-async fn per_request_upstream_errors_are_results() {
-    let s = Stack::start("max_requests = 2", "");
+async fn per_request_upstream_errors_are_results(backend: Backend) {
+    let s = Stack::start_on(backend, "max_requests = 2", "");
     s.defer(
         "alice-key",
         &chat("gpt-4o-mini", "fine"),
@@ -367,9 +362,8 @@ async fn per_request_upstream_errors_are_results() {
     assert_eq!(ok["result"]["status_code"], 200);
 }
 
-#[tokio::test]
-async fn expired_batch_lines_become_expired_requests() {
-    let s = Stack::start("max_requests = 2", "");
+async fn expired_batch_lines_become_expired_requests(backend: Backend) {
+    let s = Stack::start_on(backend, "max_requests = 2", "");
     // Lines take an hour each and the batch expires at once.
     s.emulator_config(json!({"per_request_seconds": 3600.0, "expire_after_seconds": 0.0}))
         .await;
@@ -401,11 +395,10 @@ async fn expired_batch_lines_become_expired_requests() {
     assert_eq!(s.emulator_stats().await["executed_lines"], 0);
 }
 
-#[tokio::test]
-async fn a_line_refused_by_validation_fails_alone() {
+async fn a_line_refused_by_validation_fails_alone(backend: Backend) {
     // The emulator does not know this model: its line fails validation
     // (model_not_found), and the batch with it.
-    let s = Stack::start("max_requests = 1", "");
+    let s = Stack::start_on(backend, "max_requests = 1", "");
     let r = s
         .defer(
             "alice-key",
@@ -430,9 +423,8 @@ async fn a_line_refused_by_validation_fails_alone() {
     assert_eq!(e["error"]["code"], "model_not_found");
 }
 
-#[tokio::test]
-async fn tenants_see_only_their_own_requests() {
-    let s = Stack::start("", "");
+async fn tenants_see_only_their_own_requests(backend: Backend) {
+    let s = Stack::start_on(backend, "", "");
     assert_eq!(
         s.defer(
             "alice-key",
@@ -472,9 +464,8 @@ async fn tenants_see_only_their_own_requests() {
     assert_eq!(st["status"], "queued");
 }
 
-#[tokio::test]
-async fn no_tenant_reaches_ferrys_own_batch_files_through_passthrough() {
-    let s = Stack::start("max_requests = 1", "");
+async fn no_tenant_reaches_ferrys_own_batch_files_through_passthrough(backend: Backend) {
+    let s = Stack::start_on(backend, "max_requests = 1", "");
     // The batch stays in progress while the tenants try its files.
     s.emulator_config(json!({"per_request_seconds": 1000.0}))
         .await;
@@ -601,9 +592,8 @@ async fn bad_deferred_calls_are_refused_with_the_field_named() {
     assert!(!metrics.contains("ferry_queued_requests{"), "{metrics}");
 }
 
-#[tokio::test]
-async fn accepted_requests_survive_a_crash_and_finish_after_restart() {
-    let mut s = Stack::start("", "");
+async fn accepted_requests_survive_a_crash_and_finish_after_restart(backend: Backend) {
+    let mut s = Stack::start_on(backend, "", "");
     for i in 0..5 {
         let r = s
             .defer(
@@ -633,9 +623,8 @@ async fn accepted_requests_survive_a_crash_and_finish_after_restart() {
     assert_eq!(stats["executed_more_than_once"], 0);
 }
 
-#[tokio::test]
-async fn cancel_before_submission_and_409_after() {
-    let s = Stack::start("", "");
+async fn cancel_before_submission_and_409_after(backend: Backend) {
+    let s = Stack::start_on(backend, "", "");
     s.defer(
         "alice-key",
         &chat("gpt-4o-mini", "never mind"),
@@ -674,8 +663,7 @@ async fn cancel_before_submission_and_409_after() {
     assert_eq!(s.emulator_stats().await["lines_submitted"], 1);
 }
 
-#[tokio::test]
-async fn rate_limits_answer_429_with_retry_after_and_full_queues_503() {
+async fn rate_limits_answer_429_with_retry_after_and_full_queues_503(backend: Backend) {
     let limited = r#"
 [[tenants]]
 name = "limited"
@@ -685,7 +673,7 @@ intake_burst = 2
 passthrough_rps = 1
 passthrough_burst = 1
 "#;
-    let s = Stack::start(limited, "max_queued = 3");
+    let s = Stack::start_on(backend, limited, "max_queued = 3");
     let codes: Vec<u16> = futures::future::join_all((0..3).map(|i| {
         let body = chat("gpt-4o-mini", &format!("r{i}"));
         let s = &s;
@@ -796,3 +784,18 @@ async fn known_series_start_at_zero_and_model_labels_are_capped() {
         .collect();
     assert_eq!(models.len(), cap + 1, "{models:?}");
 }
+
+on_both_backends!(
+    deferred_call_gets_a_ticket_then_its_result_by_long_poll,
+    wait_returns_the_chat_completion_itself,
+    flush_by_size_puts_exactly_max_requests_in_a_batch,
+    flush_by_bytes_and_two_models_make_separate_batches,
+    per_request_upstream_errors_are_results,
+    expired_batch_lines_become_expired_requests,
+    a_line_refused_by_validation_fails_alone,
+    tenants_see_only_their_own_requests,
+    no_tenant_reaches_ferrys_own_batch_files_through_passthrough,
+    accepted_requests_survive_a_crash_and_finish_after_restart,
+    cancel_before_submission_and_409_after,
+    rate_limits_answer_429_with_retry_after_and_full_queues_503,
+);

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Stack, chat, until, until_status};
+use common::{Backend, Stack, chat, until, until_status};
 use serde_json::{Value, json};
 
 async fn cancel_upstream(s: &Stack, batch_id: &str) {
@@ -30,9 +30,8 @@ async fn advance_clock(s: &Stack, seconds: f64) {
     assert!(r.status().is_success());
 }
 
-#[tokio::test]
-async fn transient_upstream_errors_are_retried_without_duplicates() {
-    let s = Stack::start("max_requests = 5", "");
+async fn transient_upstream_errors_are_retried_without_duplicates(backend: Backend) {
+    let s = Stack::start_on(backend, "max_requests = 5", "");
     // A third of all Batch API calls fail with 500/503 (seeded, so it repeats).
     s.emulator_config(json!({"error_rate": 0.34, "seed": 7}))
         .await;
@@ -81,9 +80,12 @@ async fn transient_upstream_errors_are_retried_without_duplicates() {
     assert!(flushes > 0, "no flushes timed:\n{m}");
 }
 
-#[tokio::test]
-async fn token_limit_pauses_and_resubmits_without_failing_anything() {
-    let s = Stack::start("max_requests = 2\ntoken_limit_backoff_secs = 0.2", "");
+async fn token_limit_pauses_and_resubmits_without_failing_anything(backend: Backend) {
+    let s = Stack::start_on(
+        backend,
+        "max_requests = 2\ntoken_limit_backoff_secs = 0.2",
+        "",
+    );
     s.emulator_config(json!({"fail_next_batches_token_limit": 1}))
         .await;
     s.defer("alice-key", &chat("gpt-4o-mini", "t1"), None, Some("t1"))
@@ -100,11 +102,10 @@ async fn token_limit_pauses_and_resubmits_without_failing_anything() {
     assert_eq!(stats["executed_more_than_once"], 0);
 }
 
-#[tokio::test]
-async fn a_bad_line_fails_alone_and_its_neighbours_are_sent_again() {
+async fn a_bad_line_fails_alone_and_its_neighbours_are_sent_again(backend: Backend) {
     // Only the size threshold forms the first batch, so all three are in it
     // however slow the machine; the neighbours are flushed again by hand.
-    let s = Stack::start("max_requests = 3", "");
+    let s = Stack::start_on(backend, "max_requests = 3", "");
     s.defer(
         "alice-key",
         &chat("gpt-4o-mini", "good one"),
@@ -148,9 +149,9 @@ async fn a_bad_line_fails_alone_and_its_neighbours_are_sent_again() {
     assert_eq!(stats["batches_by_status"]["completed"], 1, "{stats}");
 }
 
-#[tokio::test]
-async fn expired_lines_are_requeued_up_to_max_attempts_then_expired() {
-    let s = Stack::start(
+async fn expired_lines_are_requeued_up_to_max_attempts_then_expired(backend: Backend) {
+    let s = Stack::start_on(
+        backend,
         "max_requests = 1\nmax_wait_secs = 0.05\nmax_attempts = 2\nexpired_policy = \"requeue\"",
         "",
     );
@@ -172,9 +173,8 @@ async fn expired_lines_are_requeued_up_to_max_attempts_then_expired() {
     assert_eq!(stats["executed_lines"], 0);
 }
 
-#[tokio::test]
-async fn an_expired_batch_keeps_its_finished_lines() {
-    let s = Stack::start("max_requests = 4\nexpired_policy = \"fail\"", "");
+async fn an_expired_batch_keeps_its_finished_lines(backend: Backend) {
+    let s = Stack::start_on(backend, "max_requests = 4\nexpired_policy = \"fail\"", "");
     // Lines take 10 s each (emulator time) and the batch expires at 25 s:
     // the first two lines finish, the other two do not.
     s.emulator_config(json!({"per_request_seconds": 10.0, "expire_after_seconds": 25.0}))
@@ -206,10 +206,9 @@ async fn an_expired_batch_keeps_its_finished_lines() {
     assert_eq!(s.emulator_stats().await["executed_lines"], 2);
 }
 
-#[tokio::test]
-async fn a_batch_cancelled_upstream_keeps_finished_lines_and_requeues_the_rest() {
+async fn a_batch_cancelled_upstream_keeps_finished_lines_and_requeues_the_rest(backend: Backend) {
     // Only the size threshold forms the first batch, so all three are in it.
-    let s = Stack::start("max_requests = 3", "");
+    let s = Stack::start_on(backend, "max_requests = 3", "");
     s.emulator_config(json!({"per_request_seconds": 10.0}))
         .await;
     for i in 0..3 {
@@ -257,9 +256,8 @@ async fn a_batch_cancelled_upstream_keeps_finished_lines_and_requeues_the_rest()
     assert_eq!(stats["executed_more_than_once"], 0, "{stats}");
 }
 
-#[tokio::test]
-async fn a_request_whose_batches_keep_being_cancelled_fails_after_max_attempts() {
-    let s = Stack::start("max_requests = 1\nmax_attempts = 2", "");
+async fn a_request_whose_batches_keep_being_cancelled_fails_after_max_attempts(backend: Backend) {
+    let s = Stack::start_on(backend, "max_requests = 1\nmax_attempts = 2", "");
     // Nothing finishes on its own: only the cancels end these batches.
     s.emulator_config(json!({"per_request_seconds": 1000.0}))
         .await;
@@ -391,3 +389,13 @@ async fn a_second_ferry_on_the_same_data_dir_is_refused_and_the_first_serves_on(
     let (st, _) = tokio::join!(s.status("alice-key", "first", 60), s.flush());
     assert_eq!(st.1["status"], "completed", "{}", st.1);
 }
+
+on_both_backends!(
+    transient_upstream_errors_are_retried_without_duplicates,
+    token_limit_pauses_and_resubmits_without_failing_anything,
+    a_bad_line_fails_alone_and_its_neighbours_are_sent_again,
+    expired_lines_are_requeued_up_to_max_attempts_then_expired,
+    an_expired_batch_keeps_its_finished_lines,
+    a_batch_cancelled_upstream_keeps_finished_lines_and_requeues_the_rest,
+    a_request_whose_batches_keep_being_cancelled_fails_after_max_attempts,
+);

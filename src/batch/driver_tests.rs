@@ -92,6 +92,9 @@ async fn harness() -> Harness {
         shutting_down: AtomicBool::new(false),
         release_waiters: tokio::sync::Notify::new(),
     });
+    // One node on sled: it owns the upstream, as its flush loop finds.
+    let owned = crate::batch::ownership::renew(&app, 0, &shutdown).await;
+    assert_eq!(owned, Some(1));
     Harness {
         _dir: dir,
         app,
@@ -201,7 +204,7 @@ async fn no_driver_starts_for_a_claim_that_is_not_durable() {
         let app = app.clone();
         let shutdown = h.shutdown.clone();
         tokio::spawn(async move {
-            flush_queue(&app, &queue(), &policy, FlushReason::Manual, &shutdown).await;
+            flush_queue(&app, &queue(), &policy, FlushReason::Manual, 1, &shutdown).await;
         })
     };
     // The claim's commit fails again and again: no driver meanwhile.

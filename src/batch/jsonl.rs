@@ -25,8 +25,13 @@ pub fn stream_batch(
             if next >= members.len() {
                 return None;
             }
-            match store.input_lines(members, next, CHUNK_BYTES).await {
-                Ok((bytes, next)) => Some((Ok(bytes), next)),
+            // A task of its own: the HTTP body wants a `Sync` stream, and a
+            // store read's future need not be (a pooled connection's is not).
+            let read =
+                tokio::spawn(async move { store.input_lines(members, next, CHUNK_BYTES).await });
+            match read.await {
+                Ok(Ok((bytes, next))) => Some((Ok(bytes), next)),
+                Ok(Err(e)) => Some((Err(std::io::Error::other(e.to_string())), usize::MAX)),
                 Err(e) => Some((Err(std::io::Error::other(e.to_string())), usize::MAX)),
             }
         }

@@ -10,6 +10,7 @@ mod driver_tests;
 pub mod ingest;
 pub mod jsonl;
 pub mod lost;
+pub mod ownership;
 pub mod policy;
 
 use std::collections::HashMap;
@@ -43,8 +44,25 @@ pub async fn run_flusher(app: Arc<App>, upstream: usize, mut shutdown: watch::Re
         max_bytes: up.settings.max_bytes,
         max_wait: up.settings.max_wait,
     };
+    let mut renewed: Option<(Instant, Option<u64>)> = None;
     loop {
         let mut sleep = MAX_IDLE;
+        let token = match renewed {
+            Some((at, token)) if at.elapsed() < ownership::RENEW_EVERY => token,
+            _ => {
+                let token = ownership::renew(&app, upstream, &shutdown).await;
+                renewed = Some((Instant::now(), token));
+                token
+            }
+        };
+        let Some(token) = token else {
+            // Another node flushes this upstream; look again at renewal.
+            tokio::select! {
+                _ = tokio::time::sleep(ownership::RENEW_EVERY) => {}
+                _ = shutdown.changed() => return,
+            }
+            continue;
+        };
         let manual = up
             .manual_flush
             .swap(false, std::sync::atomic::Ordering::SeqCst);
@@ -67,7 +85,7 @@ pub async fn run_flusher(app: Arc<App>, upstream: usize, mut shutdown: watch::Re
             let reason = flush_reason(&stats, &policy, now)
                 .or((manual && stats.count > 0).then_some(FlushReason::Manual));
             match reason {
-                Some(reason) => flush_queue(&app, &qk, &policy, reason, &shutdown).await,
+                Some(reason) => flush_queue(&app, &qk, &policy, reason, token, &shutdown).await,
                 None => {
                     if let Some(d) = time_to_deadline(&stats, &policy, now) {
                         sleep = sleep.min(d);
@@ -90,10 +108,17 @@ async fn flush_queue(
     qk: &QueueKey,
     policy: &FlushPolicy,
     mut reason: FlushReason,
+    token: u64,
     shutdown: &watch::Receiver<bool>,
 ) {
     let mut shutdown = shutdown.clone();
+    let Some(up) = app.upstream_named(&qk.upstream) else {
+        return;
+    };
     loop {
+        if !up.ownership.holds(token) {
+            return;
+        }
         // The claim returns once it is durable: no upstream call for a claim
         // that is not on disk, or after a crash its members would be queued
         // again and sent twice. At shutdown it is left to recovery.
@@ -148,10 +173,17 @@ async fn advance(
     app: &App,
     batch: &mut BatchRecord,
     change: impl FnOnce(&mut BatchRecord),
-) -> Result<(), crate::store::StoreError> {
+) -> Result<(), StepError> {
     let mut next = batch.clone();
     change(&mut next);
-    app.store.put_batch(&next).await?;
+    let token = app
+        .upstream_named(&next.upstream)
+        .and_then(|up| up.ownership.token())
+        .ok_or(StepError::NotOwner)?;
+    let lease = ownership::lease_name(&next.upstream);
+    if !app.store.put_batch_fenced(&next, &lease, token).await? {
+        return Err(StepError::NotOwner);
+    }
     *batch = next;
     Ok(())
 }
@@ -161,16 +193,30 @@ async fn member_ids(app: &App, batch: u64) -> Result<Vec<u64>, crate::store::Sto
     app.store.members(batch).await
 }
 
+/// Starts a driver for `batch`, unless one runs on this node already or
+/// this node does not own the batch's upstream.
 pub fn spawn_driver(
     app: Arc<App>,
     batch: BatchRecord,
     resumed: bool,
     shutdown: watch::Receiver<bool>,
 ) {
+    let Some(up) = app.upstream_named(&batch.upstream) else {
+        return error!(ferry_batch = batch.id, upstream = %batch.upstream, "batch names an upstream that is no longer configured; leaving it");
+    };
+    let Some(token) = up.ownership.token() else {
+        return;
+    };
+    if !up.ownership.start_driving(batch.id) {
+        return;
+    }
     app.metrics.live_batches.inc();
     tokio::spawn(async move {
-        let id = batch.id;
-        drive(&app, batch, resumed, shutdown).await;
+        let (id, upstream) = (batch.id, batch.upstream.clone());
+        drive(&app, batch, resumed, token, shutdown).await;
+        if let Some(up) = app.upstream_named(&upstream) {
+            up.ownership.stop_driving(id);
+        }
         app.metrics.live_batches.dec();
         tracing::debug!(ferry_batch = id, "batch driver stopped");
     });
@@ -182,16 +228,24 @@ async fn drive(
     app: &Arc<App>,
     mut batch: BatchRecord,
     mut resumed: bool,
+    token: u64,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let Some(up) = app.upstream_named(&batch.upstream) else {
-        error!(ferry_batch = batch.id, upstream = %batch.upstream, "batch names an upstream that is no longer configured; leaving it");
         return;
     };
     let mut failures = 0u32;
     loop {
         if *shutdown.borrow() {
             return;
+        }
+        if !up.ownership.holds(token) {
+            // The node that owns the upstream now resumes the batch from
+            // its last stored state.
+            return info!(
+                ferry_batch = batch.id,
+                "this node no longer owns the batch's upstream; leaving the batch to its owner"
+            );
         }
         let step = match batch.state.clone() {
             BatchState::Claimed => upload(app, up, &mut batch, resumed, &shutdown).await,
@@ -214,6 +268,12 @@ async fn drive(
         };
         match step {
             Ok(()) => failures = 0,
+            Err(StepError::NotOwner) => {
+                return info!(
+                    ferry_batch = batch.id,
+                    "another node owns the batch's upstream now; leaving the batch to it"
+                );
+            }
             Err(e) => {
                 failures += 1;
                 let wait = crate::upstream::backoff(
@@ -241,6 +301,9 @@ enum StepError {
     Upstream(#[from] UpstreamError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// The batch's upstream is another node's now: its write was refused.
+    #[error("this node no longer owns the batch's upstream")]
+    NotOwner,
 }
 
 async fn upload(

@@ -46,6 +46,15 @@ impl Waiters {
         is_done.await || tokio::time::timeout(timeout, notified).await.is_ok()
     }
 
+    /// Wakes every waiter, to re-read its request (events from other nodes
+    /// may have been missed).
+    pub fn notify_all(&self) {
+        let ids: Vec<u64> = self.map.iter().map(|e| *e.key()).collect();
+        for id in ids {
+            self.notify(id);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.map.len()
     }

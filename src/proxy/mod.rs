@@ -525,18 +525,40 @@ async fn hold(app: &Arc<App>, rec: &RequestRecord, wait: Duration) -> RequestRec
         return rec.clone();
     }
     app.metrics.waiters.inc();
-    let is_done = async {
-        current(app, rec.id)
-            .await
-            .is_some_and(|r| r.status.is_terminal())
+    let deadline = tokio::time::Instant::now() + wait;
+    let latest = loop {
+        let is_done = async {
+            current(app, rec.id)
+                .await
+                .is_some_and(|r| r.status.is_terminal())
+        };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        // With a shared store the answer may come from another node, whose
+        // notification can be lost: re-read now and then besides.
+        let slice = if app.store.is_shared() {
+            left.min(SHARED_RECHECK)
+        } else {
+            left
+        };
+        let released = tokio::select! {
+            _ = app.waiters.wait(rec.id, slice, is_done) => false,
+            _ = app.release_waiters.notified() => true,
+        };
+        let now = current(app, rec.id).await;
+        let done = now.as_ref().is_some_and(|r| r.status.is_terminal());
+        // A wake-up that finds the request unfinished (a re-read asked for
+        // by the cluster) goes back to waiting for what is left.
+        if done || released || app.is_shutting_down() || tokio::time::Instant::now() >= deadline {
+            break now;
+        }
     };
-    tokio::select! {
-        _ = app.waiters.wait(rec.id, wait, is_done) => {}
-        _ = app.release_waiters.notified() => {}
-    }
     app.metrics.waiters.dec();
-    current(app, rec.id).await.unwrap_or_else(|| rec.clone())
+    latest.unwrap_or_else(|| rec.clone())
 }
+
+/// How often a held caller re-reads its request when other nodes may
+/// store its answer: the most a lost notification delays it.
+const SHARED_RECHECK: Duration = Duration::from_secs(5);
 
 /// The first spelling of an object id in `path` that names one of Ferry's
 /// own upstream files or batches.

@@ -5,6 +5,8 @@
 pub enum StoreError {
     #[error("storage error: {0}")]
     Sled(#[from] sled::Error),
+    #[error(transparent)]
+    Postgres(#[from] super::pg::PgError),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("durable flush failed: {0}")]

@@ -3,6 +3,11 @@
 //! share one upstream key (two data_dirs, or a rotated deployment); each
 //! sweeps, adopts and deletes only upstream objects carrying its own id,
 //! because batch numbers alone repeat across data_dirs.
+//!
+//! On PostgreSQL the cluster shares one instance id (in the database), and
+//! the data_dir's names the node itself in the leases it takes, so a node
+//! restarted on its data_dir picks up its own leases at once. Either way the
+//! data_dir is locked for the process's life: two processes never share it.
 
 use std::io::Write;
 use std::path::Path;
@@ -13,6 +18,11 @@ use super::StoreError;
 const FILE: &str = "instance_id";
 /// Hex digits of an id (64 random bits).
 const LEN: usize = 16;
+
+/// A fresh random instance id.
+pub fn new_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
 
 /// Reads the data_dir's instance id, creating it on first use. The file is
 /// written to a temporary name, fsynced, renamed and the directory fsynced,
@@ -36,7 +46,7 @@ pub fn load_or_create(data_dir: &Path) -> Result<String, StoreError> {
             )))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let id = format!("{:016x}", rand::random::<u64>());
+            let id = new_id();
             let tmp = data_dir.join(format!("{FILE}.tmp"));
             let mut f = std::fs::File::create(&tmp).map_err(io)?;
             f.write_all(id.as_bytes()).map_err(io)?;
@@ -74,6 +84,29 @@ pub fn own_upload(filename: &str, instance: &str) -> Option<u64> {
         return None;
     }
     n.parse().ok()
+}
+
+/// Creates the data dir if needed and takes `ferry.lock` in it, exclusively
+/// and without waiting.
+/// The kernel drops the lock with the process, so a crash leaves none behind.
+pub fn lock_data_dir(dir: &Path) -> Result<std::fs::File, StoreError> {
+    let path = dir.join("ferry.lock");
+    let lock_err = |source| StoreError::Lock {
+        path: path.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(lock_err)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(lock_err)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse),
+        Err(std::fs::TryLockError::Error(e)) => Err(lock_err(e)),
+    }
 }
 
 #[cfg(test)]

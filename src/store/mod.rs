@@ -2,13 +2,17 @@
 //!
 //! Every write is durable when its call returns; nothing outside this
 //! module commits, names a tree or a transaction, or blocks a runtime
-//! thread on the disk. The embedded backend is sled (`embedded`: one node,
-//! nothing to install); PostgreSQL (`pg`), the shared store of a cluster,
-//! is being built behind the same interface.
+//! thread on the disk. Two backends: sled (`embedded`: one node, nothing to
+//! install) and PostgreSQL ([`pg`]: the shared store of a cluster).
+//!
+//! Beside the data, the coordination a cluster needs: named leases (sled:
+//! always granted, there is one node) and events between nodes
+//! ([`ClusterEvent`]; sled: none, everything happens in one process).
 //!
 //! Files: `embedded` (the sled backend), `error` (the layer's one error
-//! type), [`instance`] (the data_dir's instance id), [`records`] (the record
-//! types and the request lifecycle), [`pg`] (PostgreSQL, under way).
+//! type), [`instance`] (the data_dir's instance id), [`lifecycle`] (the
+//! request decisions both backends make), [`records`] (the record types),
+//! [`pg`] (PostgreSQL).
 
 mod embedded;
 mod error;
@@ -21,10 +25,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::sync::broadcast;
 
 pub use embedded::SledStore;
 pub use embedded::encoding::{CHAT_COMPLETIONS, LINE_SUFFIX, QueueKey, line_len, line_prefix};
 pub use error::StoreError;
+pub use pg::events::Event as ClusterEvent;
 pub use records::*;
 
 /// Builds a webhook's JSON body for a request that just became terminal;
@@ -38,6 +44,36 @@ pub struct Store {
 
 enum Backend {
     Sled(Arc<SledStore>),
+    Postgres(Box<Shared>),
+}
+
+/// The PostgreSQL backend and what a node keeps beside it.
+struct Shared {
+    db: pg::PgStore,
+    /// Events heard from every node (this one included).
+    events: broadcast::Sender<ClusterEvent>,
+    /// Wakes this node's webhook worker.
+    outbox_wake: tokio::sync::Notify,
+    /// `data_dir`, locked for the process's life: the node's name is its.
+    _dir_lock: std::fs::File,
+    /// Observes each write transaction's duration, once metrics are attached.
+    write_histogram: std::sync::OnceLock<prometheus::Histogram>,
+}
+
+impl Shared {
+    /// Runs one write (one transaction, durable when it returns), timed as
+    /// sled's group commits are.
+    async fn write<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, pg::PgError>>,
+    ) -> Result<T, StoreError> {
+        let started = std::time::Instant::now();
+        let out = f.await?;
+        if let Some(h) = self.write_histogram.get() {
+            h.observe(started.elapsed().as_secs_f64());
+        }
+        Ok(out)
+    }
 }
 
 impl Store {
@@ -49,11 +85,98 @@ impl Store {
         })
     }
 
+    /// Connects to PostgreSQL and brings its schema up to date. The node
+    /// locks `data_dir` and is named in leases by its instance id, so a node
+    /// restarted on its data_dir takes its own leases back at once (and
+    /// first frees the webhook deliveries it held when it stopped).
+    pub async fn connect_postgres(
+        config: tokio_postgres::Config,
+        pool_size: usize,
+        data_dir: &std::path::Path,
+    ) -> Result<Store, StoreError> {
+        let dir_lock = instance::lock_data_dir(data_dir)?;
+        let node = format!("node-{}", instance::load_or_create(data_dir)?);
+        let db = pg::PgStore::connect(config, pool_size)
+            .await?
+            .with_owner(&node);
+        let freed = db.release_own_deliveries().await?;
+        tracing::info!(node = %node, freed_deliveries = freed, "connected to PostgreSQL");
+        let (events, _) = broadcast::channel(EVENT_BACKLOG);
+        Ok(Store {
+            backend: Backend::Postgres(Box::new(Shared {
+                db,
+                events,
+                outbox_wake: tokio::sync::Notify::new(),
+                _dir_lock: dir_lock,
+                write_histogram: std::sync::OnceLock::new(),
+            })),
+        })
+    }
+
+    /// Whether other nodes share this store (leases and events matter).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
+    }
+
     /// The sled backend, for tests that inject its failures.
     #[cfg(test)]
     pub(crate) fn sled(&self) -> &Arc<SledStore> {
         match &self.backend {
             Backend::Sled(s) => s,
+            Backend::Postgres(_) => panic!("not a sled store"),
+        }
+    }
+
+    /// The name every upstream file and batch is made under: the
+    /// data_dir's for sled, the cluster's (written once by the first node)
+    /// for PostgreSQL, so any node adopts and sweeps what another made.
+    pub async fn instance_id(&self, data_dir: &std::path::Path) -> Result<String, StoreError> {
+        match &self.backend {
+            Backend::Sled(_) => instance::load_or_create(data_dir),
+            Backend::Postgres(p) => Ok(p.db.instance_id(&instance::new_id()).await?),
+        }
+    }
+
+    // ---------------------------------------------------------- coordination
+
+    /// Takes or renews the lease `name` for `ttl`; its fencing token, or
+    /// `None` while another node holds it. With sled there is one node: it
+    /// always holds every lease.
+    pub async fn acquire_lease(
+        &self,
+        name: &str,
+        ttl: Duration,
+    ) -> Result<Option<u64>, StoreError> {
+        match &self.backend {
+            Backend::Sled(_) => Ok(Some(1)),
+            Backend::Postgres(p) => Ok(p.db.acquire_lease(name, ttl).await?),
+        }
+    }
+
+    /// Events from the other nodes; `None` with sled (one process).
+    pub fn subscribe(&self) -> Option<broadcast::Receiver<ClusterEvent>> {
+        match &self.backend {
+            Backend::Sled(_) => None,
+            Backend::Postgres(p) => Some(p.events.subscribe()),
+        }
+    }
+
+    /// Tells every node (this one included) of `event`; with sled, nothing
+    /// to do. A lost event only delays: the listeners re-read on reconnect
+    /// and on their timers, so a failure is logged, not returned.
+    pub async fn publish(&self, event: ClusterEvent) {
+        if let Backend::Postgres(p) = &self.backend
+            && let Err(e) = p.db.publish(&event).await
+        {
+            tracing::warn!(error = %e, ?event, "cannot tell the other nodes; they find out on their timers");
+        }
+    }
+
+    /// Listens for other nodes' events until `shutdown` (PostgreSQL only;
+    /// returns at once with sled).
+    pub async fn listen(&self, shutdown: tokio::sync::watch::Receiver<bool>) {
+        if let Backend::Postgres(p) = &self.backend {
+            pg::events::listen(p.db.config().clone(), p.events.clone(), shutdown).await;
         }
     }
 
@@ -61,6 +184,7 @@ impl Store {
     pub fn observe_flushes(&self, h: prometheus::Histogram) {
         match &self.backend {
             Backend::Sled(s) => s.observe_flushes(h),
+            Backend::Postgres(p) => drop(p.write_histogram.set(h)),
         }
     }
 
@@ -69,6 +193,7 @@ impl Store {
         match &self.backend {
             // sled sums its files' sizes: disk work.
             Backend::Sled(s) => s.blocking(|s| Ok(s.size_on_disk())).await,
+            Backend::Postgres(p) => Ok(p.db.storage_size().await?),
         }
     }
 
@@ -76,6 +201,8 @@ impl Store {
     pub fn close(&self) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Sled(s) => s.flush_blocking(),
+            // Every write committed before it returned.
+            Backend::Postgres(_) => Ok(()),
         }
     }
 
@@ -86,12 +213,14 @@ impl Store {
     pub async fn accept(&self, rec: RequestRecord, body: Vec<u8>) -> Result<Intake, StoreError> {
         match &self.backend {
             Backend::Sled(s) => s.accept(rec, body).await,
+            Backend::Postgres(p) => p.write(p.db.accept(rec, body)).await,
         }
     }
 
     pub async fn get(&self, id: u64) -> Result<Option<RequestRecord>, StoreError> {
         match &self.backend {
             Backend::Sled(s) => s.blocking(move |s| s.get(id)).await,
+            Backend::Postgres(p) => Ok(p.db.get(id).await?),
         }
     }
 
@@ -103,6 +232,7 @@ impl Store {
         let (tenant, custom_id) = (tenant.to_owned(), custom_id.to_owned());
         match &self.backend {
             Backend::Sled(s) => s.blocking(move |s| s.find(&tenant, &custom_id)).await,
+            Backend::Postgres(p) => Ok(p.db.find(&tenant, &custom_id).await?),
         }
     }
 
@@ -110,6 +240,7 @@ impl Store {
     pub async fn result(&self, id: u64) -> Result<Option<StoredResult>, StoreError> {
         match &self.backend {
             Backend::Sled(s) => s.blocking(move |s| s.result(id)).await,
+            Backend::Postgres(p) => Ok(p.db.result(id).await?),
         }
     }
 
@@ -132,6 +263,13 @@ impl Store {
                 }
                 Ok(outcome)
             }
+            Backend::Postgres(p) => {
+                let outcome = p.write(p.db.cancel(&tenant, &custom_id, &payload)).await?;
+                if let CancelOutcome::Cancelled(rec) = &outcome {
+                    self.publish(ClusterEvent::Terminal(vec![rec.id])).await;
+                }
+                Ok(outcome)
+            }
         }
     }
 
@@ -141,12 +279,14 @@ impl Store {
         match &self.backend {
             // Kept in memory: no disk work.
             Backend::Sled(s) => Ok(s.queue_stats()),
+            Backend::Postgres(p) => Ok(p.db.queue_stats().await?),
         }
     }
 
     pub async fn queue_stats_for(&self, qk: &QueueKey) -> Result<Option<QueueStats>, StoreError> {
         match &self.backend {
             Backend::Sled(s) => Ok(s.queue_stats_for(qk)),
+            Backend::Postgres(p) => Ok(p.db.queue_stats_for(qk).await?),
         }
     }
 
@@ -154,6 +294,7 @@ impl Store {
     pub async fn queued_total(&self) -> Result<u64, StoreError> {
         match &self.backend {
             Backend::Sled(s) => Ok(s.queued_total()),
+            Backend::Postgres(p) => Ok(p.db.queued_total().await?),
         }
     }
 
@@ -183,6 +324,27 @@ impl Store {
                 }
                 Ok(claimed)
             }
+            // One transaction: committed, or not claimed at all.
+            Backend::Postgres(p) => {
+                p.write(p.db.claim_batch(qk, max_requests, max_bytes, reason))
+                    .await
+            }
+        }
+    }
+
+    /// [`put_batch`](Self::put_batch) while `token` is still the newest of
+    /// lease `lease`; returns whether it was written (false: another node
+    /// owns the batch's upstream now).
+    pub async fn put_batch_fenced(
+        &self,
+        b: &BatchRecord,
+        lease: &str,
+        token: u64,
+    ) -> Result<bool, StoreError> {
+        match &self.backend {
+            // One node: every lease is its own.
+            Backend::Sled(_) => self.put_batch(b).await.map(|()| true),
+            Backend::Postgres(p) => p.write(p.db.put_batch_fenced(b, lease, token)).await,
         }
     }
 
@@ -194,12 +356,14 @@ impl Store {
                 s.blocking(move |s| s.put_batch(&record)).await?;
                 s.commit().await
             }
+            Backend::Postgres(p) => p.write(p.db.put_batch(&record)).await,
         }
     }
 
     pub async fn get_batch(&self, id: u64) -> Result<Option<BatchRecord>, StoreError> {
         match &self.backend {
             Backend::Sled(s) => s.blocking(move |s| s.get_batch(id)).await,
+            Backend::Postgres(p) => Ok(p.db.get_batch(id).await?),
         }
     }
 
@@ -207,6 +371,7 @@ impl Store {
     pub async fn live_batches(&self) -> Result<Vec<BatchRecord>, StoreError> {
         match &self.backend {
             Backend::Sled(s) => s.blocking(|s| s.live_batches()).await,
+            Backend::Postgres(p) => Ok(p.db.live_batches().await?),
         }
     }
 
@@ -221,6 +386,7 @@ impl Store {
                 s.blocking(move |s| s.batches_owing_cleanup(&upstream))
                     .await
             }
+            Backend::Postgres(p) => Ok(p.db.batches_owing_cleanup(&upstream).await?),
         }
     }
 
@@ -228,6 +394,7 @@ impl Store {
     pub async fn members(&self, batch: u64) -> Result<Vec<u64>, StoreError> {
         match &self.backend {
             Backend::Sled(s) => s.blocking(move |s| s.members(batch).collect()).await,
+            Backend::Postgres(p) => Ok(p.db.members(batch).await?),
         }
     }
 
@@ -244,6 +411,7 @@ impl Store {
                 s.blocking(move |s| s.input_lines(&members, next, max_bytes))
                     .await
             }
+            Backend::Postgres(p) => Ok(p.db.input_lines(&members, next, max_bytes).await?),
         }
     }
 
@@ -255,6 +423,7 @@ impl Store {
                 s.commit().await?;
                 Ok(n)
             }
+            Backend::Postgres(p) => Ok(p.db.recover_claims().await?),
         }
     }
 
@@ -276,6 +445,12 @@ impl Store {
                 s.commit().await?;
                 Ok(next)
             }
+            Backend::Postgres(p) => {
+                let mut next = batch.clone();
+                p.write(p.db.mark_submitted(&mut next, file_id, upstream_batch))
+                    .await?;
+                Ok(next)
+            }
         }
     }
 
@@ -287,6 +462,7 @@ impl Store {
                 s.blocking(move |s| s.apply_submitted(batch)).await?;
                 s.commit().await
             }
+            Backend::Postgres(p) => p.write(p.db.apply_submitted(batch)).await,
         }
     }
 
@@ -307,6 +483,17 @@ impl Store {
                 s.commit().await?;
                 Ok(done)
             }
+            Backend::Postgres(p) => {
+                let done = p
+                    .write(p.db.apply_outcomes(batch, outcomes, &payload))
+                    .await?;
+                // One notification per stored slice, after its commit.
+                if !done.is_empty() {
+                    let ids = done.iter().map(|r| r.id).collect();
+                    self.publish(ClusterEvent::Terminal(ids)).await;
+                }
+                Ok(done)
+            }
         }
     }
 
@@ -316,6 +503,8 @@ impl Store {
         match &self.backend {
             // Kept in memory: no disk work.
             Backend::Sled(s) => s.is_own_upstream_object(id),
+            // Every node's batches: one query.
+            Backend::Postgres(p) => p.db.is_own_upstream_object(id).await,
         }
     }
 
@@ -325,6 +514,7 @@ impl Store {
     pub async fn outbox_len(&self) -> Result<usize, StoreError> {
         match &self.backend {
             Backend::Sled(s) => s.blocking(|s| Ok(s.outbox_len())).await,
+            Backend::Postgres(p) => Ok(p.db.outbox_len().await?),
         }
     }
 
@@ -332,6 +522,7 @@ impl Store {
     pub async fn next_delivery_due(&self) -> Result<Option<u64>, StoreError> {
         match &self.backend {
             Backend::Sled(s) => Ok(s.next_delivery_due()),
+            Backend::Postgres(p) => Ok(p.db.next_delivery_due().await?),
         }
     }
 
@@ -354,6 +545,8 @@ impl Store {
                 s.blocking(move |s| Ok(s.take_due_deliveries(now, max)))
                     .await
             }
+            // Leased per row: two nodes never send one delivery at once.
+            Backend::Postgres(p) => Ok(p.db.take_due_deliveries(now, max).await?),
         }
     }
 
@@ -361,6 +554,12 @@ impl Store {
     pub async fn reschedule_delivery(&self, d: &Delivery, due_ms: u64) {
         match &self.backend {
             Backend::Sled(s) => s.reschedule_delivery(d, due_ms),
+            Backend::Postgres(p) => {
+                if let Err(e) = p.db.reschedule_delivery(d, due_ms).await {
+                    // Its lease runs out and any node takes it again.
+                    tracing::warn!(request = d.request, error = %e, "cannot reschedule a webhook delivery");
+                }
+            }
         }
     }
 
@@ -371,6 +570,7 @@ impl Store {
                 s.blocking(move |s| s.retry_delivery(&d, state)).await?;
                 s.commit().await
             }
+            Backend::Postgres(p) => p.write(p.db.retry_delivery(&d, state)).await,
         }
     }
 
@@ -387,6 +587,7 @@ impl Store {
                     .await?;
                 s.commit().await
             }
+            Backend::Postgres(p) => p.write(p.db.finish_delivery(&d, status, last_error)).await,
         }
     }
 
@@ -394,6 +595,7 @@ impl Store {
     pub fn wake_outbox(&self) {
         match &self.backend {
             Backend::Sled(s) => s.wake_outbox(),
+            Backend::Postgres(p) => p.outbox_wake.notify_one(),
         }
     }
 
@@ -401,9 +603,14 @@ impl Store {
     pub async fn outbox_notified(&self) {
         match &self.backend {
             Backend::Sled(s) => s.outbox_notified().await,
+            Backend::Postgres(p) => p.outbox_wake.notified().await,
         }
     }
 }
+
+/// Events a node may fall behind on before the oldest are dropped (a
+/// receiver that lags re-reads everything, as after a reconnect).
+const EVENT_BACKLOG: usize = 1024;
 
 /// Retries the group commit, with backoff, until the claim of `batch` is on
 /// disk (a full disk, an I/O error: the operator frees space, Ferry goes on).

@@ -4,6 +4,7 @@
 //! emulator (the default shape), which dies and restarts with it.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod pg;
 pub mod process;
 pub use process::{Proc, spawn};
 
@@ -33,6 +34,57 @@ pub fn emulator(dir: &Path, args: &[&str]) -> Proc {
     spawn(cmd, &["emulator"], dir.join("emulator.log"), START_WAIT)
 }
 
+/// The store a stack's Ferry runs on. Suites that hold for both run one
+/// test body per backend ([`on_both_backends!`](crate::on_both_backends)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sled,
+    /// A fresh database on the server in `FERRY_TEST_PG_URL`.
+    Postgres,
+}
+
+/// The file in a stack's directory naming the database its Ferry uses; read
+/// at every start, restarts included.
+const DATABASE_URL_FILE: &str = "database_url";
+
+impl Backend {
+    /// The `[storage]` table for a Ferry in `dir`; for PostgreSQL it makes
+    /// the database and records its URL for [`ferry`] to pass on.
+    pub fn storage_config(self, dir: &Path) -> String {
+        match self {
+            Backend::Sled => String::new(),
+            Backend::Postgres => {
+                std::fs::write(dir.join(DATABASE_URL_FILE), pg::fresh_database())
+                    .expect("record the database URL");
+                format!(
+                    "[storage]\nkind = \"postgres\"\nurl_env = \"{}\"\n",
+                    pg::DB_ENV
+                )
+            }
+        }
+    }
+}
+
+/// Runs an `async fn name(backend: Backend)` test body once per backend,
+/// as the tests `name::sled` and `name::postgres`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test]
+                async fn sled() {
+                    super::$name($crate::common::Backend::Sled).await
+                }
+                #[tokio::test]
+                async fn postgres() {
+                    super::$name($crate::common::Backend::Postgres).await
+                }
+            }
+        )*
+    };
+}
+
 /// The tenants every test config has.
 pub const TENANTS: &str = r#"
 [[tenants]]
@@ -58,9 +110,21 @@ pub fn config(
     upstream_extra: &str,
     server_extra: &str,
 ) -> String {
+    config_on(Backend::Sled, dir, upstream, upstream_extra, server_extra)
+}
+
+/// [`config`] on `backend`.
+pub fn config_on(
+    backend: Backend,
+    dir: &Path,
+    upstream: SocketAddr,
+    upstream_extra: &str,
+    server_extra: &str,
+) -> String {
     let target =
         format!("base_url = \"http://{upstream}/v1\"\napi_key_env = \"FERRY_TEST_UPSTREAM_KEY\"");
-    config_for(dir, "", &target, upstream_extra, server_extra)
+    let storage = backend.storage_config(dir);
+    config_for(dir, &storage, &target, upstream_extra, server_extra)
 }
 
 /// A Ferry config whose upstream is its embedded emulator (as in
@@ -72,7 +136,25 @@ pub fn embedded_config(
     upstream_extra: &str,
     server_extra: &str,
 ) -> String {
-    let emulator = format!("[emulator]\napi_key = \"{UPSTREAM_KEY}\"\n{emulator_extra}\n");
+    embedded_config_on(
+        Backend::Sled,
+        dir,
+        emulator_extra,
+        upstream_extra,
+        server_extra,
+    )
+}
+
+/// [`embedded_config`] on `backend`.
+pub fn embedded_config_on(
+    backend: Backend,
+    dir: &Path,
+    emulator_extra: &str,
+    upstream_extra: &str,
+    server_extra: &str,
+) -> String {
+    let storage = backend.storage_config(dir);
+    let emulator = format!("{storage}[emulator]\napi_key = \"{UPSTREAM_KEY}\"\n{emulator_extra}\n");
     config_for(
         dir,
         &emulator,
@@ -82,9 +164,11 @@ pub fn embedded_config(
     )
 }
 
+/// `tables`: top-level tables that come before the upstream (`[storage]`,
+/// `[emulator]`).
 fn config_for(
     dir: &Path,
-    emulator: &str,
+    tables: &str,
     target: &str,
     upstream_extra: &str,
     server_extra: &str,
@@ -99,7 +183,7 @@ threads = 1
 {grace}
 {server_extra}
 
-{emulator}
+{tables}
 [[upstreams]]
 name = "emu"
 kind = "openai"
@@ -141,6 +225,9 @@ fn ferry_with(dir: &Path, config: &str, services: &[&str]) -> Proc {
         .arg(&path)
         .env("FERRY_TEST_UPSTREAM_KEY", UPSTREAM_KEY)
         .env("FERRY_LOG", "info,pingora_core=warn,pingora_proxy=warn");
+    if let Ok(url) = std::fs::read_to_string(dir.join(DATABASE_URL_FILE)) {
+        cmd.env(pg::DB_ENV, url);
+    }
     spawn(
         cmd,
         services,
@@ -172,9 +259,15 @@ fn client() -> reqwest::Client {
 
 impl Stack {
     pub fn start(upstream_extra: &str, server_extra: &str) -> Stack {
+        Stack::start_on(Backend::Sled, upstream_extra, server_extra)
+    }
+
+    /// [`Stack::start`] with Ferry on `backend`.
+    pub fn start_on(backend: Backend, upstream_extra: &str, server_extra: &str) -> Stack {
         let dir = tempfile::tempdir().expect("tempdir");
         let emulator = emulator(dir.path(), &[]);
-        let cfg = config(
+        let cfg = config_on(
+            backend,
             dir.path(),
             emulator.addr("emulator"),
             upstream_extra,
@@ -192,8 +285,24 @@ impl Stack {
     /// Ferry alone on its embedded emulator, with `emulator_extra` knobs
     /// (they apply at every start, restarts included).
     pub fn start_embedded(emulator_extra: &str, upstream_extra: &str, server_extra: &str) -> Stack {
+        Stack::start_embedded_on(Backend::Sled, emulator_extra, upstream_extra, server_extra)
+    }
+
+    /// [`Stack::start_embedded`] with Ferry on `backend`.
+    pub fn start_embedded_on(
+        backend: Backend,
+        emulator_extra: &str,
+        upstream_extra: &str,
+        server_extra: &str,
+    ) -> Stack {
         let dir = tempfile::tempdir().expect("tempdir");
-        let cfg = embedded_config(dir.path(), emulator_extra, upstream_extra, server_extra);
+        let cfg = embedded_config_on(
+            backend,
+            dir.path(),
+            emulator_extra,
+            upstream_extra,
+            server_extra,
+        );
         let ferry = ferry_embedded(dir.path(), &cfg);
         Stack {
             dir,

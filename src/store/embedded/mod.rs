@@ -128,7 +128,7 @@ impl SledStore {
     /// `cache_bytes` is sled's page cache, counted in on-disk bytes; in
     /// memory it takes up to about twice that (see README, Performance).
     pub fn open(path: &std::path::Path, cache_bytes: u64) -> Result<SledStore, StoreError> {
-        let dir_lock = lock_dir(path)?;
+        let dir_lock = super::instance::lock_data_dir(path)?;
         let mut store = SledStore::from_db(open_db(path, cache_bytes)?)?;
         store._dir_lock = Some(dir_lock);
         Ok(store)
@@ -901,29 +901,6 @@ const FORMAT: &[u8] = b"2";
 /// Entries per sled write batch when a whole batch's members are updated,
 /// and members per packed `members` value.
 const WRITE_SLICE: usize = 1_000;
-
-/// Creates the data dir if needed and takes `ferry.lock` in it, exclusively
-/// and without waiting.
-/// The kernel drops the lock with the process, so a crash leaves none behind.
-fn lock_dir(dir: &std::path::Path) -> Result<std::fs::File, StoreError> {
-    let path = dir.join("ferry.lock");
-    let lock_err = |source| StoreError::Lock {
-        path: path.display().to_string(),
-        source,
-    };
-    std::fs::create_dir_all(dir).map_err(lock_err)?;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(lock_err)?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse),
-        Err(std::fs::TryLockError::Error(e)) => Err(lock_err(e)),
-    }
-}
 
 fn open_db(path: &std::path::Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
     Ok(sled::Config::new()

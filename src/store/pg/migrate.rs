@@ -123,6 +123,14 @@ CREATE TABLE leases (
     token      bigint      NOT NULL,
     expires_at timestamptz NOT NULL
 );
+
+-- The cluster's instance id, written once by the first node: every node
+-- names its uploads and batches with it, so any node adopts, sweeps and
+-- deletes what another made (a sled data_dir keeps its own in a file).
+CREATE TABLE cluster (
+    one         boolean PRIMARY KEY DEFAULT true CHECK (one),
+    instance_id text    NOT NULL
+);
 "#;
 
 /// What [`migrate`] did.

@@ -53,6 +53,19 @@ impl PgStore {
         Ok(taken)
     }
 
+    /// Frees every delivery this node's name holds: at start, when nothing
+    /// is being sent yet, so a node restarted on its data_dir does not wait
+    /// out the leases of its previous run. Returns how many it freed.
+    pub async fn release_own_deliveries(&self) -> Result<u64, PgError> {
+        let client = self.client().await?;
+        Ok(client
+            .execute(
+                "UPDATE outbox SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1",
+                &[&self.owner],
+            )
+            .await?)
+    }
+
     /// Gives a taken delivery back without a try (its receiver is busy),
     /// due at `due_ms`. Nothing changes if this node no longer holds it.
     pub async fn reschedule_delivery(&self, d: &Delivery, due_ms: u64) -> Result<(), PgError> {

@@ -25,6 +25,9 @@ const DEFAULT_DELIVERY_LEASE: Duration = Duration::from_secs(60);
 #[derive(Clone)]
 pub struct PgStore {
     pub(super) pool: Pool,
+    /// Where the pool connects, for connections of their own (the event
+    /// listener's).
+    config: tokio_postgres::Config,
     /// This node's name in leases: outbox rows it took, named leases.
     pub(super) owner: String,
     pub(super) delivery_lease: Duration,
@@ -47,12 +50,13 @@ impl PgStore {
         config: tokio_postgres::Config,
         pool_size: usize,
     ) -> Result<PgStore, PgError> {
-        let pool = super::pool(config, pool_size)?;
+        let pool = super::pool(config.clone(), pool_size)?;
         let mut client = pool.get().await?;
         migrate::migrate(&mut client).await?;
         drop(client);
         Ok(PgStore {
             pool,
+            config,
             owner: format!("ferry-{:016x}", rand::random::<u64>()),
             delivery_lease: DEFAULT_DELIVERY_LEASE,
         })
@@ -74,6 +78,17 @@ impl PgStore {
 
     pub fn owner(&self) -> &str {
         &self.owner
+    }
+
+    /// Where this store connects.
+    pub fn config(&self) -> &tokio_postgres::Config {
+        &self.config
+    }
+
+    /// Tells every listening node of `event` (see [`super::events`]).
+    pub async fn publish(&self, event: &super::events::Event) -> Result<(), PgError> {
+        let client = self.client().await?;
+        super::events::publish(&client, event).await
     }
 
     pub(super) async fn client(&self) -> Result<deadpool_postgres::Object, PgError> {
@@ -121,6 +136,76 @@ impl PgStore {
             .await?
             .map(|row| row.try_get(0))
             .transpose()?)
+    }
+
+    /// The input file's lines of `members[next..]`, about `max_bytes` of
+    /// them, read a slice of bodies per query; returns them and the index
+    /// of the first member not taken.
+    pub async fn input_lines(
+        &self,
+        members: &[u64],
+        mut next: usize,
+        max_bytes: usize,
+    ) -> Result<(bytes::Bytes, usize), PgError> {
+        /// Bodies per query: ~256 kB at a typical 1 kB prompt.
+        const SLICE: usize = 256;
+        let client = self.client().await?;
+        let mut buf = bytes::BytesMut::with_capacity(max_bytes + 4096);
+        while next < members.len() && buf.len() < max_bytes {
+            let ids = &members[next..(next + SLICE).min(members.len())];
+            let keys = ids
+                .iter()
+                .map(|id| to_i64(*id, "request id"))
+                .collect::<Result<Vec<i64>, _>>()?;
+            let rows = client
+                .query("SELECT id, body FROM bodies WHERE id = ANY($1)", &[&keys])
+                .await?;
+            let mut bodies = std::collections::HashMap::with_capacity(rows.len());
+            for row in rows {
+                let id: i64 = row.try_get(0)?;
+                let body: &[u8] = row.try_get(1)?;
+                bodies.insert(id, bytes::Bytes::copy_from_slice(body));
+            }
+            for (id, key) in ids.iter().zip(&keys) {
+                if buf.len() >= max_bytes {
+                    break;
+                }
+                let body = bodies
+                    .get(key)
+                    .ok_or_else(|| PgError::Corrupt(format!("body of request {id} is missing")))?;
+                buf.extend_from_slice(crate::store::line_prefix(*id).as_bytes());
+                buf.extend_from_slice(body);
+                buf.extend_from_slice(crate::store::LINE_SUFFIX.as_bytes());
+                next += 1;
+            }
+        }
+        Ok((buf.freeze(), next))
+    }
+
+    /// Bytes the database takes on disk.
+    pub async fn storage_size(&self) -> Result<u64, PgError> {
+        let client = self.client().await?;
+        let size: i64 = client
+            .query_one("SELECT pg_database_size(current_database())", &[])
+            .await?
+            .try_get(0)?;
+        to_u64(size, "database size")
+    }
+
+    /// The cluster's instance id: `candidate` if this node is the first to
+    /// ask, else the one the first node wrote.
+    pub async fn instance_id(&self, candidate: &str) -> Result<String, PgError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO cluster (instance_id) VALUES ($1) ON CONFLICT DO NOTHING",
+                &[&candidate],
+            )
+            .await?;
+        Ok(client
+            .query_one("SELECT instance_id FROM cluster", &[])
+            .await?
+            .try_get(0)?)
     }
 
     pub async fn result(&self, id: u64) -> Result<Option<StoredResult>, PgError> {
