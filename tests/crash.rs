@@ -1,9 +1,10 @@
 //! The crash harness: the real `ferry` binary under load in front of the
 //! emulator, killed with SIGKILL at random moments and restarted on the same
-//! data dir, many times. It runs on two shapes, one test each: a standalone
-//! emulator that outlives every kill, and Ferry's embedded default, where the
+//! data dir, many times. It runs on three shapes, one test each: a standalone
+//! emulator that outlives every kill; Ferry's embedded default, where the
 //! emulator lives in Ferry's process, dies with it and comes back from its
-//! own state under `<data_dir>/emulator` (on a new port each time). Each kill aims, in turn, at intake, a
+//! own state under `<data_dir>/emulator` (on a new port each time); and a
+//! standalone emulator with Ferry on PostgreSQL. Each kill aims, in turn, at intake, a
 //! flush (upload, create), polling and result ingestion: it falls at a
 //! random time, waits for that phase to be going on (read from Ferry's JSON
 //! log, or the clients' calls in flight), then a random instant more. At the
@@ -29,7 +30,7 @@
 //! cycles × requests / rate), `FERRY_CRASH_SEED` (default random, printed;
 //! it fixes the kill schedule, not the timing of everything else),
 //! `FERRY_CRASH_KEEP=1` (keep the temp dir with every log; it is always kept
-//! on failure). They apply to both shapes; the two tests run one after the
+//! on failure). They apply to every shape; the tests run one after the
 //! other. A long run of one shape (about 17 minutes):
 //!
 //! ```sh
@@ -46,7 +47,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use common::{Stack, chat};
+use common::{Backend, Stack, chat};
 use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -90,13 +91,16 @@ finalizing_seconds = 0.15
 latency_ms = 2
 "#;
 
-/// Where the emulator runs.
+/// Where the emulator runs, and the store.
 #[derive(Clone, Copy, Debug)]
 enum Shape {
-    /// `ferry emulator` in its own process, never killed.
+    /// `ferry emulator` in its own process, never killed; sled.
     Standalone,
-    /// In Ferry's process (`emulator = true`), killed with it.
+    /// In Ferry's process (`emulator = true`), killed with it; sled.
     Embedded,
+    /// `ferry emulator` in its own process; Ferry on PostgreSQL (a fresh
+    /// database on the server in `FERRY_TEST_PG_URL`).
+    Postgres,
 }
 
 /// Both shapes kill and restart processes at moments chosen by timing, on
@@ -488,18 +492,28 @@ async fn sigkill_with_the_embedded_emulator_loses_nothing_and_runs_nothing_twice
     crash_harness(Shape::Embedded).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_on_postgres_loses_nothing_and_runs_nothing_twice() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    crash_harness(Shape::Postgres).await;
+}
+
 async fn crash_harness(shape: Shape) {
     let knobs = Knobs::from_env();
     let total = knobs.per_cycle * knobs.cycles as u64;
     eprintln!(
-        "crash harness ({shape:?} emulator): seed {} (FERRY_CRASH_SEED={} repeats the kill schedule), {} cycles of {} requests at {}/s",
+        "crash harness ({shape:?}): seed {} (FERRY_CRASH_SEED={} repeats the kill schedule), {} cycles of {} requests at {}/s",
         knobs.seed, knobs.seed, knobs.cycles, knobs.per_cycle, knobs.rate
     );
     let started = Instant::now();
     let mut rng = StdRng::seed_from_u64(knobs.seed);
     let mut s = match shape {
-        Shape::Standalone => {
-            let s = Stack::start(UPSTREAM_EXTRA, SERVER_EXTRA);
+        Shape::Standalone | Shape::Postgres => {
+            let backend = match shape {
+                Shape::Postgres => Backend::Postgres,
+                _ => Backend::Sled,
+            };
+            let s = Stack::start_on(backend, UPSTREAM_EXTRA, SERVER_EXTRA);
             let knobs: Value = toml::from_str(EMULATOR_KNOBS).expect("knobs");
             s.emulator_config(knobs).await;
             s
@@ -745,7 +759,7 @@ async fn crash_harness(shape: Shape) {
         stored_unacked,
     );
     eprintln!(
-        "crash harness ({shape:?} emulator): {} SIGKILLs over {sent} requests ({} accepted): {} lost, {twice} executed twice, {in_two_batches} in two batches, {stuck} batches stuck, {leftover} input files left ({:.1} s, seed {})",
+        "crash harness ({shape:?}): {} SIGKILLs over {sent} requests ({} accepted): {} lost, {twice} executed twice, {in_two_batches} in two batches, {stuck} batches stuck, {leftover} input files left ({:.1} s, seed {})",
         kills.len(),
         tally.accepted.len(),
         lost.len(),
@@ -761,7 +775,7 @@ async fn crash_harness(shape: Shape) {
     }
     let dir = s.dir.keep();
     panic!(
-        "crash harness ({shape:?} emulator) failed (seed {}, FERRY_CRASH_SEED={} to repeat the schedule):\n- {}\nemulator stats: {stats}\nlogs kept in {}\nFerry's warnings and errors:\n{}",
+        "crash harness ({shape:?}) failed (seed {}, FERRY_CRASH_SEED={} to repeat the schedule):\n- {}\nemulator stats: {stats}\nlogs kept in {}\nFerry's warnings and errors:\n{}",
         knobs.seed,
         knobs.seed,
         problems.join("\n- "),
