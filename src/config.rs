@@ -76,6 +76,7 @@ struct RawStorage {
     kind: String,
     url_env: Option<String>,
     pool_size: usize,
+    lease_secs: f64,
 }
 
 impl Default for RawStorage {
@@ -84,6 +85,7 @@ impl Default for RawStorage {
             kind: "sled".into(),
             url_env: None,
             pool_size: 16,
+            lease_secs: 15.0,
         }
     }
 }
@@ -375,8 +377,24 @@ pub enum StorageSettings {
     Sled,
     /// PostgreSQL, shared by the nodes of a cluster. The URL is read from
     /// the environment variable `url_env` at start, never from the file
-    /// (it may hold a password).
-    Postgres { url_env: String, pool_size: usize },
+    /// (it may hold a password). `lease` is how long a node owns an
+    /// upstream without renewing: how soon another node takes over from one
+    /// that died.
+    Postgres {
+        url_env: String,
+        pool_size: usize,
+        lease: Duration,
+    },
+}
+
+impl StorageSettings {
+    /// How long an upstream's lease lasts unless renewed (one node: moot).
+    pub fn lease(&self) -> Duration {
+        match self {
+            StorageSettings::Sled => Duration::from_secs(15),
+            StorageSettings::Postgres { lease, .. } => *lease,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -868,9 +886,14 @@ impl RawConfig {
                 if !(1..=1000).contains(&st.pool_size) {
                     return Err(invalid("storage.pool_size", "must be 1 to 1000"));
                 }
+                let lease = secs("storage.lease_secs", st.lease_secs)?;
+                if lease < Duration::from_millis(300) {
+                    return Err(invalid("storage.lease_secs", "must be at least 0.3"));
+                }
                 StorageSettings::Postgres {
                     url_env,
                     pool_size: st.pool_size,
+                    lease,
                 }
             }
             ("postgres", _) => {
@@ -991,7 +1014,8 @@ mod tests {
             c.storage,
             StorageSettings::Postgres {
                 url_env: "FERRY_DATABASE_URL".into(),
-                pool_size: 16
+                pool_size: 16,
+                lease: Duration::from_secs(15),
             }
         );
         for (bad, names) in [
@@ -1002,6 +1026,10 @@ mod tests {
                 "storage.pool_size",
             ),
             ("kind = \"mysql\"", "storage.kind"),
+            (
+                "kind = \"postgres\"\nurl_env = \"X\"\nlease_secs = 0.1",
+                "storage.lease_secs",
+            ),
             ("url = \"postgres://x\"", "url"),
         ] {
             let err = Config::parse_with_env(&with(bad), &no_env)

@@ -423,7 +423,9 @@ async fn open_store(config: &Config) -> Result<Store, ServerError> {
                 }
             })
         }
-        StorageSettings::Postgres { url_env, pool_size } => {
+        StorageSettings::Postgres {
+            url_env, pool_size, ..
+        } => {
             let failed = |source| ServerError::Store {
                 path: format!("the PostgreSQL database at ${url_env}"),
                 source,

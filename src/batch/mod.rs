@@ -44,11 +44,12 @@ pub async fn run_flusher(app: Arc<App>, upstream: usize, mut shutdown: watch::Re
         max_bytes: up.settings.max_bytes,
         max_wait: up.settings.max_wait,
     };
+    let renew_every = ownership::renew_every(app.config.storage.lease());
     let mut renewed: Option<(Instant, Option<u64>)> = None;
     loop {
-        let mut sleep = MAX_IDLE;
+        let mut sleep = MAX_IDLE.min(renew_every);
         let token = match renewed {
-            Some((at, token)) if at.elapsed() < ownership::RENEW_EVERY => token,
+            Some((at, token)) if at.elapsed() < renew_every => token,
             _ => {
                 let token = ownership::renew(&app, upstream, &shutdown).await;
                 renewed = Some((Instant::now(), token));
@@ -58,7 +59,7 @@ pub async fn run_flusher(app: Arc<App>, upstream: usize, mut shutdown: watch::Re
         let Some(token) = token else {
             // Another node flushes this upstream; look again at renewal.
             tokio::select! {
-                _ = tokio::time::sleep(ownership::RENEW_EVERY) => {}
+                _ = tokio::time::sleep(renew_every) => {}
                 _ = shutdown.changed() => return,
             }
             continue;

@@ -24,11 +24,12 @@ use tracing::{info, warn};
 use crate::App;
 use crate::store::BatchState;
 
-/// How long a lease lasts unless renewed: how soon another node takes over
-/// an upstream whose owner died.
-pub const LEASE_TTL: Duration = Duration::from_secs(15);
-/// Renewed this often, so two renewals may fail before the lease lapses.
-pub const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// How often a lease of `ttl` (`storage.lease_secs`: how soon another node
+/// takes over an upstream whose owner died) is renewed: two renewals may
+/// fail before it lapses.
+pub fn renew_every(ttl: Duration) -> Duration {
+    ttl / 3
+}
 
 /// The lease that owns the upstream `name`.
 pub fn lease_name(upstream: &str) -> String {
@@ -105,7 +106,11 @@ pub async fn renew(
 ) -> Option<u64> {
     let up = &app.upstreams[upstream];
     let name = lease_name(&up.settings.name);
-    let answer = match app.store.acquire_lease(&name, LEASE_TTL).await {
+    let answer = match app
+        .store
+        .acquire_lease(&name, app.config.storage.lease())
+        .await
+    {
         Ok(a) => a,
         Err(e) => {
             // Not knowing is not owning: the drivers stop at their next

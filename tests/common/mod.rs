@@ -53,16 +53,21 @@ impl Backend {
     pub fn storage_config(self, dir: &Path) -> String {
         match self {
             Backend::Sled => String::new(),
-            Backend::Postgres => {
-                std::fs::write(dir.join(DATABASE_URL_FILE), pg::fresh_database())
-                    .expect("record the database URL");
-                format!(
-                    "[storage]\nkind = \"postgres\"\nurl_env = \"{}\"\n",
-                    pg::DB_ENV
-                )
-            }
+            Backend::Postgres => postgres_storage(dir, &pg::fresh_database(), ""),
         }
     }
+}
+
+/// The `[storage]` table for a Ferry in `dir` on the database at `url`
+/// (several nodes share one), with `extra` lines; records the URL for
+/// [`ferry`] to pass on.
+pub fn postgres_storage(dir: &Path, url: &str, extra: &str) -> String {
+    std::fs::create_dir_all(dir).expect("node dir");
+    std::fs::write(dir.join(DATABASE_URL_FILE), url).expect("record the database URL");
+    format!(
+        "[storage]\nkind = \"postgres\"\nurl_env = \"{}\"\n{extra}\n",
+        pg::DB_ENV
+    )
 }
 
 /// Runs an `async fn name(backend: Backend)` test body once per backend,
@@ -166,7 +171,7 @@ pub fn embedded_config_on(
 
 /// `tables`: top-level tables that come before the upstream (`[storage]`,
 /// `[emulator]`).
-fn config_for(
+pub fn config_for(
     dir: &Path,
     tables: &str,
     target: &str,

@@ -1,0 +1,344 @@
+//! Ferry as a cluster: three nodes (the real binary) on one PostgreSQL
+//! database and one standalone emulator, as behind a load balancer.
+//!
+//! - A caller held on one node is answered when another node, the one that
+//!   owns the upstream, ingests the batch (LISTEN/NOTIFY between nodes).
+//! - Deferred load spread round-robin over the nodes while the node that
+//!   owns the upstream is killed (SIGKILL) mid-flush and mid-ingestion,
+//!   several times: another node takes the upstream over within the lease
+//!   time and resumes the dead node's batches. At the end every `202`
+//!   completed with its own answer, the emulator ran no `custom_id` twice,
+//!   no request sat in two batches and no input file is left upstream.
+//!
+//! Needs `FERRY_TEST_PG_URL` (`.ci/run` starts a server); fails without it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{Proc, UPSTREAM_KEY, chat};
+use serde_json::{Value, json};
+
+/// The lease a node holds an upstream with: short, so takeovers are quick.
+const LEASE: &str = "lease_secs = 1.5";
+/// Small batches, flushed often, polled often; no upstream rate limit.
+const UPSTREAM_EXTRA: &str = r#"
+max_requests = 20
+max_wait_secs = 0.3
+calls_per_second = 1000
+batches_per_hour = 1000000
+"#;
+/// The emulator takes a little while per batch, so kills land mid-batch.
+const EMULATOR_KNOBS: &str = r#"{
+    "validating_seconds": 0.2,
+    "per_request_seconds": 0.01,
+    "finalizing_seconds": 0.2,
+    "latency_ms": 2
+}"#;
+
+/// One node: its directory (config, data_dir, logs) and its process.
+struct Node {
+    dir: PathBuf,
+    proc: Proc,
+}
+
+impl Node {
+    fn start(dir: &Path, config: &str) -> Node {
+        Node {
+            dir: dir.to_owned(),
+            proc: common::ferry(dir, config),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proc.addr("proxy"))
+    }
+
+    /// The name this node takes leases under (`node-<instance id>`).
+    fn name(&self) -> String {
+        let id = std::fs::read_to_string(self.dir.join("data").join("instance_id"))
+            .expect("instance id");
+        format!("node-{}", id.trim())
+    }
+
+    fn kill(&mut self) {
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+    }
+
+    fn restart(&mut self) {
+        self.kill();
+        let config = std::fs::read_to_string(self.dir.join("ferry.toml")).expect("config");
+        self.proc = common::ferry(&self.dir, &config);
+    }
+}
+
+struct Cluster {
+    _tmp: tempfile::TempDir,
+    emulator: Proc,
+    nodes: Vec<Node>,
+    db: tokio_postgres::Client,
+    http: reqwest::Client,
+}
+
+impl Cluster {
+    async fn start(n: usize) -> Cluster {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let emulator = common::emulator(tmp.path(), &[]);
+        let url = common::pg::fresh_database();
+        let nodes = (0..n)
+            .map(|i| {
+                let dir = tmp.path().join(format!("node{i}"));
+                let storage = common::postgres_storage(&dir, &url, LEASE);
+                let target = format!(
+                    "base_url = \"http://{}/v1\"\napi_key_env = \"FERRY_TEST_UPSTREAM_KEY\"",
+                    emulator.addr("emulator")
+                );
+                let config = common::config_for(
+                    &dir,
+                    &storage,
+                    &target,
+                    UPSTREAM_EXTRA,
+                    r#"log_format = "json""#,
+                );
+                Node::start(&dir, &config)
+            })
+            .collect();
+        let (db, conn) = url
+            .parse::<tokio_postgres::Config>()
+            .expect("database URL")
+            .connect(tokio_postgres::NoTls)
+            .await
+            .expect("connect to the test database");
+        tokio::spawn(conn);
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .expect("client");
+        let c = Cluster {
+            _tmp: tmp,
+            emulator,
+            nodes,
+            db,
+            http,
+        };
+        let knobs: Value = serde_json::from_str(EMULATOR_KNOBS).expect("knobs");
+        let r = c
+            .http
+            .post(c.emu("/_emulator/config"))
+            .json(&knobs)
+            .send()
+            .await
+            .expect("emulator config");
+        assert!(r.status().is_success());
+        c
+    }
+
+    fn emu(&self, path: &str) -> String {
+        format!("http://{}{path}", self.emulator.addr("emulator"))
+    }
+
+    /// The index of the node that owns the upstream now, once one does.
+    async fn owner(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let row = self
+                .db
+                .query_opt(
+                    "SELECT owner FROM leases WHERE name = 'upstream/emu' AND expires_at > now()",
+                    &[],
+                )
+                .await
+                .expect("read leases");
+            if let Some(row) = row {
+                let owner: String = row.get(0);
+                if let Some(i) = self.nodes.iter().position(|n| n.name() == owner) {
+                    return i;
+                }
+            }
+            assert!(Instant::now() < deadline, "no node took the upstream");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until a node other than `dead` owns the upstream.
+    async fn taken_over_from(&self, dead: usize) -> (usize, Duration) {
+        let started = Instant::now();
+        loop {
+            let owner = self.owner().await;
+            if owner != dead {
+                return (owner, started.elapsed());
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the upstream was never taken over from node {dead}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn defer(&self, node: usize, id: &str, wait: Option<u64>) -> reqwest::Response {
+        let prefer = match wait {
+            Some(w) => format!("respond-async, wait={w}"),
+            None => "respond-async".to_owned(),
+        };
+        self.http
+            .post(self.nodes[node].url("/v1/chat/completions"))
+            .bearer_auth("alice-key")
+            .header("prefer", prefer)
+            .header("x-ferry-custom-id", id)
+            .json(&chat("gpt-4o-mini", id))
+            .send()
+            .await
+            .expect("deferred call")
+    }
+
+    async fn status(&self, node: usize, id: &str, wait: u64) -> Value {
+        self.http
+            .get(self.nodes[node].url(&format!("/v1/ferry/requests/{id}?wait={wait}")))
+            .bearer_auth("alice-key")
+            .send()
+            .await
+            .expect("status")
+            .json()
+            .await
+            .expect("status body")
+    }
+
+    async fn emulator_get(&self, path: &str) -> Value {
+        self.http
+            .get(self.emu(path))
+            .bearer_auth(UPSTREAM_KEY)
+            .send()
+            .await
+            .expect("emulator")
+            .json()
+            .await
+            .expect("emulator body")
+    }
+
+    /// Lines of the node's logs (every run of it) that contain `needle`.
+    fn log_lines(&self, node: usize, needle: &str) -> usize {
+        let dir = &self.nodes[node].dir;
+        std::fs::read_dir(dir)
+            .expect("node dir")
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("ferry-"))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .map(|text| text.lines().filter(|l| l.contains(needle)).count())
+            .sum()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_caller_held_on_one_node_is_answered_by_the_node_that_ingests() {
+    let c = Cluster::start(3).await;
+    let owner = c.owner().await;
+    let held_on = (owner + 1) % c.nodes.len();
+    let started = Instant::now();
+    let r = c.defer(held_on, "held-elsewhere", Some(60)).await;
+    assert_eq!(r.status(), 200, "held call on node {held_on}");
+    let body: Value = r.json().await.expect("completion");
+    assert_eq!(
+        body["choices"][0]["message"]["content"], "echo: held-elsewhere",
+        "{body}"
+    );
+    // Answered by the notification, not by the 5 s safety re-read.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    // Logged before ingestion starts, so before the caller is answered.
+    assert!(
+        c.log_lines(owner, "batch finished upstream") >= 1,
+        "the owner (node {owner}) did not ingest the batch"
+    );
+    assert_eq!(
+        c.log_lines(held_on, "batch finished upstream"),
+        0,
+        "the holding node ingested the batch itself"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_owner_mid_flush_and_mid_ingestion_loses_nothing() {
+    let mut c = Cluster::start(3).await;
+    let per_round = 60;
+    let rounds = 4;
+    let mut accepted = Vec::new();
+    let mut next = 0usize;
+    let mut takeovers = Vec::new();
+    for round in 0..rounds {
+        // A round of load, spread over the nodes in turn.
+        for _ in 0..per_round {
+            let id = format!("c{next}");
+            let node = next % c.nodes.len();
+            next += 1;
+            let r = c.defer(node, &id, None).await;
+            assert_eq!(r.status(), 202, "intake on node {node}");
+            accepted.push(id);
+        }
+        // Kill the owner while it works: even rounds while it flushes
+        // (uploads or creates), odd ones while it ingests results.
+        let owner = c.owner().await;
+        let (phase, needle) = if round % 2 == 0 {
+            ("flush", "queue flushed into a batch")
+        } else {
+            ("ingestion", "batch finished upstream")
+        };
+        let before = c.log_lines(owner, needle);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while c.log_lines(owner, needle) == before && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        c.nodes[owner].kill();
+        let (new_owner, took) = c.taken_over_from(owner).await;
+        eprintln!(
+            "round {round}: killed node {owner} during {phase}; node {new_owner} took over in {took:?}"
+        );
+        takeovers.push(took);
+        c.nodes[owner].restart();
+    }
+
+    // Every 202 completes with its own answer, asked on any node.
+    for (i, id) in accepted.iter().enumerate() {
+        let st = c.status(i % c.nodes.len(), id, 120).await;
+        assert_eq!(st["status"], "completed", "{id}: {st}");
+        assert_eq!(
+            st["result"]["body"]["choices"][0]["message"]["content"],
+            format!("echo: {id}"),
+            "{id}"
+        );
+    }
+    let stats = c.emulator_get("/_emulator/stats").await;
+    assert_eq!(stats["executed_more_than_once"], 0, "{stats}");
+    assert_eq!(
+        stats["lines_submitted"], stats["distinct_custom_ids"],
+        "a request was sent in two batches: {stats}"
+    );
+    assert_eq!(
+        stats["distinct_custom_ids"],
+        json!(accepted.len()),
+        "{stats}"
+    );
+    // The batches' input files are deleted once their results are in.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let files = c.emulator_get("/v1/files?purpose=batch").await;
+        let left = files["data"].as_array().map_or(0, Vec::len);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "input files left upstream: {files}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "cluster: {} requests over 3 nodes, {rounds} owners killed, takeovers {takeovers:?}",
+        accepted.len()
+    );
+}
