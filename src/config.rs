@@ -973,6 +973,7 @@ mod tests {
         for (name, text) in [
             ("openai", include_str!("../config/openai.example.toml")),
             ("moonshot", include_str!("../config/moonshot.example.toml")),
+            ("cluster", include_str!("../config/cluster.example.toml")),
         ] {
             let c =
                 Config::parse_with_env(text, &any_env).unwrap_or_else(|e| panic!("{name}: {e}"));

@@ -342,3 +342,170 @@ async fn killing_the_owner_mid_flush_and_mid_ingestion_loses_nothing() {
         accepted.len()
     );
 }
+
+/// The nginx binary: `FERRY_TEST_NGINX`, else `nginx` on the PATH or in
+/// /usr/sbin (`.ci/run` installs Debian's `nginx-light`).
+fn nginx_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("FERRY_TEST_NGINX") {
+        return PathBuf::from(p);
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|d| d.join("nginx"))
+        .find(|p| p.is_file());
+    on_path.unwrap_or_else(|| {
+        panic!("nginx is not installed: `apt-get install nginx-light`, or set FERRY_TEST_NGINX")
+    })
+}
+
+/// The README's nginx example, pointed at `nodes` and listening on `port`:
+/// the test runs the documented config, not a copy of it.
+fn readme_nginx_config(nodes: &[String], port: u16, dir: &Path) -> String {
+    let readme = include_str!("../README.md");
+    let start = readme
+        .find("```nginx\n")
+        .expect("README has an nginx example")
+        + 9;
+    let len = readme[start..].find("```").expect("the nginx example ends");
+    let example = &readme[start..start + len];
+    let servers: String = nodes.iter().map(|a| format!("server {a}; ")).collect();
+    let upstream_start = example.find("upstream ferry {").expect("upstream block");
+    let upstream_len = example[upstream_start..]
+        .find('}')
+        .expect("upstream block ends")
+        + 1;
+    let example = format!(
+        "{}upstream ferry {{ {servers}keepalive 64; }}{}",
+        &example[..upstream_start],
+        &example[upstream_start + upstream_len..]
+    )
+    .replace("listen 80;", &format!("listen 127.0.0.1:{port};"));
+    format!(
+        "pid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\nevents {{}}\nhttp {{\n\
+         access_log {d}/nginx-access.log;\nclient_body_temp_path {d}/body;\n\
+         proxy_temp_path {d}/proxy;\n{example}\n}}\n",
+        d = dir.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_readme_nginx_example_spreads_callers_over_the_nodes() {
+    let c = Cluster::start(2).await;
+    let dir = c._tmp.path().join("nginx");
+    std::fs::create_dir_all(&dir).expect("nginx dir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let nodes: Vec<String> = c
+        .nodes
+        .iter()
+        .map(|n| n.proc.addr("proxy").to_string())
+        .collect();
+    std::fs::write(
+        dir.join("nginx.conf"),
+        readme_nginx_config(&nodes, port, &dir),
+    )
+    .expect("nginx.conf");
+    let _nginx = Nginx(
+        std::process::Command::new(nginx_binary())
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .args(["-g", "daemon off;"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start nginx"),
+    );
+    let front = format!("http://127.0.0.1:{port}");
+    // nginx is up once it answers (Ferry's 401 for a call without a key).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c
+        .http
+        .get(format!("{front}/v1/models"))
+        .send()
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "nginx did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Deferred calls through the balancer, then one held call: every one
+    // answered, whichever node took it and whichever owns the upstream.
+    let ids: Vec<String> = (0..6).map(|i| format!("lb-{i}")).collect();
+    for id in &ids {
+        let r = c
+            .http
+            .post(format!("{front}/v1/chat/completions"))
+            .bearer_auth("alice-key")
+            .header("prefer", "respond-async")
+            .header("x-ferry-custom-id", id.as_str())
+            .json(&chat("gpt-4o-mini", id))
+            .send()
+            .await
+            .expect("deferred call through nginx");
+        assert_eq!(r.status(), 202);
+    }
+    let held = c
+        .http
+        .post(format!("{front}/v1/chat/completions"))
+        .bearer_auth("alice-key")
+        .header("prefer", "respond-async, wait=60")
+        .json(&chat("gpt-4o-mini", "lb-held"))
+        .send()
+        .await
+        .expect("held call through nginx");
+    assert_eq!(held.status(), 200);
+    let body: Value = held.json().await.expect("completion");
+    assert_eq!(body["choices"][0]["message"]["content"], "echo: lb-held");
+    for id in &ids {
+        let st: Value = c
+            .http
+            .get(format!("{front}/v1/ferry/requests/{id}?wait=60"))
+            .bearer_auth("alice-key")
+            .send()
+            .await
+            .expect("lookup through nginx")
+            .json()
+            .await
+            .expect("status");
+        assert_eq!(st["status"], "completed", "{id}: {st}");
+    }
+    // Round robin: both nodes took deferred calls.
+    for (i, n) in c.nodes.iter().enumerate() {
+        let m = c
+            .http
+            .get(format!("http://{}/metrics", n.proc.addr("admin")))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        let deferred: f64 = m
+            .lines()
+            .filter(|l| {
+                l.starts_with("ferry_http_requests_total{") && l.contains("mode=\"deferred\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert!(deferred > 0.0, "node {i} took no deferred call:\n{m}");
+    }
+}
+
+/// nginx's master process, stopped with SIGTERM when dropped (a SIGKILL
+/// would leave its workers running, holding the port).
+struct Nginx(std::process::Child);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}

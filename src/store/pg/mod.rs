@@ -23,6 +23,8 @@ mod store;
 
 pub use store::{PgStore, SyncPayloadFn};
 
+use std::time::Duration;
+
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
@@ -58,9 +60,24 @@ pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, PgError> {
     })
 }
 
+/// How long making a connection may take, unless the URL sets
+/// `connect_timeout`: an unreachable database must fail calls, not hang them.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a call waits for a pooled connection when all are busy.
+const WAIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `config` with [`CONNECT_TIMEOUT`] unless it sets its own.
+pub fn with_connect_timeout(mut config: tokio_postgres::Config) -> tokio_postgres::Config {
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    config
+}
+
 /// A pool of at most `size` connections. Connections are made lazily, so
 /// this does not touch the network; the first query does.
 pub fn pool(config: tokio_postgres::Config, size: usize) -> Result<Pool, PgError> {
+    let config = with_connect_timeout(config);
     let manager = Manager::from_config(
         config,
         NoTls,
@@ -73,6 +90,10 @@ pub fn pool(config: tokio_postgres::Config, size: usize) -> Result<Pool, PgError
     );
     Pool::builder(manager)
         .max_size(size.max(1))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .wait_timeout(Some(WAIT_TIMEOUT))
+        .create_timeout(Some(CONNECT_TIMEOUT))
+        .recycle_timeout(Some(CONNECT_TIMEOUT))
         .build()
         .map_err(|e| PgError::Build(e.to_string()))
 }

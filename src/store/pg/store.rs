@@ -50,6 +50,7 @@ impl PgStore {
         config: tokio_postgres::Config,
         pool_size: usize,
     ) -> Result<PgStore, PgError> {
+        let config = super::with_connect_timeout(config);
         let pool = super::pool(config.clone(), pool_size)?;
         let mut client = pool.get().await?;
         migrate::migrate(&mut client).await?;
