@@ -7,6 +7,8 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error(transparent)]
     Postgres(#[from] super::pg::PgError),
+    #[error(transparent)]
+    Lifecycle(#[from] super::lifecycle::IllegalMove),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("durable flush failed: {0}")]

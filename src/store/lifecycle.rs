@@ -8,6 +8,26 @@ use super::{
     WebhookState, WebhookStatus,
 };
 
+/// A status change the lifecycle does not allow: a bug, refused rather than
+/// written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a request cannot go from {} to {}; refused (this is a bug in Ferry)", .from.as_str(), .to.as_str())]
+pub struct IllegalMove {
+    pub from: RequestStatus,
+    pub to: RequestStatus,
+}
+
+/// Moves a request from `from` to `to` if the lifecycle allows it
+/// ([`RequestStatus::can_become`]); staying put (a claimed request sent back
+/// to its queue) is no move. Every status a store writes goes through here.
+pub fn checked_move(from: RequestStatus, to: RequestStatus) -> Result<RequestStatus, IllegalMove> {
+    if from == to || from.can_become(to) {
+        Ok(to)
+    } else {
+        Err(IllegalMove { from, to })
+    }
+}
+
 /// What one [`Outcome`] does to a member of a finished batch.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
@@ -130,6 +150,22 @@ pub fn delivery_for(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_status_a_store_writes_is_a_move_the_lifecycle_allows() {
+        use RequestStatus::*;
+        assert_eq!(checked_move(Queued, Submitted), Ok(Submitted));
+        assert_eq!(checked_move(Submitted, Queued), Ok(Queued));
+        // A claimed request sent back before it was submitted stays queued.
+        assert_eq!(checked_move(Queued, Queued), Ok(Queued));
+        let refused = checked_move(Completed, Queued).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "a request cannot go from completed to queued; refused (this is a bug in Ferry)"
+        );
+        assert!(checked_move(Submitted, Cancelled).is_err());
+        assert!(checked_move(Cancelled, Completed).is_err());
+    }
 
     fn err(code: &str) -> RequestError {
         RequestError {

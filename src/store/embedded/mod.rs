@@ -518,7 +518,7 @@ impl SledStore {
         if let Some(v) = self.queue.remove(qk.entry(rec.id))? {
             self.unaccount(&qk, &v);
         }
-        rec.status = RequestStatus::Cancelled;
+        rec.status = lifecycle::checked_move(rec.status, RequestStatus::Cancelled)?;
         rec.completed_at = Some(now_secs());
         let mut outbox = sled::Batch::default();
         let delivery = self.prepare_delivery(&mut rec, None, payload, &mut outbox)?;
@@ -792,7 +792,7 @@ impl SledStore {
                 continue;
             };
             if state.status == RequestStatus::Queued && state.batch == Some(batch) {
-                state.status = RequestStatus::Submitted;
+                state.status = lifecycle::checked_move(state.status, RequestStatus::Submitted)?;
                 state.submitted_at = Some(now);
                 state.attempts += 1;
                 states.insert(&id.to_be_bytes(), &state.encode());
@@ -848,7 +848,7 @@ impl SledStore {
                     let since = rec.created_at.saturating_mul(1000);
                     queue.insert(qk.entry(id), &queue_value(since, len));
                     requeued.push((qk, len, since));
-                    rec.status = RequestStatus::Queued;
+                    rec.status = lifecycle::checked_move(rec.status, RequestStatus::Queued)?;
                     rec.batch = None;
                     rec.submitted_at = None;
                     states.insert(&id.to_be_bytes(), &rec.state().encode());
@@ -858,7 +858,7 @@ impl SledStore {
             if let Some(r) = &stored {
                 results.insert(&id.to_be_bytes(), r.encode());
             }
-            rec.status = status;
+            rec.status = lifecycle::checked_move(rec.status, status)?;
             if error.is_some() {
                 rec.error = error;
             }

@@ -48,6 +48,8 @@ pub enum PgError {
     SchemaTooNew { found: i32, known: i32 },
     #[error("stored data is unreadable: {0}")]
     Corrupt(String),
+    #[error(transparent)]
+    Lifecycle(#[from] super::lifecycle::IllegalMove),
     #[error("{0} is out of PostgreSQL's range")]
     OutOfRange(&'static str),
 }

@@ -62,6 +62,7 @@ impl PgStore {
                     result,
                 } => (status, error, result),
                 Effect::Requeue { attempts } => {
+                    lifecycle::checked_move(rec.status, RequestStatus::Queued)?;
                     w.requeue_ids.push(id_i);
                     w.requeue_attempts.push(
                         i32::try_from(attempts).map_err(|_| PgError::OutOfRange("attempts"))?,
@@ -81,7 +82,7 @@ impl PgStore {
                 w.result_codes.push(i32::from(r.status_code));
                 w.result_bodies.push(r.body.to_vec());
             }
-            rec.status = status;
+            rec.status = lifecycle::checked_move(rec.status, status)?;
             if error.is_some() {
                 rec.error = error;
             }

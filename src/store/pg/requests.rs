@@ -83,7 +83,7 @@ impl PgStore {
             .await?;
             add_to_counters(&tx, &qk, -1, -len).await?;
         }
-        rec.status = RequestStatus::Cancelled;
+        rec.status = lifecycle::checked_move(rec.status, RequestStatus::Cancelled)?;
         rec.completed_at = Some(now_secs());
         let delivery = lifecycle::delivery_for(&mut rec, None, payload, now_millis());
         tx.execute(
