@@ -10,7 +10,7 @@
 //! tokens), [`events`] (LISTEN/NOTIFY between nodes). The decisions
 //! themselves are shared with the embedded store, in [`super::lifecycle`];
 //! the store operations mirror the embedded store's method by method, each
-//! one transaction, durable on return.
+//! one transaction (intakes arriving together share one), durable on return.
 
 mod batches;
 pub mod events;
