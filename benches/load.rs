@@ -12,7 +12,10 @@
 //!
 //! `cargo bench` builds `target/release/ferry` first (the bench profile is
 //! the release profile); `FERRY_BIN=/path/to/ferry` runs another binary.
-//! Sections: `passthrough` (figure 1), `intake` (2), `buffer` (3) and
+//! Sections: `passthrough` (figure 1), `intake` (2), `intake-pg` (2p: the
+//! same intake with Ferry on PostgreSQL, in a fresh database on the server
+//! in `FERRY_TEST_PG_URL`, beside the server's own ceiling for the same
+//! rows, measured with `benches/pg_ceiling.sh`), `buffer` (3) and
 //! `batch` (4, 5 and 6). nginx (`apt-get install -y nginx`, or
 //! `FERRY_BENCH_NGINX=/path/to/nginx`) is the comparison proxy; without it
 //! its rows are skipped.
@@ -97,9 +100,9 @@ impl Opts {
                 "-h" | "--help" => {
                     eprintln!(
                         "usage: cargo bench --bench load -- [--large] [--runs N] \
-                         [--only passthrough,intake,intake-default,stall,buffer,batch] [--duration SECS]\n\
+                         [--only passthrough,intake,intake-pg,intake-default,stall,buffer,batch] [--duration SECS]\n\
                          env: FERRY_BIN, FERRY_BENCH_NGINX, FERRY_BENCH_LARGE, FERRY_BENCH_RUNS, \
-                         FERRY_BENCH_ONLY, FERRY_BENCH_DURATION, and sizes FERRY_BENCH_BUFFER, \
+                         FERRY_BENCH_ONLY, FERRY_BENCH_DURATION, FERRY_TEST_PG_URL (intake-pg), and sizes FERRY_BENCH_BUFFER, \
                          FERRY_BENCH_BATCH_LINES, FERRY_BENCH_HELD"
                     );
                     std::process::exit(0);
@@ -200,25 +203,49 @@ fn stack(
     server_extra: &str,
     upstream_extra: &str,
 ) -> (Proc, Proc) {
+    stack_on(o, dir, emu_args, server_extra, upstream_extra, None)
+}
+
+/// [`stack`] with Ferry's store in the PostgreSQL database at `pg_url`
+/// (`None`: sled in `dir/data`).
+fn stack_on(
+    o: &Opts,
+    dir: &Path,
+    emu_args: &[&str],
+    server_extra: &str,
+    upstream_extra: &str,
+    pg_url: Option<&str>,
+) -> (Proc, Proc) {
     let emu = emulator(o, dir, emu_args);
-    let cfg = ferry_config(
+    let mut cfg = ferry_config(
         &dir.join("data"),
         emu.addr("emulator"),
         server_extra,
         upstream_extra,
     );
-    let fer = ferry(o, dir, &cfg);
+    let mut env = Vec::new();
+    if let Some(url) = pg_url {
+        cfg.push_str("\n[storage]\nkind = \"postgres\"\nurl_env = \"FERRY_BENCH_PG_URL\"\n");
+        env.push(("FERRY_BENCH_PG_URL", url));
+    }
+    let fer = ferry_with(o, dir, &cfg, &env);
     (emu, fer)
 }
 
 fn ferry(o: &Opts, dir: &Path, config: &str) -> Proc {
+    ferry_with(o, dir, config, &[])
+}
+
+/// [`ferry`] with more environment variables.
+fn ferry_with(o: &Opts, dir: &Path, config: &str, env: &[(&str, &str)]) -> Proc {
     let path = dir.join("ferry.toml");
     std::fs::write(&path, config).expect("write config");
     let mut cmd = Command::new(&o.bin);
     cmd.arg("--config")
         .arg(&path)
         .env("FERRY_BENCH_UPSTREAM_KEY", EMU_KEY)
-        .env("FERRY_LOG", "info,pingora_core=warn,pingora_proxy=warn");
+        .env("FERRY_LOG", "info,pingora_core=warn,pingora_proxy=warn")
+        .envs(env.iter().copied());
     let n = std::fs::read_dir(dir).map_or(0, |d| d.count());
     let p = spawn(cmd, &["proxy", "admin"], dir.join(format!("ferry-{n}.log")));
     eprintln!(
@@ -1154,13 +1181,36 @@ fn deferred_req(
     )
 }
 
-/// Figure 2: deferred calls answered 202 per second, 64 connections.
-async fn intake(o: &Opts, rows: &mut Rows) {
-    eprintln!("== durable intake (figure 2)");
+/// Where Ferry keeps its state in an intake section.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Storage {
+    Sled,
+    Postgres,
+}
+
+/// Figure 2: deferred calls answered 202 per second, 64 connections; on
+/// sled (`intake`) or PostgreSQL (`intake-pg`, figure 2p), one code path.
+async fn intake(o: &Opts, rows: &mut Rows, storage: Storage) {
+    let figure = match storage {
+        Storage::Sled => "2 durable intake",
+        Storage::Postgres => "2p durable intake, PostgreSQL",
+    };
+    eprintln!("== {figure}");
     let dir = workdir();
+    let pg = match storage {
+        Storage::Sled => None,
+        Storage::Postgres => Some(PgDatabase::fresh().await),
+    };
     // 16 models, so that no queue reaches 50,000 (the size threshold) while
     // measuring: this figure is intake alone, with no flush running beside it.
-    let (_emu, fer) = stack(o, dir.path(), &["--models", ""], "", "max_wait_secs = 1e9");
+    let (emu, fer) = stack_on(
+        o,
+        dir.path(),
+        &["--models", ""],
+        "",
+        "max_wait_secs = 1e9",
+        pg.as_ref().map(|p| p.url.as_str()),
+    );
     let addr = fer.addr("proxy");
     let bodies: Vec<Bytes> = (0..16)
         .map(|m| chat_body(&format!("bench-{m:02}"), 300))
@@ -1173,37 +1223,161 @@ async fn intake(o: &Opts, rows: &mut Rows) {
             "respond-async",
         )
     });
+    let db_cpu0 = pg.as_ref().map(|p| p.cpu_secs());
     let (l, cpu_per_202, flushes) = timed_intake(o, &fer, make).await;
     l.check("intake", 202);
-    flush_rows(rows, "2 durable intake", &l, flushes);
-    rows.target(
-        "2 durable intake",
-        format!("202 answers/s, {} conns, ~300 B bodies", o.conns),
-        l.rate(202),
-        "req/s",
-        Target::AtLeast(10_000.0),
-    );
-    rows.add("2 durable intake", "p50", l.pct(50.0), "ms");
-    rows.target(
-        "2 durable intake",
-        "p99",
-        l.pct(99.0),
-        "ms",
-        Target::AtMost(25.0),
-    );
-    rows.add("2 durable intake", "p99.9", l.pct(99.9), "ms");
+    let rate = l.rate(202);
+    let rate_metric = format!("202 answers/s, {} conns, ~300 B bodies", o.conns);
+    match storage {
+        Storage::Sled => {
+            // PostgreSQL's write histogram times each call, not each commit:
+            // these rows are sled's group commits only.
+            flush_rows(rows, figure, &l, flushes);
+            rows.target(
+                figure,
+                rate_metric,
+                rate,
+                "req/s",
+                Target::AtLeast(10_000.0),
+            );
+        }
+        Storage::Postgres => rows.add(figure, rate_metric, rate, "req/s"),
+    }
+    rows.add(figure, "p50", l.pct(50.0), "ms");
+    match storage {
+        Storage::Sled => rows.target(figure, "p99", l.pct(99.0), "ms", Target::AtMost(25.0)),
+        Storage::Postgres => rows.add(figure, "p99", l.pct(99.0), "ms"),
+    }
+    rows.add(figure, "p99.9", l.pct(99.9), "ms");
+    rows.add(figure, "Ferry CPU per request", cpu_per_202, "µs");
     rows.add(
-        "2 durable intake",
-        "Ferry CPU per request",
-        cpu_per_202,
-        "µs",
-    );
-    rows.add(
-        "2 durable intake",
+        figure,
         "Ferry RSS after",
         mem_mib(fer.pid(), "VmRSS"),
         "MiB",
     );
+    let Some(pg) = pg else { return };
+    if let Some(cpu0) = db_cpu0 {
+        // Over the whole run (warm-up included), as Ferry's CPU is scaled.
+        let scale = o.duration.as_secs_f64() / (o.duration + Duration::from_secs(2)).as_secs_f64();
+        let per_202 = (pg.cpu_secs() - cpu0) * scale / l.count(202) as f64 * 1e6;
+        rows.add(figure, "PostgreSQL CPU per request", per_202, "µs");
+    }
+    // The ceiling runs alone: Ferry and the emulator stopped first.
+    drop(fer);
+    drop(emu);
+    let tps = pg_ceiling(o);
+    rows.add(
+        figure,
+        format!("pgbench ceiling, per-call rows, {} clients", o.conns),
+        tps,
+        "tx/s",
+    );
+    rows.add(figure, "Ferry 202/s ÷ pgbench tx/s", rate / tps, "");
+    pg.drop_database().await;
+}
+
+/// A fresh database for one section on the PostgreSQL server in
+/// `FERRY_TEST_PG_URL`.
+struct PgDatabase {
+    /// The server's URL with the new database's name.
+    url: String,
+    server: String,
+    name: String,
+    /// The server's postmaster, when it runs on this machine: its CPU and
+    /// its children's (the backends) is the database's.
+    postmaster: Option<u32>,
+}
+
+impl PgDatabase {
+    async fn fresh() -> PgDatabase {
+        let server = std::env::var("FERRY_TEST_PG_URL").expect(
+            "intake-pg needs a PostgreSQL server: `bash .ci/postgres --keep` and export the \
+             FERRY_TEST_PG_URL it prints",
+        );
+        let client = pg_connect(&server).await;
+        let name = format!("ferry_bench_{:016x}", rand::random::<u64>());
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create database");
+        let backend: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .expect("backend pid")
+            .get(0);
+        let postmaster = stat(&backend.to_string()).map(|(ppid, _)| ppid);
+        PgDatabase {
+            url: with_database(&server, &name),
+            server,
+            name,
+            postmaster,
+        }
+    }
+
+    fn cpu_secs(&self) -> f64 {
+        self.postmaster.map_or(f64::NAN, |p| cpu_secs(p, true))
+    }
+
+    async fn drop_database(self) {
+        let client = pg_connect(&self.server).await;
+        if let Err(e) = client
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .await
+        {
+            eprintln!("  (cannot drop database {}: {e})", self.name);
+        }
+    }
+}
+
+async fn pg_connect(url: &str) -> tokio_postgres::Client {
+    let config: tokio_postgres::Config = url.parse().expect("FERRY_TEST_PG_URL");
+    let (client, conn) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach PostgreSQL at FERRY_TEST_PG_URL: {e}"));
+    tokio::spawn(conn);
+    client
+}
+
+/// `url` (`postgres://user@host:port/db?opts`) naming database `name`.
+fn with_database(url: &str, name: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a postgres:// URL");
+    let (rest, query) = rest
+        .split_once('?')
+        .map_or((rest, None), |(r, q)| (r, Some(q)));
+    let host = rest.split_once('/').map_or(rest, |(h, _)| h);
+    let query = query.map_or(String::new(), |q| format!("?{q}"));
+    format!("{scheme}://{host}/{name}{query}")
+}
+
+/// The database's own ceiling for Ferry's per-call intake rows:
+/// `benches/pg_ceiling.sh` (pgbench, `o.conns` clients, `o.duration`);
+/// its transactions per second.
+fn pg_ceiling(o: &Opts) -> f64 {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/pg_ceiling.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .arg(o.conns.to_string())
+        .arg(o.duration.as_secs().max(1).to_string())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run benches/pg_ceiling.sh");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let tps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("tps "))
+        .and_then(|v| v.trim().parse().ok());
+    match tps {
+        Some(tps) if out.status.success() => tps,
+        _ => {
+            eprintln!("  !! benches/pg_ceiling.sh failed: {text}");
+            f64::NAN
+        }
+    }
 }
 
 /// A closed-loop intake run against `fer` (2 s warm-up, then
@@ -1874,7 +2048,15 @@ async fn main() {
             passthrough(&o, run, &mut rows).await;
         }
         if o.wants("intake") {
-            intake(&o, &mut rows).await;
+            intake(&o, &mut rows, Storage::Sled).await;
+        }
+        if o.wants("intake-pg") {
+            // Not asked for by name and no server: skipped, as nginx's rows are.
+            if o.only.is_none() && std::env::var_os("FERRY_TEST_PG_URL").is_none() {
+                eprintln!("== 2p durable intake, PostgreSQL: skipped (no FERRY_TEST_PG_URL)");
+            } else {
+                intake(&o, &mut rows, Storage::Postgres).await;
+            }
         }
         if o.wants("intake-default") {
             intake_default(&o, &mut rows).await;

@@ -917,3 +917,264 @@ async fn a_cancel_and_a_claim_racing_never_both_win() {
         vec![(qk(), QueueStats::default())]
     );
 }
+
+// ------------------------------------------------------------ intake rounds
+
+/// `rec` for model `model`.
+fn rec_for(model: &str, custom_id: &str, body_sha256: &str) -> RequestRecord {
+    RequestRecord {
+        model: model.into(),
+        ..rec("t", custom_id, body_sha256)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_intakes_are_each_stored_once_with_their_counters() {
+    let (config, s) = store("a").await;
+    // 500 calls from 64 tasks, over two queues: they share rounds.
+    let tasks: Vec<_> = (0..64)
+        .map(|t| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                for i in (t..500).step_by(64) {
+                    let model = if i % 2 == 0 { "m" } else { "m2" };
+                    let r = s
+                        .accept(rec_for(model, &format!("c{i}"), "h"), b"{}".to_vec())
+                        .await
+                        .unwrap();
+                    got.push((i, r));
+                }
+                got
+            })
+        })
+        .collect();
+    let mut ids = std::collections::BTreeMap::new();
+    let mut bytes = [0u64; 2];
+    for t in tasks {
+        for (i, r) in t.await.unwrap() {
+            let Intake::Created(r) = r else {
+                panic!("c{i}: {r:?}")
+            };
+            assert_eq!(r.custom_id, format!("c{i}"));
+            bytes[i % 2] += line_len(r.id, 2);
+            assert!(ids.insert(r.id, i).is_none(), "id {} given twice", r.id);
+        }
+    }
+    assert_eq!(ids.len(), 500);
+    assert_eq!(count(&config, "SELECT count(*) FROM requests").await, 500);
+    assert_eq!(count(&config, "SELECT count(*) FROM bodies").await, 500);
+    assert_eq!(count(&config, "SELECT count(*) FROM queue").await, 500);
+    for (model, bytes) in [("m", bytes[0]), ("m2", bytes[1])] {
+        let qk = QueueKey {
+            upstream: "u".into(),
+            model: model.into(),
+        };
+        let stats = s.queue_stats_for(&qk).await.unwrap().unwrap();
+        assert_eq!((stats.count, stats.bytes), (250, bytes), "{model}");
+    }
+    assert_eq!(s.queued_total().await.unwrap(), 500);
+    for (id, i) in ids.into_iter().step_by(50) {
+        assert_eq!(s.get(id).await.unwrap().unwrap().custom_id, format!("c{i}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_custom_id_sent_at_once_is_stored_once() {
+    let (config, s) = store("a").await;
+    let calls: Vec<_> = (0..20)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { s.accept(rec("t", "same", "h"), b"{}".to_vec()).await })
+        })
+        .collect();
+    let mut created = 0;
+    let mut ids = std::collections::BTreeSet::new();
+    for c in calls {
+        match c.await.unwrap().unwrap() {
+            Intake::Created(r) => {
+                created += 1;
+                ids.insert(r.id);
+            }
+            Intake::Existing(r) => drop(ids.insert(r.id)),
+            Intake::Conflict(r) => panic!("same body, conflict: {r:?}"),
+        }
+    }
+    assert_eq!((created, ids.len()), (1, 1));
+    assert_eq!(count(&config, "SELECT count(*) FROM requests").await, 1);
+    assert_eq!(s.queued_total().await.unwrap(), 1);
+
+    // Within one round, by construction: the first is stored, the rest
+    // find it (uncommitted, in the same transaction).
+    let round = s
+        .accept_round(
+            (0..20)
+                .map(|_| (rec("t", "one-round", "h"), b"{}".to_vec()))
+                .collect(),
+        )
+        .await;
+    let Ok(Intake::Created(first)) = &round[0] else {
+        panic!("{:?}", round[0])
+    };
+    for r in &round[1..] {
+        let Ok(Intake::Existing(r)) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(r, first);
+    }
+    assert_eq!(count(&config, "SELECT count(*) FROM requests").await, 2);
+    assert_eq!(s.queued_total().await.unwrap(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_custom_id_with_two_bodies_at_once_keeps_the_first_stored() {
+    let (config, s) = store("a").await;
+    let calls: Vec<_> = (0..20)
+        .map(|i| {
+            let s = s.clone();
+            let sha = if i % 2 == 0 { "h1" } else { "h2" };
+            tokio::spawn(async move { (sha, s.accept(rec("t", "two", sha), b"{}".to_vec()).await) })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for c in calls {
+        let (sha, r) = c.await.unwrap();
+        answers.push((sha, r.unwrap()));
+    }
+    let stored = s.find("t", "two").await.unwrap().unwrap();
+    assert_eq!(count(&config, "SELECT count(*) FROM requests").await, 1);
+    let created: Vec<_> = answers
+        .iter()
+        .filter(|(_, a)| matches!(a, Intake::Created(_)))
+        .collect();
+    assert_eq!(created.len(), 1);
+    for (sha, a) in &answers {
+        match a {
+            Intake::Created(r) => assert_eq!(r, &stored),
+            // The same body as the one stored: its ticket; another: refused.
+            Intake::Existing(r) => {
+                assert_eq!((*sha, r), (stored.body_sha256.as_str(), &stored));
+            }
+            Intake::Conflict(r) => {
+                assert_ne!(*sha, stored.body_sha256);
+                assert_eq!(r, &stored);
+            }
+        }
+    }
+
+    // Within one round: the first body wins, in arrival order.
+    let round = s
+        .accept_round(vec![
+            (rec("t", "r", "h2"), b"[]".to_vec()),
+            (rec("t", "r", "h1"), b"{}".to_vec()),
+            (rec("t", "r", "h2"), b"[]".to_vec()),
+        ])
+        .await;
+    let Ok(Intake::Created(first)) = &round[0] else {
+        panic!("{round:?}")
+    };
+    assert_eq!(first.body_sha256, "h2");
+    assert!(
+        matches!(&round[1], Ok(Intake::Conflict(r)) if r == first),
+        "{round:?}"
+    );
+    assert!(
+        matches!(&round[2], Ok(Intake::Existing(r)) if r == first),
+        "{round:?}"
+    );
+    assert_eq!(s.body(first.id).await.unwrap().unwrap(), b"[]");
+    assert_eq!(s.queued_total().await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn a_failing_intake_fails_alone_in_its_round() {
+    let (config, s) = store("a").await;
+    // PostgreSQL text cannot hold a NUL: that call's insert fails and
+    // aborts the round's first pass.
+    let round = s
+        .accept_round(vec![
+            (rec("t", "before", "h"), b"{}".to_vec()),
+            (rec("t", "bad\0id", "h"), b"{}".to_vec()),
+            (rec("t", "after", "h"), b"{}".to_vec()),
+            (rec("t", "before", "h"), b"{}".to_vec()),
+        ])
+        .await;
+    let Ok(Intake::Created(before)) = &round[0] else {
+        panic!("{round:?}")
+    };
+    assert!(matches!(&round[1], Err(PgError::Query(_))), "{round:?}");
+    assert!(matches!(&round[2], Ok(Intake::Created(_))), "{round:?}");
+    assert!(
+        matches!(&round[3], Ok(Intake::Existing(r)) if r == before),
+        "{round:?}"
+    );
+    assert_eq!(count(&config, "SELECT count(*) FROM requests").await, 2);
+    assert_eq!(count(&config, "SELECT count(*) FROM queue").await, 2);
+    assert_eq!(s.queued_total().await.unwrap(), 2);
+
+    // The same through the writer, beside calls that go in its rounds.
+    let calls: Vec<_> = (0..32)
+        .map(|i| {
+            let s = s.clone();
+            let cid = if i == 7 {
+                "bad\0".to_string()
+            } else {
+                format!("w{i}")
+            };
+            tokio::spawn(async move { s.accept(rec("t", &cid, "h"), b"{}".to_vec()).await })
+        })
+        .collect();
+    for (i, c) in calls.into_iter().enumerate() {
+        let r = c.await.unwrap();
+        if i == 7 {
+            assert!(r.is_err(), "{r:?}");
+        } else {
+            assert!(matches!(r, Ok(Intake::Created(_))), "w{i}: {r:?}");
+        }
+    }
+    assert_eq!(s.queued_total().await.unwrap(), 33);
+}
+
+#[tokio::test]
+async fn a_round_whose_commit_fails_stores_nothing_and_says_so_to_every_call() {
+    let (config, s) = store("a").await;
+    // A deferred constraint trigger runs at commit: a request with this
+    // custom id makes the commit itself fail.
+    let (client, conn) = config.connect(NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(
+            "CREATE FUNCTION refuse_doomed() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN IF NEW.custom_id = 'doomed' THEN RAISE EXCEPTION 'refused at commit'; END IF; \
+             RETURN NULL; END $$; \
+             CREATE CONSTRAINT TRIGGER refuse_doomed AFTER INSERT ON requests \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_doomed();",
+        )
+        .await
+        .unwrap();
+    let round = s
+        .accept_round(vec![
+            (rec("t", "a", "h"), b"{}".to_vec()),
+            (rec("t", "doomed", "h"), b"{}".to_vec()),
+            (rec("t", "b", "h"), b"{}".to_vec()),
+        ])
+        .await;
+    for r in &round {
+        assert!(matches!(r, Err(PgError::Round(_))), "{round:?}");
+    }
+    assert_eq!(count(&config, "SELECT count(*) FROM requests").await, 0);
+    assert_eq!(count(&config, "SELECT count(*) FROM queue").await, 0);
+    assert_eq!(s.queued_total().await.unwrap(), 0);
+    // The same calls without the doomed one are taken as new.
+    let round = s
+        .accept_round(vec![
+            (rec("t", "a", "h"), b"{}".to_vec()),
+            (rec("t", "b", "h"), b"{}".to_vec()),
+        ])
+        .await;
+    assert!(
+        round.iter().all(|r| matches!(r, Ok(Intake::Created(_)))),
+        "{round:?}"
+    );
+    assert_eq!(s.queued_total().await.unwrap(), 2);
+}

@@ -2,17 +2,19 @@
 //! database, each stateless apart from what it holds in memory.
 //!
 //! Files: `migrate` (the versioned schema), `store` ([`PgStore`], reads
-//! and row decoding), `requests` (intake and cancel), `queues` (queue
+//! and row decoding), `requests` (one intake's rows, and cancel),
+//! `intake_writer` (intakes grouped into shared transactions), `queues` (queue
 //! counters and claims), `batches` (batch records and their members'
 //! steps), `outcomes` (a finished batch's results), `outbox` (webhook
 //! deliveries, leased per node), `leases` (named leases with fencing
 //! tokens), [`events`] (LISTEN/NOTIFY between nodes). The decisions
 //! themselves are shared with the embedded store, in [`super::lifecycle`];
 //! the store operations mirror the embedded store's method by method, each
-//! one transaction, durable on return.
+//! one transaction (intakes arriving together share one), durable on return.
 
 mod batches;
 pub mod events;
+mod intake_writer;
 mod leases;
 pub mod migrate;
 mod outbox;
@@ -52,6 +54,12 @@ pub enum PgError {
     Lifecycle(#[from] super::lifecycle::IllegalMove),
     #[error("{0} is out of PostgreSQL's range")]
     OutOfRange(&'static str),
+    #[error("{0}")]
+    Writer(&'static str),
+    /// The shared transaction of an intake round failed: every call in it
+    /// gets this one error.
+    #[error("{0}")]
+    Round(std::sync::Arc<PgError>),
 }
 
 /// Parses a connection URL (`postgres://user@host:port/db?...`).

@@ -147,8 +147,9 @@ fn stats_from(row: &tokio_postgres::Row) -> Result<(QueueKey, QueueStats), PgErr
     ))
 }
 
-/// Adds a queue entry for request `id` and counts it, inside `tx`.
-pub(super) async fn enqueue(
+/// Adds a queue entry for request `id` inside `tx`, uncounted: the caller
+/// moves the queue's counters with [`add_to_counters`], last.
+pub(super) async fn insert_entry(
     tx: &Transaction<'_>,
     qk: &QueueKey,
     id: i64,
@@ -173,7 +174,7 @@ pub(super) async fn enqueue(
         ],
     )
     .await?;
-    add_to_counters(tx, qk, 1, line_len).await
+    Ok(())
 }
 
 /// Moves a queue's counters by (`count`, `bytes`), creating its row the

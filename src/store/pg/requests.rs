@@ -4,7 +4,7 @@ use deadpool_postgres::Transaction;
 
 use super::PgError;
 use super::outbox::write_deliveries;
-use super::queues::{add_to_counters, enqueue};
+use super::queues::{add_to_counters, insert_entry};
 use super::store::{
     PgStore, REQUEST_COLUMNS, REQUEST_FROM, SyncPayloadFn, json_opt_text, opt_to_i64, request_from,
     to_i64,
@@ -15,19 +15,6 @@ use crate::store::{
 };
 
 impl PgStore {
-    /// Stores a new deferred request under an id from `ferry_ids` (the one
-    /// in `rec` is replaced) and queues it, durably. A (tenant, custom id)
-    /// already stored, by this node or another, answers `Existing` for the
-    /// same body and `Conflict` for another; two nodes racing on one custom
-    /// id store one request.
-    pub async fn accept(&self, rec: RequestRecord, body: Vec<u8>) -> Result<Intake, PgError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        let intake = accept_in(&tx, rec, &body, now_millis()).await?;
-        tx.commit().await?;
-        Ok(intake)
-    }
-
     /// Cancels a request that is still queued and not claimed by a flush.
     /// A cancel and a claim of one request never both win: the claim takes
     /// the queue row locked, skipping rows a cancel holds, and the cancel
@@ -105,9 +92,10 @@ impl PgStore {
     }
 }
 
-/// One intake inside `tx`: everything [`PgStore::accept`] writes, so that
-/// several intakes can share one transaction (and one commit) later.
-/// `now_ms` is the queue entry's enqueue time.
+/// One intake inside `tx`: the request, its body and its queue entry, all
+/// but the queue's counters, which the intake round moves once per queue
+/// for all its intakes (see [`super::intake_writer`]). `now_ms` is the
+/// queue entry's enqueue time.
 pub(super) async fn accept_in(
     tx: &Transaction<'_>,
     mut rec: RequestRecord,
@@ -177,6 +165,6 @@ pub(super) async fn accept_in(
         .await?;
     tx.execute(&put_body, &[&id, &body]).await?;
     let qk = QueueKey::of(&rec);
-    enqueue(tx, &qk, id, now_ms, line_len(rec.id, rec.body_len)).await?;
+    insert_entry(tx, &qk, id, now_ms, line_len(rec.id, rec.body_len)).await?;
     Ok(Intake::Created(rec))
 }

@@ -31,6 +31,8 @@ pub struct PgStore {
     /// This node's name in leases: outbox rows it took, named leases.
     pub(super) owner: String,
     pub(super) delivery_lease: Duration,
+    /// The intake writer's queue, shared by the clones.
+    pub(super) intake: super::intake_writer::Queue,
 }
 
 /// The request columns every read selects, in the order [`request_from`]
@@ -60,6 +62,7 @@ impl PgStore {
             config,
             owner: format!("ferry-{:016x}", rand::random::<u64>()),
             delivery_lease: DEFAULT_DELIVERY_LEASE,
+            intake: Default::default(),
         })
     }
 

@@ -1,0 +1,214 @@
+//! The intake writer on PostgreSQL: the deferred calls arriving at a node
+//! at once share one transaction, and one commit.
+//!
+//! As the embedded store's intake writer does (`store/embedded`), one task
+//! takes every call waiting (up to [`MAX_JOBS`]), writes them all in one
+//! transaction, commits, and only then answers each caller: a `202` still
+//! means committed. While a round commits, the next calls queue up and go
+//! in the next round, so commits (and WAL flushes) per call fall as the
+//! load rises, and the queue's hot counter row is updated once per round
+//! instead of once per call.
+//!
+//! A round runs its calls without savepoints: a savepoint per call costs two
+//! more round trips each, and a transaction with more than 64 writing
+//! subtransactions overflows PostgreSQL's per-backend subtransaction cache,
+//! which slows every other session's snapshots. If one call fails, the round
+//! is rolled back and run again with a savepoint per call, so the failing
+//! call is undone alone and answered with its error while its neighbours
+//! are stored.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use deadpool_postgres::{Pool, Transaction};
+use tokio::sync::{mpsc, oneshot};
+
+use super::PgError;
+use super::queues::add_to_counters;
+use super::requests::accept_in;
+use super::store::{PgStore, to_i64};
+use crate::store::{Intake, QueueKey, RequestRecord, line_len, now_millis};
+
+/// Calls written and committed together, at most.
+const MAX_JOBS: usize = 512;
+
+pub(super) struct Job {
+    rec: RequestRecord,
+    body: Vec<u8>,
+    done: oneshot::Sender<Result<Intake, PgError>>,
+}
+
+/// Where a node's intakes go: the writer's queue, started by the first
+/// intake and shared by every clone of the store. The writer ends when the
+/// last clone is dropped.
+pub(super) type Queue = Arc<std::sync::OnceLock<mpsc::UnboundedSender<Job>>>;
+
+impl PgStore {
+    /// Stores a new deferred request under an id from `ferry_ids` (the one
+    /// in `rec` is replaced) and queues it, durably: it returns once the
+    /// transaction holding it has committed. A (tenant, custom id) already
+    /// stored, by this node or another, or earlier in the same round,
+    /// answers `Existing` for the same body and `Conflict` for another;
+    /// two nodes racing on one custom id store one request.
+    pub async fn accept(&self, rec: RequestRecord, body: Vec<u8>) -> Result<Intake, PgError> {
+        let queue = self.intake.get_or_init(|| start(self.pool.clone()));
+        let (done, answer) = oneshot::channel();
+        queue
+            .send(Job { rec, body, done })
+            .map_err(|_| PgError::Writer("the intake writer has stopped"))?;
+        answer
+            .await
+            .map_err(|_| PgError::Writer("the intake writer dropped a request"))?
+    }
+
+    /// One intake round over `calls`, as the writer runs it: their answers
+    /// in their order. For tests that need several calls in one round.
+    #[doc(hidden)]
+    pub async fn accept_round(
+        &self,
+        calls: Vec<(RequestRecord, Vec<u8>)>,
+    ) -> Vec<Result<Intake, PgError>> {
+        write_round(&self.pool, calls).await
+    }
+}
+
+/// Starts the writer task on the current runtime.
+fn start(pool: Pool) -> mpsc::UnboundedSender<Job> {
+    let (queue, mut jobs) = mpsc::unbounded_channel::<Job>();
+    tokio::spawn(async move {
+        let mut round = Vec::with_capacity(MAX_JOBS);
+        while jobs.recv_many(&mut round, MAX_JOBS).await > 0 {
+            let (calls, answers): (Vec<_>, Vec<_>) = round
+                .drain(..)
+                .map(|Job { rec, body, done }| ((rec, body), done))
+                .unzip();
+            let results = write_round(&pool, calls).await;
+            for (done, result) in answers.into_iter().zip(results) {
+                // A caller that hung up no longer wants the answer.
+                let _ = done.send(result);
+            }
+        }
+    });
+    queue
+}
+
+/// How a pass over a round ended without committing.
+enum Stop {
+    /// A call failed: run the round again, each call isolated.
+    CallFailed,
+    /// The transaction itself failed: no call is stored.
+    Round(PgError),
+}
+
+impl From<PgError> for Stop {
+    fn from(e: PgError) -> Stop {
+        Stop::Round(e)
+    }
+}
+
+impl From<tokio_postgres::Error> for Stop {
+    fn from(e: tokio_postgres::Error) -> Stop {
+        Stop::Round(e.into())
+    }
+}
+
+/// Writes `calls` in one transaction and commits; each call's answer, in
+/// order. Nothing is answered `Ok` unless the commit succeeded.
+async fn write_round(
+    pool: &Pool,
+    calls: Vec<(RequestRecord, Vec<u8>)>,
+) -> Vec<Result<Intake, PgError>> {
+    // Calls go in (tenant, custom id) order, stable so that the first of two
+    // calls with one custom id is the one stored. Two nodes' rounds then
+    // insert their custom ids in one order and, waiting on each other's
+    // uncommitted inserts, can never wait in a cycle.
+    let mut order: Vec<usize> = (0..calls.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (a, b) = (&calls[a].0, &calls[b].0);
+        (&a.tenant, &a.custom_id).cmp(&(&b.tenant, &b.custom_id))
+    });
+    let now_ms = now_millis();
+    let outcome = match run_round(pool, &calls, &order, now_ms, false).await {
+        Err(Stop::CallFailed) => run_round(pool, &calls, &order, now_ms, true).await,
+        other => other,
+    };
+    match outcome {
+        Ok(answers) => answers,
+        Err(stop) => {
+            let e = Arc::new(match stop {
+                Stop::Round(e) => e,
+                // Only the unisolated pass stops at a failed call.
+                Stop::CallFailed => PgError::Writer("an intake failed outside a savepoint"),
+            });
+            tracing::error!(error = %e, requests = calls.len(), "an intake transaction failed; refusing its requests");
+            calls
+                .iter()
+                .map(|_| Err(PgError::Round(e.clone())))
+                .collect()
+        }
+    }
+}
+
+/// One pass: every call in `order`, each in a savepoint of its own when
+/// `isolate`, then the queues' counters, then the commit.
+async fn run_round(
+    pool: &Pool,
+    calls: &[(RequestRecord, Vec<u8>)],
+    order: &[usize],
+    now_ms: u64,
+    isolate: bool,
+) -> Result<Vec<Result<Intake, PgError>>, Stop> {
+    let mut client = pool.get().await.map_err(PgError::from)?;
+    let mut tx = client.transaction().await?;
+    let mut answers: Vec<Option<Result<Intake, PgError>>> = calls.iter().map(|_| None).collect();
+    // (upstream, model) → (count, bytes) this round adds.
+    let mut counted: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
+    for &i in order {
+        let (rec, body) = &calls[i];
+        let answer = if isolate {
+            isolated(&mut tx, rec, body, now_ms).await?
+        } else {
+            // Dropping the transaction on the way out rolls it back.
+            Ok(accept_in(&tx, rec.clone(), body, now_ms)
+                .await
+                .map_err(|_| Stop::CallFailed)?)
+        };
+        if let Ok(Intake::Created(r)) = &answer {
+            let len = to_i64(line_len(r.id, r.body_len), "line length")?;
+            let c = counted
+                .entry((r.upstream.clone(), r.model.clone()))
+                .or_default();
+            c.0 += 1;
+            c.1 += len;
+        }
+        answers[i] = Some(answer);
+    }
+    // Counters last and in key order: the rows claims and cancels also
+    // lock last, so no transaction holding one waits for another.
+    for ((upstream, model), (count, bytes)) in counted {
+        add_to_counters(&tx, &QueueKey { upstream, model }, count, bytes).await?;
+    }
+    tx.commit().await?;
+    Ok(answers
+        .into_iter()
+        .map(|a| a.unwrap_or(Err(PgError::Writer("an intake was skipped"))))
+        .collect())
+}
+
+/// One call in a savepoint of its own: undone alone if it fails. The outer
+/// error is the transaction's (no savepoint to take or release).
+async fn isolated(
+    tx: &mut Transaction<'_>,
+    rec: &RequestRecord,
+    body: &[u8],
+    now_ms: u64,
+) -> Result<Result<Intake, PgError>, Stop> {
+    let sp = tx.savepoint("intake").await?;
+    let answer = accept_in(&sp, rec.clone(), body, now_ms).await;
+    if answer.is_ok() {
+        sp.commit().await?;
+    } else {
+        sp.rollback().await?;
+    }
+    Ok(answer)
+}
