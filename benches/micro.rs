@@ -27,8 +27,7 @@ use ferry::batch::ingest::parse_line;
 use ferry::delivery::waiters::Waiters;
 use ferry::intake::validate_body;
 use ferry::store::{
-    BatchRecord, Intake, Outcome, QueueKey, RequestRecord, RequestStatus, SledStore, StoredResult,
-    now_secs,
+    BatchRecord, Intake, Outcome, QueueKey, RequestRecord, SledStore, StoredResult, now_secs,
 };
 use ferry::upstream::profile::{ProviderKind, ProviderProfile};
 
@@ -54,26 +53,15 @@ fn chat_body(size: usize) -> Vec<u8> {
 }
 
 fn record(custom_id: String, body_len: usize) -> RequestRecord {
-    RequestRecord {
-        id: 0,
-        tenant: "bench".into(),
-        custom_id,
-        model: MODEL.into(),
-        upstream: UPSTREAM.into(),
-        body_sha256: "0".repeat(64),
-        body_len: body_len as u64,
-        status: RequestStatus::Queued,
-        created_at: now_secs(),
-        submitted_at: None,
-        completed_at: None,
-        batch: None,
-        batch_id: None,
-        error: None,
-        callback_url: None,
-        stream: false,
-        attempts: 0,
-        webhook: None,
-    }
+    RequestRecord::queued(
+        "bench",
+        &custom_id,
+        UPSTREAM,
+        MODEL,
+        &"0".repeat(64),
+        body_len as u64,
+        now_secs(),
+    )
 }
 
 fn temp_store() -> (tempfile::TempDir, Arc<SledStore>) {

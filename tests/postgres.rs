@@ -154,26 +154,7 @@ async fn node(config: &tokio_postgres::Config, owner: &str) -> PgStore {
 /// A queued request of `tenant` for model `m` of upstream `u`, with a
 /// 2-byte body (`{}`).
 fn rec(tenant: &str, custom_id: &str, body_sha256: &str) -> RequestRecord {
-    RequestRecord {
-        id: 0,
-        tenant: tenant.into(),
-        custom_id: custom_id.into(),
-        model: "m".into(),
-        upstream: "u".into(),
-        body_sha256: body_sha256.into(),
-        body_len: 2,
-        status: RequestStatus::Queued,
-        created_at: 1_700_000_000,
-        submitted_at: None,
-        completed_at: None,
-        batch: None,
-        batch_id: None,
-        error: None,
-        callback_url: None,
-        stream: false,
-        attempts: 0,
-        webhook: None,
-    }
+    RequestRecord::queued(tenant, custom_id, "u", "m", body_sha256, 2, 1_700_000_000)
 }
 
 fn with_callback(r: RequestRecord) -> RequestRecord {

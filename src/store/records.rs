@@ -109,20 +109,27 @@ pub struct RequestRecord {
 }
 
 impl RequestRecord {
-    /// Tests only: a queued request of `tenant` for model `m` of upstream
-    /// `u`, with a 2-byte body (`{}`).
-    #[cfg(test)]
-    pub(crate) fn for_test(tenant: &str, custom_id: &str, body_sha256: &str) -> RequestRecord {
+    /// A request about to be queued: no id yet (the store gives it one), no
+    /// callback, not streamed; set the rest with struct update syntax.
+    pub fn queued(
+        tenant: &str,
+        custom_id: &str,
+        upstream: &str,
+        model: &str,
+        body_sha256: &str,
+        body_len: u64,
+        created_at: u64,
+    ) -> RequestRecord {
         RequestRecord {
             id: 0,
             tenant: tenant.into(),
             custom_id: custom_id.into(),
-            model: "m".into(),
-            upstream: "u".into(),
+            model: model.into(),
+            upstream: upstream.into(),
             body_sha256: body_sha256.into(),
-            body_len: 2,
+            body_len,
             status: RequestStatus::Queued,
-            created_at: 1,
+            created_at,
             submitted_at: None,
             completed_at: None,
             batch: None,
@@ -133,6 +140,13 @@ impl RequestRecord {
             attempts: 0,
             webhook: None,
         }
+    }
+
+    /// Tests only: a queued request of `tenant` for model `m` of upstream
+    /// `u`, with a 2-byte body (`{}`).
+    #[cfg(test)]
+    pub(crate) fn for_test(tenant: &str, custom_id: &str, body_sha256: &str) -> RequestRecord {
+        RequestRecord::queued(tenant, custom_id, "u", "m", body_sha256, 2, 1)
     }
 
     pub fn upstream_custom_id(&self) -> String {
@@ -339,6 +353,27 @@ pub struct BatchRecord {
 }
 
 impl BatchRecord {
+    /// A batch just claimed from queue `qk` (its id from the store).
+    pub fn claimed(
+        id: u64,
+        qk: &super::QueueKey,
+        request_count: u64,
+        bytes: u64,
+        reason: &str,
+    ) -> Self {
+        BatchRecord {
+            id,
+            upstream: qk.upstream.clone(),
+            model: qk.model.clone(),
+            state: BatchState::Claimed,
+            created_at: now_secs(),
+            request_count,
+            bytes,
+            reason: reason.to_owned(),
+            missing_since: None,
+        }
+    }
+
     pub fn is_live(&self) -> bool {
         !matches!(self.state, BatchState::Done { .. })
     }

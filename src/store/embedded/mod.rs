@@ -576,17 +576,7 @@ impl SledStore {
         if ids.is_empty() {
             return Ok(None);
         }
-        let batch = BatchRecord {
-            id: self.new_id()?,
-            upstream: qk.upstream.clone(),
-            model: qk.model.clone(),
-            state: BatchState::Claimed,
-            created_at: now_secs(),
-            request_count: ids.len() as u64,
-            bytes,
-            reason: reason.to_owned(),
-            missing_since: None,
-        };
+        let batch = BatchRecord::claimed(self.new_id()?, qk, ids.len() as u64, bytes, reason);
         self.put_batch(&batch)?;
         // One key per slice of 1,000 members (the ids packed in its value),
         // not one per member: sled copies a leaf on every insert, and 50,000

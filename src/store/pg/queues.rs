@@ -7,7 +7,7 @@ use super::PgError;
 use super::batches::put_batch_in;
 use super::store::{PgStore, to_i64, to_u64};
 use crate::store::lifecycle;
-use crate::store::{BatchRecord, BatchState, QueueKey, QueueStats, now_secs};
+use crate::store::{BatchRecord, QueueKey, QueueStats};
 
 /// Counts, bytes and the oldest entry of every queue with a counter row.
 /// The oldest comes from the `queue_oldest` index, one probe per queue.
@@ -93,17 +93,13 @@ impl PgStore {
             .query_one("SELECT nextval('ferry_ids')", &[])
             .await?
             .try_get(0)?;
-        let batch = BatchRecord {
-            id: to_u64(batch_id, "batch id")?,
-            upstream: qk.upstream.clone(),
-            model: qk.model.clone(),
-            state: BatchState::Claimed,
-            created_at: now_secs(),
-            request_count: ids.len() as u64,
+        let batch = BatchRecord::claimed(
+            to_u64(batch_id, "batch id")?,
+            qk,
+            ids.len() as u64,
             bytes,
-            reason: reason.to_owned(),
-            missing_since: None,
-        };
+            reason,
+        );
         put_batch_in(&tx, &batch).await?;
         tx.execute(
             "INSERT INTO members (batch, id) SELECT $1, unnest($2::bigint[])",
