@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{Stack, chat};
+use common::{Backend, Stack, chat};
 use reqwest::header::HeaderValue;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -38,8 +38,8 @@ const ALICE: [(&str, &str); 3] = [
     ("alice-3", "third question"),
 ];
 
-fn start() -> Stack {
-    Stack::start(UPSTREAM, SERVER)
+fn start(backend: Backend) -> Stack {
+    Stack::start_on(backend, UPSTREAM, SERVER)
 }
 
 fn valid_body() -> Vec<u8> {
@@ -552,9 +552,9 @@ async fn alice_untouched(c: &Corpus<'_>) {
 
 /// Bodies, headers, keys, routes, methods and sizes, sent with reqwest (and
 /// raw TCP where the path or header bytes must be exact).
-#[tokio::test]
-async fn malformed_calls_get_enveloped_4xx_and_leave_others_untouched() {
-    let s = start();
+/// The corpus, on each store (`on_both_backends!` below).
+async fn malformed_calls_get_enveloped_4xx_and_leave_others_untouched(backend: Backend) {
+    let s = start(backend);
     seed_alice(&s).await;
     let mut c = Corpus::new(&s);
 
@@ -1225,7 +1225,7 @@ async fn malformed_calls_get_enveloped_4xx_and_leave_others_untouched() {
 /// Bodies that are slow, truncated or badly framed, over raw TCP.
 #[tokio::test]
 async fn slow_truncated_and_misframed_bodies() {
-    let s = start();
+    let s = start(Backend::Sled);
     seed_alice(&s).await;
     let mut c = Corpus::new(&s);
     let addr = c.addr();
@@ -1427,7 +1427,7 @@ fn slow_body_checks(c: &mut Corpus<'_>, case: &str, ans: &RawAnswer) {
 /// is in the OpenAI envelope.
 #[tokio::test]
 async fn unparseable_requests_get_a_4xx_and_the_server_keeps_serving() {
-    let s = start();
+    let s = start(Backend::Sled);
     seed_alice(&s).await;
     let mut c = Corpus::new(&s);
 
@@ -1478,7 +1478,7 @@ async fn unparseable_requests_get_a_4xx_and_the_server_keeps_serving() {
 /// serving everyone else, and get no answer (there is no request yet).
 #[tokio::test]
 async fn unfinished_request_heads_do_not_block_others() {
-    let s = start();
+    let s = start(Backend::Sled);
     seed_alice(&s).await;
     let mut c = Corpus::new(&s);
     let addr = c.addr();
@@ -1555,3 +1555,5 @@ fn base64_encode(input: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(input)
 }
+
+on_both_backends!(malformed_calls_get_enveloped_4xx_and_leave_others_untouched);
