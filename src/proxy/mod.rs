@@ -2,6 +2,7 @@
 //! take deferred calls in, and pass everything else through unchanged.
 //! Hooks stay short; each calls one function.
 
+pub mod error;
 pub mod respond;
 pub mod routes;
 
@@ -23,7 +24,7 @@ use crate::delivery::status_object;
 use crate::intake::{self, Disposition, IntakeError, NewRequest};
 use crate::limits::LimitKind;
 use crate::store::{CancelOutcome, RequestRecord, RequestStatus};
-use respond::Result;
+use error::ProxyError;
 use routes::{Route, classify, object_id_candidates, query_wait};
 
 pub struct FerryProxy {
@@ -49,11 +50,18 @@ impl ProxyHttp for FerryProxy {
         }
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        handle(&self.app, session, ctx).await
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
+        match handle(&self.app, session, ctx).await {
+            Ok(answered) => Ok(answered),
+            Err(e) => error::answer(session, e).await.map(|_| true),
+        }
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut Ctx,
+    ) -> pingora::Result<Box<HttpPeer>> {
         let up = &self.app.upstreams[self.app.config.default_upstream];
         let t = &up.passthrough;
         let Some(addr) = up.passthrough_addr() else {
@@ -76,7 +84,7 @@ impl ProxyHttp for FerryProxy {
         session: &mut Session,
         req: &mut RequestHeader,
         _ctx: &mut Ctx,
-    ) -> Result<()> {
+    ) -> pingora::Result<()> {
         let up = &self.app.upstreams[self.app.config.default_upstream];
         let path = session.req_header().uri.path();
         let rest = path.strip_prefix("/v1").unwrap_or(path);
@@ -103,35 +111,19 @@ impl ProxyHttp for FerryProxy {
         e: &pingora::Error,
         _ctx: &mut Ctx,
     ) -> FailToProxy {
-        let (code, msg, ecode) = match e.etype() {
-            ErrorType::ConnectTimedout
-            | ErrorType::ReadTimedout
-            | ErrorType::WriteTimedout
-            | ErrorType::TLSHandshakeTimedout => (
-                504,
-                "the upstream did not answer in time",
-                "upstream_timeout",
-            ),
-            ErrorType::HTTPStatus(c) if *c < 500 => {
-                (*c, "the request could not be read", "bad_request")
-            }
-            _ => match e.esource() {
-                pingora::ErrorSource::Downstream => (0, "", ""),
-                _ => (
-                    502,
-                    "the upstream could not be reached",
-                    "upstream_unreachable",
-                ),
-            },
+        // Never `Downstream`: a failure on the caller's side has no answer.
+        let Some(reply) = ProxyError::from_passthrough(e).and_then(|a| a.into_reply().ok()) else {
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
         };
-        if code > 0 {
-            warn!(error = %e, status = code, "passthrough failed");
-            if let Err(we) = respond::error(session, code, msg, None, ecode).await {
-                debug!(error = %we, "could not write the error response");
-            }
+        warn!(error = %e, status = reply.status, "passthrough failed");
+        if let Err(we) = reply.write(session).await {
+            debug!(error = %we, "could not write the error response");
         }
         FailToProxy {
-            error_code: code,
+            error_code: reply.status,
             can_reuse_downstream: false,
         }
     }
@@ -165,10 +157,7 @@ fn header<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
 
 /// A Ferry header's value: `Ok(None)` when absent, `Err` when present but
 /// not visible ASCII (which must be refused, not mistaken for absence).
-fn ferry_header<'a>(
-    req: &'a RequestHeader,
-    name: &str,
-) -> std::result::Result<Option<&'a str>, ()> {
+fn ferry_header<'a>(req: &'a RequestHeader, name: &str) -> Result<Option<&'a str>, ()> {
     match req.headers.get(name) {
         None => Ok(None),
         Some(v) => v.to_str().map(Some).map_err(|_| ()),
@@ -176,16 +165,16 @@ fn ferry_header<'a>(
 }
 
 /// The request filter: answers Ferry's routes and deferred calls
-/// (returns `true`), or lets passthrough go on (`false`).
-async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+/// (returns `true`), or lets passthrough go on (`false`). Errors are
+/// answered by the caller, [`FerryProxy::request_filter`].
+async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<bool, ProxyError> {
     let req = session.req_header();
     let route = classify(&req.method, req.uri.path());
     ctx.route = route.label();
     match route {
         Route::Healthz => {
-            return respond::value(session, 200, &[], &serde_json::json!({"status": "ok"}))
-                .await
-                .map(|_| true);
+            respond::value(session, 200, &[], &serde_json::json!({"status": "ok"})).await?;
+            return Ok(true);
         }
         Route::Readyz => {
             let ready =
@@ -195,53 +184,17 @@ async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<
             } else {
                 (503, "not_ready")
             };
-            return respond::value(session, code, &[], &serde_json::json!({"status": status}))
-                .await
-                .map(|_| true);
+            respond::value(session, code, &[], &serde_json::json!({"status": status})).await?;
+            return Ok(true);
         }
-        Route::NotFound => {
-            return respond::error(
-                session,
-                404,
-                "Unknown route. Ferry serves /v1/... and /healthz, /readyz.",
-                None,
-                "unknown_route",
-            )
-            .await
-            .map(|_| true);
-        }
-        Route::MethodNotAllowed { allow } => {
-            let env = crate::api_error::ErrorEnvelope::for_status(
-                405,
-                format!("Method not allowed on this Ferry route; allowed: {allow}."),
-                None,
-                Some("method_not_allowed"),
-            );
-            return respond::json(
-                session,
-                405,
-                &[("allow", allow.to_owned())],
-                Bytes::from(env.to_bytes()),
-            )
-            .await
-            .map(|_| true);
-        }
+        Route::NotFound => return Err(ProxyError::UnknownRoute),
+        Route::MethodNotAllowed { allow } => return Err(ProxyError::MethodNotAllowed { allow }),
         _ => {}
     }
-    let Some(tenant) = bearer(req)
+    let tenant = bearer(req)
         .and_then(|k| app.config.tenant_for_key(k))
         .cloned()
-    else {
-        return respond::error(
-            session,
-            401,
-            "Missing or unknown API key. Send your Ferry key as `Authorization: Bearer <key>`.",
-            None,
-            "invalid_api_key",
-        )
-        .await
-        .map(|_| true);
-    };
+        .ok_or(ProxyError::InvalidApiKey)?;
     match route {
         Route::ChatCompletions => {
             let prefer = intake::parse_prefer(
@@ -253,16 +206,13 @@ async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<
             match intake::disposition(prefer, &tenant, app.config.server.max_wait) {
                 Disposition::Passthrough => {
                     ctx.mode = "passthrough";
-                    passthrough(app, session, &tenant).await
+                    passthrough(app, &tenant)
                 }
                 Disposition::Deferred { wait } => {
                     ctx.mode = "deferred";
-                    if let Err(retry) = app.limits.check(&tenant.name, LimitKind::Deferred) {
-                        return rate_limited(app, session, LimitKind::Deferred, retry)
-                            .await
-                            .map(|_| true);
-                    }
-                    deferred(app, session, &tenant, wait).await.map(|_| true)
+                    check_rate(app, &tenant, LimitKind::Deferred)?;
+                    deferred(app, session, &tenant, wait).await?;
+                    Ok(true)
                 }
             }
         }
@@ -270,21 +220,15 @@ async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<
             ctx.mode = "lookup";
             let wait = query_wait(req.uri.query())
                 .map(Duration::from_secs)
-                .unwrap_or_default();
-            lookup(
-                app,
-                session,
-                &tenant,
-                &id,
-                result,
-                wait.min(app.config.server.max_wait),
-            )
-            .await
-            .map(|_| true)
+                .unwrap_or_default()
+                .min(app.config.server.max_wait);
+            lookup(app, session, &tenant, &id, result, wait).await?;
+            Ok(true)
         }
         Route::Cancel { id } => {
             ctx.mode = "lookup";
-            cancel(app, session, &tenant, &id).await.map(|_| true)
+            cancel(app, session, &tenant, &id).await?;
+            Ok(true)
         }
         _ => {
             ctx.mode = "passthrough";
@@ -293,64 +237,29 @@ async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<
                 // answers, and a delete or cancel would lose results: no
                 // tenant reaches them, and none learns more than "not found".
                 warn!(tenant = %tenant.name, object = %id, "a tenant asked for one of Ferry's own upstream objects; refused");
-                return respond::error(
-                    session,
-                    404,
-                    &format!("No such object: {id}"),
-                    None,
-                    "not_found",
-                )
-                .await
-                .map(|_| true);
+                return Err(ProxyError::OwnObject(id));
             }
-            passthrough(app, session, &tenant).await
+            passthrough(app, &tenant)
         }
     }
 }
 
 /// Lets a passthrough call go on (`false`), unless the tenant is over its
-/// passthrough rate (answered here, `true`).
-async fn passthrough(app: &Arc<App>, session: &mut Session, tenant: &Tenant) -> Result<bool> {
-    match app.limits.check(&tenant.name, LimitKind::Passthrough) {
-        Ok(()) => Ok(false),
-        Err(retry) => rate_limited(app, session, LimitKind::Passthrough, retry)
-            .await
-            .map(|_| true),
-    }
+/// passthrough rate.
+fn passthrough(app: &App, tenant: &Tenant) -> Result<bool, ProxyError> {
+    check_rate(app, tenant, LimitKind::Passthrough)?;
+    Ok(false)
 }
 
-async fn rate_limited(
-    app: &Arc<App>,
-    session: &mut Session,
-    kind: LimitKind,
-    retry: Duration,
-) -> Result<()> {
-    app.metrics
-        .rate_limited
-        .with_label_values(&[kind.as_str()])
-        .inc();
-    let env = crate::api_error::ErrorEnvelope::for_status(
-        429,
-        format!(
-            "Rate limit for {} calls reached; retry after {} s.",
-            kind.as_str(),
-            retry.as_secs()
-        ),
-        None,
-        Some("rate_limit_exceeded"),
-    );
-    respond::json(
-        session,
-        429,
-        &[("retry-after", retry.as_secs().to_string())],
-        Bytes::from(env.to_bytes()),
-    )
-    .await
-}
-
-async fn intake_error(session: &mut Session, e: &IntakeError) -> Result<()> {
-    let body = Bytes::from(e.envelope().to_bytes());
-    respond::json(session, e.status(), &[], body).await
+/// Takes one call of `kind` from the tenant's rate, counting refusals.
+fn check_rate(app: &App, tenant: &Tenant, kind: LimitKind) -> Result<(), ProxyError> {
+    app.limits.check(&tenant.name, kind).map_err(|retry| {
+        app.metrics
+            .rate_limited
+            .with_label_values(&[kind.as_str()])
+            .inc();
+        ProxyError::RateLimited { kind, retry }
+    })
 }
 
 /// Reads the whole body, refusing it as soon as it passes `limit`.
@@ -360,12 +269,12 @@ async fn read_body(
     session: &mut Session,
     limit: u64,
     deadline: Duration,
-) -> Result<std::result::Result<Bytes, IntakeError>> {
+) -> Result<Bytes, IntakeError> {
     let declared =
         header(session.req_header(), "content-length").and_then(|v| v.parse::<u64>().ok());
     if let Some(n) = declared.filter(|n| *n > limit) {
         session.set_keepalive(None);
-        return Ok(Err(IntakeError::TooLarge { size: n, limit }));
+        return Err(IntakeError::TooLarge { size: n, limit });
     }
     let mut buf = BytesMut::new();
     let until = tokio::time::Instant::now() + deadline;
@@ -376,28 +285,28 @@ async fn read_body(
             // upstream's: answer 400 and close.
             Ok(Err(e)) => {
                 session.set_keepalive(None);
-                return Ok(Err(IntakeError::BadRequest {
+                return Err(IntakeError::BadRequest {
                     message: format!("the request body could not be read: {}", e.etype().as_str()),
                     param: None,
                     code: "invalid_body",
-                }));
+                });
             }
             Err(_) => {
                 session.set_keepalive(None);
-                return Ok(Err(IntakeError::Timeout(deadline)));
+                return Err(IntakeError::Timeout(deadline));
             }
         };
         let Some(chunk) = chunk else { break };
         if (buf.len() + chunk.len()) as u64 > limit {
             session.set_keepalive(None);
-            return Ok(Err(IntakeError::TooLarge {
+            return Err(IntakeError::TooLarge {
                 size: (buf.len() + chunk.len()) as u64,
                 limit,
-            }));
+            });
         }
         buf.extend_from_slice(&chunk);
     }
-    Ok(Ok(buf.freeze()))
+    Ok(buf.freeze())
 }
 
 /// A deferred call: validate, store durably, then hold or answer `202`.
@@ -406,29 +315,26 @@ async fn deferred(
     session: &mut Session,
     tenant: &Tenant,
     wait: Duration,
-) -> Result<()> {
+) -> Result<(), ProxyError> {
     let started = Instant::now();
     if app.is_shutting_down() {
-        return intake_error(session, &IntakeError::ShuttingDown).await;
+        return Err(IntakeError::ShuttingDown.into());
     }
-    let queued = match app.store.queued_total().await {
-        Ok(n) => n,
-        Err(e) => return intake_error(session, &IntakeError::from(e)).await,
-    };
+    let queued = app.store.queued_total().await?;
     if queued >= app.config.server.max_queued {
-        return intake_error(session, &IntakeError::QueueFull(queued)).await;
+        return Err(IntakeError::QueueFull(queued).into());
     }
     let req = session.req_header();
     let custom_id = match ferry_header(req, "x-ferry-custom-id") {
         Ok(Some(id)) if intake::valid_custom_id(id) => Some(id.to_owned()),
         Ok(Some(_)) | Err(()) => {
-            let e = IntakeError::BadRequest {
+            return Err(IntakeError::BadRequest {
                 message: "X-Ferry-Custom-Id must be 1-64 characters of A-Z, a-z, 0-9, _ and -"
                     .into(),
                 param: Some("X-Ferry-Custom-Id".into()),
                 code: "invalid_custom_id",
-            };
-            return intake_error(session, &e).await;
+            }
+            .into());
         }
         Ok(None) => None,
     };
@@ -446,40 +352,25 @@ async fn deferred(
         }
         Err(()) => Err("X-Ferry-Callback-Url must be a plain ASCII URL".to_owned()),
     };
-    let callback_url = match callback {
-        Ok(url) => url,
-        Err(message) => {
-            let e = IntakeError::BadRequest {
-                message,
-                param: Some("X-Ferry-Callback-Url".into()),
-                code: "callback_not_allowed",
-            };
-            return intake_error(session, &e).await;
-        }
-    };
-    let body = match read_body(
+    let callback_url = callback.map_err(|message| IntakeError::BadRequest {
+        message,
+        param: Some("X-Ferry-Callback-Url".into()),
+        code: "callback_not_allowed",
+    })?;
+    let body = read_body(
         session,
         app.config.server.max_body_bytes,
         app.config.server.body_read_timeout,
     )
-    .await?
-    {
-        Ok(b) => b,
-        Err(e) => return intake_error(session, &e).await,
-    };
+    .await?;
     let profile_for = |model: &str| {
         &app.upstreams[app.config.upstream_for_model(model)]
             .settings
             .profile
     };
-    let valid = match intake::validate_body(&body, &profile_for, !wait.is_zero()) {
-        Ok(v) => v,
-        Err(e) => return intake_error(session, &e).await,
-    };
+    let valid = intake::validate_body(&body, &profile_for, !wait.is_zero())?;
     let up = &app.upstreams[app.config.upstream_for_model(&valid.model)];
-    if let Err(e) = intake::check_model_served(&up.settings, &valid.model) {
-        return intake_error(session, &e).await;
-    }
+    intake::check_model_served(&up.settings, &valid.model)?;
     let new = NewRequest {
         tenant: &tenant.name,
         custom_id,
@@ -487,15 +378,11 @@ async fn deferred(
         body: valid,
         callback_url,
     };
-    let rec = match intake::accept(&app.store, new).await {
-        Ok(accepted) => {
-            if accepted.created {
-                app.after_enqueue(up, &accepted.rec).await;
-            }
-            accepted.rec
-        }
-        Err(e) => return intake_error(session, &e).await,
-    };
+    let accepted = intake::accept(&app.store, new).await?;
+    if accepted.created {
+        app.after_enqueue(up, &accepted.rec).await;
+    }
+    let rec = accepted.rec;
     app.metrics
         .intake_duration
         .observe(started.elapsed().as_secs_f64());
@@ -506,13 +393,9 @@ async fn deferred(
         // The ticket, also for an idempotent retry of a finished request
         // (its status object then carries the result).
         let result = stored_result(app, &rec).await;
-        return respond::value(
-            session,
-            202,
-            &ticket_headers(&rec),
-            &status_object(&rec, result.as_ref()),
-        )
-        .await;
+        let ticket = status_object(&rec, result.as_ref());
+        respond::value(session, 202, &ticket_headers(&rec), &ticket).await?;
+        return Ok(());
     }
     let rec = hold(app, &rec, wait).await;
     answer_result_or_ticket(app, session, &rec).await
@@ -597,7 +480,7 @@ async fn answer_result_or_ticket(
     app: &Arc<App>,
     session: &mut Session,
     rec: &RequestRecord,
-) -> Result<()> {
+) -> Result<(), ProxyError> {
     if rec.status.is_terminal() {
         return answer_result(app, session, rec).await;
     }
@@ -607,37 +490,23 @@ async fn answer_result_or_ticket(
         &ticket_headers(rec),
         &status_object(rec, None),
     )
-    .await
+    .await?;
+    Ok(())
 }
 
 /// A terminal request's answer: the upstream's status code and body
-/// verbatim; for requests the upstream never answered, an error in the
-/// envelope (failed → 502, expired → 504, cancelled → 409).
-async fn answer_result(app: &Arc<App>, session: &mut Session, rec: &RequestRecord) -> Result<()> {
-    if let Some(r) = stored_result(app, rec).await {
-        return respond::json(session, r.status_code, &[], r.body).await;
-    }
-    let (status, code, message) = no_result_error(rec);
-    respond::error(session, status, &message, None, &code).await
-}
-
-fn no_result_error(rec: &RequestRecord) -> (u16, String, String) {
-    let (code, message) = rec
-        .error
-        .as_ref()
-        .map(|e| (e.code.clone(), e.message.clone()))
-        .unwrap_or_else(|| {
-            (
-                rec.status.as_str().to_owned(),
-                format!("the request is {}", rec.status.as_str()),
-            )
-        });
-    let status = match rec.status {
-        RequestStatus::Expired => 504,
-        RequestStatus::Cancelled => 409,
-        _ => 502,
+/// verbatim; for requests the upstream never answered,
+/// [`ProxyError::Unanswered`].
+async fn answer_result(
+    app: &Arc<App>,
+    session: &mut Session,
+    rec: &RequestRecord,
+) -> Result<(), ProxyError> {
+    let Some(r) = stored_result(app, rec).await else {
+        return Err(ProxyError::unanswered(rec));
     };
-    (status, code, message)
+    respond::json(session, r.status_code, &[], r.body).await?;
+    Ok(())
 }
 
 /// `stream: true` with a wait: SSE keep-alives while the batch runs, then
@@ -649,7 +518,7 @@ async fn stream_replay(
     session: &mut Session,
     rec: RequestRecord,
     wait: Duration,
-) -> Result<()> {
+) -> Result<(), ProxyError> {
     let deadline = tokio::time::Instant::now() + wait;
     let mut started = false;
     let mut rec = rec;
@@ -691,8 +560,8 @@ async fn stream_replay(
                     let err = match other {
                         Some(r) => r.body_value().get("error").cloned().unwrap_or(Value::Null),
                         None if rec.status.is_terminal() => {
-                            let (_, code, message) = no_result_error(&rec);
-                            serde_json::json!({"message": message, "type": "ferry_error", "code": code})
+                            let why = error::why_unanswered(&rec);
+                            serde_json::json!({"message": why.message, "type": "ferry_error", "code": why.code})
                         }
                         None => serde_json::json!({
                             "message": format!("the result was not ready within the wait; fetch it from /v1/ferry/requests/{}", rec.custom_id),
@@ -703,7 +572,10 @@ async fn stream_replay(
                     out.extend_from_slice(&respond::sse_event(&serde_json::json!({"error": err})));
                 }
             }
-            session.write_response_body(Some(out.freeze()), true).await
+            session
+                .write_response_body(Some(out.freeze()), true)
+                .await?;
+            Ok(())
         }
     }
 }
@@ -715,63 +587,45 @@ async fn lookup(
     id: &str,
     want_result: bool,
     wait: Duration,
-) -> Result<()> {
-    let rec = match app.store.find(&tenant.name, id).await {
-        Ok(Some(r)) => r,
-        Ok(None) => {
-            return respond::error(
-                session,
-                404,
-                &format!("No request with id `{id}`."),
-                Some("id"),
-                "request_not_found",
-            )
-            .await;
-        }
-        Err(e) => return intake_error(session, &IntakeError::from(e)).await,
-    };
+) -> Result<(), ProxyError> {
+    let rec = app
+        .store
+        .find(&tenant.name, id)
+        .await?
+        .ok_or_else(|| ProxyError::RequestNotFound(id.to_owned()))?;
     let rec = hold(app, &rec, wait).await;
     if want_result {
         return answer_result_or_ticket(app, session, &rec).await;
     }
     let result = stored_result(app, &rec).await;
-    respond::value(session, 200, &[], &status_object(&rec, result.as_ref())).await
+    respond::value(session, 200, &[], &status_object(&rec, result.as_ref())).await?;
+    Ok(())
 }
 
-async fn cancel(app: &Arc<App>, session: &mut Session, tenant: &Tenant, id: &str) -> Result<()> {
-    let cancelled = app
+async fn cancel(
+    app: &Arc<App>,
+    session: &mut Session,
+    tenant: &Tenant,
+    id: &str,
+) -> Result<(), ProxyError> {
+    let outcome = app
         .store
         .cancel(&tenant.name, id, crate::delivery::webhook_payload)
-        .await;
-    match cancelled {
-        Ok(CancelOutcome::Cancelled(rec)) => {
+        .await?;
+    let rec = match outcome {
+        CancelOutcome::Cancelled(rec) => {
             app.on_terminal(&rec);
-            respond::value(session, 200, &[], &status_object(&rec, None)).await
+            rec
         }
-        Ok(CancelOutcome::AlreadyCancelled(rec)) => {
-            respond::value(session, 200, &[], &status_object(&rec, None)).await
+        CancelOutcome::AlreadyCancelled(rec) => rec,
+        CancelOutcome::TooLate(rec) => {
+            return Err(ProxyError::CancelTooLate {
+                id: id.to_owned(),
+                status: rec.status,
+            });
         }
-        Ok(CancelOutcome::TooLate(rec)) => {
-            let msg = format!(
-                "Request `{id}` is {} and can no longer be cancelled.",
-                if rec.status.is_terminal() {
-                    rec.status.as_str()
-                } else {
-                    "already in a batch"
-                }
-            );
-            respond::error(session, 409, &msg, Some("id"), "cancel_too_late").await
-        }
-        Ok(CancelOutcome::NotFound) => {
-            respond::error(
-                session,
-                404,
-                &format!("No request with id `{id}`."),
-                Some("id"),
-                "request_not_found",
-            )
-            .await
-        }
-        Err(e) => intake_error(session, &IntakeError::from(e)).await,
-    }
+        CancelOutcome::NotFound => return Err(ProxyError::RequestNotFound(id.to_owned())),
+    };
+    respond::value(session, 200, &[], &status_object(&rec, None)).await?;
+    Ok(())
 }

@@ -1,12 +1,10 @@
 //! Writing Ferry's own answers on the proxy port, and the SSE replay of a
-//! finished completion.
+//! finished completion. Errors are written by [`super::error`].
 
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use serde_json::{Value, json};
-
-use crate::api_error::ErrorEnvelope;
 
 pub type Result<T> = pingora::Result<T>;
 
@@ -35,18 +33,6 @@ pub async fn value(
 ) -> Result<()> {
     let body = serde_json::to_vec(v).unwrap_or_default();
     json(session, status, extra, Bytes::from(body)).await
-}
-
-/// An error in the OpenAI envelope.
-pub async fn error(
-    session: &mut Session,
-    status: u16,
-    message: &str,
-    param: Option<&str>,
-    code: &str,
-) -> Result<()> {
-    let env = ErrorEnvelope::for_status(status, message, param, Some(code));
-    json(session, status, &[], Bytes::from(env.to_bytes())).await
 }
 
 /// Starts an SSE response (the first keep-alive is due, or the replay is ready).
