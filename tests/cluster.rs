@@ -20,8 +20,12 @@ use std::time::{Duration, Instant};
 use common::{Proc, UPSTREAM_KEY, chat};
 use serde_json::{Value, json};
 
-/// The lease a node holds an upstream with: short, so takeovers are quick.
-const LEASE: &str = "lease_secs = 1.5";
+/// The lease a node holds an upstream with when a test kills owners: short,
+/// so takeovers are quick, yet long enough that a node slowed down by a
+/// busy test machine does not miss its renewals.
+const SHORT_LEASE: &str = "lease_secs = 2";
+/// The default lease, where a test needs the owner to stay put.
+const DEFAULT_LEASE: &str = "";
 /// Small batches, flushed often, polled often; no upstream rate limit.
 const UPSTREAM_EXTRA: &str = r#"
 max_requests = 20
@@ -83,14 +87,14 @@ struct Cluster {
 }
 
 impl Cluster {
-    async fn start(n: usize) -> Cluster {
+    async fn start(n: usize, lease: &str) -> Cluster {
         let tmp = tempfile::tempdir().expect("tempdir");
         let emulator = common::emulator(tmp.path(), &[]);
         let url = common::pg::fresh_database();
         let nodes = (0..n)
             .map(|i| {
                 let dir = tmp.path().join(format!("node{i}"));
-                let storage = common::postgres_storage(&dir, &url, LEASE);
+                let storage = common::postgres_storage(&dir, &url, lease);
                 let target = format!(
                     "base_url = \"http://{}/v1\"\napi_key_env = \"FERRY_TEST_UPSTREAM_KEY\"",
                     emulator.addr("emulator")
@@ -233,7 +237,7 @@ impl Cluster {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_caller_held_on_one_node_is_answered_by_the_node_that_ingests() {
-    let c = Cluster::start(3).await;
+    let c = Cluster::start(3, DEFAULT_LEASE).await;
     let owner = c.owner().await;
     let held_on = (owner + 1) % c.nodes.len();
     let started = Instant::now();
@@ -264,7 +268,7 @@ async fn a_caller_held_on_one_node_is_answered_by_the_node_that_ingests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_the_owner_mid_flush_and_mid_ingestion_loses_nothing() {
-    let mut c = Cluster::start(3).await;
+    let mut c = Cluster::start(3, SHORT_LEASE).await;
     let per_round = 60;
     let rounds = 4;
     let mut accepted = Vec::new();
@@ -392,7 +396,7 @@ fn readme_nginx_config(nodes: &[String], port: u16, dir: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_readme_nginx_example_spreads_callers_over_the_nodes() {
-    let c = Cluster::start(2).await;
+    let c = Cluster::start(2, DEFAULT_LEASE).await;
     let dir = c._tmp.path().join("nginx");
     std::fs::create_dir_all(&dir).expect("nginx dir");
     let port = std::net::TcpListener::bind("127.0.0.1:0")

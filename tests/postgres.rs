@@ -846,6 +846,32 @@ async fn leases_are_held_by_one_node_and_fence_a_stale_holder() {
     assert!(b.put_batch_fenced(&fresh, "driver", 2).await.unwrap());
     assert_eq!(a.get_batch(claimed.id).await.unwrap().unwrap(), fresh);
     assert!(!b.put_batch_fenced(&fresh, "nobody", 1).await.unwrap());
+    // Recording the upstream batch is fenced the same way: the stale
+    // holder writes nothing, its members stay queued.
+    let mut late = fresh.clone();
+    let fence = Some(("driver", 1));
+    assert!(
+        !a.mark_submitted_fenced(&mut late, "file-new", "batch_stale", fence)
+            .await
+            .unwrap()
+    );
+    assert_eq!(a.get_batch(claimed.id).await.unwrap().unwrap(), fresh);
+    let member = a.members(claimed.id).await.unwrap()[0];
+    assert_eq!(
+        a.get(member).await.unwrap().unwrap().status,
+        RequestStatus::Queued
+    );
+    let mut current = fresh.clone();
+    let fence = Some(("driver", 2));
+    assert!(
+        b.mark_submitted_fenced(&mut current, "file-new", "batch_new", fence)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        a.get(member).await.unwrap().unwrap().status,
+        RequestStatus::Submitted
+    );
     assert_eq!(
         count(&config, "SELECT token FROM leases WHERE name = 'driver'").await,
         2

@@ -177,16 +177,22 @@ async fn advance(
 ) -> Result<(), StepError> {
     let mut next = batch.clone();
     change(&mut next);
-    let token = app
-        .upstream_named(&next.upstream)
-        .and_then(|up| up.ownership.token())
-        .ok_or(StepError::NotOwner)?;
-    let lease = ownership::lease_name(&next.upstream);
+    let (lease, token) = fence(app, &next.upstream)?;
     if !app.store.put_batch_fenced(&next, &lease, token).await? {
         return Err(StepError::NotOwner);
     }
     *batch = next;
     Ok(())
+}
+
+/// The lease and token a write to a batch of `upstream` must carry: this
+/// node's, while it owns the upstream.
+fn fence(app: &App, upstream: &str) -> Result<(String, u64), StepError> {
+    let token = app
+        .upstream_named(upstream)
+        .and_then(|up| up.ownership.token())
+        .ok_or(StepError::NotOwner)?;
+    Ok((ownership::lease_name(upstream), token))
 }
 
 /// A batch's member ids, in member (line) order.
@@ -476,10 +482,12 @@ async fn create(
             }
         }
     };
+    let (lease, token) = fence(app, &batch.upstream)?;
     *batch = app
         .store
-        .mark_submitted(batch, file_id, &created.id)
-        .await?;
+        .mark_submitted_fenced(batch, file_id, &created.id, &lease, token)
+        .await?
+        .ok_or(StepError::NotOwner)?;
     app.metrics
         .batches
         .with_label_values(&[&batch.upstream, "created"])

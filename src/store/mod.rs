@@ -427,6 +427,35 @@ impl Store {
         }
     }
 
+    /// Records the upstream batch and moves every member to `submitted`,
+    /// while `token` is still the newest of lease `lease`; returns the
+    /// record as stored, durably, or `None` if another node owns the
+    /// batch's upstream now.
+    pub async fn mark_submitted_fenced(
+        &self,
+        batch: &BatchRecord,
+        file_id: &str,
+        upstream_batch: &str,
+        lease: &str,
+        token: u64,
+    ) -> Result<Option<BatchRecord>, StoreError> {
+        match &self.backend {
+            // One node: every lease is its own.
+            Backend::Sled(_) => self
+                .mark_submitted(batch, file_id, upstream_batch)
+                .await
+                .map(Some),
+            Backend::Postgres(p) => {
+                let mut next = batch.clone();
+                let fence = Some((lease, token));
+                let written = p
+                    .write(p.db.mark_submitted_fenced(&mut next, file_id, upstream_batch, fence))
+                    .await?;
+                Ok(written.then_some(next))
+            }
+        }
+    }
+
     /// Records the upstream batch and moves every member to `submitted`;
     /// returns the record as stored, durably.
     pub async fn mark_submitted(

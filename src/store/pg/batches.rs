@@ -85,16 +85,35 @@ impl PgStore {
         file_id: &str,
         batch_id: &str,
     ) -> Result<(), PgError> {
+        self.mark_submitted_fenced(batch, file_id, batch_id, None)
+            .await
+            .map(drop)
+    }
+
+    /// [`mark_submitted`](Self::mark_submitted) while `fence` (a lease and
+    /// its token) is still the newest; returns whether it was written.
+    pub async fn mark_submitted_fenced(
+        &self,
+        batch: &mut BatchRecord,
+        file_id: &str,
+        batch_id: &str,
+        fence: Option<(&str, u64)>,
+    ) -> Result<bool, PgError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        if let Some((lease, token)) = fence
+            && !super::leases::fence_in(&tx, lease, token).await?
+        {
+            return Ok(false);
+        }
         batch.state = BatchState::Submitted {
             file_id: file_id.to_owned(),
             batch_id: batch_id.to_owned(),
         };
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
         put_batch_in(&tx, batch).await?;
         apply_submitted_in(&tx, batch.id).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     /// Moves the batch's members still `queued` in it to `submitted`,

@@ -81,19 +81,28 @@ impl PgStore {
     ) -> Result<bool, PgError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        // The lease row is locked (shared) until the write commits, so a
-        // takeover cannot slip between the check and the write.
-        let current = tx
-            .query_opt(
-                "SELECT 1 FROM leases WHERE name = $1 AND token = $2 FOR SHARE",
-                &[&lease, &super::store::to_i64(token, "lease token")?],
-            )
-            .await?;
-        if current.is_none() {
+        if !fence_in(&tx, lease, token).await? {
             return Ok(false);
         }
         put_batch_in(&tx, b).await?;
         tx.commit().await?;
         Ok(true)
     }
+}
+
+/// Whether `token` is still the newest of lease `lease`, inside `tx`. The
+/// lease row stays locked (shared) until `tx` ends, so a takeover cannot
+/// slip between this check and the transaction's writes.
+pub(super) async fn fence_in(
+    tx: &tokio_postgres::Transaction<'_>,
+    lease: &str,
+    token: u64,
+) -> Result<bool, PgError> {
+    Ok(tx
+        .query_opt(
+            "SELECT 1 FROM leases WHERE name = $1 AND token = $2 FOR SHARE",
+            &[&lease, &super::store::to_i64(token, "lease token")?],
+        )
+        .await?
+        .is_some())
 }
