@@ -8,6 +8,7 @@
 //! cargo bench --bench load -- --runs 3          # every figure 3 times, medians reported
 //! cargo bench --bench load -- --only intake,batch
 //! cargo bench --bench load -- --only intake-default,stall   # flushing on; passthrough beside a claim
+//! FERRY_TEST_PG_URL=postgres://… cargo bench --bench load -- --only cluster --duration 8
 //! ```
 //!
 //! `cargo bench` builds `target/release/ferry` first (the bench profile is
@@ -15,8 +16,11 @@
 //! Sections: `passthrough` (figure 1), `intake` (2), `intake-pg` (2p: the
 //! same intake with Ferry on PostgreSQL, in a fresh database on the server
 //! in `FERRY_TEST_PG_URL`, beside the server's own ceiling for the same
-//! rows, measured with `benches/pg_ceiling.sh`), `buffer` (3) and
-//! `batch` (4, 5 and 6). nginx (`apt-get install -y nginx`, or
+//! rows, measured with `benches/pg_ceiling.sh`), `buffer` (3),
+//! `batch` (4, 5 and 6) and `cluster` (C1-C3, also on `FERRY_TEST_PG_URL`:
+//! aggregate intake on 1, 2 and 3 nodes, takeover after SIGKILL of the
+//! upstream's owner, and the wake-up of callers held away from the owner;
+//! see [`cluster`]). nginx (`apt-get install -y nginx`, or
 //! `FERRY_BENCH_NGINX=/path/to/nginx`) is the comparison proxy; without it
 //! its rows are skipped.
 //!
@@ -100,9 +104,9 @@ impl Opts {
                 "-h" | "--help" => {
                     eprintln!(
                         "usage: cargo bench --bench load -- [--large] [--runs N] \
-                         [--only passthrough,intake,intake-pg,intake-default,stall,buffer,batch] [--duration SECS]\n\
+                         [--only passthrough,intake,intake-pg,intake-default,stall,buffer,batch,cluster] [--duration SECS]\n\
                          env: FERRY_BIN, FERRY_BENCH_NGINX, FERRY_BENCH_LARGE, FERRY_BENCH_RUNS, \
-                         FERRY_BENCH_ONLY, FERRY_BENCH_DURATION, FERRY_TEST_PG_URL (intake-pg), and sizes FERRY_BENCH_BUFFER, \
+                         FERRY_BENCH_ONLY, FERRY_BENCH_DURATION, FERRY_TEST_PG_URL (intake-pg, cluster), and sizes FERRY_BENCH_BUFFER, \
                          FERRY_BENCH_BATCH_LINES, FERRY_BENCH_HELD"
                     );
                     std::process::exit(0);
@@ -225,11 +229,17 @@ fn stack_on(
     );
     let mut env = Vec::new();
     if let Some(url) = pg_url {
-        cfg.push_str("\n[storage]\nkind = \"postgres\"\nurl_env = \"FERRY_BENCH_PG_URL\"\n");
+        cfg.push_str(&pg_storage(""));
         env.push(("FERRY_BENCH_PG_URL", url));
     }
     let fer = ferry_with(o, dir, &cfg, &env);
     (emu, fer)
+}
+
+/// The `[storage]` table of a Ferry on the PostgreSQL database whose URL is
+/// in `FERRY_BENCH_PG_URL`, with `extra` keys (`lease_secs = 2`).
+fn pg_storage(extra: &str) -> String {
+    format!("\n[storage]\nkind = \"postgres\"\nurl_env = \"FERRY_BENCH_PG_URL\"\n{extra}\n")
 }
 
 fn ferry(o: &Opts, dir: &Path, config: &str) -> Proc {
@@ -551,6 +561,13 @@ enum Stop {
 /// Closed loop: `conns` workers, each with its own connection, each sending
 /// the next request as soon as the previous answer is read.
 async fn closed_loop(addr: SocketAddr, conns: usize, stop: Stop, make: MakeReq) -> Load {
+    closed_loop_over(&[addr], conns, stop, make).await
+}
+
+/// [`closed_loop`] with the connections spread round-robin over `addrs`
+/// (worker `w` talks to `addrs[w % addrs.len()]`), as a load balancer in
+/// front of a cluster's nodes would.
+async fn closed_loop_over(addrs: &[SocketAddr], conns: usize, stop: Stop, make: MakeReq) -> Load {
     let counter = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let (warm_end, end, max) = match stop {
@@ -560,9 +577,10 @@ async fn closed_loop(addr: SocketAddr, conns: usize, stop: Stop, make: MakeReq) 
         Stop::Count(n) => (start, None, n),
     };
     let mut handles = Vec::new();
-    for _ in 0..conns {
+    for w in 0..conns {
         let counter = counter.clone();
         let make = make.clone();
+        let addr = addrs[w % addrs.len()];
         handles.push(tokio::spawn(async move {
             let mut conn = connect(addr).await.ok();
             let mut rec = Recorded::default();
@@ -1188,6 +1206,24 @@ enum Storage {
     Postgres,
 }
 
+/// The intake sections' calls: deferred (`respond-async`), ~300 B bodies
+/// over 16 models, so that no queue reaches 50,000 (the size threshold)
+/// while measuring; custom ids `{prefix}{i}`. The emulator must accept any
+/// model (`--models ""`).
+fn intake_requests(addr: SocketAddr, prefix: &'static str) -> MakeReq {
+    let bodies: Vec<Bytes> = (0..16)
+        .map(|m| chat_body(&format!("bench-{m:02}"), 300))
+        .collect();
+    Arc::new(move |i| {
+        deferred_req(
+            addr,
+            bodies[(i % 16) as usize].clone(),
+            &format!("{prefix}{i}"),
+            "respond-async",
+        )
+    })
+}
+
 /// Figure 2: deferred calls answered 202 per second, 64 connections; on
 /// sled (`intake`) or PostgreSQL (`intake-pg`, figure 2p), one code path.
 async fn intake(o: &Opts, rows: &mut Rows, storage: Storage) {
@@ -1211,18 +1247,7 @@ async fn intake(o: &Opts, rows: &mut Rows, storage: Storage) {
         "max_wait_secs = 1e9",
         pg.as_ref().map(|p| p.url.as_str()),
     );
-    let addr = fer.addr("proxy");
-    let bodies: Vec<Bytes> = (0..16)
-        .map(|m| chat_body(&format!("bench-{m:02}"), 300))
-        .collect();
-    let make: MakeReq = Arc::new(move |i| {
-        deferred_req(
-            addr,
-            bodies[(i % 16) as usize].clone(),
-            &format!("i{i}"),
-            "respond-async",
-        )
-    });
+    let make = intake_requests(fer.addr("proxy"), "i");
     let db_cpu0 = pg.as_ref().map(|p| p.cpu_secs());
     let (l, cpu_per_202, flushes) = timed_intake(o, &fer, make).await;
     l.check("intake", 202);
@@ -1387,22 +1412,38 @@ fn pg_ceiling(o: &Opts) -> f64 {
 /// waits for one flush per call, so connections ÷ (flush + store time)
 /// bounds the rate.
 async fn timed_intake(o: &Opts, fer: &Proc, make: MakeReq) -> (Load, f64, (f64, f64)) {
+    timed_intake_over(o, &[fer], make).await
+}
+
+/// [`timed_intake`] against several nodes of a cluster, the connections
+/// spread round-robin over them; CPU and flushes are summed over the nodes.
+async fn timed_intake_over(o: &Opts, nodes: &[&Proc], make: MakeReq) -> (Load, f64, (f64, f64)) {
     let flushes = |m: &str| {
         (
             metric_sum(m, "ferry_storage_flush_duration_seconds_count", ""),
             metric_sum(m, "ferry_storage_flush_duration_seconds_sum", ""),
         )
     };
-    let (n0, s0) = flushes(&metrics(fer.addr("admin")).await);
-    let cpu0 = cpu_secs(fer.pid(), false);
+    let all_flushes = || async {
+        let mut t = (0.0, 0.0);
+        for n in nodes {
+            let (c, s) = flushes(&metrics(n.addr("admin")).await);
+            t = (t.0 + c, t.1 + s);
+        }
+        t
+    };
+    let cpu = || nodes.iter().map(|n| cpu_secs(n.pid(), false)).sum::<f64>();
+    let (n0, s0) = all_flushes().await;
+    let cpu0 = cpu();
     let warmup = Duration::from_secs(2);
     let stop = Stop::Time {
         warmup,
         duration: o.duration,
     };
-    let l = closed_loop(fer.addr("proxy"), o.conns, stop, make).await;
-    let cpu = cpu_secs(fer.pid(), false) - cpu0;
-    let (n1, s1) = flushes(&metrics(fer.addr("admin")).await);
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr("proxy")).collect();
+    let l = closed_loop_over(&addrs, o.conns, stop, make).await;
+    let cpu = cpu() - cpu0;
+    let (n1, s1) = all_flushes().await;
     let scale = o.duration.as_secs_f64() / (o.duration + warmup).as_secs_f64();
     let per_202 = cpu * scale / l.count(202) as f64 * 1e6;
     let mean_ms = (s1 - s0) / (n1 - n0).max(1.0) * 1000.0;
@@ -2029,6 +2070,514 @@ async fn batch(o: &Opts, rows: &mut Rows) {
     );
 }
 
+// --------------------------------------------------------------- cluster
+
+/// The cluster section's figures: what running several nodes on one
+/// PostgreSQL database costs, not how it scales (this machine has few
+/// cores, shared by the nodes, the database, the emulator and the
+/// generator).
+const CLUSTER_FIGURE_INTAKE: &str = "C1 cluster intake, PostgreSQL";
+const CLUSTER_FIGURE_TAKEOVER: &str = "C2 takeover after SIGKILL of the owner";
+const CLUSTER_FIGURE_WAKE: &str = "C3 cross-node wake-up";
+
+/// One node of a benched cluster: its directory (config, `data`, logs),
+/// its config and its process.
+struct Node {
+    dir: PathBuf,
+    config: String,
+    proc: Proc,
+}
+
+impl Node {
+    /// The name this node takes leases under (`node-<instance id>`).
+    fn name(&self) -> String {
+        let id = std::fs::read_to_string(self.dir.join("data").join("instance_id"))
+            .expect("instance id");
+        format!("node-{}", id.trim())
+    }
+}
+
+/// `n` Ferry nodes on one fresh PostgreSQL database in front of one
+/// standalone emulator (its own process, so its CPU is not Ferry's), each
+/// node in `dir/node<i>`, all on the same config but for `data_dir`.
+struct Cluster {
+    emu: Proc,
+    nodes: Vec<Node>,
+    pg: PgDatabase,
+    /// A connection to the cluster's database (reads `leases`).
+    db: tokio_postgres::Client,
+}
+
+impl Cluster {
+    async fn start(
+        o: &Opts,
+        dir: &Path,
+        n: usize,
+        emu_args: &[&str],
+        upstream_extra: &str,
+        storage_extra: &str,
+    ) -> Cluster {
+        let pg = PgDatabase::fresh().await;
+        let emu = emulator(o, dir, emu_args);
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let ndir = dir.join(format!("node{i}"));
+            std::fs::create_dir_all(&ndir).expect("node dir");
+            let mut config =
+                ferry_config(&ndir.join("data"), emu.addr("emulator"), "", upstream_extra);
+            config.push_str(&pg_storage(storage_extra));
+            let proc = ferry_with(o, &ndir, &config, &[("FERRY_BENCH_PG_URL", &pg.url)]);
+            nodes.push(Node {
+                dir: ndir,
+                config,
+                proc,
+            });
+        }
+        let db = pg_connect(&pg.url).await;
+        Cluster { emu, nodes, pg, db }
+    }
+
+    /// The lease row's owner, if unexpired by the database's clock.
+    async fn lease_owner(&self) -> Option<String> {
+        self.db
+            .query_opt(
+                "SELECT owner FROM leases WHERE name = 'upstream/emu' AND expires_at > now()",
+                &[],
+            )
+            .await
+            .expect("read leases")
+            .map(|r| r.get(0))
+    }
+
+    /// The index of the node that owns the upstream, once one does.
+    async fn owner(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(owner) = self.lease_owner().await
+                && let Some(i) = self.nodes.iter().position(|n| n.name() == owner)
+            {
+                return i;
+            }
+            assert!(Instant::now() < deadline, "no node took the upstream");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// SIGKILLs node `i` and returns when it is gone.
+    fn kill(&mut self, i: usize) {
+        let p = &mut self.nodes[i].proc;
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+    }
+
+    /// Starts node `i` again on its directory and config.
+    fn restart(&mut self, o: &Opts, i: usize) {
+        let n = &mut self.nodes[i];
+        n.proc = ferry_with(
+            o,
+            &n.dir,
+            &n.config,
+            &[("FERRY_BENCH_PG_URL", &self.pg.url)],
+        );
+    }
+
+    async fn stop(self) {
+        drop(self.nodes);
+        drop(self.emu);
+        drop(self.db);
+        self.pg.drop_database().await;
+    }
+}
+
+/// Figures C1-C3: Ferry as a cluster of nodes on one PostgreSQL database
+/// (a fresh one per run, on the server in `FERRY_TEST_PG_URL`), each node
+/// a release binary, one standalone emulator.
+///
+/// - C1, aggregate intake: the `intake-pg` run ([`timed_intake_over`],
+///   [`intake_requests`]: 64 connections, ~300 B bodies over 16 models, no
+///   flush while measuring) against 1, 2 and 3 nodes, the connections
+///   spread round-robin over them; 202/s, p50 and p99 side by side.
+/// - C2, takeover: 3 nodes; the node holding the `upstream/emu` lease is
+///   SIGKILLed and the `leases` table is read every 10 ms until another
+///   node holds an unexpired lease; the killed node is started again and
+///   the next kill comes at another phase of the renewal (every third of
+///   `lease_secs`). 5 kills with the default `lease_secs = 15` and 5 with
+///   `lease_secs = 2`: min, median, max from the kill to the new owner.
+/// - C3, cross-node wake-up: 3 nodes; rounds of 1 caller held
+///   (`Prefer: respond-async, wait=60`, a unique prompt) on the owner and 20
+///   on the two other nodes, the upstream flushing at exactly 21 requests,
+///   so each round is one batch, its results stored in one slice by the
+///   owner. The owner wakes its own caller in process after the slice's
+///   commit and `NOTIFY`; the other nodes wake theirs when the `NOTIFY`
+///   reaches their listener. Per non-owner caller: its answer's arrival
+///   minus the owner-held caller's arrival (same batch, same commit, same
+///   client clock) is what holding a caller away from the owner adds.
+///   (The owner wakes its caller only after its `NOTIFY` statement
+///   returned, so this slightly under-counts; `requests.completed_at` is in
+///   whole seconds, so no better stored timestamp exists.) As a second
+///   reference the harness LISTENs on `ferry_events` itself: answer arrival
+///   minus the harness receiving the round's terminal notification.
+async fn cluster(o: &Opts, rows: &mut Rows) {
+    eprintln!(
+        "== cluster (C1-C3): {} CPUs here, shared by every node, PostgreSQL, the emulator and \
+         the generator: these figures show the cost of the cluster, not its scaling",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    cluster_intake(o, rows).await;
+    for lease in [15.0, 2.0] {
+        cluster_takeover(o, rows, lease).await;
+    }
+    cluster_wakeup(o, rows).await;
+}
+
+/// C1: the same intake against 1, 2 and 3 nodes.
+async fn cluster_intake(o: &Opts, rows: &mut Rows) {
+    let f = CLUSTER_FIGURE_INTAKE;
+    for n in 1..=3 {
+        eprintln!("  -- {f}: {n} node(s), {} connections round-robin", o.conns);
+        let dir = workdir();
+        let c = Cluster::start(
+            o,
+            dir.path(),
+            n,
+            &["--models", ""],
+            "max_wait_secs = 1e9",
+            "",
+        )
+        .await;
+        let nodes: Vec<&Proc> = c.nodes.iter().map(|n| &n.proc).collect();
+        let make = intake_requests(nodes[0].addr("proxy"), "c");
+        let db_cpu0 = c.pg.cpu_secs();
+        let (l, cpu_per_202, _) = timed_intake_over(o, &nodes, make).await;
+        l.check("cluster intake", 202);
+        let nodes_s = if n == 1 { "node" } else { "nodes" };
+        rows.add(
+            f,
+            format!("{n} {nodes_s}: 202 answers/s, {} conns", o.conns),
+            l.rate(202),
+            "req/s",
+        );
+        rows.add(f, format!("{n} {nodes_s}: p50"), l.pct(50.0), "ms");
+        rows.add(f, format!("{n} {nodes_s}: p99"), l.pct(99.0), "ms");
+        rows.add(
+            f,
+            format!("{n} {nodes_s}: Ferry CPU per request (all nodes)"),
+            cpu_per_202,
+            "µs",
+        );
+        // Over the whole run (warm-up included), as Ferry's CPU is scaled.
+        let scale = o.duration.as_secs_f64() / (o.duration + Duration::from_secs(2)).as_secs_f64();
+        let db_per_202 = (c.pg.cpu_secs() - db_cpu0) * scale / l.count(202) as f64 * 1e6;
+        rows.add(
+            f,
+            format!("{n} {nodes_s}: PostgreSQL CPU per request"),
+            db_per_202,
+            "µs",
+        );
+        c.stop().await;
+    }
+}
+
+/// C2: from SIGKILL of the owner to another node holding the lease.
+async fn cluster_takeover(o: &Opts, rows: &mut Rows, lease_secs: f64) {
+    const KILLS: usize = 5;
+    eprintln!("  -- {CLUSTER_FIGURE_TAKEOVER}: lease_secs = {lease_secs}, {KILLS} kills, 3 nodes");
+    let dir = workdir();
+    let mut c = Cluster::start(
+        o,
+        dir.path(),
+        3,
+        &[],
+        "max_wait_secs = 1e9",
+        &format!("lease_secs = {lease_secs}"),
+    )
+    .await;
+    let renew = lease_secs / 3.0;
+    let mut took = Vec::new();
+    for k in 0..KILLS {
+        let dead = c.owner().await;
+        // Kill at a different point of the owner's renewal cycle each time.
+        let phase = [0.1, 0.5, 0.9, 0.3, 0.7][k % 5];
+        tokio::time::sleep(Duration::from_secs_f64(renew * phase)).await;
+        let dead_name = c.nodes[dead].name();
+        c.kill(dead);
+        let t = Instant::now();
+        loop {
+            if let Some(owner) = c.lease_owner().await
+                && owner != dead_name
+            {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs_f64(lease_secs * 3.0 + 30.0),
+                "nobody took over from node {dead}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let secs = t.elapsed().as_secs_f64();
+        eprintln!(
+            "     kill {}: node {dead} killed, taken over after {secs:.2} s",
+            k + 1
+        );
+        took.push(secs);
+        c.restart(o, dead);
+    }
+    c.stop().await;
+    let f = CLUSTER_FIGURE_TAKEOVER;
+    let lo = took.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = took.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    rows.add(
+        f,
+        format!("lease_secs = {lease_secs}: min of {KILLS}"),
+        lo,
+        "s",
+    );
+    rows.add(
+        f,
+        format!("lease_secs = {lease_secs}: median of {KILLS}"),
+        median(&mut took),
+        "s",
+    );
+    rows.add(
+        f,
+        format!("lease_secs = {lease_secs}: max of {KILLS}"),
+        hi,
+        "s",
+    );
+}
+
+/// C3: callers held on nodes that do not own the upstream, against one held
+/// on the owner for the same batch (see [`cluster`]).
+async fn cluster_wakeup(o: &Opts, rows: &mut Rows) {
+    /// Callers held on the non-owner nodes per round (one batch).
+    const AWAY: usize = 20;
+    const ROUNDS: usize = 16;
+    let f = CLUSTER_FIGURE_WAKE;
+    eprintln!(
+        "  -- {f}: {ROUNDS} rounds (the first a warm-up) of 1 caller held on the owner + {AWAY} \
+         on the other nodes, one {}-line batch each",
+        AWAY + 1
+    );
+    let dir = workdir();
+    let upstream_extra = format!(
+        "max_requests = {}\nmax_wait_secs = 30\npoll_interval_secs = 0.05\n\
+         calls_per_second = 1000\nbatches_per_hour = 1000000",
+        AWAY + 1
+    );
+    let c = Cluster::start(o, dir.path(), 3, &[], &upstream_extra, "").await;
+    // A quick emulator, as in tests/cluster.rs but shorter.
+    let r = http()
+        .post(format!(
+            "http://{}/_emulator/config",
+            c.emu.addr("emulator")
+        ))
+        .json(&json!({
+            "validating_seconds": 0.05,
+            "per_request_seconds": 0.001,
+            "finalizing_seconds": 0.05,
+            "latency_ms": 1
+        }))
+        .send()
+        .await
+        .expect("emulator config");
+    assert!(r.status().is_success(), "emulator config: {}", r.status());
+    // The harness's own listener: when each round's terminal notification
+    // reaches a LISTENing connection.
+    let (_listener, notified) = listen_events(&c.pg.url).await;
+    let owner = c.owner().await;
+    let away: Vec<usize> = (0..3).filter(|&i| i != owner).collect();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .pool_max_idle_per_host(64)
+        .build()
+        .expect("client");
+    let mut vs_owner = Vec::new();
+    let mut vs_notify = Vec::new();
+    let mut owner_vs_notify = Vec::new();
+    let mut round_secs = Vec::new();
+    for round in 0..ROUNDS {
+        let started = Instant::now();
+        let mut calls = Vec::new();
+        for k in 0..=AWAY {
+            // Call 0 is held on the owner, the others alternate between the
+            // two other nodes.
+            let node = if k == 0 { owner } else { away[k % 2] };
+            let url = format!(
+                "http://{}/v1/chat/completions",
+                c.nodes[node].proc.addr("proxy")
+            );
+            let id = format!("w{round}-{k}");
+            let body = json!({
+                "model": MODEL,
+                "messages": [{"role": "user", "content": format!("wake-up {id}")}],
+            });
+            let client = client.clone();
+            calls.push(tokio::spawn(async move {
+                let r = client
+                    .post(url)
+                    .bearer_auth(TENANT_KEY)
+                    .header("prefer", "respond-async, wait=60")
+                    .header("x-ferry-custom-id", &id)
+                    .json(&body)
+                    .send()
+                    .await;
+                let ok = match r {
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        let text = r.text().await.unwrap_or_default();
+                        status == 200 && text.contains(&format!("echo: wake-up {id}"))
+                    }
+                    Err(_) => false,
+                };
+                (Instant::now(), ok)
+            }));
+        }
+        let mut answers = Vec::new();
+        for h in calls {
+            answers.push(h.await.expect("held caller"));
+        }
+        round_secs.push(started.elapsed().as_secs_f64());
+        let bad = answers.iter().filter(|(_, ok)| !ok).count();
+        if bad > 0 {
+            eprintln!("  !! round {round}: {bad} held callers not answered with their completion");
+        }
+        // The round's terminal notification: the first one heard since the
+        // round started (rounds do not overlap, nothing else completes).
+        let heard = notified
+            .lock()
+            .expect("notifications")
+            .iter()
+            .copied()
+            .find(|t| *t >= started);
+        if round == 0 {
+            continue; // warm-up: connections, prepared statements
+        }
+        let (t_owner, owner_ok) = answers[0];
+        if !owner_ok {
+            continue;
+        }
+        for &(t, _) in answers.iter().skip(1).filter(|(_, ok)| *ok) {
+            vs_owner.push(signed_ms(t, t_owner));
+            if let Some(h) = heard {
+                vs_notify.push(signed_ms(t, h));
+            }
+        }
+        if let Some(h) = heard {
+            owner_vs_notify.push(signed_ms(t_owner, h));
+        }
+    }
+    let n = vs_owner.len();
+    eprintln!(
+        "     {n} callers away from the owner; a round took {:.2} s (median)",
+        median(&mut round_secs)
+    );
+    rows.add(
+        f,
+        format!("callers held away from the owner ({} rounds)", ROUNDS - 1),
+        n as f64,
+        "",
+    );
+    rows.add(
+        f,
+        "away − owner-held answer, same batch: p50",
+        fpct(&vs_owner, 50.0),
+        "ms",
+    );
+    rows.add(
+        f,
+        "away − owner-held answer, same batch: p99",
+        fpct(&vs_owner, 99.0),
+        "ms",
+    );
+    rows.add(
+        f,
+        "away − harness heard the NOTIFY: p50",
+        fpct(&vs_notify, 50.0),
+        "ms",
+    );
+    rows.add(
+        f,
+        "away − harness heard the NOTIFY: p99",
+        fpct(&vs_notify, 99.0),
+        "ms",
+    );
+    rows.add(
+        f,
+        "owner-held − harness heard the NOTIFY: p50",
+        fpct(&owner_vs_notify, 50.0),
+        "ms",
+    );
+    c.stop().await;
+}
+
+/// How to read C1-C3, printed under the table.
+fn print_cluster_notes() {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "Cluster (C1-C3): every node, PostgreSQL, the emulator and the generator share these {cpus} \
+         CPUs, so C1 shows what the cluster costs, not how it scales: more nodes cannot add cores \
+         here. C1: the intake-pg run (64 connections, ~300 B bodies, 16 models, no flush while \
+         measuring) against 1, 2, 3 nodes on one fresh database, connections round-robin over the \
+         nodes. C2: SIGKILL of the node holding the upstream's lease, then the `leases` table read \
+         every 10 ms until another node holds it (by the database's clock); 5 kills per \
+         lease_secs, each at another phase of the renewal. C3: per round one caller held \
+         (wait=60) on the owner and 20 on the other nodes, one 21-line batch; each away caller's \
+         answer minus the owner-held caller's answer (same batch, same commit, the harness's \
+         clock) is what holding away from the owner adds (slightly under-counted: the owner \
+         wakes its caller after its NOTIFY statement returns); and minus when the harness's own \
+         LISTEN connection heard the round's notification."
+    );
+}
+
+/// `a − b` in ms, negative when `a` came first.
+fn signed_ms(a: Instant, b: Instant) -> f64 {
+    if a >= b {
+        (a - b).as_secs_f64() * 1000.0
+    } else {
+        -((b - a).as_secs_f64() * 1000.0)
+    }
+}
+
+/// Percentile of float samples (nearest rank, as [`percentile`]).
+fn fpct(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let i = ((p / 100.0) * (s.len() - 1) as f64).round() as usize;
+    s[i.min(s.len() - 1)]
+}
+
+/// LISTENs on `ferry_events` (Ferry's cluster channel) on a connection of
+/// the harness's own, and records when each terminal-requests notification
+/// (payload `t<ids>`) arrives; listening until the returned client drops.
+async fn listen_events(url: &str) -> (tokio_postgres::Client, Arc<std::sync::Mutex<Vec<Instant>>>) {
+    use futures::StreamExt;
+    let config: tokio_postgres::Config = url.parse().expect("database URL");
+    let (client, mut conn) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect to listen");
+    let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let h = heard.clone();
+    let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m
+                && n.payload().starts_with('t')
+            {
+                h.lock().expect("notifications").push(Instant::now());
+            }
+        }
+    });
+    client
+        .batch_execute("LISTEN ferry_events")
+        .await
+        .expect("LISTEN ferry_events");
+    (client, heard)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let o = Opts::parse();
@@ -2070,10 +2619,21 @@ async fn main() {
         if o.wants("batch") {
             batch(&o, &mut rows).await;
         }
+        if o.wants("cluster") {
+            // Not asked for by name and no server: skipped, as nginx's rows are.
+            if o.only.is_none() && std::env::var_os("FERRY_TEST_PG_URL").is_none() {
+                eprintln!("== cluster (C1-C3): skipped (no FERRY_TEST_PG_URL)");
+            } else {
+                cluster(&o, &mut rows).await;
+            }
+        }
         runs.push(rows);
     }
     print_table(&o, &runs);
     println!();
+    if o.wants("cluster") && std::env::var_os("FERRY_TEST_PG_URL").is_some() {
+        print_cluster_notes();
+    }
     println!(
         "Took {:.0} s. Generator, proxy and emulator share the machine's cores; nothing is pinned.",
         started.elapsed().as_secs_f64()
