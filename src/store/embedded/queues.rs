@@ -1,0 +1,156 @@
+//! Queues in sled: the in-memory counts the flush policy reads (rebuilt
+//! at open), and claims, which move a queue's oldest entries into a batch.
+
+use super::*;
+
+impl SledStore {
+    /// Counts an entry that joined a queue (enqueued at `since_ms`).
+    pub(super) fn account(&self, qk: QueueKey, len: u64, since_ms: u64) {
+        let mut s = self.queues.entry(qk).or_default();
+        s.count += 1;
+        s.bytes += len;
+        if s.oldest_ms == 0 || since_ms < s.oldest_ms {
+            s.oldest_ms = since_ms;
+        }
+    }
+
+    pub(super) fn unaccount(&self, qk: &QueueKey, qval: &[u8]) {
+        let len = parse_queue_value(qval).map_or(0, |(_, l)| l);
+        if let Some(mut s) = self.queues.get_mut(qk) {
+            s.count = s.count.saturating_sub(1);
+            s.bytes = s.bytes.saturating_sub(len);
+        }
+    }
+
+    /// Recomputes the oldest entry of a queue after entries left it.
+    pub(super) fn refresh_oldest(&self, qk: &QueueKey) -> Result<(), StoreError> {
+        let first = self.queue_entries(qk).next().transpose()?;
+        let oldest = first
+            .and_then(|(_, v)| parse_queue_value(&v))
+            .map_or(0, |(at, _)| at);
+        if let Some(mut s) = self.queues.get_mut(qk) {
+            s.oldest_ms = oldest;
+            if s.count == 0 {
+                s.bytes = 0;
+                s.oldest_ms = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// The entries of one queue, oldest first, as (request id, value). The
+    /// prefix scan alone is not enough: it also finds the entries of any
+    /// queue whose key extends this one's (a model name containing NUL, as
+    /// stores written before intake refused them may hold), so each key is
+    /// parsed and checked.
+    pub(super) fn queue_entries<'a>(
+        &'a self,
+        qk: &'a QueueKey,
+    ) -> impl Iterator<Item = Result<(u64, sled::IVec), StoreError>> + 'a {
+        self.queue
+            .scan_prefix(qk.prefix())
+            .filter_map(move |item| match item {
+                Err(e) => Some(Err(e.into())),
+                Ok((k, v)) => match QueueKey::parse_entry(&k) {
+                    Some((key, id)) if key == *qk => Some(Ok((id, v))),
+                    Some(_) => None,
+                    None => Some(Err(corrupt("queue key", "bad"))),
+                },
+            })
+    }
+
+    pub fn queue_stats(&self) -> Vec<(QueueKey, QueueStats)> {
+        self.queues
+            .iter()
+            .map(|e| (e.key().clone(), *e.value()))
+            .collect()
+    }
+
+    pub fn queue_stats_for(&self, qk: &QueueKey) -> Option<QueueStats> {
+        self.queues.get(qk).map(|s| *s)
+    }
+
+    pub fn queued_total(&self) -> u64 {
+        self.queues.iter().map(|e| e.value().count).sum()
+    }
+
+    /// Moves the oldest entries of a queue (at most `max_requests` lines and
+    /// `max_bytes` of JSONL) into a new batch. The batch record is written
+    /// first, then its members, then the queue entries leave: recovery
+    /// finishes whatever a crash cut short ([`SledStore::recover_claims`]).
+    pub fn claim_batch(
+        &self,
+        qk: &QueueKey,
+        max_requests: usize,
+        max_bytes: u64,
+        reason: &str,
+    ) -> Result<Option<BatchRecord>, StoreError> {
+        let _g = self.queue_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ids = Vec::new();
+        let mut bytes = 0u64;
+        for item in self.queue_entries(qk) {
+            let (id, v) = item?;
+            let (_, len) = parse_queue_value(&v).ok_or_else(|| corrupt("queue value", "bad"))?;
+            if !lifecycle::claim_takes(ids.len(), bytes, len, max_requests, max_bytes) {
+                break;
+            }
+            ids.push(id);
+            bytes += len;
+        }
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        let batch = BatchRecord::claimed(self.new_id()?, qk, ids.len() as u64, bytes, reason);
+        self.put_batch(&batch)?;
+        // One key per slice of 1,000 members (the ids packed in its value),
+        // not one per member: sled copies a leaf on every insert, and 50,000
+        // single inserts were about a quarter of a flush's memory growth. A crash between
+        // slices leaves a claim with part of its members, which recovery
+        // finishes with the count and bytes recomputed.
+        for slice in ids.chunks(WRITE_SLICE) {
+            let packed: Vec<u8> = slice.iter().flat_map(|id| id.to_be_bytes()).collect();
+            self.members
+                .insert(member_key(batch.id, slice[0]), packed)?;
+        }
+        self.apply_claim(&batch, ids.iter().copied())?;
+        Ok(Some(batch))
+    }
+
+    /// Takes claimed members out of the queue and points them at the batch.
+    /// Idempotent, so recovery can run it again.
+    pub(super) fn apply_claim(
+        &self,
+        batch: &BatchRecord,
+        ids: impl Iterator<Item = u64>,
+    ) -> Result<(), StoreError> {
+        let qk = QueueKey {
+            upstream: batch.upstream.clone(),
+            model: batch.model.clone(),
+        };
+        let mut queue = sled::Batch::default();
+        let mut states = sled::Batch::default();
+        for (n, id) in ids.enumerate() {
+            // Applied in slices: sled copies whole leaves per batch, so one
+            // 50,000-entry batch costs hundreds of MiB at its peak.
+            if n > 0 && n % WRITE_SLICE == 0 {
+                self.queue.apply_batch(std::mem::take(&mut queue))?;
+                self.states.apply_batch(std::mem::take(&mut states))?;
+            }
+            let entry = qk.entry(id);
+            if let Some(v) = self.queue.get(&entry)? {
+                self.unaccount(&qk, &v);
+                queue.remove(entry);
+            }
+            if let Some(mut state) = self.state(id)?
+                && state.batch != Some(batch.id)
+                && state.status == RequestStatus::Queued
+            {
+                state.batch = Some(batch.id);
+                states.insert(&id.to_be_bytes(), &state.encode());
+            }
+        }
+        self.queue.apply_batch(queue)?;
+        self.states.apply_batch(states)?;
+        self.refresh_oldest(&qk)
+    }
+}
