@@ -447,15 +447,30 @@ async fn two_nodes_claiming_at_once_never_share_a_request() {
 }
 
 /// Claims every queued request of `u`/`m` and submits the batch.
+/// Records `b` as submitted, as the owner of its upstream does (taking the
+/// upstream's lease first).
+async fn mark_submitted(s: &PgStore, b: &mut BatchRecord, file_id: &str, batch_id: &str) {
+    let lease = format!("upstream/{}", b.upstream);
+    let token = s
+        .acquire_lease(&lease, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .expect("the upstream's lease");
+    let fence = (lease.as_str(), token);
+    assert!(
+        s.mark_submitted_fenced(b, file_id, batch_id, fence)
+            .await
+            .unwrap()
+    );
+}
+
 async fn submitted_batch(s: &PgStore) -> (BatchRecord, Vec<u64>) {
     let mut b = s
         .claim_batch(&qk(), 100, u64::MAX, "size")
         .await
         .unwrap()
         .unwrap();
-    s.mark_submitted(&mut b, "file-in", "batch_up")
-        .await
-        .unwrap();
+    mark_submitted(s, &mut b, "file-in", "batch_up").await;
     let ids = s.members(b.id).await.unwrap();
     (b, ids)
 }
@@ -659,9 +674,7 @@ async fn batch_records_track_their_upstream_objects_across_nodes() {
     };
     s.put_batch(&b).await.unwrap();
     assert_eq!(owned(other.clone()).await, ["file-in"]);
-    s.mark_submitted(&mut b, "file-in", "batch_1")
-        .await
-        .unwrap();
+    mark_submitted(&s, &mut b, "file-in", "batch_1").await;
     assert_eq!(owned(other.clone()).await, ["file-in", "batch_1"]);
     assert_eq!(s.recover_claims().await.unwrap(), 0);
     assert_eq!(other.live_batches().await.unwrap(), vec![b.clone()]);
@@ -849,7 +862,7 @@ async fn leases_are_held_by_one_node_and_fence_a_stale_holder() {
     // Recording the upstream batch is fenced the same way: the stale
     // holder writes nothing, its members stay queued.
     let mut late = fresh.clone();
-    let fence = Some(("driver", 1));
+    let fence = ("driver", 1);
     assert!(
         !a.mark_submitted_fenced(&mut late, "file-new", "batch_stale", fence)
             .await
@@ -862,7 +875,7 @@ async fn leases_are_held_by_one_node_and_fence_a_stale_holder() {
         RequestStatus::Queued
     );
     let mut current = fresh.clone();
-    let fence = Some(("driver", 2));
+    let fence = ("driver", 2);
     assert!(
         b.mark_submitted_fenced(&mut current, "file-new", "batch_new", fence)
             .await

@@ -318,8 +318,9 @@ async fn a_run_of_404s_is_stored_and_counts_from_its_first_after_a_restart() {
     // A batch this upstream does not know (as after a changed key).
     let batch = app
         .store
-        .mark_submitted(&batch, "file-gone", "batch_gone")
+        .mark_submitted_fenced(&batch, "file-gone", "batch_gone", "upstream/emu", 1)
         .await
+        .unwrap()
         .unwrap();
     let poller = {
         let (app, mut batch, mut shutdown) = (app.clone(), batch.clone(), h.shutdown.clone());
@@ -428,8 +429,9 @@ async fn a_whole_batch_of_outcomes_is_written_in_slices() {
         .unwrap();
     batch = app
         .store
-        .mark_submitted(&batch, "file-x", "batch_x")
+        .mark_submitted_fenced(&batch, "file-x", "batch_x", "upstream/emu", 1)
         .await
+        .unwrap()
         .unwrap();
     let obj = |status: &str| -> crate::upstream::BatchObject {
         serde_json::from_value(serde_json::json!({"id": "batch_x", "status": status})).unwrap()
@@ -465,8 +467,9 @@ async fn a_whole_batch_of_outcomes_is_written_in_slices() {
         .unwrap();
     batch = app
         .store
-        .mark_submitted(&batch, "file-y", "batch_y")
+        .mark_submitted_fenced(&batch, "file-y", "batch_y", "upstream/emu", 1)
         .await
+        .unwrap()
         .unwrap();
     app.store
         .sled()

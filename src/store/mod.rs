@@ -439,46 +439,27 @@ impl Store {
         lease: &str,
         token: u64,
     ) -> Result<Option<BatchRecord>, StoreError> {
+        let mut next = batch.clone();
         match &self.backend {
             // One node: every lease is its own.
-            Backend::Sled(_) => self
-                .mark_submitted(batch, file_id, upstream_batch)
-                .await
-                .map(Some),
-            Backend::Postgres(p) => {
-                let mut next = batch.clone();
-                let fence = Some((lease, token));
-                let written = p
-                    .write(p.db.mark_submitted_fenced(&mut next, file_id, upstream_batch, fence))
-                    .await?;
-                Ok(written.then_some(next))
-            }
-        }
-    }
-
-    /// Records the upstream batch and moves every member to `submitted`;
-    /// returns the record as stored, durably.
-    pub async fn mark_submitted(
-        &self,
-        batch: &BatchRecord,
-        file_id: &str,
-        upstream_batch: &str,
-    ) -> Result<BatchRecord, StoreError> {
-        let (mut next, file, created) =
-            (batch.clone(), file_id.to_owned(), upstream_batch.to_owned());
-        match &self.backend {
             Backend::Sled(s) => {
+                let (file, created) = (file_id.to_owned(), upstream_batch.to_owned());
                 let next = s
                     .blocking(move |s| s.mark_submitted(&mut next, &file, &created).map(|()| next))
                     .await?;
                 s.commit().await?;
-                Ok(next)
+                Ok(Some(next))
             }
             Backend::Postgres(p) => {
-                let mut next = batch.clone();
-                p.write(p.db.mark_submitted(&mut next, file_id, upstream_batch))
+                let written = p
+                    .write(p.db.mark_submitted_fenced(
+                        &mut next,
+                        file_id,
+                        upstream_batch,
+                        (lease, token),
+                    ))
                     .await?;
-                Ok(next)
+                Ok(written.then_some(next))
             }
         }
     }

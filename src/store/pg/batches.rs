@@ -78,32 +78,18 @@ impl PgStore {
     }
 
     /// Records the upstream batch and moves every member to `submitted`,
-    /// in one transaction.
-    pub async fn mark_submitted(
-        &self,
-        batch: &mut BatchRecord,
-        file_id: &str,
-        batch_id: &str,
-    ) -> Result<(), PgError> {
-        self.mark_submitted_fenced(batch, file_id, batch_id, None)
-            .await
-            .map(drop)
-    }
-
-    /// [`mark_submitted`](Self::mark_submitted) while `fence` (a lease and
-    /// its token) is still the newest; returns whether it was written.
+    /// in one transaction, while `fence` (a lease and its token) is still
+    /// the newest; returns whether it was written.
     pub async fn mark_submitted_fenced(
         &self,
         batch: &mut BatchRecord,
         file_id: &str,
         batch_id: &str,
-        fence: Option<(&str, u64)>,
+        (lease, token): (&str, u64),
     ) -> Result<bool, PgError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        if let Some((lease, token)) = fence
-            && !super::leases::fence_in(&tx, lease, token).await?
-        {
+        if !super::leases::fence_in(&tx, lease, token).await? {
             return Ok(false);
         }
         batch.state = BatchState::Submitted {
