@@ -194,6 +194,9 @@ pub struct App {
     pub shutting_down: AtomicBool,
     /// Tells held callers to give up waiting (shutdown).
     pub release_waiters: tokio::sync::Notify,
+    /// The cluster's members as last seen (empty with sled): upstreams are
+    /// spread over them.
+    pub members: std::sync::RwLock<Vec<String>>,
 }
 
 impl App {

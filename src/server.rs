@@ -202,6 +202,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         ready: AtomicBool::new(false),
         shutting_down: AtomicBool::new(false),
         release_waiters: tokio::sync::Notify::new(),
+        members: Default::default(),
         config,
     });
 
@@ -240,6 +241,12 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             match recovered {
                 Ok(n) => info!(live_batches = n, queued, "recovery finished"),
                 Err(e) => return error!(error = %e, "recovery failed; Ferry stays not-ready"),
+            }
+            if app.store.is_shared() {
+                // Members known before the first renewal, so each upstream
+                // goes to the node first in line for it from the start.
+                crate::cluster::heartbeat(&app).await;
+                tokio::spawn(crate::cluster::keep_membership(app.clone(), rx.clone()));
             }
             for i in 0..app.upstreams.len() {
                 tokio::spawn(batch::run_flusher(app.clone(), i, rx.clone()));
@@ -314,6 +321,11 @@ pub fn run(config: Config) -> Result<(), ServerError> {
                         "shutting down: deferred intake closed, held callers get their tickets"
                     );
                     app.release_waiters.notify_waiters();
+                    // With a shared store the flush loops hand their
+                    // upstreams over now.
+                    for up in &app.upstreams {
+                        up.wake.notify_one();
+                    }
                 }
             }
         });

@@ -79,36 +79,29 @@ impl Node {
 }
 
 struct Cluster {
-    _tmp: tempfile::TempDir,
+    tmp: tempfile::TempDir,
     emulator: Proc,
     nodes: Vec<Node>,
+    /// The test database's URL, for nodes added later.
+    url: String,
     db: tokio_postgres::Client,
     http: reqwest::Client,
 }
 
 impl Cluster {
     async fn start(n: usize, lease: &str) -> Cluster {
+        let mut c = Cluster::empty().await;
+        for _ in 0..n {
+            c.add_node(lease, "", "");
+        }
+        c
+    }
+
+    /// The emulator and the database, with no node yet.
+    async fn empty() -> Cluster {
         let tmp = tempfile::tempdir().expect("tempdir");
         let emulator = common::emulator(tmp.path(), &[]);
         let url = common::pg::fresh_database();
-        let nodes = (0..n)
-            .map(|i| {
-                let dir = tmp.path().join(format!("node{i}"));
-                let storage = common::postgres_storage(&dir, &url, lease);
-                let target = format!(
-                    "base_url = \"http://{}/v1\"\napi_key_env = \"FERRY_TEST_UPSTREAM_KEY\"",
-                    emulator.addr("emulator")
-                );
-                let config = common::config_for(
-                    &dir,
-                    &storage,
-                    &target,
-                    UPSTREAM_EXTRA,
-                    r#"log_format = "json""#,
-                );
-                Node::start(&dir, &config)
-            })
-            .collect();
         let (db, conn) = url
             .parse::<tokio_postgres::Config>()
             .expect("database URL")
@@ -121,9 +114,10 @@ impl Cluster {
             .build()
             .expect("client");
         let c = Cluster {
-            _tmp: tmp,
+            tmp,
             emulator,
-            nodes,
+            nodes: Vec::new(),
+            url,
             db,
             http,
         };
@@ -137,6 +131,29 @@ impl Cluster {
             .expect("emulator config");
         assert!(r.status().is_success());
         c
+    }
+
+    /// Starts one more node; `more_upstreams` are whole `[[upstreams]]`
+    /// tables after the first one, `emu`.
+    fn add_node(&mut self, lease: &str, more_upstreams: &str, server_extra: &str) {
+        let dir = self.tmp.path().join(format!("node{}", self.nodes.len()));
+        let storage = common::postgres_storage(&dir, &self.url, lease);
+        let config = common::config_for(
+            &dir,
+            &storage,
+            &self.upstream_target(),
+            &format!("{UPSTREAM_EXTRA}\n{more_upstreams}"),
+            &format!("log_format = \"json\"\n{server_extra}"),
+        );
+        self.nodes.push(Node::start(&dir, &config));
+    }
+
+    /// How an upstream reaches the emulator.
+    fn upstream_target(&self) -> String {
+        format!(
+            "base_url = \"http://{}/v1\"\napi_key_env = \"FERRY_TEST_UPSTREAM_KEY\"",
+            self.emulator.addr("emulator")
+        )
     }
 
     fn emu(&self, path: &str) -> String {
@@ -397,7 +414,7 @@ fn readme_nginx_config(nodes: &[String], port: u16, dir: &Path) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_readme_nginx_example_spreads_callers_over_the_nodes() {
     let c = Cluster::start(2, DEFAULT_LEASE).await;
-    let dir = c._tmp.path().join("nginx");
+    let dir = c.tmp.path().join("nginx");
     std::fs::create_dir_all(&dir).expect("nginx dir");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -512,4 +529,133 @@ impl Drop for Nginx {
             .status();
         let _ = self.0.wait();
     }
+}
+
+/// The upstreams of the spreading test: `emu` and these.
+const SPREAD_UPSTREAMS: usize = 12;
+
+impl Cluster {
+    /// `[[upstreams]]` tables for `emu1` … `emu11`, all on the emulator.
+    fn more_upstreams(&self) -> String {
+        (1..SPREAD_UPSTREAMS)
+            .map(|i| {
+                format!(
+                    "[[upstreams]]\nname = \"emu{i}\"\nkind = \"openai\"\n{}\n{UPSTREAM_EXTRA}\n",
+                    self.upstream_target()
+                )
+            })
+            .collect()
+    }
+
+    /// Each upstream's lease holder now (unexpired leases only).
+    async fn lease_holders(&self) -> std::collections::BTreeMap<String, String> {
+        self.db
+            .query(
+                "SELECT name, owner FROM leases WHERE expires_at > now()",
+                &[],
+            )
+            .await
+            .expect("read leases")
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+            .collect()
+    }
+
+    /// Waits until every upstream's lease is held by the node first in
+    /// line for it among `nodes`; fails after `within`.
+    async fn settles_on(&self, nodes: &[usize], within: Duration) {
+        let members: Vec<String> = nodes.iter().map(|&i| self.nodes[i].name()).collect();
+        let want: std::collections::BTreeMap<String, String> = (0..SPREAD_UPSTREAMS)
+            .map(|i| {
+                let up = if i == 0 {
+                    "emu".to_owned()
+                } else {
+                    format!("emu{i}")
+                };
+                let first = ferry::batch::ownership::first_in_line(&up, &members)
+                    .expect("members")
+                    .to_owned();
+                (format!("upstream/{up}"), first)
+            })
+            .collect();
+        let deadline = Instant::now() + within;
+        loop {
+            let held = self.lease_holders().await;
+            if held == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "leases did not settle on the nodes first in line:\nheld {held:#?}\nwanted {want:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Upstreams are spread over the nodes by rendezvous hashing: a node that
+/// joins is handed the upstreams it is first in line for by the node that
+/// holds them (which keeps renewing them, so nothing expires: only the
+/// hand-over can move them), and a node stopped with SIGTERM hands its
+/// upstreams over as it leaves. Deferred calls keep completing throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upstreams_are_spread_over_the_nodes_and_handed_over_on_join_and_on_shutdown() {
+    let mut c = Cluster::empty().await;
+    let more = c.more_upstreams();
+    // Short, so that hand-overs are quick; renewed every 1.7 s, so a
+    // live node's lease does not lapse (only a hand-over moves it).
+    let lease = "lease_secs = 5";
+    let grace = "shutdown_grace_secs = 3";
+    c.add_node(lease, &more, grace);
+    c.settles_on(&[0], Duration::from_secs(30)).await;
+
+    c.add_node(lease, &more, grace);
+    c.add_node(lease, &more, grace);
+    c.settles_on(&[0, 1, 2], Duration::from_secs(30)).await;
+    let names: Vec<String> = c.nodes.iter().map(Node::name).collect();
+    let held = c.lease_holders().await;
+    let moved = held.values().filter(|o| **o != names[0]).count();
+    assert!(
+        moved > 0,
+        "no upstream moved to the nodes that joined: {held:#?}"
+    );
+    assert!(
+        c.log_lines(0, "handing the upstream over") >= moved,
+        "node 0 did not hand over what moved"
+    );
+
+    // A deferred call completes on every node while the upstreams are
+    // spread (`emu` is owned by whichever node is first for it).
+    for node in 0..3 {
+        let id = format!("spread-{node}");
+        let r = c.defer(node, &id, Some(60)).await;
+        assert_eq!(r.status(), 200, "held call on node {node}");
+    }
+
+    // SIGTERM the node that holds the most upstreams: it hands each over.
+    let leaving = (0..3)
+        .max_by_key(|&i| held.values().filter(|o| **o == names[i]).count())
+        .expect("nodes");
+    let had = held.values().filter(|o| **o == names[leaving]).count();
+    let handed_before = c.log_lines(leaving, "handed the upstream over");
+    let pid = c.nodes[leaving].proc.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let status = c.nodes[leaving].proc.child.wait().expect("wait");
+    assert!(status.success(), "node {leaving} exited with {status}");
+    assert_eq!(
+        c.log_lines(leaving, "handed the upstream over") - handed_before,
+        had,
+        "node {leaving} held {had} upstreams"
+    );
+    let rest: Vec<usize> = (0..3).filter(|&i| i != leaving).collect();
+    c.settles_on(&rest, Duration::from_secs(30)).await;
+    let id = "after-leave";
+    let r = c.defer(rest[0], id, Some(60)).await;
+    assert_eq!(r.status(), 200, "held call after node {leaving} left");
 }

@@ -129,8 +129,9 @@ use std::time::Duration;
 
 use ferry::store::pg::PgStore;
 use ferry::store::{
-    BatchRecord, BatchState, CancelOutcome, Intake, Outcome, QueueKey, QueueStats, RequestError,
-    RequestRecord, RequestStatus, StoredResult, WebhookState, WebhookStatus, line_len,
+    BatchRecord, BatchState, CancelOutcome, Grant, Intake, Outcome, QueueKey, QueueStats,
+    RequestError, RequestRecord, RequestStatus, StoredResult, WebhookState, WebhookStatus,
+    line_len,
 };
 
 /// A store on a fresh database, named `owner` in leases.
@@ -452,10 +453,11 @@ async fn two_nodes_claiming_at_once_never_share_a_request() {
 async fn mark_submitted(s: &PgStore, b: &mut BatchRecord, file_id: &str, batch_id: &str) {
     let lease = format!("upstream/{}", b.upstream);
     let token = s
-        .acquire_lease(&lease, Duration::from_secs(60))
+        .acquire_lease(&lease, Duration::from_secs(60), true)
         .await
         .unwrap()
-        .expect("the upstream's lease");
+        .expect("the upstream's lease")
+        .token;
     let fence = (lease.as_str(), token);
     assert!(
         s.mark_submitted_fenced(b, file_id, batch_id, fence)
@@ -813,6 +815,14 @@ async fn two_nodes_never_take_one_delivery_and_a_lapsed_lease_is_retaken() {
     assert!(next > d.first_ms + 50_000, "{next}");
 }
 
+/// A lease granted under `token`, with nobody asking for it.
+fn grant(token: u64) -> Option<Grant> {
+    Some(Grant {
+        token,
+        wanted_by: None,
+    })
+}
+
 async fn state_of(s: &PgStore, id: u64) -> WebhookState {
     s.get(id).await.unwrap().unwrap().webhook.unwrap()
 }
@@ -822,21 +832,35 @@ async fn leases_are_held_by_one_node_and_fence_a_stale_holder() {
     let (config, a) = store("a").await;
     let b = node(&config, "b").await;
     let long = Duration::from_secs(60);
-    assert_eq!(a.acquire_lease("driver", long).await.unwrap(), Some(1));
-    assert_eq!(b.acquire_lease("driver", long).await.unwrap(), None);
+    assert_eq!(
+        a.acquire_lease("driver", long, true).await.unwrap(),
+        grant(1)
+    );
+    assert_eq!(b.acquire_lease("driver", long, false).await.unwrap(), None);
     // The holder renews: same token.
-    assert_eq!(a.acquire_lease("driver", long).await.unwrap(), Some(1));
-    assert!(a.renew_lease("driver", 1, long).await.unwrap());
-    assert!(!b.renew_lease("driver", 1, long).await.unwrap());
+    assert_eq!(
+        a.acquire_lease("driver", long, true).await.unwrap(),
+        grant(1)
+    );
     // Other names are independent.
-    assert_eq!(b.acquire_lease("other", long).await.unwrap(), Some(1));
+    assert_eq!(
+        b.acquire_lease("other", long, true).await.unwrap(),
+        grant(1)
+    );
 
     // `a` renews with no time left (standing in for its lease running
     // out): `b` takes it over with a higher token.
-    assert!(a.renew_lease("driver", 1, Duration::ZERO).await.unwrap());
-    assert_eq!(b.acquire_lease("driver", long).await.unwrap(), Some(2));
-    assert_eq!(a.acquire_lease("driver", long).await.unwrap(), None);
-    assert!(!a.renew_lease("driver", 1, long).await.unwrap());
+    assert_eq!(
+        a.acquire_lease("driver", Duration::ZERO, true)
+            .await
+            .unwrap(),
+        grant(1)
+    );
+    assert_eq!(
+        b.acquire_lease("driver", long, true).await.unwrap(),
+        grant(2)
+    );
+    assert_eq!(a.acquire_lease("driver", long, false).await.unwrap(), None);
 
     // A batch write under the stale token is refused; under the new one
     // it lands.
@@ -889,6 +913,100 @@ async fn leases_are_held_by_one_node_and_fence_a_stale_holder() {
         count(&config, "SELECT token FROM leases WHERE name = 'driver'").await,
         2
     );
+}
+
+#[tokio::test]
+async fn a_claim_under_a_stale_token_takes_nothing() {
+    let (config, a) = store("a").await;
+    let b = node(&config, "b").await;
+    let long = Duration::from_secs(60);
+    queue_n(&a, "c", 3).await;
+    assert_eq!(
+        a.acquire_lease("up", Duration::ZERO, true).await.unwrap(),
+        grant(1)
+    );
+    assert_eq!(b.acquire_lease("up", long, true).await.unwrap(), grant(2));
+    // `a` lost the lease between its last renewal and its claim.
+    assert_eq!(
+        a.claim_batch_fenced(&qk(), 10, u64::MAX, "size", "up", 1)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(a.queue_stats().await.unwrap()[0].1.count, 3);
+    let batch = b
+        .claim_batch_fenced(&qk(), 10, u64::MAX, "size", "up", 2)
+        .await
+        .unwrap()
+        .expect("the owner claims");
+    assert_eq!(batch.request_count, 3);
+}
+
+#[tokio::test]
+async fn a_lease_goes_to_the_node_first_in_line_and_is_handed_over_on_request() {
+    let (config, a) = store("a").await;
+    let b = node(&config, "b").await;
+    let c = node(&config, "c").await;
+    let long = Duration::from_secs(60);
+    // A free lease goes to whoever asks, first in line or not.
+    assert_eq!(a.acquire_lease("up", long, false).await.unwrap(), grant(1));
+    // `b` is first in line: it does not get a held lease, but asks for it,
+    // and the holder learns so at its next renewal.
+    assert_eq!(b.acquire_lease("up", long, true).await.unwrap(), None);
+    assert_eq!(
+        a.acquire_lease("up", long, false).await.unwrap(),
+        Some(Grant {
+            token: 1,
+            wanted_by: Some("b".into()),
+        })
+    );
+    // `a` hands it over: released, it waits for `b`; `c`, not first in
+    // line, does not take a lease that has only just expired.
+    a.release_lease("up", 1).await.unwrap();
+    assert_eq!(c.acquire_lease("up", long, false).await.unwrap(), None);
+    assert_eq!(b.acquire_lease("up", long, true).await.unwrap(), grant(2));
+    // A release under a stale token does nothing.
+    a.release_lease("up", 1).await.unwrap();
+    assert_eq!(a.acquire_lease("up", long, true).await.unwrap(), None);
+    assert_eq!(
+        b.acquire_lease("up", long, true).await.unwrap(),
+        Some(Grant {
+            token: 2,
+            wanted_by: Some("a".into()),
+        })
+    );
+
+    // `b` dies (its lease runs out). `c`, not first in line, waits a
+    // further lease time before taking over; a zero lease time stands in
+    // for that time having passed.
+    assert_eq!(
+        b.acquire_lease("up", Duration::ZERO, true).await.unwrap(),
+        Some(Grant {
+            token: 2,
+            wanted_by: Some("a".into()),
+        })
+    );
+    assert_eq!(c.acquire_lease("up", long, false).await.unwrap(), None);
+    assert_eq!(
+        c.acquire_lease("up", Duration::ZERO, false).await.unwrap(),
+        grant(3)
+    );
+}
+
+#[tokio::test]
+async fn members_are_the_nodes_seen_within_a_lease_time() {
+    let (config, a) = store("a").await;
+    let b = node(&config, "b").await;
+    let long = Duration::from_secs(60);
+    assert_eq!(a.heartbeat(long).await.unwrap(), vec!["a".to_string()]);
+    assert_eq!(
+        b.heartbeat(long).await.unwrap(),
+        vec!["a".to_string(), "b".to_string()]
+    );
+    // Seen within no time at all: nobody counts as present.
+    assert!(b.heartbeat(Duration::ZERO).await.unwrap().is_empty());
+    b.leave().await.unwrap();
+    assert_eq!(a.heartbeat(long).await.unwrap(), vec!["a".to_string()]);
 }
 
 #[tokio::test]

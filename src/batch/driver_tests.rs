@@ -18,6 +18,8 @@ use crate::upstream::BatchClient;
 use crate::{App, PassthroughTarget, Upstream};
 
 const KEY: &str = "emulator-key";
+/// The upstream's lease: with sled, one node holds it under token 1.
+const LEASE: &str = "upstream/emu";
 
 struct Harness {
     _dir: tempfile::TempDir,
@@ -91,6 +93,7 @@ async fn harness() -> Harness {
         ready: AtomicBool::new(true),
         shutting_down: AtomicBool::new(false),
         release_waiters: tokio::sync::Notify::new(),
+        members: Default::default(),
     });
     // One node on sled: it owns the upstream, as its flush loop finds.
     let owned = crate::batch::ownership::renew(&app, 0, &shutdown).await;
@@ -130,7 +133,7 @@ async fn enqueue(app: &App, n: usize) {
 async fn claim(app: &App) -> BatchRecord {
     enqueue(app, 2).await;
     app.store
-        .claim_batch(&queue(), 100, 1 << 20, "manual")
+        .claim_batch(&queue(), 100, 1 << 20, "manual", (LEASE, 1))
         .await
         .unwrap()
         .unwrap()
@@ -423,7 +426,7 @@ async fn a_whole_batch_of_outcomes_is_written_in_slices() {
     enqueue(app, n).await;
     let mut batch = app
         .store
-        .claim_batch(&queue(), n, 1 << 30, "manual")
+        .claim_batch(&queue(), n, 1 << 30, "manual", (LEASE, 1))
         .await
         .unwrap()
         .unwrap();
@@ -461,7 +464,7 @@ async fn a_whole_batch_of_outcomes_is_written_in_slices() {
     // A completed batch with no result lines: every member is absent.
     let mut batch = app
         .store
-        .claim_batch(&queue(), n, 1 << 30, "manual")
+        .claim_batch(&queue(), n, 1 << 30, "manual", (LEASE, 1))
         .await
         .unwrap()
         .unwrap();

@@ -48,8 +48,11 @@ pub async fn run_flusher(app: Arc<App>, upstream: usize, mut shutdown: watch::Re
     let mut renewed: Option<(Instant, Option<u64>)> = None;
     loop {
         let mut sleep = MAX_IDLE.min(renew_every);
+        // A node shutting down hands its upstreams over as soon as their
+        // drivers stop: look each time it is woken.
+        let leaving = app.store.is_shared() && app.is_shutting_down();
         let token = match renewed {
-            Some((at, token)) if at.elapsed() < renew_every => token,
+            Some((at, token)) if at.elapsed() < renew_every && !leaving => token,
             _ => {
                 let token = ownership::renew(&app, upstream, &shutdown).await;
                 renewed = Some((Instant::now(), token));
@@ -57,9 +60,11 @@ pub async fn run_flusher(app: Arc<App>, upstream: usize, mut shutdown: watch::Re
             }
         };
         let Some(token) = token else {
-            // Another node flushes this upstream; look again at renewal.
+            // Another node flushes this upstream; look again at renewal
+            // (or, handing it over, when a driver stops).
             tokio::select! {
                 _ = tokio::time::sleep(renew_every) => {}
+                _ = up.wake.notified(), if leaving => {}
                 _ = shutdown.changed() => return,
             }
             continue;
@@ -116,6 +121,7 @@ async fn flush_queue(
     let Some(up) = app.upstream_named(&qk.upstream) else {
         return;
     };
+    let lease = ownership::lease_name(&qk.upstream);
     loop {
         if !up.ownership.holds(token) {
             return;
@@ -124,7 +130,7 @@ async fn flush_queue(
         // that is not on disk, or after a crash its members would be queued
         // again and sent twice. At shutdown it is left to recovery.
         let claimed = tokio::select! {
-            claimed = app.store.claim_batch(qk, policy.max_requests, policy.max_bytes, reason.as_str()) => claimed,
+            claimed = app.store.claim_batch(qk, policy.max_requests, policy.max_bytes, reason.as_str(), (&lease, token)) => claimed,
             _ = shutdown.changed() => return,
         };
         let batch = match claimed {
@@ -220,12 +226,31 @@ pub fn spawn_driver(
     app.metrics.live_batches.inc();
     tokio::spawn(async move {
         let (id, upstream) = (batch.id, batch.upstream.clone());
-        drive(&app, batch, resumed, token, shutdown).await;
-        if let Some(up) = app.upstream_named(&upstream) {
-            up.ownership.stop_driving(id);
-        }
+        drive(&app, batch, resumed, token, shutdown.clone()).await;
         app.metrics.live_batches.dec();
         tracing::debug!(ferry_batch = id, "batch driver stopped");
+        let Some(up) = app.upstream_named(&upstream) else {
+            return;
+        };
+        up.ownership.stop_driving(id);
+        if app.is_shutting_down() {
+            // A hand-over waits for the drivers: tell it this one stopped.
+            up.wake.notify_one();
+        }
+        if !*shutdown.borrow() && up.ownership.token().is_some_and(|t| t != token) {
+            // The node lost the upstream and won it back while this driver
+            // ran: the resume at that gain skipped the batch (it had a
+            // driver), so it carries on from its stored state.
+            match app.store.get_batch(id).await {
+                Ok(Some(b)) if !matches!(b.state, BatchState::Done { .. }) => {
+                    spawn_driver(app.clone(), b, true, shutdown);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(ferry_batch = id, error = %e, "cannot reload a batch to resume it; the next takeover does")
+                }
+            }
+        }
     });
 }
 
@@ -522,6 +547,7 @@ async fn poll_and_ingest(
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
+                _ = up.ownership.released() => return Err(StepError::NotOwner),
                 _ = shutdown.changed() => return Ok(()),
             }
         }

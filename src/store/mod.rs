@@ -139,17 +139,57 @@ impl Store {
 
     // ---------------------------------------------------------- coordination
 
-    /// Takes or renews the lease `name` for `ttl`; its fencing token, or
-    /// `None` while another node holds it. With sled there is one node: it
+    /// Takes or renews the lease `name` for `ttl`; its grant, or `None`
+    /// while another node holds it. A node not `first` in line waits a
+    /// further `ttl` before taking over an expired lease (see
+    /// [`pg::PgStore::acquire_lease`]). With sled there is one node: it
     /// always holds every lease.
     pub async fn acquire_lease(
         &self,
         name: &str,
         ttl: Duration,
-    ) -> Result<Option<u64>, StoreError> {
+        first: bool,
+    ) -> Result<Option<Grant>, StoreError> {
         match &self.backend {
-            Backend::Sled(_) => Ok(Some(1)),
-            Backend::Postgres(p) => Ok(p.db.acquire_lease(name, ttl).await?),
+            Backend::Sled(_) => Ok(Some(Grant {
+                token: 1,
+                wanted_by: None,
+            })),
+            Backend::Postgres(p) => Ok(p.db.acquire_lease(name, ttl, first).await?),
+        }
+    }
+
+    /// Gives up the lease `name` held under `token`, for the node first in
+    /// line to take at once.
+    pub async fn release_lease(&self, name: &str, token: u64) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sled(_) => Ok(()),
+            Backend::Postgres(p) => Ok(p.db.release_lease(name, token).await?),
+        }
+    }
+
+    /// This node's name among the cluster's members; `None` with sled.
+    pub fn node_name(&self) -> Option<&str> {
+        match &self.backend {
+            Backend::Sled(_) => None,
+            Backend::Postgres(p) => Some(p.db.owner()),
+        }
+    }
+
+    /// Records this node as present and returns the members present within
+    /// `ttl`, sorted; empty with sled (one node, no members to share with).
+    pub async fn heartbeat(&self, ttl: Duration) -> Result<Vec<String>, StoreError> {
+        match &self.backend {
+            Backend::Sled(_) => Ok(Vec::new()),
+            Backend::Postgres(p) => Ok(p.db.heartbeat(ttl).await?),
+        }
+    }
+
+    /// Leaves the cluster's members, at shutdown.
+    pub async fn leave(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sled(_) => Ok(()),
+            Backend::Postgres(p) => Ok(p.db.leave().await?),
         }
     }
 
@@ -305,13 +345,16 @@ impl Store {
     /// durable. A claim cannot be taken back once written, so a failed
     /// commit is retried, with backoff, until it succeeds: no upstream call
     /// may follow a claim that a crash would undo. Dropping the future (at
-    /// shutdown) leaves the claim to recovery at the next start.
+    /// shutdown) leaves the claim to recovery at the next start. Nothing is
+    /// claimed once `token` is no longer the newest of lease `lease` (with
+    /// sled, one node holds every lease).
     pub async fn claim_batch(
         &self,
         qk: &QueueKey,
         max_requests: usize,
         max_bytes: u64,
         reason: &'static str,
+        (lease, token): (&str, u64),
     ) -> Result<Option<BatchRecord>, StoreError> {
         let key = qk.clone();
         match &self.backend {
@@ -326,7 +369,7 @@ impl Store {
             }
             // One transaction: committed, or not claimed at all.
             Backend::Postgres(p) => {
-                p.write(p.db.claim_batch(qk, max_requests, max_bytes, reason))
+                p.write(p.db.claim_batch_fenced(qk, max_requests, max_bytes, reason, lease, token))
                     .await
             }
         }

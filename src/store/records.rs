@@ -403,6 +403,14 @@ pub fn now_millis() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// A lease as taken or renewed: its fencing token, and the node that asked
+/// for it to be handed over, if one did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub token: u64,
+    pub wanted_by: Option<String>,
+}
+
 /// What the flush policy looks at, kept in memory and rebuilt at open.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct QueueStats {

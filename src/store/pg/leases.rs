@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::PgError;
 use super::batches::put_batch_in;
 use super::store::{PgStore, to_u64};
-use crate::store::BatchRecord;
+use crate::store::{BatchRecord, Grant};
 
 /// `ttl` as the float milliseconds the SQL below multiplies an interval by.
 fn ttl_ms(ttl: Duration) -> f64 {
@@ -18,13 +18,23 @@ fn ttl_ms(ttl: Duration) -> f64 {
 }
 
 impl PgStore {
-    /// Takes the lease `name` for this node for `ttl`, and returns its
-    /// fencing token; `None` while another node holds it. A free name
-    /// starts at token 1; an expired lease of another node is taken over
-    /// with its token plus one; this node's own lease is renewed with its
-    /// token unchanged. A `ttl` of zero takes a lease that is already
-    /// expired, which tests use to stand in for time passing.
-    pub async fn acquire_lease(&self, name: &str, ttl: Duration) -> Result<Option<u64>, PgError> {
+    /// Takes the lease `name` for this node for `ttl`, or renews it, and
+    /// returns its grant; `None` while another node holds it. A free name
+    /// starts at token 1; this node's own lease is renewed with its token
+    /// unchanged; an expired lease of another node is taken over with its
+    /// token plus one. A node that is not `first` in line for the lease
+    /// takes over only a lease expired for a further `ttl`, which leaves the
+    /// node first in line the time to take it. A `first` node that finds the
+    /// lease held marks itself as wanting it, so the holder hands it over.
+    /// A `ttl` of zero takes a lease that is already expired, which tests
+    /// use to stand in for time passing.
+    pub async fn acquire_lease(
+        &self,
+        name: &str,
+        ttl: Duration,
+        first: bool,
+    ) -> Result<Option<Grant>, PgError> {
+        let grace = if first { 0.0 } else { ttl_ms(ttl) };
         let client = self.client().await?;
         let row = client
             .query_opt(
@@ -33,41 +43,49 @@ impl PgStore {
                  ON CONFLICT (name) DO UPDATE SET owner = EXCLUDED.owner, \
                      expires_at = EXCLUDED.expires_at, \
                      token = CASE WHEN l.owner = EXCLUDED.owner THEN l.token \
-                                  ELSE l.token + 1 END \
-                 WHERE l.owner = EXCLUDED.owner OR l.expires_at <= now() \
-                 RETURNING token",
-                &[&name, &self.owner, &ttl_ms(ttl)],
+                                  ELSE l.token + 1 END, \
+                     wanted_by = CASE WHEN l.owner = EXCLUDED.owner THEN l.wanted_by END \
+                 WHERE l.owner = EXCLUDED.owner \
+                    OR l.expires_at <= now() - $4::float8 * interval '1 millisecond' \
+                 RETURNING token, wanted_by",
+                &[&name, &self.owner, &ttl_ms(ttl), &grace],
             )
             .await?;
-        row.map(|r| to_u64(r.try_get(0)?, "lease token"))
-            .transpose()
+        let Some(row) = row else {
+            if first {
+                client
+                    .execute(
+                        "UPDATE leases SET wanted_by = $2 \
+                         WHERE name = $1 AND owner <> $2 AND wanted_by IS DISTINCT FROM $2",
+                        &[&name, &self.owner],
+                    )
+                    .await?;
+            }
+            return Ok(None);
+        };
+        Ok(Some(Grant {
+            token: to_u64(row.try_get(0)?, "lease token")?,
+            wanted_by: row.try_get(1)?,
+        }))
     }
 
-    /// Extends this node's lease `name` held under `token` by `ttl` from
-    /// now. False once another node has taken it over (a newer token): the
-    /// holder must stop the work the lease guards. A lease that ran out but
-    /// that nobody took over is still this node's to renew, as its token is
-    /// still the newest.
-    pub async fn renew_lease(
-        &self,
-        name: &str,
-        token: u64,
-        ttl: Duration,
-    ) -> Result<bool, PgError> {
-        let client = self.client().await?;
-        let n = client
+    /// Gives up this node's lease `name` held under `token`: it expires now,
+    /// so the node first in line takes it at its next renewal. Nothing
+    /// happens if another node holds it already.
+    pub async fn release_lease(&self, name: &str, token: u64) -> Result<(), PgError> {
+        self.client()
+            .await?
             .execute(
-                "UPDATE leases SET expires_at = now() + $4::float8 * interval '1 millisecond' \
+                "UPDATE leases SET expires_at = now() \
                  WHERE name = $1 AND owner = $2 AND token = $3",
                 &[
                     &name,
                     &self.owner,
                     &super::store::to_i64(token, "lease token")?,
-                    &ttl_ms(ttl),
                 ],
             )
             .await?;
-        Ok(n == 1)
+        Ok(())
     }
 
     /// [`put_batch`](Self::put_batch), but only while `token` is still the

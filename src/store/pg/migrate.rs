@@ -11,7 +11,7 @@ use super::PgError;
 const MIGRATION_LOCK: i64 = 0x6665_7272_796d_6967;
 
 /// (version, SQL). Never edit an applied migration: add the next one.
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1)];
+pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2)];
 
 /// The newest schema this build knows.
 pub fn known_version() -> i32 {
@@ -131,6 +131,19 @@ CREATE TABLE cluster (
     one         boolean PRIMARY KEY DEFAULT true CHECK (one),
     instance_id text    NOT NULL
 );
+"#;
+
+/// Layout 2: the cluster's members, so upstreams are spread across nodes.
+/// Each node writes its row on a timer; a row not seen for a lease time is a
+/// node that is gone. `wanted_by` is the node an upstream's lease should
+/// move to (its rendezvous choice), so that the holder hands it over once
+/// its drivers are between steps instead of waiting for it to expire.
+const V2: &str = r#"
+CREATE TABLE nodes (
+    name    text        PRIMARY KEY,
+    seen_at timestamptz NOT NULL
+);
+ALTER TABLE leases ADD COLUMN wanted_by text;
 "#;
 
 /// What [`migrate`] did.

@@ -7,7 +7,7 @@
 //! counters and claims), `batches` (batch records and their members'
 //! steps), `outcomes` (a finished batch's results), `outbox` (webhook
 //! deliveries, leased per node), `leases` (named leases with fencing
-//! tokens), [`events`] (LISTEN/NOTIFY between nodes). The decisions
+//! tokens), `nodes` (the cluster's members), [`events`] (LISTEN/NOTIFY between nodes). The decisions
 //! themselves are shared with the embedded store, in [`super::lifecycle`];
 //! the store operations mirror the embedded store's method by method, each
 //! one transaction (intakes arriving together share one), durable on return.
@@ -17,6 +17,7 @@ pub mod events;
 mod intake_writer;
 mod leases;
 pub mod migrate;
+mod nodes;
 mod outbox;
 mod outcomes;
 mod queues;

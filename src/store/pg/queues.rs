@@ -63,70 +63,104 @@ impl PgStore {
         max_bytes: u64,
         reason: &str,
     ) -> Result<Option<BatchRecord>, PgError> {
-        if max_requests == 0 {
-            return Ok(None);
-        }
-        let limit = i64::try_from(max_requests).unwrap_or(i64::MAX);
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let rows = tx
-            .query(
-                "SELECT id, line_len FROM queue WHERE upstream = $1 AND model = $2 \
-                 ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED",
-                &[&qk.upstream, &qk.model, &limit],
-            )
-            .await?;
-        let mut ids: Vec<i64> = Vec::new();
-        let mut bytes = 0u64;
-        for row in &rows {
-            let len = to_u64(row.try_get(1)?, "line length")?;
-            if !lifecycle::claim_takes(ids.len(), bytes, len, max_requests, max_bytes) {
-                break;
-            }
-            ids.push(row.try_get(0)?);
-            bytes += len;
-        }
-        if ids.is_empty() {
+        let batch = claim_in(&tx, qk, max_requests, max_bytes, reason).await?;
+        tx.commit().await?;
+        Ok(batch)
+    }
+
+    /// [`claim_batch`](Self::claim_batch), but only while `token` is still
+    /// the newest of lease `lease`: a node that lost its upstream claims
+    /// nothing, so no batch is left claimed with no owner to drive it.
+    pub async fn claim_batch_fenced(
+        &self,
+        qk: &QueueKey,
+        max_requests: usize,
+        max_bytes: u64,
+        reason: &str,
+        lease: &str,
+        token: u64,
+    ) -> Result<Option<BatchRecord>, PgError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        if !super::leases::fence_in(&tx, lease, token).await? {
             return Ok(None);
         }
-        let batch_id: i64 = tx
-            .query_one("SELECT nextval('ferry_ids')", &[])
-            .await?
-            .try_get(0)?;
-        let batch = BatchRecord::claimed(
-            to_u64(batch_id, "batch id")?,
-            qk,
-            ids.len() as u64,
-            bytes,
-            reason,
-        );
-        put_batch_in(&tx, &batch).await?;
-        tx.execute(
-            "INSERT INTO members (batch, id) SELECT $1, unnest($2::bigint[])",
-            &[&batch_id, &ids],
-        )
-        .await?;
-        tx.execute(
-            "DELETE FROM queue WHERE upstream = $1 AND model = $2 AND id = ANY($3)",
-            &[&qk.upstream, &qk.model, &ids],
-        )
-        .await?;
-        tx.execute(
-            "UPDATE requests SET batch = $1 \
-             WHERE id = ANY($2) AND status = 'queued' AND batch IS NULL",
-            &[&batch_id, &ids],
-        )
-        .await?;
-        add_to_counters(
-            &tx,
-            qk,
-            -(ids.len() as i64),
-            -to_i64(bytes, "claimed bytes")?,
-        )
-        .await?;
+        let batch = claim_in(&tx, qk, max_requests, max_bytes, reason).await?;
         tx.commit().await?;
-        Ok(Some(batch))
+        Ok(batch)
     }
+}
+
+/// The claim itself, inside `tx`.
+async fn claim_in(
+    tx: &Transaction<'_>,
+    qk: &QueueKey,
+    max_requests: usize,
+    max_bytes: u64,
+    reason: &str,
+) -> Result<Option<BatchRecord>, PgError> {
+    if max_requests == 0 {
+        return Ok(None);
+    }
+    let limit = i64::try_from(max_requests).unwrap_or(i64::MAX);
+    let rows = tx
+        .query(
+            "SELECT id, line_len FROM queue WHERE upstream = $1 AND model = $2 \
+             ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED",
+            &[&qk.upstream, &qk.model, &limit],
+        )
+        .await?;
+    let mut ids: Vec<i64> = Vec::new();
+    let mut bytes = 0u64;
+    for row in &rows {
+        let len = to_u64(row.try_get(1)?, "line length")?;
+        if !lifecycle::claim_takes(ids.len(), bytes, len, max_requests, max_bytes) {
+            break;
+        }
+        ids.push(row.try_get(0)?);
+        bytes += len;
+    }
+    if ids.is_empty() {
+        return Ok(None);
+    }
+    let batch_id: i64 = tx
+        .query_one("SELECT nextval('ferry_ids')", &[])
+        .await?
+        .try_get(0)?;
+    let batch = BatchRecord::claimed(
+        to_u64(batch_id, "batch id")?,
+        qk,
+        ids.len() as u64,
+        bytes,
+        reason,
+    );
+    put_batch_in(tx, &batch).await?;
+    tx.execute(
+        "INSERT INTO members (batch, id) SELECT $1, unnest($2::bigint[])",
+        &[&batch_id, &ids],
+    )
+    .await?;
+    tx.execute(
+        "DELETE FROM queue WHERE upstream = $1 AND model = $2 AND id = ANY($3)",
+        &[&qk.upstream, &qk.model, &ids],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE requests SET batch = $1 \
+         WHERE id = ANY($2) AND status = 'queued' AND batch IS NULL",
+        &[&batch_id, &ids],
+    )
+    .await?;
+    add_to_counters(
+        tx,
+        qk,
+        -(ids.len() as i64),
+        -to_i64(bytes, "claimed bytes")?,
+    )
+    .await?;
+    Ok(Some(batch))
 }
 
 fn stats_from(row: &tokio_postgres::Row) -> Result<(QueueKey, QueueStats), PgError> {
