@@ -213,11 +213,11 @@ impl App {
     /// size or byte threshold.
     pub async fn after_enqueue(&self, upstream: &Upstream, rec: &RequestRecord) {
         let qk = QueueKey::of(rec);
-        let Ok(Some(st)) = self.store.queue_stats_for(&qk).await else {
+        let Some(load) = self.store.queue_load(&qk) else {
             return;
         };
         let s = &upstream.settings;
-        if st.count == 1 || st.count >= s.max_requests as u64 || st.bytes >= s.max_bytes {
+        if load.started || load.count >= s.max_requests as u64 || load.bytes >= s.max_bytes {
             upstream.wake.notify_one();
             // Another node may own the upstream's flush loop.
             if self.store.is_shared() {

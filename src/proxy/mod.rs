@@ -320,7 +320,7 @@ async fn deferred(
     if app.is_shutting_down() {
         return Err(IntakeError::ShuttingDown.into());
     }
-    let queued = app.store.queued_total().await?;
+    let queued = app.store.queued_for_admission().await?;
     if queued >= app.config.server.max_queued {
         return Err(IntakeError::QueueFull(queued).into());
     }

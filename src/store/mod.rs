@@ -330,6 +330,31 @@ impl Store {
         }
     }
 
+    /// The size of queue `qk` right after an intake into it, for the
+    /// decision to wake the flush loop: from memory on both backends (with
+    /// PostgreSQL, as this node's latest intake round left the
+    /// cluster-wide counters; see [`pg::PgStore::queue_load`]).
+    pub fn queue_load(&self, qk: &QueueKey) -> Option<QueueLoad> {
+        match &self.backend {
+            Backend::Sled(s) => s.queue_stats_for(qk).map(|st| QueueLoad {
+                count: st.count,
+                bytes: st.bytes,
+                started: st.count == 1,
+            }),
+            Backend::Postgres(p) => p.db.queue_load(qk),
+        }
+    }
+
+    /// Requests queued in every queue, as intake checks `max_queued`: with
+    /// sled the exact count, from memory; with PostgreSQL without a round
+    /// trip per call (see [`pg::PgStore::queued_for_admission`]).
+    pub async fn queued_for_admission(&self) -> Result<u64, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => Ok(s.queued_total()),
+            Backend::Postgres(p) => Ok(p.db.queued_for_admission().await?),
+        }
+    }
+
     /// Requests queued in every queue, for `max_queued`.
     pub async fn queued_total(&self) -> Result<u64, StoreError> {
         match &self.backend {

@@ -421,6 +421,16 @@ pub struct QueueStats {
     pub oldest_ms: u64,
 }
 
+/// A queue's size as an intake into it left it: what deciding to wake the
+/// flush loop needs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueLoad {
+    pub count: u64,
+    pub bytes: u64,
+    /// The queue was empty before: its time threshold starts now.
+    pub started: bool,
+}
+
 /// The result of storing a deferred request.
 #[derive(Debug)]
 pub enum Intake {

@@ -20,14 +20,16 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use dashmap::DashMap;
 use deadpool_postgres::{Pool, Transaction};
 use tokio::sync::{mpsc, oneshot};
 
 use super::PgError;
+use super::intake_rows::accept_many_in;
 use super::queues::add_to_counters;
 use super::requests::accept_in;
 use super::store::{PgStore, to_i64};
-use crate::store::{Intake, QueueKey, RequestRecord, line_len, now_millis};
+use crate::store::{Intake, QueueKey, QueueLoad, RequestRecord, line_len, now_millis};
 
 /// Calls written and committed together, at most.
 const MAX_JOBS: usize = 512;
@@ -43,6 +45,21 @@ pub(super) struct Job {
 /// last clone is dropped.
 pub(super) type Queue = Arc<std::sync::OnceLock<mpsc::UnboundedSender<Job>>>;
 
+/// Each queue's size as this node's latest intake round into it left it
+/// (see [`PgStore::queue_load`]).
+pub(super) type Loads = Arc<DashMap<QueueKey, QueueLoad>>;
+
+/// The queued total intake checks `max_queued` against, and when it was
+/// read from the database (see [`PgStore::queued_for_admission`]).
+pub(super) type Admission = Arc<std::sync::Mutex<Option<(std::time::Instant, u64)>>>;
+
+/// Where a round reports what it moved, once committed.
+#[derive(Clone)]
+struct Sinks {
+    loads: Loads,
+    admission: Admission,
+}
+
 impl PgStore {
     /// Stores a new deferred request under an id from `ferry_ids` (the one
     /// in `rec` is replaced) and queues it, durably: it returns once the
@@ -51,7 +68,9 @@ impl PgStore {
     /// answers `Existing` for the same body and `Conflict` for another;
     /// two nodes racing on one custom id store one request.
     pub async fn accept(&self, rec: RequestRecord, body: Vec<u8>) -> Result<Intake, PgError> {
-        let queue = self.intake.get_or_init(|| start(self.pool.clone()));
+        let queue = self
+            .intake
+            .get_or_init(|| start(self.pool.clone(), self.sinks()));
         let (done, answer) = oneshot::channel();
         queue
             .send(Job { rec, body, done })
@@ -68,12 +87,29 @@ impl PgStore {
         &self,
         calls: Vec<(RequestRecord, Vec<u8>)>,
     ) -> Vec<Result<Intake, PgError>> {
-        write_round(&self.pool, calls).await
+        write_round(&self.pool, &self.sinks(), calls).await
+    }
+
+    fn sinks(&self) -> Sinks {
+        Sinks {
+            loads: self.loads.clone(),
+            admission: self.admission.clone(),
+        }
+    }
+
+    /// The size of queue `qk` as this node's latest intake round into it
+    /// left it (the cluster-wide counters, read back by the round's own
+    /// update): what an intake's wake-up decision needs, without a read of
+    /// its own. A later round may have replaced the entry before the
+    /// caller looks; then `started` may be missed, and the flush loop finds
+    /// the new queue on its next look, within a second.
+    pub fn queue_load(&self, qk: &QueueKey) -> Option<QueueLoad> {
+        self.loads.get(qk).map(|l| *l)
     }
 }
 
 /// Starts the writer task on the current runtime.
-fn start(pool: Pool) -> mpsc::UnboundedSender<Job> {
+fn start(pool: Pool, sinks: Sinks) -> mpsc::UnboundedSender<Job> {
     let (queue, mut jobs) = mpsc::unbounded_channel::<Job>();
     tokio::spawn(async move {
         let mut round = Vec::with_capacity(MAX_JOBS);
@@ -82,7 +118,7 @@ fn start(pool: Pool) -> mpsc::UnboundedSender<Job> {
                 .drain(..)
                 .map(|Job { rec, body, done }| ((rec, body), done))
                 .unzip();
-            let results = write_round(&pool, calls).await;
+            let results = write_round(&pool, &sinks, calls).await;
             for (done, result) in answers.into_iter().zip(results) {
                 // A caller that hung up no longer wants the answer.
                 let _ = done.send(result);
@@ -116,6 +152,7 @@ impl From<tokio_postgres::Error> for Stop {
 /// order. Nothing is answered `Ok` unless the commit succeeded.
 async fn write_round(
     pool: &Pool,
+    sinks: &Sinks,
     calls: Vec<(RequestRecord, Vec<u8>)>,
 ) -> Vec<Result<Intake, PgError>> {
     // Calls go in (tenant, custom id) order, stable so that the first of two
@@ -133,7 +170,24 @@ async fn write_round(
         other => other,
     };
     match outcome {
-        Ok(answers) => answers,
+        Ok((answers, moved)) => {
+            let created = answers
+                .iter()
+                .filter(|a| matches!(a, Ok(Intake::Created(_))))
+                .count();
+            if let Some((_, total)) = sinks
+                .admission
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+            {
+                *total += created as u64;
+            }
+            for (qk, load) in moved {
+                sinks.loads.insert(qk, load);
+            }
+            answers
+        }
         Err(stop) => {
             let e = Arc::new(match stop {
                 Stop::Round(e) => e,
@@ -157,23 +211,32 @@ async fn run_round(
     order: &[usize],
     now_ms: u64,
     isolate: bool,
-) -> Result<Vec<Result<Intake, PgError>>, Stop> {
+) -> Result<(Vec<Result<Intake, PgError>>, Vec<(QueueKey, QueueLoad)>), Stop> {
     let mut client = pool.get().await.map_err(PgError::from)?;
     let mut tx = client.transaction().await?;
     let mut answers: Vec<Option<Result<Intake, PgError>>> = calls.iter().map(|_| None).collect();
+    if isolate {
+        for &i in order {
+            let (rec, body) = &calls[i];
+            answers[i] = Some(isolated(&mut tx, rec, body, now_ms).await?);
+        }
+    } else {
+        // All at once; dropping the transaction on the way out rolls it back.
+        let ordered: Vec<(&RequestRecord, &[u8])> = order
+            .iter()
+            .map(|&i| (&calls[i].0, calls[i].1.as_slice()))
+            .collect();
+        let written = accept_many_in(&tx, &ordered, now_ms)
+            .await
+            .map_err(|_| Stop::CallFailed)?;
+        for (&i, answer) in order.iter().zip(written) {
+            answers[i] = Some(Ok(answer));
+        }
+    }
     // (upstream, model) → (count, bytes) this round adds.
     let mut counted: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
-    for &i in order {
-        let (rec, body) = &calls[i];
-        let answer = if isolate {
-            isolated(&mut tx, rec, body, now_ms).await?
-        } else {
-            // Dropping the transaction on the way out rolls it back.
-            Ok(accept_in(&tx, rec.clone(), body, now_ms)
-                .await
-                .map_err(|_| Stop::CallFailed)?)
-        };
-        if let Ok(Intake::Created(r)) = &answer {
+    for answer in answers.iter().flatten() {
+        if let Ok(Intake::Created(r)) = answer {
             let len = to_i64(line_len(r.id, r.body_len), "line length")?;
             let c = counted
                 .entry((r.upstream.clone(), r.model.clone()))
@@ -181,18 +244,29 @@ async fn run_round(
             c.0 += 1;
             c.1 += len;
         }
-        answers[i] = Some(answer);
     }
     // Counters last and in key order: the rows claims and cancels also
     // lock last, so no transaction holding one waits for another.
-    for ((upstream, model), (count, bytes)) in counted {
-        add_to_counters(&tx, &QueueKey { upstream, model }, count, bytes).await?;
+    let mut moved = Vec::with_capacity(counted.len());
+    for ((upstream, model), (added, added_bytes)) in counted {
+        let qk = QueueKey { upstream, model };
+        let (count, bytes) = add_to_counters(&tx, &qk, added, added_bytes).await?;
+        let started = count == added as u64;
+        moved.push((
+            qk,
+            QueueLoad {
+                count,
+                bytes,
+                started,
+            },
+        ));
     }
     tx.commit().await?;
-    Ok(answers
+    let answers = answers
         .into_iter()
         .map(|a| a.unwrap_or(Err(PgError::Writer("an intake was skipped"))))
-        .collect())
+        .collect();
+    Ok((answers, moved))
 }
 
 /// One call in a savepoint of its own: undone alone if it fails. The outer

@@ -3,7 +3,8 @@
 //!
 //! Files: `migrate` (the versioned schema), `store` ([`PgStore`], reads
 //! and row decoding), `requests` (one intake's rows, and cancel),
-//! `intake_writer` (intakes grouped into shared transactions), `queues` (queue
+//! `intake_writer` (intakes grouped into shared transactions), `intake_rows`
+//! (a round's intakes written as sets), `queues` (queue
 //! counters and claims), `batches` (batch records and their members'
 //! steps), `outcomes` (a finished batch's results), `outbox` (webhook
 //! deliveries, leased per node), `leases` (named leases with fencing
@@ -14,6 +15,7 @@
 
 mod batches;
 pub mod events;
+mod intake_rows;
 mod intake_writer;
 mod leases;
 pub mod migrate;

@@ -39,6 +39,34 @@ impl PgStore {
             .transpose()
     }
 
+    /// The cluster's queued total as intake checks `max_queued`: read from
+    /// the database at most every [`ADMISSION_STALENESS`], and moved in
+    /// between by this node's own intakes and claims. On one node it is
+    /// exact; other nodes' changes show within that time. The limit guards
+    /// against runaway growth; a round trip per call is not worth its
+    /// exactness across nodes.
+    pub async fn queued_for_admission(&self) -> Result<u64, PgError> {
+        if let Some((at, total)) = *self.admission()
+            && at.elapsed() < ADMISSION_STALENESS
+        {
+            return Ok(total);
+        }
+        let total = self.queued_total().await?;
+        *self.admission() = Some((std::time::Instant::now(), total));
+        Ok(total)
+    }
+
+    /// Moves the admission total by a change this node committed.
+    pub(super) fn adjust_admission(&self, by: i64) {
+        if let Some((_, total)) = self.admission().as_mut() {
+            *total = total.saturating_add_signed(by);
+        }
+    }
+
+    fn admission(&self) -> std::sync::MutexGuard<'_, Option<(std::time::Instant, u64)>> {
+        self.admission.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub async fn queued_total(&self) -> Result<u64, PgError> {
         let client = self.client().await?;
         let n: i64 = client
@@ -67,6 +95,7 @@ impl PgStore {
         let tx = client.transaction().await?;
         let batch = claim_in(&tx, qk, max_requests, max_bytes, reason).await?;
         tx.commit().await?;
+        self.adjust_admission(-batch.as_ref().map_or(0, |b| b.request_count as i64));
         Ok(batch)
     }
 
@@ -89,6 +118,7 @@ impl PgStore {
         }
         let batch = claim_in(&tx, qk, max_requests, max_bytes, reason).await?;
         tx.commit().await?;
+        self.adjust_admission(-batch.as_ref().map_or(0, |b| b.request_count as i64));
         Ok(batch)
     }
 }
@@ -163,6 +193,9 @@ async fn claim_in(
     Ok(Some(batch))
 }
 
+/// How old the database's part of the admission total may be.
+pub const ADMISSION_STALENESS: std::time::Duration = std::time::Duration::from_millis(100);
+
 fn stats_from(row: &tokio_postgres::Row) -> Result<(QueueKey, QueueStats), PgError> {
     Ok((
         QueueKey {
@@ -208,23 +241,29 @@ pub(super) async fn insert_entry(
 }
 
 /// Moves a queue's counters by (`count`, `bytes`), creating its row the
-/// first time. Always the last row a transaction locks, after the queue and
-/// request rows, so that transactions never wait on each other in a cycle.
+/// first time, and returns them as moved. Always the last row a
+/// transaction locks, after the queue and request rows, so that
+/// transactions never wait on each other in a cycle.
 pub(super) async fn add_to_counters(
     tx: &Transaction<'_>,
     qk: &QueueKey,
     count: i64,
     bytes: i64,
-) -> Result<(), PgError> {
+) -> Result<(u64, u64), PgError> {
     let upsert = tx
         .prepare_cached(
             "INSERT INTO queue_counters AS c (upstream, model, count, bytes) \
              VALUES ($1, $2, $3, $4) \
              ON CONFLICT (upstream, model) DO UPDATE \
-             SET count = c.count + EXCLUDED.count, bytes = c.bytes + EXCLUDED.bytes",
+             SET count = c.count + EXCLUDED.count, bytes = c.bytes + EXCLUDED.bytes \
+             RETURNING count, bytes",
         )
         .await?;
-    tx.execute(&upsert, &[&qk.upstream, &qk.model, &count, &bytes])
+    let row = tx
+        .query_one(&upsert, &[&qk.upstream, &qk.model, &count, &bytes])
         .await?;
-    Ok(())
+    Ok((
+        to_u64(row.try_get(0)?, "queue count")?,
+        to_u64(row.try_get(1)?, "queue bytes")?,
+    ))
 }

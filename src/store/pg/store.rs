@@ -33,6 +33,11 @@ pub struct PgStore {
     pub(super) delivery_lease: Duration,
     /// The intake writer's queue, shared by the clones.
     pub(super) intake: super::intake_writer::Queue,
+    /// Queue sizes as the intake writer's rounds left them.
+    pub(super) loads: super::intake_writer::Loads,
+    /// The queued total intake checks `max_queued` against, and when it was
+    /// read (see [`PgStore::queued_for_admission`]); shared by the clones.
+    pub(super) admission: super::intake_writer::Admission,
 }
 
 /// The request columns every read selects, in the order [`request_from`]
@@ -63,6 +68,8 @@ impl PgStore {
             owner: format!("ferry-{:016x}", rand::random::<u64>()),
             delivery_lease: DEFAULT_DELIVERY_LEASE,
             intake: Default::default(),
+            loads: Default::default(),
+            admission: Default::default(),
         })
     }
 
