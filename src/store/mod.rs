@@ -518,6 +518,37 @@ impl Store {
         }
     }
 
+    // ----------------------------------------------------------- retention
+
+    /// Purges one slice of what is past `policy` at `now` (unix seconds):
+    /// at most `slice_rows` terminal requests, oldest first, each whole or
+    /// not at all, then finished batch records left without members.
+    /// Durable when it returns; safe to run on several nodes at once.
+    pub async fn purge_slice(
+        &self,
+        policy: lifecycle::Retention,
+        now: u64,
+    ) -> Result<PurgeReport, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => {
+                let report = s.blocking(move |s| s.purge_slice(&policy, now)).await?;
+                // Always: a slice whose commit failed is made durable by
+                // the next, even when that one finds nothing more to do.
+                s.commit().await?;
+                Ok(report)
+            }
+            Backend::Postgres(p) => p.write(p.db.purge_slice(&policy, now)).await,
+        }
+    }
+
+    /// When the oldest terminal request still kept finished (unix seconds).
+    pub async fn oldest_terminal(&self) -> Result<Option<u64>, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.blocking(|s| s.oldest_terminal()).await,
+            Backend::Postgres(p) => Ok(p.db.oldest_terminal().await?),
+        }
+    }
+
     // -------------------------------------------------------------- outbox
 
     /// Webhook deliveries not yet finished.
