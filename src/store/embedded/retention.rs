@@ -27,6 +27,20 @@ const BATCH_INDEX_KEY: &[u8] = b"batch_index";
 const TERMINAL_BACKFILL_KEY: &[u8] = b"terminal_backfill";
 const INDEX_COMPLETE: &[u8] = b"complete";
 
+/// Requests one purge transaction removes: it holds sled's store-wide write
+/// lock while it runs.
+const TX_ROWS: usize = 50;
+
+/// A request the purge removes, or a stale index entry it drops.
+struct Plan {
+    /// Its `terminal` key (completed-at, then id).
+    index: [u8; 16],
+    /// Whether the request goes (else the entry is stale, and goes alone).
+    due: bool,
+    /// Its custom id's key, when its record is there to name it.
+    custom_id: Option<Vec<u8>>,
+}
+
 /// Finished batches one slice looks at, at most, besides those it purges:
 /// batches skipped (still owing an upstream delete) are re-read each slice.
 const BATCH_LOOKS: usize = 64;
@@ -128,11 +142,17 @@ impl SledStore {
     }
 
     /// Removes up to `rows` terminal requests that finished before `cutoff`
-    /// and owe no webhook, each whole, in one transaction.
+    /// and owe no webhook, each whole or not at all.
+    ///
+    /// Everything is read and decided first; the transactions then only
+    /// delete, [`TX_ROWS`] requests each: a sled transaction holds the
+    /// store-wide write lock that every insert and read waits on, so it
+    /// must stay short. A terminal request never changes again (its webhook
+    /// state aside, and one owed a webhook is not taken), so what was read
+    /// still holds; the custom id alone is checked inside, as a new intake
+    /// may take it over meanwhile.
     fn purge_requests(&self, cutoff: u64, rows: usize) -> Result<PurgeReport, StoreError> {
-        // Candidates from the index; each is decided again inside the
-        // transaction from what it reads there.
-        let mut candidates = Vec::new();
+        let mut plans = Vec::new();
         let mut owed = 0usize;
         for item in self.terminal.range(..terminal_key(cutoff, 0)) {
             let (k, _) = item?;
@@ -146,16 +166,15 @@ impl SledStore {
                 }
                 continue;
             }
-            candidates.push((at, id));
-            if candidates.len() == rows {
+            plans.push(self.plan_purge(at, id, cutoff)?);
+            if plans.len() == rows {
                 break;
             }
         }
-        if candidates.is_empty() {
-            return Ok(PurgeReport::default());
-        }
-        #[cfg(test)]
-        let fail_at = self.fail_purge_at.load(std::sync::atomic::Ordering::SeqCst);
+        let mut report = PurgeReport {
+            more: plans.len() == rows || owed >= rows,
+            ..PurgeReport::default()
+        };
         let trees = (
             &self.terminal,
             &self.states,
@@ -164,75 +183,79 @@ impl SledStore {
             &self.bodies,
             &self.custom_ids,
         );
-        let report = trees
-            .transaction(
-                |(terminal, states, requests, results, bodies, custom_ids)| {
-                    let mut report = PurgeReport::default();
-                    for (n, (at, id)) in candidates.iter().enumerate() {
-                        #[cfg(test)]
-                        if n == fail_at {
-                            return Err(ConflictableTransactionError::Abort(StoreError::Flush(
-                                "purge failure injected by a test".into(),
-                            )));
-                        }
-                        let _ = n;
-                        terminal.remove(&terminal_key(*at, *id)[..])?;
-                        let key = id.to_be_bytes();
-                        let state = states
-                            .get(key)?
-                            .map(|v| {
-                                RequestState::decode(&v).ok_or_else(|| corrupt("state", "bad"))
-                            })
-                            .transpose()
-                            .map_err(ConflictableTransactionError::Abort)?;
-                        // An entry whose request is not terminal at that time
-                        // (a crash kept its state from being written) is stale:
-                        // the entry goes, the request stays.
-                        let due = state.is_some_and(|s| {
-                            s.completed_at == Some(*at)
-                                && lifecycle::request_purgeable(
-                                    s.status,
-                                    s.completed_at,
-                                    cutoff,
-                                    false,
-                                )
-                        });
-                        if !due {
-                            continue;
-                        }
-                        states.remove(&key[..])?;
-                        if let Some(v) = requests.remove(&key[..])? {
-                            let rec: RequestRecord = serde_json::from_slice(&v).map_err(|e| {
-                                ConflictableTransactionError::Abort(corrupt("record", e))
-                            })?;
-                            // The custom id is freed only if it still names this
-                            // request.
-                            let cid = custom_id_key(&rec.tenant, &rec.custom_id);
-                            if custom_ids
-                                .get(&cid)?
-                                .is_some_and(|v| v.as_ref() == &key[..])
-                            {
-                                custom_ids.remove(cid)?;
+        for (chunk_no, chunk) in plans.chunks(TX_ROWS).enumerate() {
+            #[cfg(test)]
+            let fail_at = self
+                .fail_purge_at
+                .load(std::sync::atomic::Ordering::SeqCst)
+                .checked_sub(chunk_no * TX_ROWS);
+            let _ = chunk_no;
+            let done = trees
+                .transaction(
+                    |(terminal, states, requests, results, bodies, custom_ids)| {
+                        let mut done = PurgeReport::default();
+                        for (n, plan) in chunk.iter().enumerate() {
+                            #[cfg(test)]
+                            if Some(n) == fail_at {
+                                return Err(ConflictableTransactionError::Abort(
+                                    StoreError::Flush("purge failure injected by a test".into()),
+                                ));
                             }
+                            let _ = n;
+                            terminal.remove(&plan.index[..])?;
+                            if !plan.due {
+                                continue;
+                            }
+                            let key = &plan.index[8..];
+                            // Freed only if it still names this request.
+                            if let Some(cid) = &plan.custom_id
+                                && custom_ids.get(cid)?.is_some_and(|v| v.as_ref() == key)
+                            {
+                                custom_ids.remove(cid.as_slice())?;
+                            }
+                            states.remove(key)?;
+                            requests.remove(key)?;
+                            if results.remove(key)?.is_some() {
+                                done.results += 1;
+                            }
+                            if bodies.remove(key)?.is_some() {
+                                done.bodies += 1;
+                            }
+                            done.requests += 1;
                         }
-                        if results.remove(&key[..])?.is_some() {
-                            report.results += 1;
-                        }
-                        if bodies.remove(&key[..])?.is_some() {
-                            report.bodies += 1;
-                        }
-                        report.requests += 1;
-                    }
-                    Ok(report)
-                },
-            )
-            .map_err(|e| match e {
-                TransactionError::Abort(e) => e,
-                TransactionError::Storage(e) => StoreError::Sled(e),
-            })?;
-        Ok(PurgeReport {
-            more: candidates.len() == rows || owed >= rows,
-            ..report
+                        Ok(done)
+                    },
+                )
+                .map_err(|e| match e {
+                    TransactionError::Abort(e) => e,
+                    TransactionError::Storage(e) => StoreError::Sled(e),
+                })?;
+            report.requests += done.requests;
+            report.results += done.results;
+            report.bodies += done.bodies;
+        }
+        Ok(report)
+    }
+
+    /// What to do with the request a `terminal` entry names: purge it
+    /// (freeing its custom id), or drop the entry alone when the request is
+    /// not terminal at that time (a crash kept its state from being
+    /// written; the outcome, applied again, indexes it anew).
+    fn plan_purge(&self, at: u64, id: u64, cutoff: u64) -> Result<Plan, StoreError> {
+        let due = self.state(id)?.is_some_and(|s| {
+            s.completed_at == Some(at)
+                && lifecycle::request_purgeable(s.status, s.completed_at, cutoff, false)
+        });
+        let custom_id = match due {
+            true => self
+                .get_fixed(id)?
+                .map(|rec| custom_id_key(&rec.tenant, &rec.custom_id)),
+            false => None,
+        };
+        Ok(Plan {
+            index: terminal_key(at, id),
+            due,
+            custom_id,
         })
     }
 
