@@ -290,6 +290,15 @@ impl Store {
         }
     }
 
+    /// Forgets the in-memory counts of `upstream`'s empty queues (sled; on
+    /// PostgreSQL the counts are rows, not memory). Call after their
+    /// metrics were published at zero.
+    pub fn prune_idle_queues(&self, upstream: &str) {
+        if let Backend::Sled(s) = &self.backend {
+            s.prune_idle_queues(upstream);
+        }
+    }
+
     /// Requests queued in every queue, for `max_queued`.
     pub async fn queued_total(&self) -> Result<u64, StoreError> {
         match &self.backend {
