@@ -171,8 +171,10 @@ impl SledStore {
                 break;
             }
         }
+        // Only a full slice says more is due: a run of owed webhooks at the
+        // head waits for the next pass, not a busy loop.
         let mut report = PurgeReport {
-            more: plans.len() == rows || owed >= rows,
+            more: plans.len() == rows,
             ..PurgeReport::default()
         };
         let trees = (
@@ -184,24 +186,16 @@ impl SledStore {
             &self.custom_ids,
         );
         for (chunk_no, chunk) in plans.chunks(TX_ROWS).enumerate() {
-            #[cfg(test)]
-            let fail_at = self
-                .fail_purge_at
-                .load(std::sync::atomic::Ordering::SeqCst)
-                .checked_sub(chunk_no * TX_ROWS);
-            let _ = chunk_no;
             let done = trees
                 .transaction(
                     |(terminal, states, requests, results, bodies, custom_ids)| {
                         let mut done = PurgeReport::default();
                         for (n, plan) in chunk.iter().enumerate() {
-                            #[cfg(test)]
-                            if Some(n) == fail_at {
+                            if self.injected_purge_failure(chunk_no * TX_ROWS + n) {
                                 return Err(ConflictableTransactionError::Abort(
                                     StoreError::Flush("purge failure injected by a test".into()),
                                 ));
                             }
-                            let _ = n;
                             terminal.remove(&plan.index[..])?;
                             if !plan.due {
                                 continue;
@@ -262,7 +256,7 @@ impl SledStore {
     /// Removes finished batch records, oldest first, whose members are all
     /// purged (or moved on to other batches), with their member lists; stops
     /// at the first one still holding a member. Returns how many went and
-    /// whether it stopped at its bound.
+    /// whether it filled its slice.
     fn purge_batches(&self, rows: usize) -> Result<(u64, bool), StoreError> {
         let mut doomed = Vec::new();
         let mut looked = 0;
@@ -270,8 +264,11 @@ impl SledStore {
             let (k, _) = item?;
             let id = id_from(&k)?;
             looked += 1;
-            if doomed.len() == rows || looked > BATCH_LOOKS + rows {
+            if doomed.len() == rows {
                 return self.remove_batches(&doomed).map(|n| (n, true));
+            }
+            if looked > BATCH_LOOKS + rows {
+                break;
             }
             let Some(b) = self.get_batch(id)? else {
                 // Purged by a slice whose index removal a crash undid.
@@ -286,6 +283,17 @@ impl SledStore {
             }
         }
         self.remove_batches(&doomed).map(|n| (n, false))
+    }
+
+    /// Tests only: whether purging the slice's `n`th request fails, as a
+    /// crash there would (its transaction aborts).
+    #[cfg_attr(not(test), expect(unused_variables))]
+    fn injected_purge_failure(&self, n: usize) -> bool {
+        #[cfg(test)]
+        if n == self.fail_purge_at.load(std::sync::atomic::Ordering::SeqCst) {
+            return true;
+        }
+        false
     }
 
     /// Whether some request still kept names `batch` as its batch.

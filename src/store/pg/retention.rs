@@ -86,8 +86,8 @@ impl PgStore {
 
     /// Deletes finished batch records, oldest first, that no kept request
     /// names any more, with their member rows; stops at the first one a
-    /// request still names. Returns how many went and whether it stopped
-    /// at its bound.
+    /// request still names. Returns how many went and whether it filled
+    /// its slice.
     async fn purge_batches(&self, rows: usize) -> Result<(u64, bool), PgError> {
         let limit = rows + BATCH_LOOKS;
         let mut client = self.client().await?;
@@ -103,16 +103,12 @@ impl PgStore {
             )
             .await?;
         let mut doomed: Vec<i64> = Vec::new();
-        let mut stopped = false;
         for row in &found {
             let b: BatchRecord = from_json(row.try_get(1)?, "batch")?;
             match lifecycle::batch_verdict(&b.state, row.try_get(2)?) {
                 BatchVerdict::Purge => doomed.push(row.try_get(0)?),
                 BatchVerdict::Skip => {}
-                BatchVerdict::Stop => {
-                    stopped = true;
-                    break;
-                }
+                BatchVerdict::Stop => break,
             }
             if doomed.len() == rows {
                 break;
@@ -127,10 +123,9 @@ impl PgStore {
             .execute("DELETE FROM batches WHERE id = ANY($1)", &[&doomed])
             .await?;
         tx.commit().await?;
-        Ok((
-            n,
-            !stopped && (doomed.len() == rows || found.len() == limit),
-        ))
+        // Only a full slice says more is due: batches skipped (owing an
+        // upstream delete) are no reason to come back at once.
+        Ok((n, doomed.len() == rows))
     }
 
     /// When the oldest terminal request still kept finished (unix seconds).
