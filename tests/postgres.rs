@@ -1387,3 +1387,32 @@ async fn two_nodes_purging_at_once_take_disjoint_slices() {
     a.purge_slice(&p, at + 101).await.unwrap();
     assert_eq!(count(&config, "SELECT count(*) FROM batches").await, 0);
 }
+
+#[tokio::test]
+async fn start_up_and_recovery_never_read_finished_batches() {
+    let (config, s) = store("a").await;
+    let (done, _, _) = finish_n(&s, "c", 2).await;
+    created(&s, rec("t", "live", "h")).await;
+    let live = s
+        .claim_batch(&qk(), 1, u64::MAX, "size")
+        .await
+        .unwrap()
+        .unwrap();
+    // A finished batch's record made unreadable: whoever reads it fails.
+    let (client, conn) = config.connect(NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+        .execute(
+            "UPDATE batches SET record = '{}' WHERE id = $1",
+            &[&(done.id as i64)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.live_batches().await.unwrap(), vec![live]);
+    assert_eq!(s.recover_claims().await.unwrap(), 1);
+    assert!(s.batches_owing_cleanup("u").await.unwrap().is_empty());
+    assert!(
+        s.get_batch(done.id).await.is_err(),
+        "the record is unreadable"
+    );
+}

@@ -569,6 +569,28 @@ mod tests {
     }
 
     #[test]
+    fn start_up_and_recovery_never_read_finished_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(dir.path(), 64 << 20).unwrap();
+        let s = SledStore::from_db(db.clone()).unwrap();
+        let (done, _, _) = finish_n(&s, "c", 2);
+        s.insert_request(RequestRecord::for_test("t", "live", "h"), b"{}")
+            .unwrap();
+        let live = s.claim_batch(&qk(), 1, u64::MAX, "size").unwrap().unwrap();
+        // A finished batch's record made unreadable: whoever reads it fails.
+        s.batches
+            .insert(done.id.to_be_bytes(), &b"not json"[..])
+            .unwrap();
+        drop(s);
+
+        let s = SledStore::from_db(db).unwrap();
+        assert_eq!(s.live_batches().unwrap(), vec![live]);
+        assert_eq!(s.recover_claims().unwrap(), 1);
+        assert!(s.batches_owing_cleanup("u").unwrap().is_empty());
+        assert!(s.get_batch(done.id).is_err(), "the record is unreadable");
+    }
+
+    #[test]
     fn a_store_from_an_earlier_build_is_indexed_once_then_purged() {
         let dir = tempfile::tempdir().unwrap();
         let db = open_db(dir.path(), 64 << 20).unwrap();
