@@ -2,11 +2,12 @@
 //! completion time, open and finished batches), and the purge that removes
 //! what is past its time in small slices, oldest first.
 //!
-//! A slice removes its requests in one sled transaction over every tree a
-//! request lives in, so a crash in the middle leaves each request whole or
-//! gone, never half of it; the facade commits after it, and the next slice
-//! carries on from the index. Batch records go in a second transaction per
-//! slice, once finished, cleaned up upstream, and left without members.
+//! A slice reads and decides first, then removes its requests in sled
+//! transactions of [`TX_ROWS`] over every tree a request lives in, so a
+//! crash in the middle leaves each request whole or gone, never half of it;
+//! the facade commits after it, and the next slice carries on from the
+//! index. Batch records go in one more transaction per slice, once
+//! finished, cleaned up upstream, and left without members.
 //!
 //! Stores written before these indexes existed get them once: the batch
 //! indexes at the first open (one pass over the batch records), the
@@ -31,6 +32,10 @@ const INDEX_COMPLETE: &[u8] = b"complete";
 /// lock while it runs.
 const TX_ROWS: usize = 50;
 
+/// Finished batches one slice looks at, at most, besides those it purges:
+/// batches skipped (still owing an upstream delete) are re-read each slice.
+const BATCH_LOOKS: usize = 64;
+
 /// A request the purge removes, or a stale index entry it drops.
 struct Plan {
     /// Its `terminal` key (completed-at, then id).
@@ -40,10 +45,6 @@ struct Plan {
     /// Its custom id's key, when its record is there to name it.
     custom_id: Option<Vec<u8>>,
 }
-
-/// Finished batches one slice looks at, at most, besides those it purges:
-/// batches skipped (still owing an upstream delete) are re-read each slice.
-const BATCH_LOOKS: usize = 64;
 
 impl SledStore {
     /// For a new, empty store: every index is complete from the start.
