@@ -64,6 +64,8 @@ struct RawConfig {
     webhooks: RawWebhooks,
     #[serde(default)]
     storage: RawStorage,
+    #[serde(default)]
+    retention: RawRetention,
     /// Real-time prices per model, for the savings estimate.
     #[serde(default)]
     prices: HashMap<String, Price>,
@@ -86,6 +88,25 @@ impl Default for RawStorage {
             url_env: None,
             pool_size: 16,
             lease_secs: 15.0,
+        }
+    }
+}
+
+/// `[retention]`: how long finished work is kept.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRetention {
+    terminal_secs: u64,
+    slice_rows: usize,
+    interval_secs: f64,
+}
+
+impl Default for RawRetention {
+    fn default() -> Self {
+        RawRetention {
+            terminal_secs: 30 * 86_400,
+            slice_rows: 500,
+            interval_secs: 60.0,
         }
     }
 }
@@ -397,10 +418,36 @@ impl StorageSettings {
     }
 }
 
+/// How long finished work is kept, and how the purge paces itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionSettings {
+    /// How long a terminal request (completed, failed, expired, cancelled)
+    /// stays answerable — status, result, webhook state — after it
+    /// finished; then it is purged and answers `404`, and its custom id is
+    /// free again. Default 30 days.
+    pub terminal: Duration,
+    /// Requests (or batch records) one purge slice removes at most: the
+    /// bound on how long one slice holds the store. Default 500.
+    pub slice_rows: usize,
+    /// The pause between purge passes once nothing more is due. Default 60 s.
+    pub interval: Duration,
+}
+
+impl RetentionSettings {
+    /// The store's view of these settings.
+    pub fn policy(&self) -> crate::store::lifecycle::Retention {
+        crate::store::lifecycle::Retention {
+            terminal_secs: self.terminal.as_secs(),
+            slice_rows: self.slice_rows,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Config {
     pub server: ServerSettings,
     pub storage: StorageSettings,
+    pub retention: RetentionSettings,
     pub emulator: Option<EmulatorConfig>,
     pub upstreams: Vec<UpstreamSettings>,
     pub routes: Vec<Route>,
@@ -910,8 +957,28 @@ impl RawConfig {
                 ));
             }
         };
+        let r = self.retention;
+        if r.terminal_secs == 0 {
+            return Err(invalid(
+                "retention.terminal_secs",
+                "must be at least 1 (a finished request must be answerable for a while)",
+            ));
+        }
+        if !(1..=100_000).contains(&r.slice_rows) {
+            return Err(invalid("retention.slice_rows", "must be 1 to 100000"));
+        }
+        let interval = secs("retention.interval_secs", r.interval_secs)?;
+        if interval < Duration::from_millis(100) {
+            return Err(invalid("retention.interval_secs", "must be at least 0.1"));
+        }
+        let retention = RetentionSettings {
+            terminal: Duration::from_secs(r.terminal_secs),
+            slice_rows: r.slice_rows,
+            interval,
+        };
         Ok(Config {
             storage,
+            retention,
             webhooks,
             prices: self.prices,
             server,
@@ -985,6 +1052,41 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("environment variable"), "{name}: {err}");
+        }
+    }
+
+    #[test]
+    fn retention_has_defaults_and_refuses_bad_values_by_key() {
+        let c = Config::parse_with_env(MIN, &no_env).unwrap();
+        assert_eq!(c.retention.terminal, Duration::from_secs(30 * 86_400));
+        assert_eq!(c.retention.slice_rows, 500);
+        assert_eq!(c.retention.interval, Duration::from_secs(60));
+        let with = |r: &str| format!("{MIN}\n[retention]\n{r}");
+        let c = Config::parse_with_env(
+            &with("terminal_secs = 3600\nslice_rows = 50\ninterval_secs = 0.5"),
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(
+            c.retention.policy(),
+            crate::store::lifecycle::Retention {
+                terminal_secs: 3600,
+                slice_rows: 50
+            }
+        );
+        for (bad, key) in [
+            ("terminal_secs = 0", "retention.terminal_secs"),
+            // The body goes when its request finishes: no key bounds it.
+            ("body_secs = 60", "body_secs"),
+            ("slice_rows = 0", "retention.slice_rows"),
+            ("interval_secs = -1", "retention.interval_secs"),
+            ("interval_secs = 0.01", "retention.interval_secs"),
+            ("keep_secs = 1", "keep_secs"),
+        ] {
+            let err = Config::parse_with_env(&with(bad), &no_env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{bad}: {err}");
         }
     }
 

@@ -18,6 +18,7 @@ pub mod intake;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;
+pub mod retention;
 pub mod server;
 pub mod store;
 pub mod upstream;

@@ -36,6 +36,9 @@ pub struct Metrics {
     pub webhook_outbox_depth: IntGauge,
     pub savings_usd: CounterVec,
     pub rate_limited: IntCounterVec,
+    pub retention_purged: IntCounterVec,
+    pub retention_slice_duration: Histogram,
+    pub retention_oldest_terminal_age: IntGauge,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -126,7 +129,23 @@ impl Metrics {
             "Webhook deliveries waiting in the durable outbox.",
         ));
         reg(Box::new(webhook_outbox_depth.clone()));
+        let retention_oldest_terminal_age = must(IntGauge::new(
+            "ferry_retention_oldest_terminal_age_seconds",
+            "Age of the oldest terminal request still kept (0 when none is).",
+        ));
+        reg(Box::new(retention_oldest_terminal_age.clone()));
         Metrics {
+            retention_purged: counter_vec(
+                "ferry_retention_purged_rows_total",
+                "Rows the retention purge removed, by kind (request, result, body, batch).",
+                &["kind"],
+            ),
+            retention_slice_duration: hist(
+                "ferry_retention_slice_duration_seconds",
+                "Duration of one retention purge slice.",
+                latency(),
+            ),
+            retention_oldest_terminal_age,
             upstream_backoff_seconds: float_counter(
                 "ferry_upstream_backoff_seconds_total",
                 "Seconds spent waiting before retrying upstream calls.",
@@ -246,6 +265,9 @@ impl Metrics {
         for status in ["completed", "failed", "expired", "cancelled"] {
             self.requests_finished.with_label_values(&[status]);
         }
+        for kind in PURGED_KINDS {
+            self.retention_purged.with_label_values(&[*kind]);
+        }
         for up in upstreams {
             self.upstream_backoff_seconds.with_label_values(&[*up]);
             for event in BATCH_EVENTS {
@@ -305,6 +327,9 @@ pub const BATCH_EVENTS: &[&str] = &[
     "refused",
     "lost",
 ];
+
+/// Every `kind` of `ferry_retention_purged_rows_total`.
+pub const PURGED_KINDS: &[&str] = &["request", "result", "body", "batch"];
 
 /// The label value a model's metric series carries when the model is
 /// past the cap.

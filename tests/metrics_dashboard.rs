@@ -352,6 +352,9 @@ fn touched_metrics() -> Metrics {
         .with_label_values(&["gpt-4o-mini"])
         .inc_by(0.01);
     m.rate_limited.with_label_values(&["deferred"]).inc();
+    m.retention_purged.with_label_values(&["request"]).inc();
+    m.retention_slice_duration.observe(0.01);
+    m.retention_oldest_terminal_age.set(86_400);
     m
 }
 

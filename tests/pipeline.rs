@@ -5,7 +5,7 @@ mod common;
 
 use std::io::Read;
 
-use common::{Backend, Stack, chat};
+use common::{Backend, Stack, chat, until_status};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -785,8 +785,68 @@ async fn known_series_start_at_zero_and_model_labels_are_capped() {
     assert_eq!(models.len(), cap + 1, "{models:?}");
 }
 
+/// A finished request is purged once `retention.terminal_secs` has passed:
+/// it answers `404` like one that never existed, and its custom id makes a
+/// new request (another body included), not a `409`.
+async fn a_purged_request_answers_404_and_its_custom_id_is_taken_anew(backend: Backend) {
+    let s = Stack::start_on(
+        backend,
+        "",
+        "[retention]\nterminal_secs = 1\ninterval_secs = 0.1",
+    );
+    let r = s
+        .defer(
+            "alice-key",
+            &chat("gpt-4o-mini", "first"),
+            None,
+            Some("kept-a-second"),
+        )
+        .await;
+    assert_eq!(r.status(), 202, "{:?}", r.text().await);
+    s.flush().await;
+    until_status(&s, "kept-a-second", "completed").await;
+
+    // The purge runs every 0.1 s; the request is due a second after it
+    // finished.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (code, st) = s.status("alice-key", "kept-a-second", 0).await;
+        if code == 404 {
+            assert_eq!(st["error"]["code"], "request_not_found", "{st}");
+            break;
+        }
+        assert_eq!(st["status"], "completed", "{st}");
+        assert!(std::time::Instant::now() < deadline, "never purged: {st}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let result = s
+        .get("alice-key", "/v1/ferry/requests/kept-a-second/result")
+        .await;
+    assert_eq!(result.status(), 404);
+    let metrics = s.metrics().await;
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with("ferry_retention_purged_rows_total{kind=\"request\"} ")
+            && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+
+    let r = s
+        .defer(
+            "alice-key",
+            &chat("gpt-4o-mini", "second"),
+            None,
+            Some("kept-a-second"),
+        )
+        .await;
+    assert_eq!(r.status(), 202, "{:?}", r.text().await);
+    let ticket: Value = r.json().await.unwrap();
+    assert_eq!(ticket["status"], "queued", "{ticket}");
+}
+
 on_both_backends!(
     deferred_call_gets_a_ticket_then_its_result_by_long_poll,
+    a_purged_request_answers_404_and_its_custom_id_is_taken_anew,
     wait_returns_the_chat_completion_itself,
     flush_by_size_puts_exactly_max_requests_in_a_batch,
     flush_by_bytes_and_two_models_make_separate_batches,

@@ -1316,3 +1316,216 @@ async fn a_round_whose_commit_fails_stores_nothing_and_says_so_to_every_call() {
     );
     assert_eq!(s.queued_total().await.unwrap(), 2);
 }
+
+// ------------------------------------------------------------ retention
+
+use ferry::store::PurgeReport;
+use ferry::store::lifecycle::Retention;
+
+fn retention(terminal_secs: u64, slice_rows: usize) -> Retention {
+    Retention {
+        terminal_secs,
+        slice_rows,
+    }
+}
+
+/// Queues `records`, sends them in one batch, completes each and marks the
+/// batch done; returns it, their ids and when they finished.
+async fn finish(s: &PgStore, records: Vec<RequestRecord>) -> (BatchRecord, Vec<u64>, u64) {
+    for r in records {
+        created(s, r).await;
+    }
+    let (mut b, ids) = submitted_batch(s).await;
+    let result = StoredResult {
+        status_code: 200,
+        body: bytes::Bytes::from_static(br#"{"ok":true}"#),
+    };
+    let outcomes = ids
+        .iter()
+        .map(|id| (*id, Outcome::Completed(result.clone())))
+        .collect();
+    s.apply_outcomes(b.id, outcomes, &payload).await.unwrap();
+    b.state = BatchState::Done {
+        file_id: Some("file-in".into()),
+        batch_id: Some("batch_up".into()),
+        upstream_status: "completed".into(),
+        cleanup: Vec::new(),
+    };
+    s.put_batch(&b).await.unwrap();
+    let at = s.get(ids[0]).await.unwrap().unwrap().completed_at.unwrap();
+    (b, ids, at)
+}
+
+async fn finish_n(s: &PgStore, prefix: &str, n: usize) -> (BatchRecord, Vec<u64>, u64) {
+    let records = (0..n)
+        .map(|i| rec("t", &format!("{prefix}{i}"), "h"))
+        .collect();
+    finish(s, records).await
+}
+
+/// Whether request `id` is there whole (row, custom id, result), or gone
+/// whole; panics on anything in between.
+async fn whole(s: &PgStore, id: u64, custom_id: &str) -> bool {
+    let found = s.find("t", custom_id).await.unwrap().map(|r| r.id);
+    let rec = s.get(id).await.unwrap();
+    let result = s.result(id).await.unwrap();
+    match (found, rec, result) {
+        (Some(f), Some(r), Some(_)) if f == id && r.status.is_terminal() => true,
+        (None, None, None) => false,
+        other => panic!("request {id} is half-purged: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn purge_keeps_a_request_up_to_its_limit_and_takes_it_one_second_past() {
+    let (config, s) = store("a").await;
+    let (b, ids, at) = finish_n(&s, "c", 1).await;
+    let p = retention(100, 10);
+    for now in [at + 99, at + 100] {
+        let r = s.purge_slice(&p, now).await.unwrap();
+        assert_eq!(r, PurgeReport::default(), "{now}");
+        assert!(whole(&s, ids[0], "c0").await);
+    }
+    let r = s.purge_slice(&p, at + 101).await.unwrap();
+    assert_eq!((r.requests, r.results, r.batches), (1, 1, 1));
+    assert!(!whole(&s, ids[0], "c0").await);
+    assert!(s.get_batch(b.id).await.unwrap().is_none());
+    assert_eq!(count(&config, "SELECT count(*) FROM members").await, 0);
+    assert_eq!(s.oldest_terminal().await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_purge_slice_that_fails_midway_rolls_back_whole() {
+    let (config, s) = store("a").await;
+    let (_, ids, at) = finish_n(&s, "c", 10).await;
+    // The slice's delete of one request fails, after its results and
+    // bodies went in the same transaction.
+    let (client, conn) = config.connect(NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$; \
+             CREATE TRIGGER refuse BEFORE DELETE ON requests FOR EACH ROW \
+             WHEN (OLD.custom_id = 'c2') EXECUTE FUNCTION refuse();",
+        )
+        .await
+        .unwrap();
+    let p = retention(100, 4);
+    assert!(s.purge_slice(&p, at + 1000).await.is_err());
+    for (i, id) in ids.iter().enumerate() {
+        assert!(whole(&s, *id, &format!("c{i}")).await, "request {i}");
+    }
+    client
+        .batch_execute("DROP TRIGGER refuse ON requests")
+        .await
+        .unwrap();
+    let mut purged = Vec::new();
+    for _ in 0..3 {
+        let r = s.purge_slice(&p, at + 1000).await.unwrap();
+        purged.push((r.requests, r.batches));
+    }
+    assert_eq!(purged, vec![(4, 0), (4, 0), (2, 1)]);
+    for (i, id) in ids.iter().enumerate() {
+        assert!(!whole(&s, *id, &format!("c{i}")).await, "request {i}");
+    }
+}
+
+#[tokio::test]
+async fn a_purged_custom_id_is_taken_anew() {
+    let (_, s) = store("a").await;
+    let (_, ids, at) = finish_n(&s, "c", 1).await;
+    s.purge_slice(&retention(100, 10), at + 101).await.unwrap();
+    let again = s.accept(rec("t", "c0", "other"), b"{}".to_vec()).await;
+    let Ok(Intake::Created(r)) = again else {
+        panic!("{again:?}")
+    };
+    assert_ne!(r.id, ids[0]);
+    assert_eq!(s.find("t", "c0").await.unwrap().unwrap().id, r.id);
+}
+
+#[tokio::test]
+async fn the_body_goes_long_before_the_record() {
+    let (_, s) = store("a").await;
+    let (_, ids, at) = finish_n(&s, "c", 1).await;
+    s.purge_slice(&retention(100, 10), at + 11).await.unwrap();
+    let r = s.get(ids[0]).await.unwrap().unwrap();
+    assert_eq!(r.status, RequestStatus::Completed);
+    assert_eq!(s.result(ids[0]).await.unwrap().unwrap().status_code, 200);
+    assert!(s.body(ids[0]).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_request_owed_a_webhook_is_kept_until_it_is_delivered() {
+    let (_, s) = store("a").await;
+    let (b, ids, at) = finish(&s, vec![with_callback(rec("t", "hooked", "h"))]).await;
+    let p = retention(100, 10);
+    let r = s.purge_slice(&p, at + 1000).await.unwrap();
+    assert_eq!((r.requests, r.batches), (0, 0));
+    assert!(whole(&s, ids[0], "hooked").await);
+    let taken = s.take_due_deliveries(u64::MAX, 10).await.unwrap();
+    assert_eq!(taken.len(), 1);
+    s.finish_delivery(&taken[0], WebhookStatus::Delivered, None)
+        .await
+        .unwrap();
+    let r = s.purge_slice(&p, at + 1000).await.unwrap();
+    assert_eq!((r.requests, r.batches), (1, 1));
+    assert!(s.get_batch(b.id).await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_purging_at_once_take_disjoint_slices() {
+    let (config, a) = store("a").await;
+    let b = node(&config, "b").await;
+    let (_, ids, at) = finish_n(&a, "c", 40).await;
+    let p = retention(100, 3);
+    let purge = |s: PgStore| {
+        tokio::spawn(async move {
+            let mut purged = 0;
+            loop {
+                let r = s.purge_slice(&p, at + 101).await.unwrap();
+                purged += r.requests;
+                if r.requests == 0 && !r.more {
+                    return purged;
+                }
+            }
+        })
+    };
+    let (x, y) = (purge(a.clone()), purge(b));
+    let total = x.await.unwrap() + y.await.unwrap();
+    assert_eq!(total, ids.len() as u64, "each request purged once");
+    assert_eq!(count(&config, "SELECT count(*) FROM requests").await, 0);
+    assert_eq!(count(&config, "SELECT count(*) FROM results").await, 0);
+    // The batch goes with its last member, on whichever node comes next.
+    a.purge_slice(&p, at + 101).await.unwrap();
+    assert_eq!(count(&config, "SELECT count(*) FROM batches").await, 0);
+}
+
+#[tokio::test]
+async fn start_up_and_recovery_never_read_finished_batches() {
+    let (config, s) = store("a").await;
+    let (done, _, _) = finish_n(&s, "c", 2).await;
+    created(&s, rec("t", "live", "h")).await;
+    let live = s
+        .claim_batch(&qk(), 1, u64::MAX, "size")
+        .await
+        .unwrap()
+        .unwrap();
+    // A finished batch's record made unreadable: whoever reads it fails.
+    let (client, conn) = config.connect(NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+        .execute(
+            "UPDATE batches SET record = '{}' WHERE id = $1",
+            &[&(done.id as i64)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.live_batches().await.unwrap(), vec![live]);
+    assert_eq!(s.recover_claims().await.unwrap(), 1);
+    assert!(s.batches_owing_cleanup("u").await.unwrap().is_empty());
+    assert!(
+        s.get_batch(done.id).await.is_err(),
+        "the record is unreadable"
+    );
+}

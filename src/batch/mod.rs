@@ -80,6 +80,8 @@ pub async fn run_flusher(app: Arc<App>, upstream: usize, mut shutdown: watch::Re
             }
         };
         app.publish_queue_metrics(&up.settings.name, &queues);
+        // Published at zero just now: empty queues' counts may go.
+        app.store.prune_idle_queues(&up.settings.name);
         for (qk, stats) in queues {
             if qk.upstream != up.settings.name {
                 continue;

@@ -341,6 +341,9 @@ pub async fn run(app: Arc<App>, http: reqwest::Client, mut shutdown: watch::Rece
                 if let Some(mut n) = in_flight.get_mut(&host) {
                     *n = n.saturating_sub(1);
                 }
+                // A host with nothing in flight is forgotten: callback hosts
+                // under a `*.domain` allowance are unbounded.
+                in_flight.remove_if(&host, |_, n| *n == 0);
                 drop(permit);
                 app.store.wake_outbox();
             });

@@ -4,8 +4,8 @@
 //! storage.
 
 use super::{
-    Delivery, Outcome, PayloadFn, RequestError, RequestRecord, RequestStatus, StoredResult,
-    WebhookState, WebhookStatus,
+    BatchState, Delivery, Outcome, PayloadFn, RequestError, RequestRecord, RequestStatus,
+    StoredResult, WebhookState, WebhookStatus,
 };
 
 /// A status change the lifecycle does not allow: a bug, refused rather than
@@ -145,6 +145,68 @@ pub fn delivery_for(
         due_ms: now_ms,
         attempts: 0,
     })
+}
+
+/// How long finished work is kept ([`crate::config`]'s `[retention]`),
+/// in the plain terms both backends purge by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Seconds a terminal request (record, result, status) stays answerable
+    /// after it finished.
+    pub terminal_secs: u64,
+    /// Requests, or batches, one purge slice removes at most.
+    pub slice_rows: usize,
+}
+
+impl Retention {
+    /// Requests that finished before this unix second (strictly) are due
+    /// for purging at `now`: one finished exactly `terminal_secs` ago stays
+    /// for that second, one finished a second earlier goes.
+    pub fn record_cutoff(&self, now: u64) -> u64 {
+        now.saturating_sub(self.terminal_secs)
+    }
+}
+
+/// Whether a request is due for purging under `cutoff`
+/// ([`Retention::record_cutoff`]): terminal, finished before the cutoff,
+/// and owing no webhook (an outbox entry still to deliver or retry keeps
+/// its request, whatever its age).
+pub fn request_purgeable(
+    status: RequestStatus,
+    completed_at: Option<u64>,
+    cutoff: u64,
+    webhook_owed: bool,
+) -> bool {
+    status.is_terminal() && completed_at.is_some_and(|at| at < cutoff) && !webhook_owed
+}
+
+/// What the purge does with a batch record, taken oldest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchVerdict {
+    /// Finished, no upstream file left to delete, no member left: it goes.
+    Purge,
+    /// Not this batch, but look at younger ones: it is not finished yet or
+    /// still owes the upstream a file delete.
+    Skip,
+    /// A member of it is still kept: younger batches' members finished
+    /// later, so stop here until the next slice.
+    Stop,
+}
+
+/// Decides a batch's fate from its state and whether some request still
+/// kept names it as its batch (a member re-queued into another batch does
+/// not hold this one).
+pub fn batch_verdict(state: &BatchState, members_kept: bool) -> BatchVerdict {
+    match state {
+        BatchState::Done { cleanup, .. } if cleanup.is_empty() => {
+            if members_kept {
+                BatchVerdict::Stop
+            } else {
+                BatchVerdict::Purge
+            }
+        }
+        _ => BatchVerdict::Skip,
+    }
 }
 
 #[cfg(test)]
@@ -294,5 +356,65 @@ mod tests {
         );
         assert_eq!((d.first_ms, d.due_ms, d.attempts), (5, 5, 0));
         assert_eq!(rec.webhook.map(|w| w.status), Some(WebhookStatus::Pending));
+    }
+
+    #[test]
+    fn a_request_goes_one_second_past_its_limit_and_not_before() {
+        use RequestStatus::*;
+        let r = Retention {
+            terminal_secs: 100,
+            slice_rows: 10,
+        };
+        let now = 1_000_000;
+        let cutoff = r.record_cutoff(now);
+        // Finished 99 s ago (a second younger than the limit) stays; 100 s
+        // ago (exactly the limit) stays; 101 s ago goes.
+        assert!(!request_purgeable(Completed, Some(now - 99), cutoff, false));
+        assert!(!request_purgeable(
+            Completed,
+            Some(now - 100),
+            cutoff,
+            false
+        ));
+        assert!(request_purgeable(Completed, Some(now - 101), cutoff, false));
+        for t in [Failed, Expired, Cancelled] {
+            assert!(
+                request_purgeable(t, Some(now - 101), cutoff, false),
+                "{t:?}"
+            );
+        }
+        // Never a live one, nor one still owed a webhook.
+        assert!(!request_purgeable(Queued, Some(1), cutoff, false));
+        assert!(!request_purgeable(Submitted, None, cutoff, false));
+        assert!(!request_purgeable(Completed, None, cutoff, false));
+        assert!(!request_purgeable(Completed, Some(1), cutoff, true));
+        // A clock before the epoch's first limit purges nothing.
+        assert_eq!(r.record_cutoff(5), 0);
+        assert!(!request_purgeable(
+            Completed,
+            Some(0),
+            r.record_cutoff(5),
+            false
+        ));
+    }
+
+    #[test]
+    fn a_batch_goes_once_finished_cleaned_up_and_empty() {
+        let done = |cleanup: Vec<String>| BatchState::Done {
+            file_id: None,
+            batch_id: None,
+            upstream_status: "completed".into(),
+            cleanup,
+        };
+        assert_eq!(batch_verdict(&done(vec![]), false), BatchVerdict::Purge);
+        assert_eq!(batch_verdict(&done(vec![]), true), BatchVerdict::Stop);
+        assert_eq!(
+            batch_verdict(&done(vec!["file-1".into()]), false),
+            BatchVerdict::Skip
+        );
+        assert_eq!(
+            batch_verdict(&BatchState::Claimed, false),
+            BatchVerdict::Skip
+        );
     }
 }

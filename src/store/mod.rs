@@ -355,6 +355,16 @@ impl Store {
         }
     }
 
+    /// Forgets the in-memory counts of `upstream`'s empty queues (sled; on
+    /// PostgreSQL the counts are rows, and the intake rounds' sizes are
+    /// bounded on their own). Call after their metrics were published at
+    /// zero.
+    pub fn prune_idle_queues(&self, upstream: &str) {
+        if let Backend::Sled(s) = &self.backend {
+            s.prune_idle_queues(upstream);
+        }
+    }
+
     /// Requests queued in every queue, for `max_queued`.
     pub async fn queued_total(&self) -> Result<u64, StoreError> {
         match &self.backend {
@@ -583,6 +593,37 @@ impl Store {
             Backend::Sled(s) => s.is_own_upstream_object(id),
             // Every node's batches: one query.
             Backend::Postgres(p) => p.db.is_own_upstream_object(id).await,
+        }
+    }
+
+    // ----------------------------------------------------------- retention
+
+    /// Purges one slice of what is past `policy` at `now` (unix seconds):
+    /// at most `slice_rows` terminal requests, oldest first, each whole or
+    /// not at all, then finished batch records left without members.
+    /// Durable when it returns; safe to run on several nodes at once.
+    pub async fn purge_slice(
+        &self,
+        policy: lifecycle::Retention,
+        now: u64,
+    ) -> Result<PurgeReport, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => {
+                let report = s.blocking(move |s| s.purge_slice(&policy, now)).await?;
+                // Always: a slice whose commit failed is made durable by
+                // the next, even when that one finds nothing more to do.
+                s.commit().await?;
+                Ok(report)
+            }
+            Backend::Postgres(p) => p.write(p.db.purge_slice(&policy, now)).await,
+        }
+    }
+
+    /// When the oldest terminal request still kept finished (unix seconds).
+    pub async fn oldest_terminal(&self) -> Result<Option<u64>, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.blocking(|s| s.oldest_terminal()).await,
+            Backend::Postgres(p) => Ok(p.db.oldest_terminal().await?),
         }
     }
 

@@ -481,6 +481,33 @@ pub enum Outcome {
     },
 }
 
+/// What one purge slice removed, and whether more is due at once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PurgeReport {
+    /// Terminal requests removed whole (record, state, custom id).
+    pub requests: u64,
+    /// Stored results removed with them.
+    pub results: u64,
+    /// Request bodies removed (most go when their request finishes).
+    pub bodies: u64,
+    /// Finished batch records removed, with their member lists.
+    pub batches: u64,
+    /// A full slice was removed: the caller may run the next one now.
+    pub more: bool,
+}
+
+impl PurgeReport {
+    /// (kind, rows) for each kind, as the metrics label them.
+    pub fn by_kind(&self) -> [(&'static str, u64); 4] {
+        [
+            ("request", self.requests),
+            ("result", self.results),
+            ("body", self.bodies),
+            ("batch", self.batches),
+        ]
+    }
+}
+
 /// Builds a webhook's JSON body for a request that just became terminal.
 pub type PayloadFn<'a> = dyn Fn(&RequestRecord, Option<&StoredResult>) -> String + 'a;
 

@@ -5,11 +5,39 @@
 use super::*;
 
 impl SledStore {
+    /// Writes a batch record and keeps the batch indexes in step: entries
+    /// are added before the record and removed after it, so a crash between
+    /// leaves an index naming too much (read past), never too little.
     pub fn put_batch(&self, b: &BatchRecord) -> Result<(), StoreError> {
         let v = serde_json::to_vec(b).map_err(|e| corrupt("batch", e))?;
-        self.batches.insert(b.id.to_be_bytes(), v)?;
+        let key = b.id.to_be_bytes();
+        let open = is_open(b);
+        if open {
+            self.open_batches.insert(key, &[])?;
+        }
+        if !b.is_live() {
+            self.done_batches.insert(key, &[])?;
+        }
+        self.batches.insert(key, v)?;
+        if !open {
+            self.open_batches.remove(key)?;
+        }
         self.track_upstream_objects(b);
         Ok(())
+    }
+
+    /// The records the `open_batches` index names, in id order, that are
+    /// still open (an entry a crash left behind is read past).
+    pub(super) fn open_batch_records(
+        &self,
+    ) -> impl Iterator<Item = Result<BatchRecord, StoreError>> + '_ {
+        self.open_batches.iter().filter_map(move |item| {
+            let read = || -> Result<Option<BatchRecord>, StoreError> {
+                let (k, _) = item?;
+                Ok(self.get_batch(id_from(&k)?)?.filter(is_open))
+            };
+            read().transpose()
+        })
     }
 
     pub(super) fn track_upstream_objects(&self, b: &BatchRecord) {
@@ -43,11 +71,11 @@ impl SledStore {
             .transpose()
     }
 
+    /// Batches not yet finished, read through the `open_batches` index.
     pub fn live_batches(&self) -> Result<Vec<BatchRecord>, StoreError> {
         let mut out = Vec::new();
-        for item in self.batches.iter() {
-            let (_, v) = item?;
-            let b: BatchRecord = serde_json::from_slice(&v).map_err(|e| corrupt("batch", e))?;
+        for b in self.open_batch_records() {
+            let b = b?;
             if b.is_live() {
                 out.push(b);
             }
@@ -58,9 +86,8 @@ impl SledStore {
     /// Finished batches of an upstream whose upstream files are not all deleted.
     pub fn batches_owing_cleanup(&self, upstream: &str) -> Result<Vec<BatchRecord>, StoreError> {
         let mut out = Vec::new();
-        for item in self.batches.iter() {
-            let (_, v) = item?;
-            let b: BatchRecord = serde_json::from_slice(&v).map_err(|e| corrupt("batch", e))?;
+        for b in self.open_batch_records() {
+            let b = b?;
             if b.upstream == upstream
                 && matches!(&b.state, BatchState::Done { cleanup, .. } if !cleanup.is_empty())
             {
@@ -89,6 +116,7 @@ impl SledStore {
             let ids: Vec<u64> = self.members(b.id).collect::<Result<_, _>>()?;
             if ids.is_empty() && b.state == BatchState::Claimed {
                 self.batches.remove(b.id.to_be_bytes())?;
+                self.open_batches.remove(b.id.to_be_bytes())?;
                 continue;
             }
             if b.state == BatchState::Claimed {
@@ -164,4 +192,10 @@ impl SledStore {
         self.states.apply_batch(states)?;
         Ok(())
     }
+}
+
+/// Whether a batch belongs in the `open_batches` index: live, or finished
+/// but still owing the upstream a file delete.
+pub(super) fn is_open(b: &BatchRecord) -> bool {
+    b.is_live() || !b.upstream_objects().is_empty()
 }

@@ -78,6 +78,20 @@ pub(super) fn member_key(batch: u64, id: u64) -> [u8; 16] {
     k
 }
 
+/// Key of the `terminal` index: when the request finished, then its id,
+/// so that sled's order is oldest first.
+pub(super) fn terminal_key(completed_at: u64, id: u64) -> [u8; 16] {
+    member_key(completed_at, id)
+}
+
+/// The (completed-at, id) of a `terminal` key.
+pub(super) fn parse_terminal_key(k: &[u8]) -> Result<(u64, u64), StoreError> {
+    if k.len() != 16 {
+        return Err(corrupt("terminal index key", "not 16 bytes"));
+    }
+    Ok((id_from(&k[..8])?, id_from(&k[8..])?))
+}
+
 /// The ids of one `members` entry: packed in the value, or, in stores
 /// written before members were packed, the key's own id with an empty value.
 pub(super) fn unpack_members(

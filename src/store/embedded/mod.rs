@@ -12,8 +12,15 @@
 //!   written before packing have it)
 //! - `results`: id → [`StoredResult`] (status code, then the body verbatim)
 //! - `outbox`: id → [`Delivery`] (JSON), webhooks not yet delivered
+//! - `terminal`: completed-at (unix seconds), id → nothing: every terminal
+//!   request, oldest first, for the retention purge
+//! - `open_batches`: batch id → nothing, for batches live or owing the
+//!   upstream a file delete: what start-up and recovery read, so their cost
+//!   does not grow with history
+//! - `done_batches`: batch id → nothing, finished batches not yet purged
 //!
-//! The default tree holds `ferry_format`, the layout version above.
+//! The default tree holds `ferry_format`, the layout version above, and
+//! the retention indexes' markers (see `retention`).
 //!
 //! Writes go to sled's page cache; [`SledStore::commit`] makes them durable with
 //! one fsync for every caller waiting at that moment (group commit). The
@@ -25,7 +32,8 @@
 //! (deferred calls in, durable on return), `requests` (intake's writes,
 //! reads, cancel), `queues` (the in-memory counts, claims), `batches`
 //! (records, members, recovery, submission), `outcomes` (a finished
-//! batch's results applied), `outbox` (webhook deliveries), `tests`; this
+//! batch's results applied), `outbox` (webhook deliveries), `retention`
+//! (the indexes of finished work, and purging it), `tests`; this
 //! file holds the store itself: opening, the layout check, ids.
 
 mod batches;
@@ -36,6 +44,7 @@ mod outbox;
 mod outcomes;
 mod queues;
 mod requests;
+mod retention;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -90,6 +99,9 @@ pub struct SledStore {
     members: sled::Tree,
     results: sled::Tree,
     outbox: sled::Tree,
+    terminal: sled::Tree,
+    open_batches: sled::Tree,
+    done_batches: sled::Tree,
     /// (due millis, request id) of every durable outbox entry not being
     /// sent now.
     outbox_due: Mutex<BTreeSet<(u64, u64)>>,
@@ -128,6 +140,10 @@ pub struct SledStore {
     /// Tests only: the most outcomes one `apply_outcomes` call was given.
     #[cfg(test)]
     pub(crate) largest_outcome_write: std::sync::atomic::AtomicUsize,
+    /// Tests only: a purge slice fails (its transaction aborts) when it
+    /// reaches this many requests, as a crash in the middle of it would.
+    #[cfg(test)]
+    pub(crate) fail_purge_at: std::sync::atomic::AtomicUsize,
 }
 
 impl SledStore {
@@ -155,6 +171,9 @@ impl SledStore {
             members: db.open_tree("members")?,
             results: db.open_tree("results")?,
             outbox: db.open_tree("outbox")?,
+            terminal: db.open_tree("terminal")?,
+            open_batches: db.open_tree("open_batches")?,
+            done_batches: db.open_tree("done_batches")?,
             outbox_due: Mutex::new(BTreeSet::new()),
             outbox_unflushed: Mutex::new(Vec::new()),
             outbox_wake: tokio::sync::Notify::new(),
@@ -172,13 +191,14 @@ impl SledStore {
             fail_commits: Default::default(),
             #[cfg(test)]
             largest_outcome_write: Default::default(),
+            #[cfg(test)]
+            fail_purge_at: std::sync::atomic::AtomicUsize::new(usize::MAX),
         };
         store.check_format()?;
         store.repair_intake_round()?;
-        for item in store.batches.iter() {
-            let (_, v) = item?;
-            let b: BatchRecord = serde_json::from_slice(&v).map_err(|e| corrupt("batch", e))?;
-            store.track_upstream_objects(&b);
+        store.ensure_batch_index()?;
+        for b in store.open_batch_records() {
+            store.track_upstream_objects(&b?);
         }
         for item in store.queue.iter() {
             let (k, v) = item?;
@@ -212,6 +232,8 @@ impl SledStore {
             )),
             None if self.requests.is_empty() && self.batches.is_empty() => {
                 self.db.insert(FORMAT_KEY, FORMAT)?;
+                // Nothing to index: the indexes start complete.
+                self.mark_indexes_complete()?;
                 Ok(())
             }
             None => Err(corrupt(

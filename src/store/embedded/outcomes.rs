@@ -25,6 +25,7 @@ impl SledStore {
         let mut queue = sled::Batch::default();
         let mut bodies = sled::Batch::default();
         let mut outbox = sled::Batch::default();
+        let mut terminal = sled::Batch::default();
         let mut deliveries = Vec::new();
         let mut done = Vec::new();
         let mut requeued: Vec<(QueueKey, u64, u64)> = Vec::new();
@@ -65,6 +66,7 @@ impl SledStore {
                 rec.error = error;
             }
             rec.completed_at = Some(now);
+            terminal.insert(&encoding::terminal_key(now, id), &[]);
             rec.batch_id.clone_from(&batch_id);
             let delivery =
                 self.prepare_delivery(&mut rec, stored.as_ref(), payload, &mut outbox)?;
@@ -79,10 +81,11 @@ impl SledStore {
             bodies.remove(&id.to_be_bytes());
             done.push(rec);
         }
-        // Results, webhooks and errors before states: a reader that sees
-        // `completed` finds its result, and no terminal request lacks its
-        // webhook.
+        // Results, webhooks, errors and the retention index before states:
+        // a reader that sees `completed` finds its result, no terminal
+        // request lacks its webhook, and none escapes the purge.
         self.results.apply_batch(results)?;
+        self.terminal.apply_batch(terminal)?;
         self.outbox.apply_batch(outbox)?;
         self.queue.apply_batch(queue)?;
         self.requests.apply_batch(reqs)?;

@@ -70,6 +70,15 @@ impl SledStore {
         self.queues.get(qk).map(|s| *s)
     }
 
+    /// Forgets the counts of `upstream`'s queues that are empty: one entry
+    /// per model ever queued would otherwise stay for the process's life.
+    /// Atomic per entry, so a queue that gains a request meanwhile keeps
+    /// its count.
+    pub fn prune_idle_queues(&self, upstream: &str) {
+        self.queues
+            .retain(|qk, s| qk.upstream != upstream || s.count > 0);
+    }
+
     pub fn queued_total(&self) -> u64 {
         self.queues.iter().map(|e| e.value().count).sum()
     }

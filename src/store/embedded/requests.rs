@@ -243,7 +243,11 @@ impl SledStore {
             self.unaccount(&qk, &v);
         }
         rec.status = lifecycle::checked_move(rec.status, RequestStatus::Cancelled)?;
-        rec.completed_at = Some(now_secs());
+        let now = now_secs();
+        rec.completed_at = Some(now);
+        // Indexed before its state says terminal: none escapes the purge.
+        self.terminal
+            .insert(encoding::terminal_key(now, rec.id), &[])?;
         let mut outbox = sled::Batch::default();
         let delivery = self.prepare_delivery(&mut rec, None, payload, &mut outbox)?;
         self.outbox.apply_batch(outbox)?;

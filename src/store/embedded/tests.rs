@@ -498,3 +498,22 @@ fn line_len_matches_the_line() {
     let v: serde_json::Value = serde_json::from_str(line.trim_end()).unwrap();
     assert_eq!(v["custom_id"], "ferry-77");
 }
+
+#[test]
+fn empty_queues_are_forgotten_but_busy_ones_kept() {
+    let (_d, s) = store();
+    queue_n(&s, "a", 2);
+    s.claim_batch(&qk(), 10, u64::MAX, "size").unwrap().unwrap();
+    let other = RequestRecord::queued("t", "b0", "u", "m2", "h", 2, 1);
+    s.insert_request(other, b"{}").unwrap();
+    assert_eq!(s.queue_stats().len(), 2);
+    s.prune_idle_queues("elsewhere");
+    assert_eq!(s.queue_stats().len(), 2, "another upstream's prune");
+    s.prune_idle_queues("u");
+    let left: Vec<String> = s.queue_stats().into_iter().map(|(k, _)| k.model).collect();
+    assert_eq!(left, vec!["m2".to_owned()]);
+    assert_eq!(s.queue_stats_for(&qk()), None);
+    // A request queued again counts from scratch.
+    queue_n(&s, "c", 1);
+    assert_eq!(s.queue_stats_for(&qk()).map(|q| q.count), Some(1));
+}

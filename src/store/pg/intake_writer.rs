@@ -34,6 +34,9 @@ use crate::store::{Intake, QueueKey, QueueLoad, RequestRecord, line_len, now_mil
 /// Calls written and committed together, at most.
 const MAX_JOBS: usize = 512;
 
+/// Queues whose latest size a node keeps, at most.
+const MAX_LOADS: usize = 4_096;
+
 pub(super) struct Job {
     rec: RequestRecord,
     body: Vec<u8>,
@@ -182,6 +185,11 @@ async fn write_round(
                 .as_mut()
             {
                 *total += created as u64;
+            }
+            // Bounded however many models callers name: starting over
+            // costs each queue at most one missed wake-up (a second).
+            if sinks.loads.len() > MAX_LOADS {
+                sinks.loads.clear();
             }
             for (qk, load) in moved {
                 sinks.loads.insert(qk, load);

@@ -11,7 +11,7 @@ use super::PgError;
 const MIGRATION_LOCK: i64 = 0x6665_7272_796d_6967;
 
 /// (version, SQL). Never edit an applied migration: add the next one.
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2)];
+pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3)];
 
 /// The newest schema this build knows.
 pub fn known_version() -> i32 {
@@ -144,6 +144,17 @@ CREATE TABLE nodes (
     seen_at timestamptz NOT NULL
 );
 ALTER TABLE leases ADD COLUMN wanted_by text;
+"#;
+
+/// Layout 3: what the retention purge and start-up read by, so neither
+/// walks the history. Terminal requests oldest first (only they have a
+/// `completed_at`); finished batches oldest first; finished batches still
+/// owing the upstream a file delete, read at every start.
+const V3: &str = r#"
+CREATE INDEX requests_completed ON requests (completed_at, id) WHERE completed_at IS NOT NULL;
+CREATE INDEX batches_done ON batches (id) WHERE NOT live;
+CREATE INDEX batches_owing_cleanup ON batches (upstream)
+    WHERE NOT live AND cardinality(upstream_objects) > 0;
 "#;
 
 /// What [`migrate`] did.

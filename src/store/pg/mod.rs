@@ -8,7 +8,8 @@
 //! counters and claims), `batches` (batch records and their members'
 //! steps), `outcomes` (a finished batch's results), `outbox` (webhook
 //! deliveries, leased per node), `leases` (named leases with fencing
-//! tokens), `nodes` (the cluster's members), [`events`] (LISTEN/NOTIFY between nodes). The decisions
+//! tokens), `nodes` (the cluster's members), `retention` (purging finished
+//! work in bounded slices), [`events`] (LISTEN/NOTIFY between nodes). The decisions
 //! themselves are shared with the embedded store, in [`super::lifecycle`];
 //! the store operations mirror the embedded store's method by method, each
 //! one transaction (intakes arriving together share one), durable on return.
@@ -24,6 +25,7 @@ mod outbox;
 mod outcomes;
 mod queues;
 mod requests;
+mod retention;
 mod store;
 
 pub use store::{PgStore, SyncPayloadFn};
