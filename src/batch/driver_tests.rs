@@ -192,6 +192,39 @@ async fn a_step_whose_record_is_not_durable_leaves_the_driver_on_the_last_durabl
     assert_eq!(app.store.get_batch(batch.id).await.unwrap(), Some(batch));
 }
 
+/// Polls `done` every 10 ms until it holds; fails after 10 s.
+async fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// This node lost the upstream and won it back (a newer token) while a
+/// driver ran: the resume at that gain skipped the batch, which had a
+/// driver. The old driver stops at once and the batch carries on under a
+/// new one, rather than being left with none until the next takeover.
+#[tokio::test]
+async fn a_driver_that_outlived_its_token_leaves_its_batch_to_a_new_one() {
+    let h = harness().await;
+    let app = &h.app;
+    let polls = || {
+        app.metrics
+            .upstream_calls
+            .with_label_values(&["emu", "get_batch", "200"])
+            .get()
+    };
+    let batch = claim(app).await;
+    super::spawn_driver(app.clone(), batch, false, h.shutdown.clone());
+    wait_until("the batch is polled", || polls() >= 2).await;
+
+    app.upstreams[0].ownership.set_token(7);
+    let seen = polls();
+    wait_until("a new driver polls the batch", || polls() >= seen + 3).await;
+    assert_eq!(app.metrics.live_batches.get(), 1, "one driver, not two");
+}
+
 #[tokio::test]
 async fn no_driver_starts_for_a_claim_that_is_not_durable() {
     let h = harness().await;

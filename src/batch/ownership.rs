@@ -147,7 +147,7 @@ impl Ownership {
     }
 
     /// Sets the drivers' token, and wakes waiting drivers if it changed.
-    fn set_token(&self, token: u64) -> u64 {
+    pub(super) fn set_token(&self, token: u64) -> u64 {
         let before = self.token.swap(token, Ordering::SeqCst);
         if before != token {
             self.released.notify_waiters();
