@@ -132,6 +132,17 @@ impl ProxyError {
         })
     }
 
+    /// A terminal request whose answer is not stored: purged since its
+    /// record was read (`still_stored` false: retention removed both, so it
+    /// answers as unknown, like any purged request), or never answered.
+    pub fn no_result(rec: &RequestRecord, still_stored: bool) -> Self {
+        if still_stored {
+            ProxyError::unanswered(rec)
+        } else {
+            ProxyError::RequestNotFound(rec.custom_id.clone())
+        }
+    }
+
     /// A terminal request the upstream never answered.
     pub fn unanswered(rec: &RequestRecord) -> Self {
         ProxyError::Unanswered {
@@ -209,6 +220,19 @@ mod tests {
             message: message.into(),
         });
         r
+    }
+
+    #[test]
+    fn a_result_purged_after_its_record_was_read_answers_as_unknown() {
+        let r = rec(RequestStatus::Completed, None);
+        assert!(matches!(
+            ProxyError::no_result(&r, false),
+            ProxyError::RequestNotFound(id) if id == "c"
+        ));
+        assert!(matches!(
+            ProxyError::no_result(&r, true),
+            ProxyError::Unanswered { .. }
+        ));
     }
 
     /// One row of the caller-facing contract.

@@ -503,7 +503,10 @@ async fn answer_result(
     rec: &RequestRecord,
 ) -> Result<(), ProxyError> {
     let Some(r) = stored_result(app, rec).await else {
-        return Err(ProxyError::unanswered(rec));
+        // The purge may have removed the request and its result since its
+        // record was read: then it answers 404 like any purged request.
+        let still_stored = !matches!(app.store.get(rec.id).await, Ok(None));
+        return Err(ProxyError::no_result(rec, still_stored));
     };
     respond::json(session, r.status_code, &[], r.body).await?;
     Ok(())
