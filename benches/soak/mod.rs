@@ -137,6 +137,42 @@ async fn sample(started: Instant, accepted: u64, fer: &Proc, emu_pid: u32, data:
     }
 }
 
+/// The lookups' answers, by phase (`load`, `drain`), route (`status`,
+/// `result`) and HTTP status (0: no answer), and the first 5xx or failure.
+#[derive(Default)]
+struct Lookups {
+    counts: std::collections::BTreeMap<(&'static str, &'static str, u16), u64>,
+    first_failure: Option<String>,
+}
+
+impl Lookups {
+    fn record(
+        &mut self,
+        phase: &'static str,
+        route: &'static str,
+        path: &str,
+        res: Result<(u16, Bytes), String>,
+    ) {
+        let status = res.as_ref().map_or(0, |(s, _)| *s);
+        *self.counts.entry((phase, route, status)).or_default() += 1;
+        if (status == 0 || status >= 500) && self.first_failure.is_none() {
+            self.first_failure = Some(match res {
+                Ok((s, b)) => format!("{phase} GET {path}: {s} {}", String::from_utf8_lossy(&b)),
+                Err(e) => format!("{phase} GET {path}: {e}"),
+            });
+        }
+    }
+
+    /// Answers in `phase` whose status `ok` refuses.
+    fn count(&self, phase: &str, ok: impl Fn(u16) -> bool) -> u64 {
+        self.counts
+            .iter()
+            .filter(|((p, _, s), _)| *p == phase && !ok(*s))
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
 /// SIGKILLs `fer` and starts it again on the same directory; returns the
 /// new process and the time from spawn to `/readyz` answering 200.
 async fn restart(o: &Opts, dir: &Path, mut fer: Proc) -> (Proc, f64) {
@@ -265,47 +301,53 @@ pub async fn soak(o: &Opts, rows: &mut Rows) {
     }
 
     // Lookups of recent custom ids: the status of one just accepted, and
-    // the result of one near the finished frontier.
+    // the result of one near the finished frontier. They go on during the
+    // drain, when the ids they pick are being purged (404 is then right).
+    let draining = Arc::new(AtomicBool::new(false));
     let lookups = {
-        let (accepted, finished, done) = (accepted.clone(), finished.clone(), done.clone());
+        let (accepted, finished, done, draining) = (
+            accepted.clone(),
+            finished.clone(),
+            done.clone(),
+            draining.clone(),
+        );
         tokio::spawn(async move {
             let mut conn = None;
-            let mut statuses = std::collections::BTreeMap::<String, u64>::new();
+            let mut tally = Lookups::default();
             let mut k = 0u64;
             while !done.load(Ordering::Relaxed) {
                 k += 1;
-                let (top, suffix) = if k % 2 == 0 {
-                    (accepted.load(Ordering::Relaxed), "")
+                let (top, route) = if k % 2 == 0 {
+                    (accepted.load(Ordering::Relaxed), "status")
                 } else {
-                    (finished.load(Ordering::Relaxed), "/result")
+                    (finished.load(Ordering::Relaxed), "result")
                 };
                 if top == 0 {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                     continue;
                 }
                 let id = top - 1 - scatter(k, top.min(2_000));
+                let path = match route {
+                    "status" => format!("/v1/ferry/requests/soak{id}"),
+                    _ => format!("/v1/ferry/requests/soak{id}/result"),
+                };
+                let phase = if draining.load(Ordering::Relaxed) {
+                    "drain"
+                } else {
+                    "load"
+                };
                 let req = request(
                     "GET",
                     addr,
-                    &format!("/v1/ferry/requests/soak{id}{suffix}"),
+                    &path,
                     &[("authorization", &format!("Bearer {TENANT_KEY}"))],
                     Bytes::new(),
                 );
-                let key = match send(&mut conn, addr, req).await {
-                    Ok((s, _)) => format!(
-                        "{}{s}",
-                        if suffix.is_empty() {
-                            "status "
-                        } else {
-                            "result "
-                        }
-                    ),
-                    Err(_) => "error".to_owned(),
-                };
-                *statuses.entry(key).or_default() += 1;
+                let res = send(&mut conn, addr, req).await;
+                tally.record(phase, route, &path, res);
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            statuses
+            tally
         })
     };
 
@@ -322,6 +364,7 @@ pub async fn soak(o: &Opts, rows: &mut Rows) {
             issued.load(Ordering::Relaxed) >= n && workers.iter().all(|w| w.is_finished());
         if intake_over && all_accepted.is_none() {
             all_accepted = Some(s.secs);
+            draining.store(true, Ordering::Relaxed);
             drain_deadline = Some(Instant::now() + Duration::from_secs(so.terminal_secs + 300));
             eprintln!("  all {acc} accepted after {:.1} s; draining", s.secs);
         }
@@ -355,7 +398,7 @@ pub async fn soak(o: &Opts, rows: &mut Rows) {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     done.store(true, Ordering::Relaxed);
-    let lookup_statuses = lookups.await.expect("lookup task");
+    let lookups = lookups.await.expect("lookup task");
     let last = *samples.last().expect("at least one sample");
     let acc = accepted.load(Ordering::Relaxed);
 
@@ -477,22 +520,30 @@ pub async fn soak(o: &Opts, rows: &mut Rows) {
         "",
         Target::AtMost(0.0),
     );
-    let lookups_total: u64 = lookup_statuses.values().sum();
-    eprintln!("  lookups: {lookup_statuses:?}");
+    eprintln!("  lookups (phase, route, status): {:?}", lookups.counts);
+    if let Some(f) = &lookups.first_failure {
+        eprintln!("  !! first lookup answered 5xx or failed: {f}");
+    }
     rows.add(
         FIGURE,
-        "lookups of recent ids during the load",
-        lookups_total as f64,
+        "lookups of recent ids, load and drain",
+        lookups.counts.values().sum::<u64>() as f64,
         "",
     );
+    // While loading, the ids looked up are recent: known (200), or a
+    // result not in yet (202); never gone.
     rows.target(
         FIGURE,
-        "lookups of recent ids answered other than 200",
-        lookup_statuses
-            .iter()
-            .filter(|(k, _)| !k.ends_with("200"))
-            .map(|(_, v)| *v)
-            .sum::<u64>() as f64,
+        "lookups while loading answered other than 200/202",
+        lookups.count("load", |s| s == 200 || s == 202) as f64,
+        "",
+        Target::AtMost(0.0),
+    );
+    // While draining, they are being purged: 404 is right, 5xx is not.
+    rows.target(
+        FIGURE,
+        "lookups while draining answered other than 200/202/404",
+        lookups.count("drain", |s| matches!(s, 200 | 202 | 404)) as f64,
         "",
         Target::AtMost(0.0),
     );
