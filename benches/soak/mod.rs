@@ -318,7 +318,7 @@ pub async fn soak(o: &Opts, rows: &mut Rows) {
             let mut k = 0u64;
             while !done.load(Ordering::Relaxed) {
                 k += 1;
-                let (top, route) = if k % 2 == 0 {
+                let (top, route) = if k.is_multiple_of(2) {
                     (accepted.load(Ordering::Relaxed), "status")
                 } else {
                     (finished.load(Ordering::Relaxed), "result")
