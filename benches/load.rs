@@ -9,6 +9,7 @@
 //! cargo bench --bench load -- --only intake,batch
 //! cargo bench --bench load -- --only intake-default,stall   # flushing on; passthrough beside a claim
 //! FERRY_TEST_PG_URL=postgres://… cargo bench --bench load -- --only cluster --duration 8
+//! FERRY_BENCH_SOAK_REQUESTS=2000000 cargo bench --bench load -- --only soak   # long
 //! ```
 //!
 //! `cargo bench` builds `target/release/ferry` first (the bench profile is
@@ -20,7 +21,10 @@
 //! `batch` (4, 5 and 6) and `cluster` (C1-C3, also on `FERRY_TEST_PG_URL`:
 //! aggregate intake on 1, 2 and 3 nodes, takeover after SIGKILL of the
 //! upstream's owner, and the wake-up of callers held away from the owner;
-//! see [`cluster`]). nginx (`apt-get install -y nginx`, or
+//! see [`cluster`]), and `soak` (S: the retention soak, millions of
+//! deferred calls through intake, batch, result, lookup and purge, with
+//! data_dir size and RSS over time; opt-in, only with `--only soak`, see
+//! [`soak`]). nginx (`apt-get install -y nginx`, or
 //! `FERRY_BENCH_NGINX=/path/to/nginx`) is the comparison proxy; without it
 //! its rows are skipped.
 //!
@@ -104,10 +108,11 @@ impl Opts {
                 "-h" | "--help" => {
                     eprintln!(
                         "usage: cargo bench --bench load -- [--large] [--runs N] \
-                         [--only passthrough,intake,intake-pg,intake-default,stall,buffer,batch,cluster] [--duration SECS]\n\
+                         [--only passthrough,intake,intake-pg,intake-default,stall,buffer,batch,cluster,soak] [--duration SECS]\n\
                          env: FERRY_BIN, FERRY_BENCH_NGINX, FERRY_BENCH_LARGE, FERRY_BENCH_RUNS, \
                          FERRY_BENCH_ONLY, FERRY_BENCH_DURATION, FERRY_TEST_PG_URL (intake-pg, cluster), and sizes FERRY_BENCH_BUFFER, \
-                         FERRY_BENCH_BATCH_LINES, FERRY_BENCH_HELD"
+                         FERRY_BENCH_BATCH_LINES, FERRY_BENCH_HELD, FERRY_BENCH_SOAK_REQUESTS, \
+                         FERRY_BENCH_SOAK_SAMPLE_SECS, FERRY_BENCH_SOAK_TERMINAL_SECS (soak: only with --only)"
                     );
                     std::process::exit(0);
                 }
@@ -145,6 +150,13 @@ impl Opts {
         }
     }
 
+    /// Whether `section` was named in `--only` (for long, opt-in sections).
+    fn names(&self, section: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|s| s == section))
+    }
+
     fn wants(&self, section: &str) -> bool {
         self.only
             .as_ref()
@@ -153,6 +165,9 @@ impl Opts {
 }
 
 // ------------------------------------------------------------- processes
+
+/// The retention soak (`--only soak`), in `benches/soak/`.
+mod soak;
 
 #[path = "../tests/common/process.rs"]
 mod process;
@@ -2626,6 +2641,9 @@ async fn main() {
             } else {
                 cluster(&o, &mut rows).await;
             }
+        }
+        if o.names("soak") {
+            soak::soak(&o, &mut rows).await;
         }
         runs.push(rows);
     }
