@@ -192,7 +192,7 @@ pub async fn renew(
     let name = lease_name(upstream_name);
     let ttl = app.config.storage.lease();
     if app.store.is_shared() && app.is_shutting_down() {
-        return hand_over(app, upstream).await;
+        return hand_over(app, upstream, false).await;
     }
     let members = app
         .members
@@ -218,7 +218,8 @@ pub async fn renew(
         && hands_over(me, first, g.wanted_by.as_deref(), &members)
     {
         info!(upstream = %upstream_name, to = g.wanted_by.as_deref().unwrap_or(""), "handing the upstream over to the node first in line for it");
-        return hand_over(app, upstream).await;
+        // The acquire just now renewed the lease.
+        return hand_over(app, upstream, true).await;
     }
     let answer = grant.map(|g| g.token);
     let before = up.ownership.set_token(answer.unwrap_or(0));
@@ -244,8 +245,9 @@ pub async fn renew(
 /// Gives the upstream up: the drivers stop at their next step, and once
 /// none runs the lease is released for the node first in line to take at
 /// once. Until then the lease is kept renewed, so no other node resumes a
-/// batch whose driver here is still in the middle of an upstream call.
-async fn hand_over(app: &Arc<App>, upstream: usize) -> Option<u64> {
+/// batch whose driver here is still in the middle of an upstream call
+/// (`renewed`: the caller has just renewed it).
+async fn hand_over(app: &Arc<App>, upstream: usize, renewed: bool) -> Option<u64> {
     let up = &app.upstreams[upstream];
     let name = lease_name(&up.settings.name);
     up.ownership.set_token(0);
@@ -254,6 +256,9 @@ async fn hand_over(app: &Arc<App>, upstream: usize) -> Option<u64> {
         return None;
     }
     if !up.ownership.idle() {
+        if renewed {
+            return None;
+        }
         // Renewing under our own name keeps the token; not first in line,
         // so a lease that lapsed meanwhile is not taken back.
         match app

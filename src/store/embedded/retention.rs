@@ -350,29 +350,13 @@ impl SledStore {
 mod tests {
     use std::sync::atomic::Ordering;
 
+    use super::super::tests::{no_payload, qk, sled_db, store};
     use super::*;
-
-    fn store() -> (tempfile::TempDir, SledStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path(), 64 << 20).unwrap();
-        (dir, s)
-    }
 
     fn policy(terminal_secs: u64, slice_rows: usize) -> lifecycle::Retention {
         lifecycle::Retention {
             terminal_secs,
             slice_rows,
-        }
-    }
-
-    fn no_payload(_: &RequestRecord, _: Option<&StoredResult>) -> String {
-        String::new()
-    }
-
-    fn qk() -> QueueKey {
-        QueueKey {
-            upstream: "u".into(),
-            model: "m".into(),
         }
     }
 
@@ -570,8 +554,7 @@ mod tests {
 
     #[test]
     fn start_up_and_recovery_never_read_finished_batches() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = open_db(dir.path(), 64 << 20).unwrap();
+        let (_dir, db) = sled_db();
         let s = SledStore::from_db(db.clone()).unwrap();
         let (done, _, _) = finish_n(&s, "c", 2);
         s.insert_request(RequestRecord::for_test("t", "live", "h"), b"{}")
@@ -592,8 +575,7 @@ mod tests {
 
     #[test]
     fn a_store_from_an_earlier_build_is_indexed_once_then_purged() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = open_db(dir.path(), 64 << 20).unwrap();
+        let (_dir, db) = sled_db();
         let s = SledStore::from_db(db.clone()).unwrap();
         let (done, _, at) = finish_n(&s, "c", 5);
         s.insert_request(RequestRecord::for_test("t", "live", "h"), b"{}")

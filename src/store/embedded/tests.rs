@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 
 use super::*;
 
-fn store() -> (tempfile::TempDir, SledStore) {
+pub(super) fn store() -> (tempfile::TempDir, SledStore) {
     let dir = tempfile::tempdir().unwrap();
     let s = SledStore::open(dir.path(), 64 << 20).unwrap();
     (dir, s)
@@ -15,7 +15,7 @@ fn store() -> (tempfile::TempDir, SledStore) {
 /// background thread some time after the last handle drops (spacejam/sled
 /// #1289), so dropping and reopening the directory in one process races.
 /// Durability across real restarts is tested on the binary (crash.rs).
-fn sled_db() -> (tempfile::TempDir, sled::Db) {
+pub(super) fn sled_db() -> (tempfile::TempDir, sled::Db) {
     let dir = tempfile::tempdir().unwrap();
     let db = open_db(dir.path(), 64 << 20).unwrap();
     (dir, db)
@@ -56,11 +56,11 @@ fn rec(tenant: &str, cid: &str, body_hash: &str) -> RequestRecord {
     RequestRecord::for_test(tenant, cid, body_hash)
 }
 
-fn no_payload(_: &RequestRecord, _: Option<&StoredResult>) -> String {
+pub(super) fn no_payload(_: &RequestRecord, _: Option<&StoredResult>) -> String {
     String::new()
 }
 
-fn qk() -> QueueKey {
+pub(super) fn qk() -> QueueKey {
     QueueKey {
         upstream: "u".into(),
         model: "m".into(),

@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::PgError;
 use super::intake_rows::accept_many_in;
-use super::queues::add_to_counters;
+use super::queues::{Admission, add_to_counters};
 use super::requests::accept_in;
 use super::store::{PgStore, to_i64};
 use crate::store::{Intake, QueueKey, QueueLoad, RequestRecord, line_len, now_millis};
@@ -51,10 +51,6 @@ pub(super) type Queue = Arc<std::sync::OnceLock<mpsc::UnboundedSender<Job>>>;
 /// Each queue's size as this node's latest intake round into it left it
 /// (see [`PgStore::queue_load`]).
 pub(super) type Loads = Arc<DashMap<QueueKey, QueueLoad>>;
-
-/// The queued total intake checks `max_queued` against, and when it was
-/// read from the database (see [`PgStore::queued_for_admission`]).
-pub(super) type Admission = Arc<std::sync::Mutex<Option<(std::time::Instant, u64)>>>;
 
 /// Where a round reports what it moved, once committed.
 #[derive(Clone)]
@@ -178,14 +174,7 @@ async fn write_round(
                 .iter()
                 .filter(|a| matches!(a, Ok(Intake::Created(_))))
                 .count();
-            if let Some((_, total)) = sinks
-                .admission
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_mut()
-            {
-                *total += created as u64;
-            }
+            sinks.admission.adjust(created as i64);
             // Bounded however many models callers name: starting over
             // costs each queue at most one missed wake-up (a second).
             if sinks.loads.len() > MAX_LOADS {

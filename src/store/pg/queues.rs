@@ -46,25 +46,12 @@ impl PgStore {
     /// against runaway growth; a round trip per call is not worth its
     /// exactness across nodes.
     pub async fn queued_for_admission(&self) -> Result<u64, PgError> {
-        if let Some((at, total)) = *self.admission()
-            && at.elapsed() < ADMISSION_STALENESS
-        {
+        if let Some(total) = self.admission.fresh() {
             return Ok(total);
         }
         let total = self.queued_total().await?;
-        *self.admission() = Some((std::time::Instant::now(), total));
+        self.admission.set(total);
         Ok(total)
-    }
-
-    /// Moves the admission total by a change this node committed.
-    pub(super) fn adjust_admission(&self, by: i64) {
-        if let Some((_, total)) = self.admission().as_mut() {
-            *total = total.saturating_add_signed(by);
-        }
-    }
-
-    fn admission(&self) -> std::sync::MutexGuard<'_, Option<(std::time::Instant, u64)>> {
-        self.admission.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub async fn queued_total(&self) -> Result<u64, PgError> {
@@ -95,7 +82,8 @@ impl PgStore {
         let tx = client.transaction().await?;
         let batch = claim_in(&tx, qk, max_requests, max_bytes, reason).await?;
         tx.commit().await?;
-        self.adjust_admission(-batch.as_ref().map_or(0, |b| b.request_count as i64));
+        self.admission
+            .adjust(-batch.as_ref().map_or(0, |b| b.request_count as i64));
         Ok(batch)
     }
 
@@ -118,7 +106,8 @@ impl PgStore {
         }
         let batch = claim_in(&tx, qk, max_requests, max_bytes, reason).await?;
         tx.commit().await?;
-        self.adjust_admission(-batch.as_ref().map_or(0, |b| b.request_count as i64));
+        self.admission
+            .adjust(-batch.as_ref().map_or(0, |b| b.request_count as i64));
         Ok(batch)
     }
 }
@@ -195,6 +184,38 @@ async fn claim_in(
 
 /// How old the database's part of the admission total may be.
 pub const ADMISSION_STALENESS: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The queued total intake checks `max_queued` against, and when it was
+/// read from the database (see [`PgStore::queued_for_admission`]); shared
+/// by a store's clones and its intake writer.
+#[derive(Clone, Default)]
+pub(super) struct Admission(std::sync::Arc<std::sync::Mutex<Option<(std::time::Instant, u64)>>>);
+
+impl Admission {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(std::time::Instant, u64)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The total, if read within [`ADMISSION_STALENESS`].
+    fn fresh(&self) -> Option<u64> {
+        match *self.lock() {
+            Some((at, total)) if at.elapsed() < ADMISSION_STALENESS => Some(total),
+            _ => None,
+        }
+    }
+
+    /// The total as just read from the database.
+    fn set(&self, total: u64) {
+        *self.lock() = Some((std::time::Instant::now(), total));
+    }
+
+    /// Moves the total by a change this node committed.
+    pub(super) fn adjust(&self, by: i64) {
+        if let Some((_, total)) = self.lock().as_mut() {
+            *total = total.saturating_add_signed(by);
+        }
+    }
+}
 
 fn stats_from(row: &tokio_postgres::Row) -> Result<(QueueKey, QueueStats), PgError> {
     Ok((

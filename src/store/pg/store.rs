@@ -37,7 +37,7 @@ pub struct PgStore {
     pub(super) loads: super::intake_writer::Loads,
     /// The queued total intake checks `max_queued` against, and when it was
     /// read (see [`PgStore::queued_for_admission`]); shared by the clones.
-    pub(super) admission: super::intake_writer::Admission,
+    pub(super) admission: super::queues::Admission,
 }
 
 /// The request columns every read selects, in the order [`request_from`]
