@@ -27,6 +27,14 @@ async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     if let Ok(size) = app.store.storage_size().await {
         app.metrics.storage_size.set(size as i64);
     }
+    if let Some((free, min_free)) = app.store.free_space() {
+        app.metrics
+            .storage_free
+            .set(free.min(i64::MAX as u64) as i64);
+        app.metrics
+            .storage_min_free
+            .set(min_free.min(i64::MAX as u64) as i64);
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         app.metrics.render(),

@@ -160,6 +160,7 @@ struct RawServer {
     max_queued: u64,
     upstream_ca_file: Option<String>,
     cache_mb: u64,
+    min_free_mb: u64,
     log_format: String,
 }
 
@@ -180,6 +181,7 @@ impl Default for RawServer {
             max_queued: 5_000_000,
             upstream_ca_file: None,
             cache_mb: 64,
+            min_free_mb: 512,
             log_format: "text".into(),
         }
     }
@@ -301,6 +303,10 @@ pub struct ServerSettings {
     /// sled's page cache in bytes, as sled counts them (on-disk size; small
     /// entries take about twice that in memory).
     pub cache_bytes: u64,
+    /// Free space the embedded store keeps on data_dir's filesystem: below
+    /// it deferred intake answers 503; below half, claims and result
+    /// ingestion wait too (0: no reserve).
+    pub min_free_bytes: u64,
     pub log_format: LogFormat,
 }
 
@@ -580,6 +586,7 @@ impl RawConfig {
                 .max(Duration::from_millis(10)),
             max_queued: s.max_queued,
             cache_bytes: s.cache_mb.max(8) * 1024 * 1024,
+            min_free_bytes: s.min_free_mb.saturating_mul(1024 * 1024),
             upstream_ca_file: match s.upstream_ca_file {
                 Some(f) if !Path::new(&f).is_file() => {
                     return Err(invalid(

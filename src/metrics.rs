@@ -9,6 +9,8 @@ use prometheus::{
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::store::space::Need;
+
 pub struct Metrics {
     pub registry: Registry,
     pub http_requests: IntCounterVec,
@@ -30,6 +32,9 @@ pub struct Metrics {
     pub upstream_retries: IntCounter,
     pub tokens: IntCounterVec,
     pub storage_size: IntGauge,
+    pub storage_free: IntGauge,
+    pub storage_min_free: IntGauge,
+    pub storage_low_space: IntCounterVec,
     pub storage_flush_duration: Histogram,
     pub upstream_backoff_seconds: CounterVec,
     pub webhook_deliveries: IntCounterVec,
@@ -119,6 +124,17 @@ impl Metrics {
             "Size of the store on disk (the sled database, or the PostgreSQL database).",
         ));
         reg(Box::new(storage_size.clone()));
+        let storage_free = must(IntGauge::new(
+            "ferry_storage_free_bytes",
+            "Free bytes on data_dir's filesystem (embedded store only).",
+        ));
+        reg(Box::new(storage_free.clone()));
+        let storage_min_free = must(IntGauge::new(
+            "ferry_storage_min_free_bytes",
+            "Free bytes the embedded store keeps (server.min_free_mb): below it deferred intake \
+             answers 503, below half claims and result ingestion wait.",
+        ));
+        reg(Box::new(storage_min_free.clone()));
         let float_counter = |name: &str, help: &str, labels: &[&str]| {
             let c = must(CounterVec::new(Opts::new(name, help), labels));
             reg(Box::new(c.clone()));
@@ -242,6 +258,14 @@ impl Metrics {
                 &["model", "kind"],
             ),
             storage_size,
+            storage_free,
+            storage_min_free,
+            storage_low_space: counter_vec(
+                "ferry_storage_low_space_refusals_total",
+                "Store writes refused for want of free space on data_dir, by need: intake (a new \
+                 deferred call, answered 503) or growth (a claim or a batch's results, retried).",
+                &["need"],
+            ),
             storage_flush_duration: hist(
                 "ferry_storage_flush_duration_seconds",
                 "Duration of durable writes: sled's group commits, or PostgreSQL's write transactions.",
@@ -267,6 +291,9 @@ impl Metrics {
         }
         for kind in PURGED_KINDS {
             self.retention_purged.with_label_values(&[*kind]);
+        }
+        for need in [Need::Intake, Need::Growth] {
+            self.storage_low_space.with_label_values(&[need.as_str()]);
         }
         for up in upstreams {
             self.upstream_backoff_seconds.with_label_values(&[*up]);

@@ -72,6 +72,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let metrics = Arc::new(Metrics::new());
     store.observe_flushes(metrics.storage_flush_duration.clone());
+    store.observe_low_space(metrics.storage_low_space.clone());
     metrics.zero_known_series(
         &config
             .upstreams
@@ -429,12 +430,17 @@ async fn open_store(config: &Config) -> Result<Store, ServerError> {
     let data_dir = &config.server.data_dir;
     match &config.storage {
         StorageSettings::Sled => {
-            Store::open_sled(data_dir, config.server.cache_bytes).map_err(|source| {
-                ServerError::Store {
-                    path: data_dir.display().to_string(),
-                    source,
-                }
-            })
+            let store =
+                Store::open_sled(data_dir, config.server.cache_bytes).map_err(|source| {
+                    ServerError::Store {
+                        path: data_dir.display().to_string(),
+                        source,
+                    }
+                })?;
+            Ok(store.with_space_guard(crate::store::space::SpaceGuard::new(
+                data_dir,
+                config.server.min_free_bytes,
+            )))
         }
         StorageSettings::Postgres {
             url_env, pool_size, ..

@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::App;
+use crate::store::space::Need;
 use crate::store::{BatchRecord, BatchState, Outcome, QueueKey, RequestError, now_millis};
 use crate::upstream::{BatchObject, UpstreamError, with_retry};
 use policy::{FlushPolicy, FlushReason, flush_reason, time_to_deadline};
@@ -35,6 +36,8 @@ const OUTCOME_CHUNK: usize = 2_000;
 
 /// The longest the flush loop sleeps without looking at its queues.
 const MAX_IDLE: Duration = Duration::from_secs(1);
+/// How often a finished batch waiting for room looks again.
+const ROOM_RECHECK: Duration = Duration::from_millis(500);
 
 /// Runs the flush loop of one upstream until shutdown.
 pub async fn run_flusher(app: Arc<App>, upstream: usize, mut shutdown: watch::Receiver<bool>) {
@@ -138,6 +141,10 @@ async fn flush_queue(
         let batch = match claimed {
             Ok(Some(b)) => b,
             Ok(None) => return,
+            // The space guard has said so once; the queue waits, intact.
+            Err(e @ crate::store::StoreError::LowSpace { .. }) => {
+                return tracing::debug!(upstream = %qk.upstream, model = %qk.model, error = %e, "no room to claim a batch");
+            }
             Err(e) => {
                 error!(upstream = %qk.upstream, model = %qk.model, error = %e, "cannot claim a batch");
                 return;
@@ -591,6 +598,11 @@ async fn poll_and_ingest(
         }
     };
     info!(ferry_batch = batch.id, upstream = %batch.upstream, model = %batch.model, batch_id, status = %obj.status, "batch finished upstream");
+    // The results stay upstream until there is room to store them: nothing
+    // is downloaded only to be refused.
+    if !wait_for_room(app, shutdown).await {
+        return Ok(());
+    }
     let finished = ingest_batch(app, up, batch, &obj, shutdown).await?;
     app.metrics
         .batches
@@ -626,6 +638,18 @@ async fn poll_and_ingest(
         "batch done"
     );
     Ok(())
+}
+
+/// Waits until the store has room for a batch's results (see
+/// [`crate::store::space`]); false at shutdown.
+async fn wait_for_room(app: &Arc<App>, shutdown: &mut watch::Receiver<bool>) -> bool {
+    while app.store.room_for(Need::Growth).is_err() {
+        tokio::select! {
+            _ = tokio::time::sleep(ROOM_RECHECK) => {}
+            _ = shutdown.changed() => return false,
+        }
+    }
+    true
 }
 
 /// Applies outcomes in slices as they arrive: each slice is stored, made

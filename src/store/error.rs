@@ -13,6 +13,15 @@ pub enum StoreError {
     Corrupt(String),
     #[error("durable flush failed: {0}")]
     Flush(String),
+    #[error(
+        "data_dir has {free} bytes free, under the {min_free} Ferry keeps free \
+         (server.min_free_mb): {waiting} wait until space returns"
+    )]
+    LowSpace {
+        free: u64,
+        min_free: u64,
+        waiting: &'static str,
+    },
     #[error("another request with this custom id is being stored; retry")]
     Busy,
     #[error("it is locked by another process: is a second Ferry running on this data_dir?")]

@@ -12,7 +12,7 @@
 //! Files: `embedded` (the sled backend), `error` (the layer's one error
 //! type), [`instance`] (the data_dir's instance id), [`lifecycle`] (the
 //! request decisions both backends make), [`records`] (the record types),
-//! [`pg`] (PostgreSQL).
+//! [`space`] (the free space the embedded store keeps), [`pg`] (PostgreSQL).
 
 mod embedded;
 mod error;
@@ -20,6 +20,7 @@ pub mod instance;
 pub mod lifecycle;
 pub mod pg;
 pub mod records;
+pub mod space;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +41,9 @@ pub type Payload = fn(&RequestRecord, Option<&StoredResult>) -> String;
 /// The store Ferry runs on.
 pub struct Store {
     backend: Backend,
+    /// The free space the embedded store keeps on its filesystem (see
+    /// [`space`]); none for PostgreSQL, whose disk is the server's.
+    space: Option<space::SpaceGuard>,
 }
 
 enum Backend {
@@ -82,7 +86,28 @@ impl Store {
     pub fn open_sled(path: &std::path::Path, cache_bytes: u64) -> Result<Store, StoreError> {
         Ok(Store {
             backend: Backend::Sled(Arc::new(SledStore::open(path, cache_bytes)?)),
+            space: None,
         })
+    }
+
+    /// Keeps the free space `guard` watches: below it, intake and then the
+    /// store's growth wait (see [`space`]). Only the embedded store writes
+    /// to data_dir, so only it is guarded.
+    pub fn with_space_guard(mut self, guard: space::SpaceGuard) -> Store {
+        if matches!(self.backend, Backend::Sled(_)) {
+            self.space = Some(guard);
+        }
+        self
+    }
+
+    /// `Ok` when the store has room for `need` (see [`space`]).
+    pub fn room_for(&self, need: space::Need) -> Result<(), StoreError> {
+        self.space.as_ref().map_or(Ok(()), |g| g.check(need))
+    }
+
+    /// The free bytes under data_dir and the reserve kept, when guarded.
+    pub fn free_space(&self) -> Option<(u64, u64)> {
+        self.space.as_ref().map(|g| (g.free_bytes(), g.min_free()))
     }
 
     /// Connects to PostgreSQL and brings its schema up to date. The node
@@ -110,6 +135,7 @@ impl Store {
                 _dir_lock: dir_lock,
                 write_histogram: std::sync::OnceLock::new(),
             })),
+            space: None,
         })
     }
 
@@ -228,6 +254,13 @@ impl Store {
         }
     }
 
+    /// Counts each write refused for want of space in `c`, by need.
+    pub fn observe_low_space(&self, c: prometheus::IntCounterVec) {
+        if let Some(g) = &self.space {
+            g.observe(c);
+        }
+    }
+
     /// Bytes the store takes on disk.
     pub async fn storage_size(&self) -> Result<u64, StoreError> {
         match &self.backend {
@@ -251,6 +284,7 @@ impl Store {
     /// Stores a new deferred request and queues it; returns once it is
     /// durable (also for `Existing`, an idempotent retry).
     pub async fn accept(&self, rec: RequestRecord, body: Vec<u8>) -> Result<Intake, StoreError> {
+        self.room_for(space::Need::Intake)?;
         match &self.backend {
             Backend::Sled(s) => s.accept(rec, body).await,
             Backend::Postgres(p) => p.write(p.db.accept(rec, body)).await,
@@ -391,6 +425,7 @@ impl Store {
         reason: &'static str,
         (lease, token): (&str, u64),
     ) -> Result<Option<BatchRecord>, StoreError> {
+        self.room_for(space::Need::Growth)?;
         let key = qk.clone();
         match &self.backend {
             Backend::Sled(s) => {
@@ -563,6 +598,7 @@ impl Store {
         outcomes: Vec<(u64, Outcome)>,
         payload: Payload,
     ) -> Result<Vec<RequestRecord>, StoreError> {
+        self.room_for(space::Need::Growth)?;
         match &self.backend {
             Backend::Sled(s) => {
                 let done = s

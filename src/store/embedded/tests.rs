@@ -517,3 +517,98 @@ fn empty_queues_are_forgotten_but_busy_ones_kept() {
     queue_n(&s, "c", 1);
     assert_eq!(s.queue_stats_for(&qk()).map(|q| q.count), Some(1));
 }
+
+#[tokio::test]
+async fn low_space_closes_intake_then_growth_and_both_resume_by_themselves() {
+    use crate::store::space::{Need, SpaceGuard};
+    let dir = tempfile::tempdir().unwrap();
+    let free = Arc::new(AtomicU64::new(1 << 30));
+    let probe = {
+        let free = free.clone();
+        Box::new(move |_: &std::path::Path| Ok(free.load(Ordering::SeqCst)))
+    };
+    let store = crate::store::Store::open_sled(dir.path(), 64 << 20)
+        .unwrap()
+        .with_space_guard(SpaceGuard::with_probe(dir.path(), 1_000, probe));
+    let set_free = |bytes: u64| {
+        free.store(bytes, Ordering::SeqCst);
+        store.space.as_ref().unwrap().forget_reading();
+    };
+    let created = |i: Intake| match i {
+        Intake::Created(r) => r.id,
+        other => panic!("{other:?}"),
+    };
+    let a = created(
+        store
+            .accept(rec("t", "a", "h"), b"{}".to_vec())
+            .await
+            .unwrap(),
+    );
+
+    // Under the reserve: a new call is refused whole, work on accepted ones goes on.
+    set_free(600);
+    let refused = store.accept(rec("t", "b", "h"), b"{}".to_vec()).await;
+    assert!(
+        matches!(
+            refused,
+            Err(StoreError::LowSpace {
+                free: 600,
+                min_free: 1_000,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    assert!(store.find("t", "b").await.unwrap().is_none());
+    let b = store
+        .claim_batch(&qk(), 10, 1 << 20, "size", ("lease", 1))
+        .await
+        .unwrap()
+        .expect("a claim");
+    let b = store
+        .mark_submitted_fenced(&b, "file-1", "batch_1", "lease", 1)
+        .await
+        .unwrap()
+        .expect("submitted");
+
+    // Under half of it: claims and results wait, lookups and purges do not.
+    set_free(400);
+    assert!(store.room_for(Need::Growth).is_err());
+    let result = StoredResult {
+        status_code: 200,
+        body: bytes::Bytes::from_static(b"{}"),
+    };
+    let outcome = || vec![(a, Outcome::Completed(result.clone()))];
+    assert!(matches!(
+        store.apply_outcomes(b.id, outcome(), no_payload).await,
+        Err(StoreError::LowSpace { .. })
+    ));
+    assert!(matches!(
+        store
+            .claim_batch(&qk(), 10, 1 << 20, "size", ("lease", 1))
+            .await,
+        Err(StoreError::LowSpace { .. })
+    ));
+    let rec_a = store.get(a).await.unwrap().unwrap();
+    assert_eq!(rec_a.status, RequestStatus::Submitted);
+    let policy = crate::store::lifecycle::Retention {
+        terminal_secs: 0,
+        slice_rows: 10,
+    };
+    assert!(store.purge_slice(policy, now_secs() + 10).await.is_ok());
+
+    // Space returns: everything goes on, nothing was lost on the way.
+    set_free(5_000);
+    created(
+        store
+            .accept(rec("t", "b", "h"), b"{}".to_vec())
+            .await
+            .unwrap(),
+    );
+    let done = store
+        .apply_outcomes(b.id, outcome(), no_payload)
+        .await
+        .unwrap();
+    assert_eq!(done.len(), 1);
+    assert_eq!(store.result(a).await.unwrap().unwrap(), result);
+}
