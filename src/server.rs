@@ -60,7 +60,9 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         .enable_all()
         .build()
         .map_err(|e| ServerError::Runtime(e.to_string()))?;
+    let opening = std::time::Instant::now();
     let store = Arc::new(rt.block_on(open_store(&config))?);
+    let store_open_ms = opening.elapsed().as_millis() as u64;
     // Before any upload: every file and batch is named with it.
     let instance_id = rt
         .block_on(store.instance_id(&data_dir))
@@ -68,7 +70,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             path: data_dir.display().to_string(),
             source,
         })?;
-    info!(instance = %instance_id, "store opened");
+    info!(instance = %instance_id, took_ms = store_open_ms, "store opened");
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let metrics = Arc::new(Metrics::new());
     store.observe_flushes(metrics.storage_flush_duration.clone());
@@ -88,6 +90,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     // the batches Ferry submitted to it survive a crash of this process.
     let emulator_url = match &config.emulator {
         Some(cfg) => {
+            let replaying = std::time::Instant::now();
             let service = emulator::Service::new(cfg.clone(), Some(&data_dir.join("emulator")))
                 .map_err(|e| ServerError::Runtime(format!("the embedded emulator: {e}")))?;
             let l = bind(
@@ -110,7 +113,9 @@ pub fn run(config: Config) -> Result<(), ServerError> {
                     error!(error = %e, "embedded emulator stopped");
                 }
             });
-            info!(%addr, "embedded Batch API emulator started");
+            // Its journal is replayed at start and grows with every batch
+            // line it ran: the part of a restart that grows with history.
+            info!(%addr, took_ms = replaying.elapsed().as_millis() as u64, "embedded Batch API emulator started");
             announce::listening("emulator", addr);
             Some(format!("http://{addr}/v1"))
         }
