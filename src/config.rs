@@ -99,6 +99,7 @@ struct RawRetention {
     terminal_secs: u64,
     slice_rows: usize,
     interval_secs: f64,
+    census_secs: f64,
 }
 
 impl Default for RawRetention {
@@ -107,6 +108,7 @@ impl Default for RawRetention {
             terminal_secs: 30 * 86_400,
             slice_rows: 500,
             interval_secs: 60.0,
+            census_secs: 300.0,
         }
     }
 }
@@ -437,6 +439,10 @@ pub struct RetentionSettings {
     pub slice_rows: usize,
     /// The pause between purge passes once nothing more is due. Default 60 s.
     pub interval: Duration,
+    /// How often the rows and bytes of each kind of data are counted (a
+    /// walk of every sled tree; one statistics query on PostgreSQL).
+    /// Default 300 s.
+    pub census: Duration,
 }
 
 impl RetentionSettings {
@@ -978,10 +984,15 @@ impl RawConfig {
         if interval < Duration::from_millis(100) {
             return Err(invalid("retention.interval_secs", "must be at least 0.1"));
         }
+        let census = secs("retention.census_secs", r.census_secs)?;
+        if census < Duration::from_secs(1) {
+            return Err(invalid("retention.census_secs", "must be at least 1"));
+        }
         let retention = RetentionSettings {
             terminal: Duration::from_secs(r.terminal_secs),
             slice_rows: r.slice_rows,
             interval,
+            census,
         };
         Ok(Config {
             storage,
@@ -1068,6 +1079,7 @@ mod tests {
         assert_eq!(c.retention.terminal, Duration::from_secs(30 * 86_400));
         assert_eq!(c.retention.slice_rows, 500);
         assert_eq!(c.retention.interval, Duration::from_secs(60));
+        assert_eq!(c.retention.census, Duration::from_secs(300));
         let with = |r: &str| format!("{MIN}\n[retention]\n{r}");
         let c = Config::parse_with_env(
             &with("terminal_secs = 3600\nslice_rows = 50\ninterval_secs = 0.5"),
@@ -1088,6 +1100,7 @@ mod tests {
             ("slice_rows = 0", "retention.slice_rows"),
             ("interval_secs = -1", "retention.interval_secs"),
             ("interval_secs = 0.01", "retention.interval_secs"),
+            ("census_secs = 0.5", "retention.census_secs"),
             ("keep_secs = 1", "keep_secs"),
         ] {
             let err = Config::parse_with_env(&with(bad), &no_env)

@@ -9,6 +9,7 @@ use prometheus::{
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::store::census;
 use crate::store::space::Need;
 
 pub struct Metrics {
@@ -35,6 +36,8 @@ pub struct Metrics {
     pub storage_free: IntGauge,
     pub storage_min_free: IntGauge,
     pub storage_low_space: IntCounterVec,
+    pub storage_rows: IntGaugeVec,
+    pub storage_kind_bytes: IntGaugeVec,
     pub storage_flush_duration: Histogram,
     pub upstream_backoff_seconds: CounterVec,
     pub webhook_deliveries: IntCounterVec,
@@ -260,6 +263,18 @@ impl Metrics {
             storage_size,
             storage_free,
             storage_min_free,
+            storage_rows: gauge_vec(
+                "ferry_storage_rows",
+                "Rows the store holds, by kind of data, as of the last census (sled: counted \
+                 every retention.census_secs; PostgreSQL: the statistics' live-row estimate).",
+                &["kind"],
+            ),
+            storage_kind_bytes: gauge_vec(
+                "ferry_storage_kind_bytes",
+                "Bytes the store holds, by kind of data, as of the last census (sled: keys and \
+                 values; PostgreSQL: the table on disk with its indexes).",
+                &["kind"],
+            ),
             storage_low_space: counter_vec(
                 "ferry_storage_low_space_refusals_total",
                 "Store writes refused for want of free space on data_dir, by need: intake (a new \
@@ -291,6 +306,10 @@ impl Metrics {
         }
         for kind in PURGED_KINDS {
             self.retention_purged.with_label_values(&[*kind]);
+        }
+        for kind in census::KINDS {
+            self.storage_rows.with_label_values(&[kind.as_str()]);
+            self.storage_kind_bytes.with_label_values(&[kind.as_str()]);
         }
         for need in [Need::Intake, Need::Growth] {
             self.storage_low_space.with_label_values(&[need.as_str()]);

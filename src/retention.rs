@@ -5,6 +5,7 @@
 //! it; each is durable, and whole, when the store returns, so a crash
 //! loses at most the slice in flight and the next start carries on.
 //! Several nodes on one PostgreSQL may purge at once (see the store).
+//! Beside it, the census of what the store holds, by kind of data.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -65,6 +66,43 @@ async fn purge_once(app: &App, policy: crate::store::lifecycle::Retention) -> Op
         Err(e) => {
             tracing::warn!(error = %e, "a retention purge slice failed; retrying at the next pass");
             None
+        }
+    }
+}
+
+/// Counts what the store holds, by kind, every `retention.census_secs`,
+/// into `ferry_storage_rows` and `ferry_storage_kind_bytes`. On sled it
+/// walks every tree in bounded chunks, a cost that follows what retention
+/// keeps (hence the long default period).
+pub async fn census_loop(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let started = Instant::now();
+        match app.store.census().await {
+            Ok(census) => {
+                for (kind, tally) in census {
+                    let label = [kind.as_str()];
+                    let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+                    app.metrics
+                        .storage_rows
+                        .with_label_values(&label)
+                        .set(gauge(tally.rows));
+                    app.metrics
+                        .storage_kind_bytes
+                        .with_label_values(&label)
+                        .set(gauge(tally.bytes));
+                }
+                tracing::debug!(
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "store census taken"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot count what the store holds; retrying at the next census")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(app.config.retention.census) => {}
+            _ = shutdown.changed() => return,
         }
     }
 }

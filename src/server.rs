@@ -264,6 +264,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             ));
             tokio::spawn(refresh_dns(app.clone(), rx.clone()));
             tokio::spawn(crate::retention::run(app.clone(), rx.clone()));
+            tokio::spawn(crate::retention::census_loop(app.clone(), rx.clone()));
             if let Some(events) = app.store.subscribe() {
                 tokio::spawn(crate::cluster::follow(app.clone(), events, rx.clone()));
                 let (app, rx) = (app.clone(), rx.clone());

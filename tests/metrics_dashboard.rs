@@ -343,6 +343,13 @@ fn touched_metrics() -> Metrics {
     m.tokens.with_label_values(&["gpt-4o-mini", "prompt"]).inc();
     m.storage_size.set(4096);
     m.storage_flush_duration.observe(0.001);
+    m.storage_free.set(1 << 30);
+    m.storage_min_free.set(512 << 20);
+    m.storage_low_space.with_label_values(&["intake"]).inc();
+    m.storage_rows.with_label_values(&["request"]).set(3);
+    m.storage_kind_bytes
+        .with_label_values(&["request"])
+        .set(900);
     m.upstream_backoff_seconds
         .with_label_values(&["emu"])
         .inc_by(0.5);

@@ -823,13 +823,19 @@ async fn a_purged_request_answers_404_and_its_custom_id_is_taken_anew(backend: B
         .get("alice-key", "/v1/ferry/requests/kept-a-second/result")
         .await;
     assert_eq!(result.status(), 404);
-    let metrics = s.metrics().await;
-    assert!(
-        metrics.lines().any(|l| l
-            .starts_with("ferry_retention_purged_rows_total{kind=\"request\"} ")
-            && !l.ends_with(" 0")),
-        "{metrics}"
-    );
+    // Counted once the slice has returned, a moment after its rows are
+    // gone (PostgreSQL's commit is visible to lookups first).
+    loop {
+        let metrics = s.metrics().await;
+        if metrics.lines().any(|l| {
+            l.starts_with("ferry_retention_purged_rows_total{kind=\"request\"} ")
+                && !l.ends_with(" 0")
+        }) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 
     let r = s
         .defer(

@@ -1529,3 +1529,24 @@ async fn start_up_and_recovery_never_read_finished_batches() {
         "the record is unreadable"
     );
 }
+
+#[tokio::test]
+async fn the_census_reports_each_kinds_rows_and_bytes() {
+    use ferry::store::census::Kind;
+    let (_config, s) = store("n1").await;
+    queue_n(&s, "c", 3).await;
+    // PostgreSQL's statistics reach other sessions within about a second.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let census = s.census().await.unwrap();
+        let of = |k: Kind| census.iter().find(|(kind, _)| *kind == k).unwrap().1;
+        assert_eq!(census.len(), 7);
+        assert!(of(Kind::Request).bytes > 0 && of(Kind::Result).bytes > 0);
+        if of(Kind::Request).rows == 3 && of(Kind::Body).rows == 3 && of(Kind::Queue).rows == 3 {
+            assert_eq!(of(Kind::Result).rows, 0);
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{census:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -9,11 +9,12 @@
 //! always granted, there is one node) and events between nodes
 //! ([`ClusterEvent`]; sled: none, everything happens in one process).
 //!
-//! Files: `embedded` (the sled backend), `error` (the layer's one error
+//! Files: [`census`] (rows and bytes by kind), `embedded` (the sled backend), `error` (the layer's one error
 //! type), [`instance`] (the data_dir's instance id), [`lifecycle`] (the
 //! request decisions both backends make), [`records`] (the record types),
 //! [`space`] (the free space the embedded store keeps), [`pg`] (PostgreSQL).
 
+pub mod census;
 mod embedded;
 mod error;
 pub mod instance;
@@ -37,6 +38,9 @@ pub use records::*;
 /// Builds a webhook's JSON body for a request that just became terminal;
 /// the store calls it inside the write that makes the request terminal.
 pub type Payload = fn(&RequestRecord, Option<&StoredResult>) -> String;
+
+/// Entries a sled census reads per blocking call.
+const CENSUS_CHUNK: usize = 10_000;
 
 /// The store Ferry runs on.
 pub struct Store {
@@ -267,6 +271,34 @@ impl Store {
             // sled sums its files' sizes: disk work.
             Backend::Sled(s) => s.blocking(|s| Ok(s.size_on_disk())).await,
             Backend::Postgres(p) => Ok(p.db.storage_size().await?),
+        }
+    }
+
+    /// Rows and bytes of each kind of data. On sled it walks every tree, a
+    /// chunk per blocking call (intake and lookups go between chunks); call
+    /// it rarely.
+    pub async fn census(&self) -> Result<Vec<(census::Kind, census::Tally)>, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => {
+                let mut out = Vec::new();
+                for kind in census::KINDS {
+                    let mut total = census::Tally::default();
+                    let mut after = None;
+                    loop {
+                        let (tally, next) = s
+                            .blocking(move |s| s.census_chunk(kind, after, CENSUS_CHUNK))
+                            .await?;
+                        total.add(tally);
+                        match next {
+                            Some(k) => after = Some(k),
+                            None => break,
+                        }
+                    }
+                    out.push((kind, total));
+                }
+                Ok(out)
+            }
+            Backend::Postgres(p) => Ok(p.db.census().await?),
         }
     }
 

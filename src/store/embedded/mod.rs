@@ -27,7 +27,8 @@
 //! store facade ([`crate::store::Store`]) commits before it returns, so
 //! nothing outside `store` commits.
 //!
-//! Files: `encoding` (keys and values, the JSONL line's fixed parts),
+//! Files: `census` (rows and bytes per tree), `encoding` (keys and
+//! values, the JSONL line's fixed parts),
 //! `durability` (the group commit and the blocking pool), `intake_writer`
 //! (deferred calls in, durable on return), `requests` (intake's writes,
 //! reads, cancel), `queues` (the in-memory counts, claims), `batches`
@@ -37,6 +38,7 @@
 //! file holds the store itself: opening, the layout check, ids.
 
 mod batches;
+mod census;
 mod durability;
 pub(crate) mod encoding;
 mod intake_writer;

@@ -612,3 +612,35 @@ async fn low_space_closes_intake_then_growth_and_both_resume_by_themselves() {
     assert_eq!(done.len(), 1);
     assert_eq!(store.result(a).await.unwrap().unwrap(), result);
 }
+
+#[tokio::test]
+async fn the_census_counts_every_kind_in_bounded_chunks() {
+    use crate::store::census::{Kind, Tally};
+    let (_d, s) = store();
+    let ids = queue_n(&s, "c", 3);
+    let (first, next) = s.census_chunk(Kind::Request, None, 2).unwrap();
+    assert_eq!(first.rows, 2);
+    let (rest, end) = s.census_chunk(Kind::Request, next, 2).unwrap();
+    assert_eq!((rest.rows, end), (1, None));
+    let b = s.claim_batch(&qk(), 10, 1 << 20, "size").unwrap().unwrap();
+    let s = Arc::new(s);
+    let store = crate::store::Store {
+        backend: crate::store::Backend::Sled(s.clone()),
+        space: None,
+    };
+    let census = store.census().await.unwrap();
+    let of = |k: Kind| census.iter().find(|(kind, _)| *kind == k).unwrap().1;
+    assert_eq!(of(Kind::Request).rows, 3);
+    assert_eq!(of(Kind::Body).rows, 3);
+    // One packed members entry holds the three ids.
+    assert_eq!(of(Kind::Member).rows, 3);
+    assert_eq!(of(Kind::Batch).rows, 1);
+    assert_eq!(of(Kind::Queue), Tally::default());
+    assert_eq!(of(Kind::Result), Tally::default());
+    let request_bytes: u64 = ids
+        .iter()
+        .map(|id| (8 + s.requests.get(id.to_be_bytes()).unwrap().unwrap().len()) as u64)
+        .sum();
+    assert_eq!(of(Kind::Request).bytes, request_bytes);
+    assert_eq!(b.request_count, 3);
+}

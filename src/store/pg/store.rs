@@ -203,6 +203,37 @@ impl PgStore {
         to_u64(size, "database size")
     }
 
+    /// Rows (the statistics' live-row estimate) and bytes on disk (with
+    /// indexes and TOAST) of each kind's table.
+    pub async fn census(
+        &self,
+    ) -> Result<Vec<(crate::store::census::Kind, crate::store::census::Tally)>, PgError> {
+        use crate::store::census::{KINDS, Tally};
+        let client = self.client().await?;
+        let tables: Vec<&str> = KINDS.iter().map(|k| k.table()).collect();
+        let rows = client
+            .query(
+                "SELECT relname::text, n_live_tup, pg_total_relation_size(relid) \
+                 FROM pg_stat_user_tables \
+                 WHERE schemaname = current_schema() AND relname = ANY($1)",
+                &[&tables],
+            )
+            .await?;
+        let mut out = Vec::new();
+        for kind in KINDS {
+            let mut tally = Tally::default();
+            if let Some(r) = rows
+                .iter()
+                .find(|r| r.try_get::<_, &str>(0).ok() == Some(kind.table()))
+            {
+                tally.rows = to_u64(r.try_get(1)?, "live rows")?;
+                tally.bytes = to_u64(r.try_get(2)?, "table size")?;
+            }
+            out.push((kind, tally));
+        }
+        Ok(out)
+    }
+
     /// The cluster's instance id: `candidate` if this node is the first to
     /// ask, else the one the first node wrote.
     pub async fn instance_id(&self, candidate: &str) -> Result<String, PgError> {
