@@ -8,6 +8,8 @@
 //! - `ingest/*`: one output line parsed, and 2,000 lines (Ferry's
 //!   `OUTCOME_CHUNK`) parsed and stored with `SledStore::apply_outcomes`.
 //! - `waiters/*`: 1,000 and 10,000 held callers woken.
+//! - `census/*`: the retention census walking 100,000 requests' records and
+//!   bodies (`SledStore::census_chunk`, 10,000 entries a call, as Ferry does).
 //!
 //! Stores live in a temporary directory under `target/` (`CARGO_TARGET_TMPDIR`),
 //! on the same disk as a deployment's `data_dir`, so fsyncs are real.
@@ -366,6 +368,37 @@ fn bench_waiters(c: &mut Criterion) {
     g.finish();
 }
 
+fn bench_census(c: &mut Criterion) {
+    use ferry::store::census::Kind;
+    const N: usize = 100_000;
+    let body = chat_body(1024);
+    let (_dir, store) = temp_store();
+    for i in 0..N {
+        store
+            .insert_request(record(format!("n{i}"), body.len()), &body)
+            .unwrap();
+    }
+    let mut g = c.benchmark_group("census");
+    g.throughput(Throughput::Elements(N as u64));
+    for kind in [Kind::Request, Kind::Body] {
+        g.bench_function(kind.as_str(), |b| {
+            b.iter(|| {
+                let (mut rows, mut after) = (0, None);
+                loop {
+                    let (tally, next) = store.census_chunk(kind, after, 10_000).unwrap();
+                    rows += tally.rows;
+                    match next {
+                        Some(k) => after = Some(k),
+                        None => break,
+                    }
+                }
+                assert_eq!(rows, N as u64);
+            })
+        });
+    }
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_secs(1))
@@ -376,6 +409,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_intake, bench_store, bench_jsonl, bench_ingest, bench_waiters
+    targets = bench_intake, bench_store, bench_jsonl, bench_ingest, bench_waiters, bench_census
 }
 criterion_main!(benches);
