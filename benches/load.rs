@@ -18,7 +18,9 @@
 //! same intake with Ferry on PostgreSQL, in a fresh database on the server
 //! in `FERRY_TEST_PG_URL`, beside the server's own ceiling for the same
 //! rows, measured with `benches/pg_ceiling.sh`), `buffer` (3),
-//! `batch` (4, 5 and 6) and `cluster` (C1-C3, also on `FERRY_TEST_PG_URL`:
+//! `batch` (4, 5 and 6), `e2e` (E: Ferry's CPU per deferred call through
+//! the whole cycle, held and ticket + lookup, beside passthrough; see
+//! [`e2e`]) and `cluster` (C1-C3, also on `FERRY_TEST_PG_URL`:
 //! aggregate intake on 1, 2 and 3 nodes, takeover after SIGKILL of the
 //! upstream's owner, and the wake-up of callers held away from the owner;
 //! see [`cluster`]), and `soak` (S: the retention soak, millions of
@@ -108,7 +110,7 @@ impl Opts {
                 "-h" | "--help" => {
                     eprintln!(
                         "usage: cargo bench --bench load -- [--large] [--runs N] \
-                         [--only passthrough,intake,intake-pg,intake-default,stall,buffer,batch,cluster,soak] [--duration SECS]\n\
+                         [--only passthrough,intake,intake-pg,intake-default,stall,buffer,batch,e2e,cluster,soak] [--duration SECS]\n\
                          env: FERRY_BIN, FERRY_BENCH_NGINX, FERRY_BENCH_LARGE, FERRY_BENCH_RUNS, \
                          FERRY_BENCH_ONLY, FERRY_BENCH_DURATION, FERRY_TEST_PG_URL (intake-pg, cluster), and sizes FERRY_BENCH_BUFFER, \
                          FERRY_BENCH_BATCH_LINES, FERRY_BENCH_HELD, FERRY_BENCH_SOAK_REQUESTS, \
@@ -168,6 +170,9 @@ impl Opts {
 
 /// The retention soak (`--only soak`), in `benches/soak/`.
 mod soak;
+
+/// Cost per deferred call, end to end (`e2e`), in `benches/e2e/`.
+mod e2e;
 
 #[path = "../tests/common/process.rs"]
 mod process;
@@ -397,6 +402,33 @@ fn cpu_secs(pid: u32, children: bool) -> f64 {
         }
     }
     ticks as f64 / clk_tck()
+}
+
+/// CPU seconds used so far by each of `pid`'s live threads, summed by
+/// thread name with trailing digits stripped (a pool is one entry).
+fn stat_ticks_by_thread(pid: u32) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let path = t.path();
+        let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        let name = name
+            .trim()
+            .trim_end_matches(|c: char| c.is_ascii_digit() || c == '-' || c == '#')
+            .to_owned();
+        let ticks = std::fs::read_to_string(path.join("stat"))
+            .ok()
+            .and_then(|s| {
+                let rest = &s[s.rfind(')')? + 2..];
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+            })
+            .unwrap_or(0);
+        *out.entry(name).or_default() += ticks as f64 / clk_tck();
+    }
+    out
 }
 
 fn self_cpu_secs() -> f64 {
@@ -2633,6 +2665,9 @@ async fn main() {
         }
         if o.wants("batch") {
             batch(&o, &mut rows).await;
+        }
+        if o.wants("e2e") {
+            e2e::e2e(&o, &mut rows).await;
         }
         if o.wants("cluster") {
             // Not asked for by name and no server: skipped, as nginx's rows are.

@@ -108,7 +108,7 @@ impl Default for RawRetention {
             terminal_secs: 30 * 86_400,
             slice_rows: 500,
             interval_secs: 60.0,
-            census_secs: 300.0,
+            census_secs: 3600.0,
         }
     }
 }
@@ -441,7 +441,7 @@ pub struct RetentionSettings {
     pub interval: Duration,
     /// How often the rows and bytes of each kind of data are counted (a
     /// walk of every sled tree; one statistics query on PostgreSQL).
-    /// Default 300 s.
+    /// Default 3600 s.
     pub census: Duration,
 }
 
@@ -1079,7 +1079,7 @@ mod tests {
         assert_eq!(c.retention.terminal, Duration::from_secs(30 * 86_400));
         assert_eq!(c.retention.slice_rows, 500);
         assert_eq!(c.retention.interval, Duration::from_secs(60));
-        assert_eq!(c.retention.census, Duration::from_secs(300));
+        assert_eq!(c.retention.census, Duration::from_secs(3600));
         let with = |r: &str| format!("{MIN}\n[retention]\n{r}");
         let c = Config::parse_with_env(
             &with("terminal_secs = 3600\nslice_rows = 50\ninterval_secs = 0.5"),
