@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod emulator;
+pub mod endpoint;
 pub mod intake;
 pub mod limits;
 pub mod metrics;

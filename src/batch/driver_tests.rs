@@ -107,10 +107,7 @@ async fn harness() -> Harness {
 }
 
 fn queue() -> QueueKey {
-    QueueKey {
-        upstream: "emu".into(),
-        model: "gpt-4o-mini".into(),
-    }
+    QueueKey::chat("emu", "gpt-4o-mini")
 }
 
 /// Queues `n` chat completions and commits them.

@@ -381,7 +381,7 @@ async fn upload(
         &app.metrics,
         shutdown.clone(),
         || {
-            let stream = jsonl::stream_batch(app.store.clone(), members.clone());
+            let stream = jsonl::stream_batch(app.store.clone(), batch.endpoint, members.clone());
             up.client.upload_jsonl(&filename, batch.bytes, stream)
         },
     )
@@ -496,7 +496,12 @@ async fn create(
             // One try per step: a retry goes through `find_created` first.
             match up
                 .client
-                .create_batch(file_id, &up.settings.completion_window, metadata)
+                .create_batch(
+                    file_id,
+                    batch.endpoint,
+                    &up.settings.completion_window,
+                    metadata,
+                )
                 .await
             {
                 Ok(b) => b,

@@ -55,6 +55,7 @@ mod tests {
             id: 5,
             tenant: "t".into(),
             custom_id: "invoice-1".into(),
+            endpoint: Default::default(),
             model: "gpt-4o-mini".into(),
             upstream: "u".into(),
             body_sha256: String::new(),

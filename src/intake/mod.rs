@@ -145,6 +145,7 @@ pub const MAX_MODEL_BYTES: usize = 256;
 /// A body that passed validation, in the form that goes upstream.
 #[derive(Debug)]
 pub struct ValidBody {
+    pub endpoint: crate::endpoint::Endpoint,
     pub model: String,
     /// The caller asked to stream; the line itself never streams.
     pub stream: bool,
@@ -273,6 +274,7 @@ pub fn validate_body<'a>(
     obj.remove("stream_options");
     let line_body = serde_json::to_vec(&v).map_err(|e| bad(e.to_string(), None, "invalid_json"))?;
     Ok(ValidBody {
+        endpoint: crate::endpoint::Endpoint::ChatCompletions,
         model,
         stream,
         line_body,
@@ -344,6 +346,7 @@ pub async fn accept(store: &Arc<Store>, req: NewRequest<'_>) -> Result<Accepted,
         id: 0,
         tenant: req.tenant.to_owned(),
         custom_id: custom_id.clone(),
+        endpoint: req.body.endpoint,
         model: req.body.model.clone(),
         upstream: req.upstream.to_owned(),
         body_sha256: req.body.sha256.clone(),

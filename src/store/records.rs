@@ -71,6 +71,10 @@ pub struct RequestRecord {
     pub tenant: String,
     /// The caller's id (given in `X-Ferry-Custom-Id` or assigned).
     pub custom_id: String,
+    /// The endpoint the call was made to (its batch line's `url`). Records
+    /// written before endpoints existed read as chat completions.
+    #[serde(default)]
+    pub endpoint: crate::endpoint::Endpoint,
     pub model: String,
     /// Name of the upstream the model routes to.
     pub upstream: String,
@@ -124,6 +128,7 @@ impl RequestRecord {
             id: 0,
             tenant: tenant.into(),
             custom_id: custom_id.into(),
+            endpoint: crate::endpoint::Endpoint::ChatCompletions,
             model: model.into(),
             upstream: upstream.into(),
             body_sha256: body_sha256.into(),
@@ -338,6 +343,10 @@ pub enum BatchState {
 pub struct BatchRecord {
     pub id: u64,
     pub upstream: String,
+    /// The endpoint of every line (the batch's `endpoint` upstream).
+    /// Batches written before endpoints existed read as chat completions.
+    #[serde(default)]
+    pub endpoint: crate::endpoint::Endpoint,
     pub model: String,
     pub state: BatchState,
     pub created_at: u64,
@@ -364,6 +373,7 @@ impl BatchRecord {
         BatchRecord {
             id,
             upstream: qk.upstream.clone(),
+            endpoint: qk.endpoint,
             model: qk.model.clone(),
             state: BatchState::Claimed,
             created_at: now_secs(),

@@ -124,7 +124,7 @@ impl SledStore {
                         );
                         self.forget_request(&rec)?;
                     } else if !self.queue.contains_key(&entry)? {
-                        let len = line_len(id, rec.body_len);
+                        let len = line_len(rec.endpoint, id, rec.body_len);
                         let since = rec.created_at.saturating_mul(1000);
                         self.queue.insert(entry, &queue_value(since, len))?;
                         tracing::warn!(

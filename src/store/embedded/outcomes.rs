@@ -45,7 +45,7 @@ impl SledStore {
                 lifecycle::Effect::Requeue { attempts } => {
                     rec.attempts = attempts;
                     let qk = QueueKey::of(&rec);
-                    let len = line_len(id, rec.body_len);
+                    let len = line_len(rec.endpoint, id, rec.body_len);
                     // Age counts from acceptance: a re-queued request has
                     // waited already, so the time threshold sends it soon.
                     let since = rec.created_at.saturating_mul(1000);

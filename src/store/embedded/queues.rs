@@ -134,6 +134,7 @@ impl SledStore {
     ) -> Result<(), StoreError> {
         let qk = QueueKey {
             upstream: batch.upstream.clone(),
+            endpoint: batch.endpoint,
             model: batch.model.clone(),
         };
         let mut queue = sled::Batch::default();

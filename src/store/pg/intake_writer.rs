@@ -230,14 +230,12 @@ async fn run_round(
             answers[i] = Some(Ok(answer));
         }
     }
-    // (upstream, model) → (count, bytes) this round adds.
-    let mut counted: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
+    // Queue → (count, bytes) this round adds.
+    let mut counted: BTreeMap<QueueKey, (i64, i64)> = BTreeMap::new();
     for answer in answers.iter().flatten() {
         if let Ok(Intake::Created(r)) = answer {
-            let len = to_i64(line_len(r.id, r.body_len), "line length")?;
-            let c = counted
-                .entry((r.upstream.clone(), r.model.clone()))
-                .or_default();
+            let len = to_i64(line_len(r.endpoint, r.id, r.body_len), "line length")?;
+            let c = counted.entry(QueueKey::of(r)).or_default();
             c.0 += 1;
             c.1 += len;
         }
@@ -245,8 +243,7 @@ async fn run_round(
     // Counters last and in key order: the rows claims and cancels also
     // lock last, so no transaction holding one waits for another.
     let mut moved = Vec::with_capacity(counted.len());
-    for ((upstream, model), (added, added_bytes)) in counted {
-        let qk = QueueKey { upstream, model };
+    for (qk, (added, added_bytes)) in counted {
         let (count, bytes) = add_to_counters(&tx, &qk, added, added_bytes).await?;
         let started = count == added as u64;
         moved.push((

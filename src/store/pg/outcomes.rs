@@ -71,8 +71,10 @@ impl PgStore {
                     // waited already, so the time threshold sends it soon.
                     w.requeue_since
                         .push(to_i64(rec.created_at.saturating_mul(1000), "enqueue time")?);
-                    w.requeue_len
-                        .push(to_i64(line_len(id, rec.body_len), "line length")?);
+                    w.requeue_len.push(to_i64(
+                        line_len(rec.endpoint, id, rec.body_len),
+                        "line length",
+                    )?);
                     w.requeue_queue = Some(QueueKey::of(&rec));
                     continue;
                 }
@@ -180,10 +182,11 @@ impl Writes {
             )
             .await?;
             tx.execute(
-                "INSERT INTO queue (upstream, model, id, enqueued_ms, line_len) \
-                 SELECT $1, $2, * FROM unnest($3::bigint[], $4::bigint[], $5::bigint[])",
+                "INSERT INTO queue (upstream, endpoint, model, id, enqueued_ms, line_len) \
+                 SELECT $1, $2, $3, * FROM unnest($4::bigint[], $5::bigint[], $6::bigint[])",
                 &[
                     &qk.upstream,
+                    &qk.endpoint.path(),
                     &qk.model,
                     &self.requeue_ids,
                     &self.requeue_since,

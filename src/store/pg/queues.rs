@@ -13,7 +13,9 @@ use crate::store::{BatchRecord, QueueKey, QueueStats};
 /// The oldest comes from the `queue_oldest` index, one probe per queue.
 const STATS: &str = "SELECT c.upstream, c.model, c.count, c.bytes, \
      coalesce((SELECT min(q.enqueued_ms) FROM queue q \
-               WHERE q.upstream = c.upstream AND q.model = c.model), 0) \
+               WHERE q.upstream = c.upstream AND q.endpoint = c.endpoint \
+               AND q.model = c.model), 0), \
+     c.endpoint \
      FROM queue_counters c";
 
 impl PgStore {
@@ -22,7 +24,10 @@ impl PgStore {
     pub async fn queue_stats(&self) -> Result<Vec<(QueueKey, QueueStats)>, PgError> {
         let client = self.client().await?;
         let rows = client
-            .query(&format!("{STATS} ORDER BY c.upstream, c.model"), &[])
+            .query(
+                &format!("{STATS} ORDER BY c.upstream, c.endpoint, c.model"),
+                &[],
+            )
             .await?;
         rows.iter().map(stats_from).collect()
     }
@@ -31,8 +36,8 @@ impl PgStore {
         let client = self.client().await?;
         client
             .query_opt(
-                &format!("{STATS} WHERE c.upstream = $1 AND c.model = $2"),
-                &[&qk.upstream, &qk.model],
+                &format!("{STATS} WHERE c.upstream = $1 AND c.endpoint = $2 AND c.model = $3"),
+                &[&qk.upstream, &qk.endpoint.path(), &qk.model],
             )
             .await?
             .map(|row| stats_from(&row).map(|(_, s)| s))
@@ -126,9 +131,10 @@ async fn claim_in(
     let limit = i64::try_from(max_requests).unwrap_or(i64::MAX);
     let rows = tx
         .query(
-            "SELECT id, line_len FROM queue WHERE upstream = $1 AND model = $2 \
-             ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED",
-            &[&qk.upstream, &qk.model, &limit],
+            "SELECT id, line_len FROM queue \
+             WHERE upstream = $1 AND endpoint = $2 AND model = $3 \
+             ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED",
+            &[&qk.upstream, &qk.endpoint.path(), &qk.model, &limit],
         )
         .await?;
     let mut ids: Vec<i64> = Vec::new();
@@ -162,8 +168,9 @@ async fn claim_in(
     )
     .await?;
     tx.execute(
-        "DELETE FROM queue WHERE upstream = $1 AND model = $2 AND id = ANY($3)",
-        &[&qk.upstream, &qk.model, &ids],
+        "DELETE FROM queue WHERE upstream = $1 AND endpoint = $2 AND model = $3 \
+         AND id = ANY($4)",
+        &[&qk.upstream, &qk.endpoint.path(), &qk.model, &ids],
     )
     .await?;
     tx.execute(
@@ -221,6 +228,7 @@ fn stats_from(row: &tokio_postgres::Row) -> Result<(QueueKey, QueueStats), PgErr
     Ok((
         QueueKey {
             upstream: row.try_get(0)?,
+            endpoint: endpoint_from(row.try_get(5)?)?,
             model: row.try_get(1)?,
         },
         QueueStats {
@@ -243,14 +251,15 @@ pub(super) async fn insert_entry(
     let line_len = to_i64(line_len, "line length")?;
     let insert = tx
         .prepare_cached(
-            "INSERT INTO queue (upstream, model, id, enqueued_ms, line_len) \
-             VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO queue (upstream, endpoint, model, id, enqueued_ms, line_len) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .await?;
     tx.execute(
         &insert,
         &[
             &qk.upstream,
+            &qk.endpoint.path(),
             &qk.model,
             &id,
             &to_i64(enqueued_ms, "enqueue time")?,
@@ -273,18 +282,27 @@ pub(super) async fn add_to_counters(
 ) -> Result<(u64, u64), PgError> {
     let upsert = tx
         .prepare_cached(
-            "INSERT INTO queue_counters AS c (upstream, model, count, bytes) \
-             VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (upstream, model) DO UPDATE \
+            "INSERT INTO queue_counters AS c (upstream, endpoint, model, count, bytes) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (upstream, endpoint, model) DO UPDATE \
              SET count = c.count + EXCLUDED.count, bytes = c.bytes + EXCLUDED.bytes \
              RETURNING count, bytes",
         )
         .await?;
     let row = tx
-        .query_one(&upsert, &[&qk.upstream, &qk.model, &count, &bytes])
+        .query_one(
+            &upsert,
+            &[&qk.upstream, &qk.endpoint.path(), &qk.model, &count, &bytes],
+        )
         .await?;
     Ok((
         to_u64(row.try_get(0)?, "queue count")?,
         to_u64(row.try_get(1)?, "queue bytes")?,
     ))
+}
+
+/// An endpoint column's value (a path this build knows).
+pub(super) fn endpoint_from(path: &str) -> Result<crate::endpoint::Endpoint, PgError> {
+    crate::endpoint::Endpoint::from_path(path)
+        .ok_or_else(|| PgError::Corrupt(format!("unknown endpoint {path:?}")))
 }
