@@ -56,6 +56,7 @@ mod tests {
             tenant: "t".into(),
             custom_id: "invoice-1".into(),
             endpoint: Default::default(),
+            inputs: 1,
             model: "gpt-4o-mini".into(),
             upstream: "u".into(),
             body_sha256: String::new(),

@@ -2,6 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
+fn one() -> u64 {
+    1
+}
+
 /// A deferred request's lifecycle (contract section 4):
 /// `queued → submitted → completed | failed | expired`, or `queued → cancelled`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +79,10 @@ pub struct RequestRecord {
     /// written before endpoints existed read as chat completions.
     #[serde(default)]
     pub endpoint: crate::endpoint::Endpoint,
+    /// Inputs the body counts against a per-batch input cap (embeddings:
+    /// each element of `input`); one for records written before.
+    #[serde(default = "one")]
+    pub inputs: u64,
     pub model: String,
     /// Name of the upstream the model routes to.
     pub upstream: String,
@@ -129,6 +137,7 @@ impl RequestRecord {
             tenant: tenant.into(),
             custom_id: custom_id.into(),
             endpoint: crate::endpoint::Endpoint::ChatCompletions,
+            inputs: 1,
             model: model.into(),
             upstream: upstream.into(),
             body_sha256: body_sha256.into(),

@@ -158,10 +158,12 @@ CREATE INDEX batches_owing_cleanup ON batches (upstream)
 "#;
 
 /// Layout 4: the endpoint of each request, and queues keyed by (upstream,
-/// endpoint, model), since an input file holds one endpoint. Rows written
-/// before are chat completions, the only endpoint there was.
+/// endpoint, model), since an input file holds one endpoint; the inputs a
+/// request counts against a per-batch input cap (embeddings). Rows written
+/// before are chat completions, the only endpoint there was, of one input.
 const V4: &str = r#"
 ALTER TABLE requests ADD COLUMN endpoint text NOT NULL DEFAULT '/v1/chat/completions';
+ALTER TABLE requests ADD COLUMN inputs bigint NOT NULL DEFAULT 1;
 
 ALTER TABLE queue ADD COLUMN endpoint text NOT NULL DEFAULT '/v1/chat/completions';
 ALTER TABLE queue DROP CONSTRAINT queue_pkey;

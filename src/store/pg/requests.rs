@@ -115,9 +115,9 @@ pub(super) async fn accept_in(
         .prepare_cached(
             "INSERT INTO requests (id, tenant, custom_id, upstream, model, body_sha256, \
              body_len, callback_url, stream, created_at, status, attempts, batch, \
-             submitted_at, completed_at, error, webhook, endpoint) \
+             submitted_at, completed_at, error, webhook, endpoint, inputs) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
-             $16::text::jsonb, $17::text::jsonb, $18) \
+             $16::text::jsonb, $17::text::jsonb, $18, $19) \
              ON CONFLICT (tenant, custom_id) DO NOTHING",
         )
         .await?;
@@ -144,6 +144,7 @@ pub(super) async fn accept_in(
                 &json_opt_text(&rec.error, "request error")?,
                 &json_opt_text(&rec.webhook, "webhook state")?,
                 &rec.endpoint.path(),
+                &to_i64(rec.inputs, "inputs")?,
             ],
         )
         .await?;

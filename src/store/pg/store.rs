@@ -44,7 +44,8 @@ pub struct PgStore {
 /// reads them; `r` is `requests`, `b` the batch it is in (a left join).
 pub(super) const REQUEST_COLUMNS: &str = "r.id, r.tenant, r.custom_id, r.upstream, r.model, \
      r.body_sha256, r.body_len, r.callback_url, r.stream, r.created_at, r.status, r.attempts, \
-     r.batch, r.submitted_at, r.completed_at, r.error::text, r.webhook::text, b.upstream_batch_id, r.endpoint";
+     r.batch, r.submitted_at, r.completed_at, r.error::text, r.webhook::text, b.upstream_batch_id, r.endpoint, \
+     r.inputs";
 
 /// `FROM` for [`REQUEST_COLUMNS`].
 pub(super) const REQUEST_FROM: &str = "requests r LEFT JOIN batches b ON b.id = r.batch";
@@ -296,6 +297,7 @@ pub(super) fn request_from(row: &Row) -> Result<RequestRecord, PgError> {
         tenant: row.try_get(1)?,
         custom_id: row.try_get(2)?,
         endpoint: super::queues::endpoint_from(row.try_get(18)?)?,
+        inputs: to_u64(row.try_get(19)?, "inputs")?,
         upstream: row.try_get(3)?,
         model: row.try_get(4)?,
         body_sha256: row.try_get(5)?,
