@@ -1700,3 +1700,29 @@ async fn a_database_written_before_endpoints_reads_and_flushes() {
         serde_json::from_slice(lines.split(|c| *c == b'\n').next().unwrap()).unwrap();
     assert_eq!(first["url"], "/v1/chat/completions");
 }
+
+#[tokio::test]
+async fn an_embeddings_claim_stops_at_the_input_cap() {
+    let (_, s) = store("a").await;
+    let mut ids = Vec::new();
+    for (i, inputs) in [30_000u64, 20_000, 1].into_iter().enumerate() {
+        let r = RequestRecord {
+            inputs,
+            ..embeddings_rec(&format!("e{i}"))
+        };
+        ids.push(created(&s, r).await.id);
+    }
+    assert_eq!(s.get(ids[0]).await.unwrap().unwrap().inputs, 30_000);
+    let b = s
+        .claim_batch(&embeddings_qk(), 100, u64::MAX, "size")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.members(b.id).await.unwrap(), ids[..2]);
+    let b = s
+        .claim_batch(&embeddings_qk(), 100, u64::MAX, "size")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.members(b.id).await.unwrap(), ids[2..]);
+}

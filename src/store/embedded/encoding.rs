@@ -94,11 +94,22 @@ impl QueueKey {
     }
 }
 
-pub(super) fn queue_value(enqueued_ms: u64, line_len: u64) -> [u8; 16] {
-    let mut v = [0u8; 16];
+/// A queue entry's value: when it was enqueued, its line's length, and the
+/// inputs it counts against a per-batch input cap.
+pub(super) fn queue_value(enqueued_ms: u64, line_len: u64, inputs: u64) -> [u8; 24] {
+    let mut v = [0u8; 24];
     v[..8].copy_from_slice(&enqueued_ms.to_be_bytes());
-    v[8..].copy_from_slice(&line_len.to_be_bytes());
+    v[8..16].copy_from_slice(&line_len.to_be_bytes());
+    v[16..].copy_from_slice(&inputs.to_be_bytes());
     v
+}
+
+/// The inputs of a queue entry; one for the 16-byte values of stores
+/// written before inputs were counted (all chat, one input each).
+pub(super) fn parse_queue_inputs(v: &[u8]) -> u64 {
+    v.get(16..24)
+        .and_then(|b| b.try_into().ok())
+        .map_or(1, u64::from_be_bytes)
 }
 
 pub(super) fn parse_queue_value(v: &[u8]) -> Option<(u64, u64)> {

@@ -56,8 +56,8 @@ use super::error::corrupt;
 use super::*;
 
 use encoding::{
-    custom_id_key, encode_record, id_from, member_key, parse_queue_value, queue_value,
-    unpack_members,
+    custom_id_key, encode_record, id_from, member_key, parse_queue_inputs, parse_queue_value,
+    queue_value, unpack_members,
 };
 
 /// Marks a custom id as being stored by this process for as long as it lives.

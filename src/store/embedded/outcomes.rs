@@ -49,7 +49,7 @@ impl SledStore {
                     // Age counts from acceptance: a re-queued request has
                     // waited already, so the time threshold sends it soon.
                     let since = rec.created_at.saturating_mul(1000);
-                    queue.insert(qk.entry(id), &queue_value(since, len));
+                    queue.insert(qk.entry(id), &queue_value(since, len, rec.inputs));
                     requeued.push((qk, len, since));
                     rec.status = lifecycle::checked_move(rec.status, RequestStatus::Queued)?;
                     rec.batch = None;

@@ -97,14 +97,20 @@ impl SledStore {
         let _g = self.queue_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut ids = Vec::new();
         let mut bytes = 0u64;
+        let mut inputs = 0u64;
+        let max_inputs = lifecycle::max_inputs(qk.endpoint);
         for item in self.queue_entries(qk) {
             let (id, v) = item?;
             let (_, len) = parse_queue_value(&v).ok_or_else(|| corrupt("queue value", "bad"))?;
-            if !lifecycle::claim_takes(ids.len(), bytes, len, max_requests, max_bytes) {
+            let n = parse_queue_inputs(&v);
+            if !lifecycle::claim_takes(ids.len(), bytes, len, max_requests, max_bytes)
+                || !lifecycle::inputs_fit(ids.len(), inputs, n, max_inputs)
+            {
                 break;
             }
             ids.push(id);
             bytes += len;
+            inputs += n;
         }
         if ids.is_empty() {
             return Ok(None);

@@ -65,7 +65,7 @@ impl SledStore {
         let len = line_len(rec.endpoint, rec.id, rec.body_len);
         let now = now_millis();
         self.queue
-            .insert(qk.entry(rec.id), &queue_value(now, len))?;
+            .insert(qk.entry(rec.id), &queue_value(now, len, rec.inputs))?;
         self.account(qk, len, now);
         Ok(Intake::Created(rec))
     }
@@ -86,7 +86,8 @@ impl SledStore {
         if still_unclaimed && !self.queue.contains_key(&entry)? {
             let len = line_len(rec.endpoint, rec.id, rec.body_len);
             let since = rec.created_at.saturating_mul(1000);
-            self.queue.insert(entry, &queue_value(since, len))?;
+            self.queue
+                .insert(entry, &queue_value(since, len, rec.inputs))?;
             self.account(qk, len, since);
             tracing::warn!(
                 request = rec.id,

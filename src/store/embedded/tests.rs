@@ -639,3 +639,39 @@ fn a_store_written_before_endpoints_reads_and_flushes() {
     let back: BatchRecord = serde_json::from_value(old).unwrap();
     assert_eq!(back.endpoint, Endpoint::ChatCompletions);
 }
+
+#[test]
+fn an_embeddings_claim_stops_at_the_input_cap() {
+    let (_d, s) = store();
+    let embeddings = QueueKey {
+        endpoint: Endpoint::Embeddings,
+        ..qk()
+    };
+    let mut ids = Vec::new();
+    for (i, inputs) in [30_000u64, 20_000, 1, 5].into_iter().enumerate() {
+        let r = RequestRecord {
+            endpoint: Endpoint::Embeddings,
+            inputs,
+            ..rec("t", &format!("e{i}"), "h")
+        };
+        let Intake::Created(r) = s.insert_request(r, b"{}").unwrap() else {
+            panic!()
+        };
+        ids.push(r.id);
+    }
+    let b = s
+        .claim_batch(&embeddings, 100, u64::MAX, "size")
+        .unwrap()
+        .unwrap();
+    let members: Vec<u64> = s.members(b.id).map(Result::unwrap).collect();
+    assert_eq!(members, ids[..2], "30,000 + 20,000 fill the batch");
+    let b = s
+        .claim_batch(&embeddings, 100, u64::MAX, "size")
+        .unwrap()
+        .unwrap();
+    let members: Vec<u64> = s.members(b.id).map(Result::unwrap).collect();
+    assert_eq!(members, ids[2..]);
+    // A queue value written before inputs were counted is one input.
+    assert_eq!(parse_queue_inputs(&queue_value(1, 2, 7)), 7);
+    assert_eq!(parse_queue_inputs(&queue_value(1, 2, 7)[..16]), 1);
+}

@@ -41,8 +41,8 @@ const INSERT_BODIES: &str =
     "INSERT INTO bodies (id, body) SELECT * FROM unnest($1::bigint[], $2::bytea[])";
 
 const INSERT_QUEUE: &str = "INSERT INTO queue (upstream, endpoint, model, id, enqueued_ms, \
-     line_len) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], \
-     $5::bigint[], $6::bigint[])";
+     line_len, inputs) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], \
+     $5::bigint[], $6::bigint[], $7::bigint[])";
 
 /// What a call's answer waits on once the requests are inserted.
 enum Pending {
@@ -213,6 +213,7 @@ async fn insert_bodies_and_entries(
     let mut endpoints = Vec::new();
     let mut models = Vec::new();
     let mut lens = Vec::new();
+    let mut inputs = Vec::new();
     for (p, (_, body)) in pending.iter().zip(calls) {
         let Pending::Created(r) = p else { continue };
         let qk = QueueKey::of(r);
@@ -225,6 +226,7 @@ async fn insert_bodies_and_entries(
             line_len(r.endpoint, r.id, r.body_len),
             "line length",
         )?);
+        inputs.push(to_i64(r.inputs, "inputs")?);
     }
     if ids.is_empty() {
         return Ok(());
@@ -234,8 +236,9 @@ async fn insert_bodies_and_entries(
     let put_entries = tx.prepare_cached(INSERT_QUEUE).await?;
     // Both statements go out at once on the connection (pipelined).
     let body_params: [&(dyn ToSql + Sync); 2] = [&ids, &bodies];
-    let entry_params: [&(dyn ToSql + Sync); 6] =
-        [&upstreams, &endpoints, &models, &ids, &enqueued, &lens];
+    let entry_params: [&(dyn ToSql + Sync); 7] = [
+        &upstreams, &endpoints, &models, &ids, &enqueued, &lens, &inputs,
+    ];
     let (b, q) = tokio::join!(
         tx.execute(&put_bodies, &body_params),
         tx.execute(&put_entries, &entry_params),

@@ -166,6 +166,7 @@ ALTER TABLE requests ADD COLUMN endpoint text NOT NULL DEFAULT '/v1/chat/complet
 ALTER TABLE requests ADD COLUMN inputs bigint NOT NULL DEFAULT 1;
 
 ALTER TABLE queue ADD COLUMN endpoint text NOT NULL DEFAULT '/v1/chat/completions';
+ALTER TABLE queue ADD COLUMN inputs bigint NOT NULL DEFAULT 1;
 ALTER TABLE queue DROP CONSTRAINT queue_pkey;
 ALTER TABLE queue ADD PRIMARY KEY (upstream, endpoint, model, id);
 DROP INDEX queue_oldest;

@@ -75,6 +75,7 @@ impl PgStore {
                         line_len(rec.endpoint, id, rec.body_len),
                         "line length",
                     )?);
+                    w.requeue_inputs.push(to_i64(rec.inputs, "inputs")?);
                     w.requeue_queue = Some(QueueKey::of(&rec));
                     continue;
                 }
@@ -117,6 +118,7 @@ struct Writes {
     requeue_attempts: Vec<i32>,
     requeue_since: Vec<i64>,
     requeue_len: Vec<i64>,
+    requeue_inputs: Vec<i64>,
     /// A batch's members all share one queue.
     requeue_queue: Option<QueueKey>,
     result_ids: Vec<i64>,
@@ -182,8 +184,9 @@ impl Writes {
             )
             .await?;
             tx.execute(
-                "INSERT INTO queue (upstream, endpoint, model, id, enqueued_ms, line_len) \
-                 SELECT $1, $2, $3, * FROM unnest($4::bigint[], $5::bigint[], $6::bigint[])",
+                "INSERT INTO queue (upstream, endpoint, model, id, enqueued_ms, line_len, inputs) \
+                 SELECT $1, $2, $3, * \
+                 FROM unnest($4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[])",
                 &[
                     &qk.upstream,
                     &qk.endpoint.path(),
@@ -191,6 +194,7 @@ impl Writes {
                     &self.requeue_ids,
                     &self.requeue_since,
                     &self.requeue_len,
+                    &self.requeue_inputs,
                 ],
             )
             .await?;

@@ -131,7 +131,7 @@ async fn claim_in(
     let limit = i64::try_from(max_requests).unwrap_or(i64::MAX);
     let rows = tx
         .query(
-            "SELECT id, line_len FROM queue \
+            "SELECT id, line_len, inputs FROM queue \
              WHERE upstream = $1 AND endpoint = $2 AND model = $3 \
              ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED",
             &[&qk.upstream, &qk.endpoint.path(), &qk.model, &limit],
@@ -139,13 +139,19 @@ async fn claim_in(
         .await?;
     let mut ids: Vec<i64> = Vec::new();
     let mut bytes = 0u64;
+    let mut inputs = 0u64;
+    let max_inputs = lifecycle::max_inputs(qk.endpoint);
     for row in &rows {
         let len = to_u64(row.try_get(1)?, "line length")?;
-        if !lifecycle::claim_takes(ids.len(), bytes, len, max_requests, max_bytes) {
+        let n = to_u64(row.try_get(2)?, "inputs")?;
+        if !lifecycle::claim_takes(ids.len(), bytes, len, max_requests, max_bytes)
+            || !lifecycle::inputs_fit(ids.len(), inputs, n, max_inputs)
+        {
             break;
         }
         ids.push(row.try_get(0)?);
         bytes += len;
+        inputs += n;
     }
     if ids.is_empty() {
         return Ok(None);
@@ -247,12 +253,13 @@ pub(super) async fn insert_entry(
     id: i64,
     enqueued_ms: u64,
     line_len: u64,
+    inputs: u64,
 ) -> Result<(), PgError> {
     let line_len = to_i64(line_len, "line length")?;
     let insert = tx
         .prepare_cached(
-            "INSERT INTO queue (upstream, endpoint, model, id, enqueued_ms, line_len) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO queue (upstream, endpoint, model, id, enqueued_ms, line_len, inputs) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .await?;
     tx.execute(
@@ -264,6 +271,7 @@ pub(super) async fn insert_entry(
             &id,
             &to_i64(enqueued_ms, "enqueue time")?,
             &line_len,
+            &to_i64(inputs, "inputs")?,
         ],
     )
     .await?;

@@ -176,6 +176,7 @@ pub(super) async fn accept_in(
         id,
         now_ms,
         line_len(rec.endpoint, rec.id, rec.body_len),
+        rec.inputs,
     )
     .await?;
     Ok(Intake::Created(rec))
