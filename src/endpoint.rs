@@ -118,6 +118,20 @@ impl Endpoint {
     }
 }
 
+impl Endpoint {
+    /// The (prompt, completion) tokens of a result's `usage`: the Responses
+    /// API names them `input_tokens`/`output_tokens`; embeddings are priced
+    /// on input tokens only, so they never count completion tokens.
+    pub fn usage_tokens(self, usage: &serde_json::Value) -> (u64, u64) {
+        let n = |key: &str| usage[key].as_u64().unwrap_or(0);
+        match self {
+            Endpoint::Responses => (n("input_tokens"), n("output_tokens")),
+            Endpoint::Embeddings => (n("prompt_tokens"), 0),
+            _ => (n("prompt_tokens"), n("completion_tokens")),
+        }
+    }
+}
+
 impl std::fmt::Display for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.path())
@@ -140,6 +154,21 @@ mod tests {
         }
         assert_eq!(Endpoint::from_path("/v1/files"), None);
         assert_eq!(Endpoint::default(), Endpoint::ChatCompletions);
+    }
+
+    #[test]
+    fn usage_is_read_in_each_endpoint_s_names() {
+        let chat = json!({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7});
+        assert_eq!(Endpoint::ChatCompletions.usage_tokens(&chat), (3, 4));
+        assert_eq!(Endpoint::Completions.usage_tokens(&chat), (3, 4));
+        let emb = json!({"prompt_tokens": 5, "total_tokens": 5});
+        assert_eq!(Endpoint::Embeddings.usage_tokens(&emb), (5, 0));
+        // Even a provider that reports completion tokens for embeddings
+        // is not counted (nor priced) for them.
+        assert_eq!(Endpoint::Embeddings.usage_tokens(&chat), (3, 0));
+        let resp = json!({"input_tokens": 2, "output_tokens": 6, "total_tokens": 8});
+        assert_eq!(Endpoint::Responses.usage_tokens(&resp), (2, 6));
+        assert_eq!(Endpoint::Moderations.usage_tokens(&json!(null)), (0, 0));
     }
 
     #[test]

@@ -81,6 +81,24 @@ async fn chat_and_embeddings_of_one_model_make_one_batch_each(backend: Backend) 
         ],
         "{batches}"
     );
+    // Tokens are counted per endpoint; embeddings count no completion tokens.
+    let metrics = s.metrics().await;
+    let tokens = |endpoint: &str, kind: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("ferry_tokens_total{")
+                    && l.contains(&format!("endpoint=\"{endpoint}\""))
+                    && l.contains(&format!("kind=\"{kind}\""))
+                    && l.contains("model=\"gpt-4o-mini\"")
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {endpoint} {kind} tokens in:\n{metrics}"))
+    };
+    assert_eq!(tokens("embeddings", "prompt"), 9.0, "3 requests of 3 words");
+    assert_eq!(tokens("embeddings", "completion"), 0.0);
+    assert!(tokens("chat_completions", "completion") > 0.0);
 }
 
 on_both_backends!(chat_and_embeddings_of_one_model_make_one_batch_each);

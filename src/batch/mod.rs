@@ -739,16 +739,8 @@ async fn ingest_batch(
     } else {
         let member_set: std::collections::HashSet<u64> = members.iter().copied().collect();
         for file in [obj.output_file(), obj.error_file()].into_iter().flatten() {
-            let read = read_result_file(
-                app,
-                up,
-                file,
-                &batch.model,
-                &member_set,
-                &mut ingest,
-                shutdown,
-            )
-            .await;
+            let read =
+                read_result_file(app, up, file, batch, &member_set, &mut ingest, shutdown).await;
             match read {
                 // The file is gone (deleted upstream, or expired): members
                 // already finished stay so; the rest count as missing below
@@ -868,7 +860,7 @@ async fn read_result_file(
     app: &Arc<App>,
     up: &crate::Upstream,
     file_id: &str,
-    model: &str,
+    batch: &BatchRecord,
     members: &std::collections::HashSet<u64>,
     ingest: &mut Ingest<'_>,
     shutdown: &watch::Receiver<bool>,
@@ -885,7 +877,7 @@ async fn read_result_file(
     let mut reader = ingest::ResultReader::new(members);
     let take = |ingest: &mut Ingest<'_>, id: u64, outcome: Outcome| {
         if let Outcome::Completed(r) = &outcome {
-            app.count_tokens(up, model, &r.body);
+            app.count_tokens(up, batch.endpoint, &batch.model, &r.body);
         }
         ingest.push(id, outcome);
     };
