@@ -1583,6 +1583,7 @@ async fn each_endpoint_queues_claims_cancels_and_requeues_apart() {
         panic!()
     };
     let e = s.queue_stats_for(&embeddings_qk()).await.unwrap().unwrap();
+    assert_eq!(e.inputs, 2, "one input each, the cancelled one gone");
     assert_eq!(
         (e.count, e.bytes),
         (
@@ -1677,7 +1678,7 @@ async fn a_database_written_before_endpoints_reads_and_flushes() {
     let r = s.find("t", "old").await.unwrap().unwrap();
     assert_eq!(r.endpoint, Endpoint::ChatCompletions);
     let stats = s.queue_stats_for(&qk()).await.unwrap().unwrap();
-    assert_eq!((stats.count, stats.bytes), (1, len as u64));
+    assert_eq!((stats.count, stats.bytes, stats.inputs), (1, len as u64, 1));
     // New requests of the same queue join the old one's queue.
     created(&s, rec("t", "new", "h")).await;
     let b = s
@@ -1713,12 +1714,21 @@ async fn an_embeddings_claim_stops_at_the_input_cap() {
         ids.push(created(&s, r).await.id);
     }
     assert_eq!(s.get(ids[0]).await.unwrap().unwrap().inputs, 30_000);
+    let inputs = |s: PgStore| async move {
+        s.queue_stats_for(&embeddings_qk())
+            .await
+            .unwrap()
+            .unwrap()
+            .inputs
+    };
+    assert_eq!(inputs(s.clone()).await, 50_001);
     let b = s
         .claim_batch(&embeddings_qk(), 100, u64::MAX, "size")
         .await
         .unwrap()
         .unwrap();
     assert_eq!(s.members(b.id).await.unwrap(), ids[..2]);
+    assert_eq!(inputs(s.clone()).await, 1);
     let b = s
         .claim_batch(&embeddings_qk(), 100, u64::MAX, "size")
         .await

@@ -232,6 +232,7 @@ async fn no_driver_starts_for_a_claim_that_is_not_durable() {
         max_requests: 100,
         max_bytes: 1 << 20,
         max_wait: Duration::from_secs(3600),
+        max_inputs: u64::MAX,
     };
     let flusher = {
         let app = app.clone();

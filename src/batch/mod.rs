@@ -43,6 +43,7 @@ pub async fn run_flusher(app: Arc<App>, upstream: usize, mut shutdown: watch::Re
         max_requests: up.settings.max_requests,
         max_bytes: up.settings.max_bytes,
         max_wait: up.settings.max_wait,
+        max_inputs: u64::MAX,
     };
     let renew_every = ownership::renew_every(app.config.storage.lease());
     let mut renewed: Option<(Instant, Option<u64>)> = None;
@@ -90,6 +91,7 @@ pub async fn run_flusher(app: Arc<App>, upstream: usize, mut shutdown: watch::Re
                 continue;
             }
             let now = now_millis();
+            let policy = policy.for_endpoint(qk.endpoint);
             let reason = flush_reason(&stats, &policy, now)
                 .or((manual && stats.count > 0).then_some(FlushReason::Manual));
             match reason {

@@ -438,6 +438,8 @@ pub struct QueueStats {
     pub bytes: u64,
     /// Enqueue time of the oldest entry (unix millis), 0 when empty.
     pub oldest_ms: u64,
+    /// Inputs counted against a per-batch input cap (embeddings), summed.
+    pub inputs: u64,
 }
 
 /// A queue's size as an intake into it left it: what deciding to wake the

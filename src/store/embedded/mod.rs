@@ -204,7 +204,7 @@ impl SledStore {
             let (k, v) = item?;
             let (qk, _) = QueueKey::parse_entry(&k).ok_or_else(|| corrupt("queue key", "bad"))?;
             let (at, len) = parse_queue_value(&v).ok_or_else(|| corrupt("queue value", "bad"))?;
-            store.account(qk, len, at);
+            store.account(qk, len, parse_queue_inputs(&v), at);
         }
         {
             let mut due = store.lock_outbox();

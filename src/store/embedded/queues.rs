@@ -5,10 +5,11 @@ use super::*;
 
 impl SledStore {
     /// Counts an entry that joined a queue (enqueued at `since_ms`).
-    pub(super) fn account(&self, qk: QueueKey, len: u64, since_ms: u64) {
+    pub(super) fn account(&self, qk: QueueKey, len: u64, inputs: u64, since_ms: u64) {
         let mut s = self.queues.entry(qk).or_default();
         s.count += 1;
         s.bytes += len;
+        s.inputs += inputs;
         if s.oldest_ms == 0 || since_ms < s.oldest_ms {
             s.oldest_ms = since_ms;
         }
@@ -19,6 +20,7 @@ impl SledStore {
         if let Some(mut s) = self.queues.get_mut(qk) {
             s.count = s.count.saturating_sub(1);
             s.bytes = s.bytes.saturating_sub(len);
+            s.inputs = s.inputs.saturating_sub(parse_queue_inputs(qval));
         }
     }
 
@@ -33,6 +35,7 @@ impl SledStore {
             if s.count == 0 {
                 s.bytes = 0;
                 s.oldest_ms = 0;
+                s.inputs = 0;
             }
         }
         Ok(())

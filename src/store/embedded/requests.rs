@@ -66,7 +66,7 @@ impl SledStore {
         let now = now_millis();
         self.queue
             .insert(qk.entry(rec.id), &queue_value(now, len, rec.inputs))?;
-        self.account(qk, len, now);
+        self.account(qk, len, rec.inputs, now);
         Ok(Intake::Created(rec))
     }
 
@@ -88,7 +88,7 @@ impl SledStore {
             let since = rec.created_at.saturating_mul(1000);
             self.queue
                 .insert(entry, &queue_value(since, len, rec.inputs))?;
-            self.account(qk, len, since);
+            self.account(qk, len, rec.inputs, since);
             tracing::warn!(
                 request = rec.id,
                 "re-queued a request whose queue entry was lost in a crash"

@@ -659,12 +659,14 @@ fn an_embeddings_claim_stops_at_the_input_cap() {
         };
         ids.push(r.id);
     }
+    assert_eq!(s.queue_stats_for(&embeddings).unwrap().inputs, 50_006);
     let b = s
         .claim_batch(&embeddings, 100, u64::MAX, "size")
         .unwrap()
         .unwrap();
     let members: Vec<u64> = s.members(b.id).map(Result::unwrap).collect();
     assert_eq!(members, ids[..2], "30,000 + 20,000 fill the batch");
+    assert_eq!(s.queue_stats_for(&embeddings).unwrap().inputs, 6);
     let b = s
         .claim_batch(&embeddings, 100, u64::MAX, "size")
         .unwrap()

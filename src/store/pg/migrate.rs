@@ -173,6 +173,8 @@ DROP INDEX queue_oldest;
 CREATE INDEX queue_oldest ON queue (upstream, endpoint, model, enqueued_ms);
 
 ALTER TABLE queue_counters ADD COLUMN endpoint text NOT NULL DEFAULT '/v1/chat/completions';
+ALTER TABLE queue_counters ADD COLUMN inputs bigint NOT NULL DEFAULT 0;
+UPDATE queue_counters SET inputs = count;
 ALTER TABLE queue_counters DROP CONSTRAINT queue_counters_pkey;
 ALTER TABLE queue_counters ADD PRIMARY KEY (upstream, endpoint, model);
 "#;

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use super::PgError;
 use super::outbox::write_deliveries;
-use super::queues::add_to_counters;
+use super::queues::{Moved, add_to_counters};
 use super::store::{
     PgStore, REQUEST_COLUMNS, REQUEST_FROM, SyncPayloadFn, json_opt_text, request_from, to_i64,
 };
@@ -198,13 +198,12 @@ impl Writes {
                 ],
             )
             .await?;
-            add_to_counters(
-                tx,
-                qk,
-                self.requeue_ids.len() as i64,
-                self.requeue_len.iter().sum(),
-            )
-            .await?;
+            let by = Moved {
+                count: self.requeue_ids.len() as i64,
+                bytes: self.requeue_len.iter().sum(),
+                inputs: self.requeue_inputs.iter().sum(),
+            };
+            add_to_counters(tx, qk, by).await?;
         }
         Ok(())
     }

@@ -15,7 +15,7 @@ const STATS: &str = "SELECT c.upstream, c.model, c.count, c.bytes, \
      coalesce((SELECT min(q.enqueued_ms) FROM queue q \
                WHERE q.upstream = c.upstream AND q.endpoint = c.endpoint \
                AND q.model = c.model), 0), \
-     c.endpoint \
+     c.endpoint, c.inputs \
      FROM queue_counters c";
 
 impl PgStore {
@@ -188,8 +188,11 @@ async fn claim_in(
     add_to_counters(
         tx,
         qk,
-        -(ids.len() as i64),
-        -to_i64(bytes, "claimed bytes")?,
+        Moved {
+            count: -(ids.len() as i64),
+            bytes: -to_i64(bytes, "claimed bytes")?,
+            inputs: -to_i64(inputs, "claimed inputs")?,
+        },
     )
     .await?;
     Ok(Some(batch))
@@ -241,6 +244,7 @@ fn stats_from(row: &tokio_postgres::Row) -> Result<(QueueKey, QueueStats), PgErr
             count: to_u64(row.try_get(2)?, "queue count")?,
             bytes: to_u64(row.try_get(3)?, "queue bytes")?,
             oldest_ms: to_u64(row.try_get(4)?, "queue oldest")?,
+            inputs: to_u64(row.try_get(6)?, "queue inputs")?,
         },
     ))
 }
@@ -278,29 +282,44 @@ pub(super) async fn insert_entry(
     Ok(())
 }
 
-/// Moves a queue's counters by (`count`, `bytes`), creating its row the
+/// How much a change moves a queue's counters (negative: entries left).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Moved {
+    pub count: i64,
+    pub bytes: i64,
+    pub inputs: i64,
+}
+
+/// Moves a queue's counters by `by`, creating its row the
 /// first time, and returns them as moved. Always the last row a
 /// transaction locks, after the queue and request rows, so that
 /// transactions never wait on each other in a cycle.
 pub(super) async fn add_to_counters(
     tx: &Transaction<'_>,
     qk: &QueueKey,
-    count: i64,
-    bytes: i64,
+    by: Moved,
 ) -> Result<(u64, u64), PgError> {
     let upsert = tx
         .prepare_cached(
-            "INSERT INTO queue_counters AS c (upstream, endpoint, model, count, bytes) \
-             VALUES ($1, $2, $3, $4, $5) \
+            "INSERT INTO queue_counters AS c (upstream, endpoint, model, count, bytes, inputs) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT (upstream, endpoint, model) DO UPDATE \
-             SET count = c.count + EXCLUDED.count, bytes = c.bytes + EXCLUDED.bytes \
+             SET count = c.count + EXCLUDED.count, bytes = c.bytes + EXCLUDED.bytes, \
+                 inputs = c.inputs + EXCLUDED.inputs \
              RETURNING count, bytes",
         )
         .await?;
     let row = tx
         .query_one(
             &upsert,
-            &[&qk.upstream, &qk.endpoint.path(), &qk.model, &count, &bytes],
+            &[
+                &qk.upstream,
+                &qk.endpoint.path(),
+                &qk.model,
+                &by.count,
+                &by.bytes,
+                &by.inputs,
+            ],
         )
         .await?;
     Ok((

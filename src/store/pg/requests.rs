@@ -4,7 +4,7 @@ use deadpool_postgres::Transaction;
 
 use super::PgError;
 use super::outbox::write_deliveries;
-use super::queues::{add_to_counters, insert_entry};
+use super::queues::{Moved, add_to_counters, insert_entry};
 use super::store::{
     PgStore, REQUEST_COLUMNS, REQUEST_FROM, SyncPayloadFn, json_opt_text, opt_to_i64, request_from,
     to_i64,
@@ -46,14 +46,14 @@ impl PgStore {
         };
         // Queue row first, then the request: the order a claim locks them
         // in, so the two never wait on each other in a cycle.
-        let queued_len: Option<i64> = tx
+        let queued: Option<(i64, i64)> = tx
             .query_opt(
-                "SELECT line_len FROM queue \
+                "SELECT line_len, inputs FROM queue \
                  WHERE upstream = $1 AND endpoint = $2 AND model = $3 AND id = $4 FOR UPDATE",
                 &[&qk.upstream, &qk.endpoint.path(), &qk.model, &id],
             )
             .await?
-            .map(|row| row.try_get(0))
+            .map(|row| Ok::<_, PgError>((row.try_get(0)?, row.try_get(1)?)))
             .transpose()?;
         let sql =
             format!("SELECT {REQUEST_COLUMNS} FROM {REQUEST_FROM} WHERE r.id = $1 FOR UPDATE OF r");
@@ -64,14 +64,19 @@ impl PgStore {
             CancelVerdict::TooLate => return Ok(CancelOutcome::TooLate(rec)),
             CancelVerdict::Cancel => {}
         }
-        if let Some(len) = queued_len {
+        if let Some((len, inputs)) = queued {
             tx.execute(
                 "DELETE FROM queue \
                  WHERE upstream = $1 AND endpoint = $2 AND model = $3 AND id = $4",
                 &[&qk.upstream, &qk.endpoint.path(), &qk.model, &id],
             )
             .await?;
-            add_to_counters(&tx, &qk, -1, -len).await?;
+            let by = Moved {
+                count: -1,
+                bytes: -len,
+                inputs: -inputs,
+            };
+            add_to_counters(&tx, &qk, by).await?;
         }
         rec.status = lifecycle::checked_move(rec.status, RequestStatus::Cancelled)?;
         rec.completed_at = Some(now_secs());
