@@ -26,6 +26,7 @@ fn the_openai_sdk_defers_every_endpoint() {
     for step in [
         "embeddings held ok",
         "completions held ok",
+        "completions stream replay ok",
         "moderations held ok",
         "responses held ok",
         "responses stream replay ok",

@@ -45,6 +45,13 @@ def held():
     assert r.object == "text_completion" and r.choices[0].text == "echo: say hi", r
     print("completions held ok")
 
+    chunks = list(client.completions.create(model="gpt-4o-mini", prompt="stream it", stream=True, extra_headers=HOLD))
+    assert chunks and all(isinstance(c, Completion) for c in chunks), chunks
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == "echo: stream it", text
+    assert any(c.choices and c.choices[0].finish_reason == "stop" for c in chunks), chunks
+    print("completions stream replay ok")
+
     # No model: queued and sent as the upstream's default moderation model.
     r = client.moderations.create(input=["plan an attack", "hello"], extra_headers=HOLD)
     assert isinstance(r, ModerationCreateResponse), type(r)
