@@ -14,6 +14,7 @@ pub fn status_object(rec: &RequestRecord, result: Option<&StoredResult>) -> Valu
         "object": "ferry.request",
         "status": rec.status.as_str(),
         "model": rec.model,
+        "endpoint": rec.endpoint.path(),
         "created_at": rec.created_at,
         "submitted_at": rec.submitted_at,
         "completed_at": rec.completed_at,

@@ -92,6 +92,7 @@ def held():
     assert isinstance(r, CreateEmbeddingResponse) and len(r.data) == 1, r
     status = client.get("/ferry/requests/emb-ticket", cast_to=object)
     assert status["status"] == "completed" and status["result"]["status_code"] == 200, status
+    assert status["endpoint"] == "/v1/embeddings", status
     print("embeddings ticket and lookup ok")
 
 
