@@ -1,5 +1,6 @@
-//! Ferry: a reverse proxy that turns deferrable OpenAI-style chat completions
-//! into Batch API jobs and hands each caller its own answer back.
+//! Ferry: a reverse proxy that turns deferrable OpenAI-style calls (chat
+//! completions, embeddings, completions, moderations, responses) into Batch
+//! API jobs and hands each caller its own answer back.
 //!
 //! One deferred request travels: [`proxy`] (classify, authenticate) →
 //! [`intake`] (validate, store durably, `202`) → [`store`] (durable on return; sled embedded) →
