@@ -81,10 +81,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn qk() -> QueueKey {
-    QueueKey {
-        upstream: UPSTREAM.into(),
-        model: MODEL.into(),
-    }
+    QueueKey::chat(UPSTREAM, MODEL)
 }
 
 /// Inserts `n` requests with `body` and claims them as one batch.
@@ -199,7 +196,14 @@ fn bench_jsonl(c: &mut Criterion) {
                 // reads them (its runtime hop aside).
                 let (mut total, mut next) = (0u64, 0);
                 while next < members.len() {
-                    let (chunk, after) = store.input_lines(&members, next, 256 * 1024).unwrap();
+                    let (chunk, after) = store
+                        .input_lines(
+                            ferry::endpoint::Endpoint::ChatCompletions,
+                            &members,
+                            next,
+                            256 * 1024,
+                        )
+                        .unwrap();
                     total += chunk.len() as u64;
                     next = after;
                 }

@@ -1,5 +1,6 @@
-//! Ferry: a reverse proxy that turns deferrable OpenAI-style chat completions
-//! into Batch API jobs and hands each caller its own answer back.
+//! Ferry: a reverse proxy that turns deferrable OpenAI-style calls (chat
+//! completions, embeddings, completions, moderations, responses) into Batch
+//! API jobs and hands each caller its own answer back.
 //!
 //! One deferred request travels: [`proxy`] (classify, authenticate) →
 //! [`intake`] (validate, store durably, `202`) → [`store`] (durable on return; sled embedded) →
@@ -14,6 +15,7 @@ pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod emulator;
+pub mod endpoint;
 pub mod intake;
 pub mod limits;
 pub mod metrics;
@@ -245,7 +247,13 @@ impl App {
     /// Adds a batch completion's `usage` to the token counters and, when the
     /// model has a price in config, its saving versus real time. `model` is
     /// the queue's (config-routed) model, which keeps label values bounded.
-    pub fn count_tokens(&self, upstream: &Upstream, model: &str, body: &[u8]) {
+    pub fn count_tokens(
+        &self,
+        upstream: &Upstream,
+        endpoint: endpoint::Endpoint,
+        model: &str,
+        body: &[u8],
+    ) {
         /// Only `usage` is read; the rest of the body is skipped, not built.
         #[derive(serde::Deserialize)]
         struct Usage {
@@ -259,15 +267,15 @@ impl App {
             return;
         }
         let model = self.model_labels.label(model);
-        let prompt = usage["prompt_tokens"].as_u64().unwrap_or(0);
-        let completion = usage["completion_tokens"].as_u64().unwrap_or(0);
+        let (prompt, completion) = endpoint.usage_tokens(&usage);
+        let label = endpoint.label();
         self.metrics
             .tokens
-            .with_label_values(&[model, "prompt"])
+            .with_label_values(&[model, label, "prompt"])
             .inc_by(prompt);
         self.metrics
             .tokens
-            .with_label_values(&[model, "completion"])
+            .with_label_values(&[model, label, "completion"])
             .inc_by(completion);
         if let Some(p) = self.config.prices.get(model) {
             let list = (prompt as f64 * p.prompt_per_mtok
@@ -275,7 +283,7 @@ impl App {
                 / 1e6;
             self.metrics
                 .savings_usd
-                .with_label_values(&[model])
+                .with_label_values(&[model, label])
                 .inc_by(list * upstream.settings.batch_discount);
         }
     }

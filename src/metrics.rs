@@ -178,8 +178,8 @@ impl Metrics {
             webhook_outbox_depth,
             savings_usd: float_counter(
                 "ferry_estimated_savings_usd_total",
-                "Estimated saving of batch results versus real-time prices, from the price table in config.",
-                &["model"],
+                "Estimated saving of batch results versus real-time prices, from the price table in config, by model and endpoint (embeddings priced on input tokens only).",
+                &["model", "endpoint"],
             ),
             rate_limited: counter_vec(
                 "ferry_rate_limited_total",
@@ -257,8 +257,8 @@ impl Metrics {
             upstream_retries,
             tokens: counter_vec(
                 "ferry_tokens_total",
-                "Tokens reported in batch results, by model and kind (prompt, completion).",
-                &["model", "kind"],
+                "Tokens reported in batch results, by model, endpoint and kind (prompt, completion; the Responses API's input and output tokens count as these).",
+                &["model", "endpoint", "kind"],
             ),
             storage_size,
             storage_free,
@@ -323,13 +323,17 @@ impl Metrics {
                 self.flushes.with_label_values(&[*up, reason]);
             }
         }
-        for model in models {
-            for kind in ["prompt", "completion"] {
-                self.tokens.with_label_values(&[model.as_str(), kind]);
+        for endpoint in crate::endpoint::Endpoint::ALL.map(|e| e.label()) {
+            for model in models {
+                for kind in ["prompt", "completion"] {
+                    self.tokens
+                        .with_label_values(&[model.as_str(), endpoint, kind]);
+                }
             }
-        }
-        for model in priced {
-            self.savings_usd.with_label_values(&[model.as_str()]);
+            for model in priced {
+                self.savings_usd
+                    .with_label_values(&[model.as_str(), endpoint]);
+            }
         }
     }
 

@@ -340,7 +340,9 @@ fn touched_metrics() -> Metrics {
     m.waiters.set(1);
     m.upstream_call("emu", "get_batch", "200", Duration::from_millis(3));
     m.upstream_retries.inc();
-    m.tokens.with_label_values(&["gpt-4o-mini", "prompt"]).inc();
+    m.tokens
+        .with_label_values(&["gpt-4o-mini", "chat_completions", "prompt"])
+        .inc();
     m.storage_size.set(4096);
     m.storage_flush_duration.observe(0.001);
     m.storage_free.set(1 << 30);
@@ -356,7 +358,7 @@ fn touched_metrics() -> Metrics {
     m.webhook_deliveries.with_label_values(&["delivered"]).inc();
     m.webhook_outbox_depth.set(0);
     m.savings_usd
-        .with_label_values(&["gpt-4o-mini"])
+        .with_label_values(&["gpt-4o-mini", "chat_completions"])
         .inc_by(0.01);
     m.rate_limited.with_label_values(&["deferred"]).inc();
     m.retention_purged.with_label_values(&["request"]).inc();

@@ -127,6 +127,7 @@ async fn a_bad_url_is_refused_without_echoing_it() {
 use std::collections::HashSet;
 use std::time::Duration;
 
+use ferry::endpoint::Endpoint;
 use ferry::store::pg::PgStore;
 use ferry::store::{
     BatchRecord, BatchState, CancelOutcome, Grant, Intake, Outcome, QueueKey, QueueStats,
@@ -166,10 +167,7 @@ fn with_callback(r: RequestRecord) -> RequestRecord {
 }
 
 fn qk() -> QueueKey {
-    QueueKey {
-        upstream: "u".into(),
-        model: "m".into(),
-    }
+    QueueKey::chat("u", "m")
 }
 
 fn payload(r: &RequestRecord, res: Option<&StoredResult>) -> String {
@@ -244,7 +242,11 @@ async fn accept_is_idempotent_per_custom_id_and_refuses_another_body() {
     // The conflicting intake stored nothing: the first body stands.
     let stats = s.queue_stats_for(&qk()).await.unwrap().unwrap();
     assert_eq!(stats.count, 2);
-    assert_eq!(stats.bytes, line_len(a.id, 2) + line_len(other.id, 2));
+    assert_eq!(
+        stats.bytes,
+        line_len(Endpoint::ChatCompletions, a.id, 2)
+            + line_len(Endpoint::ChatCompletions, other.id, 2)
+    );
     assert!(stats.oldest_ms > 0);
     assert_eq!(s.queued_total().await.unwrap(), 2);
 }
@@ -359,7 +361,7 @@ async fn claims_take_the_oldest_within_their_limits_and_keep_counters() {
             .is_none()
     );
     let ids = queue_n(&s, "c", 5).await;
-    let one = line_len(ids[0], 2);
+    let one = line_len(Endpoint::ChatCompletions, ids[0], 2);
     let b = s
         .claim_batch(&qk(), 3, u64::MAX, "size")
         .await
@@ -396,13 +398,10 @@ async fn claims_take_the_oldest_within_their_limits_and_keep_counters() {
     );
     assert_eq!(s.queued_total().await.unwrap(), 0);
     assert!(
-        s.queue_stats_for(&QueueKey {
-            upstream: "u".into(),
-            model: "other".into()
-        })
-        .await
-        .unwrap()
-        .is_none()
+        s.queue_stats_for(&QueueKey::chat("u", "other"))
+            .await
+            .unwrap()
+            .is_none()
     );
     assert_eq!(s.recover_claims().await.unwrap(), 3);
     assert_eq!(s.live_batches().await.unwrap().len(), 3);
@@ -588,7 +587,11 @@ async fn outcomes_finish_or_requeue_members_once() {
     }
     let stats = s.queue_stats_for(&qk()).await.unwrap().unwrap();
     assert_eq!(stats.count, 2);
-    assert_eq!(stats.bytes, line_len(ids[4], 2) + line_len(ids[5], 2));
+    assert_eq!(
+        stats.bytes,
+        line_len(Endpoint::ChatCompletions, ids[4], 2)
+            + line_len(Endpoint::ChatCompletions, ids[5], 2)
+    );
     // Re-queued at acceptance time, so the time threshold sends them soon.
     assert_eq!(stats.oldest_ms, 1_700_000_000_000);
     // Webhooks for the two with callbacks, written with their state.
@@ -1095,7 +1098,7 @@ async fn concurrent_intakes_are_each_stored_once_with_their_counters() {
                 panic!("c{i}: {r:?}")
             };
             assert_eq!(r.custom_id, format!("c{i}"));
-            bytes[i % 2] += line_len(r.id, 2);
+            bytes[i % 2] += line_len(Endpoint::ChatCompletions, r.id, 2);
             assert!(ids.insert(r.id, i).is_none(), "id {} given twice", r.id);
         }
     }
@@ -1104,10 +1107,7 @@ async fn concurrent_intakes_are_each_stored_once_with_their_counters() {
     assert_eq!(count(&config, "SELECT count(*) FROM bodies").await, 500);
     assert_eq!(count(&config, "SELECT count(*) FROM queue").await, 500);
     for (model, bytes) in [("m", bytes[0]), ("m2", bytes[1])] {
-        let qk = QueueKey {
-            upstream: "u".into(),
-            model: model.into(),
-        };
+        let qk = QueueKey::chat("u", model);
         let stats = s.queue_stats_for(&qk).await.unwrap().unwrap();
         assert_eq!((stats.count, stats.bytes), (250, bytes), "{model}");
     }
@@ -1549,4 +1549,211 @@ async fn the_census_reports_each_kinds_rows_and_bytes() {
         assert!(tokio::time::Instant::now() < deadline, "{census:?}");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+// ------------------------------------------------------------ endpoints
+
+fn embeddings_qk() -> QueueKey {
+    QueueKey {
+        endpoint: Endpoint::Embeddings,
+        ..qk()
+    }
+}
+
+fn embeddings_rec(custom_id: &str) -> RequestRecord {
+    RequestRecord {
+        endpoint: Endpoint::Embeddings,
+        ..rec("t", custom_id, "h")
+    }
+}
+
+#[tokio::test]
+async fn each_endpoint_queues_claims_cancels_and_requeues_apart() {
+    let (_, s) = store("a").await;
+    let chat = queue_n(&s, "c", 2).await;
+    // One through the single intake, two in one round of the writer.
+    let e0 = created(&s, embeddings_rec("e0")).await;
+    let round = s
+        .accept_round(vec![
+            (embeddings_rec("e1"), b"{}".to_vec()),
+            (embeddings_rec("e2"), b"{}".to_vec()),
+        ])
+        .await;
+    let mut emb = vec![e0.id];
+    for r in round {
+        let Intake::Created(r) = r.unwrap() else {
+            panic!()
+        };
+        assert_eq!(r.endpoint, Endpoint::Embeddings);
+        emb.push(r.id);
+    }
+    assert_eq!(
+        s.get(e0.id).await.unwrap().unwrap().endpoint,
+        Endpoint::Embeddings
+    );
+    let stats: Vec<(QueueKey, u64)> = s
+        .queue_stats()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(k, st)| (k, st.count))
+        .collect();
+    assert_eq!(stats, vec![(qk(), 2), (embeddings_qk(), 3)]);
+    // A cancel takes the request out of its own queue.
+    let CancelOutcome::Cancelled(_) = s.cancel("t", "e2", &payload).await.unwrap() else {
+        panic!()
+    };
+    let e = s.queue_stats_for(&embeddings_qk()).await.unwrap().unwrap();
+    assert_eq!(e.inputs, 2, "one input each, the cancelled one gone");
+    assert_eq!(
+        (e.count, e.bytes),
+        (
+            2,
+            line_len(Endpoint::Embeddings, emb[0], 2) + line_len(Endpoint::Embeddings, emb[1], 2)
+        )
+    );
+    let mut b = s
+        .claim_batch(&embeddings_qk(), 100, u64::MAX, "size")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(b.endpoint, Endpoint::Embeddings);
+    assert_eq!(s.members(b.id).await.unwrap(), emb[..2]);
+    let (lines, _) = s
+        .input_lines(b.endpoint, &emb[..2], 0, 1 << 20)
+        .await
+        .unwrap();
+    assert_eq!(lines.len() as u64, b.bytes);
+    for line in lines.split(|c| *c == b'\n').filter(|l| !l.is_empty()) {
+        let v: serde_json::Value = serde_json::from_slice(line).unwrap();
+        assert_eq!(v["url"], "/v1/embeddings");
+    }
+    assert_eq!(s.queue_stats_for(&qk()).await.unwrap().unwrap().count, 2);
+    // Re-queued members go back to their own queue.
+    mark_submitted(&s, &mut b, "file-e", "batch_e").await;
+    s.apply_outcomes(b.id, vec![(emb[0], Outcome::Requeue)], &payload)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.queue_stats_for(&embeddings_qk())
+            .await
+            .unwrap()
+            .unwrap()
+            .count,
+        1
+    );
+    let c = s
+        .claim_batch(&qk(), 100, u64::MAX, "size")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.endpoint, Endpoint::ChatCompletions);
+    assert_eq!(s.members(c.id).await.unwrap(), chat);
+}
+
+/// A database written before endpoints existed (schema 3, chat rows
+/// queued): after the upgrade its requests read as chat and flush.
+#[tokio::test]
+async fn a_database_written_before_endpoints_reads_and_flushes() {
+    let config = fresh_database().await;
+    let (mut client, conn) = config.connect(NoTls).await.unwrap();
+    tokio::spawn(conn);
+    migrate::migrate_with(&mut client, &migrate::MIGRATIONS[..3])
+        .await
+        .unwrap();
+    let id: i64 = client
+        .query_one("SELECT nextval('ferry_ids')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let len = line_len(Endpoint::ChatCompletions, id as u64, 2) as i64;
+    client
+        .execute(
+            "INSERT INTO requests (id, tenant, custom_id, upstream, model, body_sha256, \
+             body_len, stream, created_at, status) \
+             VALUES ($1, 't', 'old', 'u', 'm', 'h', 2, false, 1700000000, 'queued')",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    client
+        .execute("INSERT INTO bodies (id, body) VALUES ($1, '{}')", &[&id])
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO queue (upstream, model, id, enqueued_ms, line_len) \
+             VALUES ('u', 'm', $1, 1700000000000, $2)",
+            &[&id, &len],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO queue_counters (upstream, model, count, bytes) VALUES ('u', 'm', 1, $1)",
+            &[&len],
+        )
+        .await
+        .unwrap();
+    let s = PgStore::connect(config.clone(), 2).await.expect("connect");
+    let r = s.find("t", "old").await.unwrap().unwrap();
+    assert_eq!(r.endpoint, Endpoint::ChatCompletions);
+    let stats = s.queue_stats_for(&qk()).await.unwrap().unwrap();
+    assert_eq!((stats.count, stats.bytes, stats.inputs), (1, len as u64, 1));
+    // New requests of the same queue join the old one's queue.
+    created(&s, rec("t", "new", "h")).await;
+    let b = s
+        .claim_batch(&qk(), 100, u64::MAX, "size")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (b.endpoint, b.request_count),
+        (Endpoint::ChatCompletions, 2)
+    );
+    let members = s.members(b.id).await.unwrap();
+    assert_eq!(members[0], id as u64);
+    let (lines, _) = s
+        .input_lines(b.endpoint, &members, 0, 1 << 20)
+        .await
+        .unwrap();
+    assert_eq!(lines.len() as u64, b.bytes);
+    let first: serde_json::Value =
+        serde_json::from_slice(lines.split(|c| *c == b'\n').next().unwrap()).unwrap();
+    assert_eq!(first["url"], "/v1/chat/completions");
+}
+
+#[tokio::test]
+async fn an_embeddings_claim_stops_at_the_input_cap() {
+    let (_, s) = store("a").await;
+    let mut ids = Vec::new();
+    for (i, inputs) in [30_000u64, 20_000, 1].into_iter().enumerate() {
+        let r = RequestRecord {
+            inputs,
+            ..embeddings_rec(&format!("e{i}"))
+        };
+        ids.push(created(&s, r).await.id);
+    }
+    assert_eq!(s.get(ids[0]).await.unwrap().unwrap().inputs, 30_000);
+    let inputs = |s: PgStore| async move {
+        s.queue_stats_for(&embeddings_qk())
+            .await
+            .unwrap()
+            .unwrap()
+            .inputs
+    };
+    assert_eq!(inputs(s.clone()).await, 50_001);
+    let b = s
+        .claim_batch(&embeddings_qk(), 100, u64::MAX, "size")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.members(b.id).await.unwrap(), ids[..2]);
+    assert_eq!(inputs(s.clone()).await, 1);
+    let b = s
+        .claim_batch(&embeddings_qk(), 100, u64::MAX, "size")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.members(b.id).await.unwrap(), ids[2..]);
 }

@@ -18,6 +18,7 @@ use serde_json::{Map, Value, json};
 
 use ferry::batch::ingest::{LineError, LineSplitter, parse_line};
 use ferry::delivery::webhooks::{AllowEntry, HostPattern, PortPattern, decode_secret, sign};
+use ferry::endpoint::Endpoint;
 use ferry::intake::{Prefer, parse_prefer, valid_custom_id, validate_body};
 use ferry::proxy::routes::{Route, classify, query_wait};
 use ferry::store::{
@@ -454,7 +455,7 @@ proptest! {
         // Ferry's own namespace is never passed through upstream, and ids it
         // hands on are always valid custom ids.
         if path.starts_with("/v1/ferry/") {
-            prop_assert!(route != Route::OtherV1 && route != Route::ChatCompletions);
+            prop_assert!(route != Route::OtherV1 && !matches!(route, Route::Deferrable(_)));
         }
         match &route {
             Route::Lookup { id, .. } | Route::Cancel { id } => prop_assert!(valid_custom_id(id)),
@@ -642,18 +643,22 @@ proptest! {
     /// `line_len` predicts the exact length of the JSONL line, and the line
     /// is one valid Batch API request line carrying the body unchanged.
     #[test]
-    fn line_len_is_the_length_of_the_line(id in any::<u64>(), body in arb_chat_body()) {
+    fn line_len_is_the_length_of_the_line(
+        id in any::<u64>(),
+        body in arb_chat_body(),
+        endpoint in proptest::sample::select(Endpoint::ALL.to_vec()),
+    ) {
         let body = serde_json::to_vec(&body).unwrap();
-        let mut line = line_prefix(id).into_bytes();
+        let mut line = line_prefix(endpoint, id).into_bytes();
         line.extend_from_slice(&body);
         line.extend_from_slice(LINE_SUFFIX.as_bytes());
-        prop_assert_eq!(line_len(id, body.len() as u64), line.len() as u64);
+        prop_assert_eq!(line_len(endpoint, id, body.len() as u64), line.len() as u64);
         prop_assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
         prop_assert_eq!(line.last(), Some(&b'\n'));
         let v: Value = serde_json::from_slice(&line).unwrap();
         prop_assert_eq!(&v["custom_id"], &json!(upstream_custom_id(id)));
         prop_assert_eq!(&v["method"], "POST");
-        prop_assert_eq!(&v["url"], "/v1/chat/completions");
+        prop_assert_eq!(&v["url"], endpoint.path());
         let sent: Value = serde_json::from_slice(&body).unwrap();
         prop_assert_eq!(&v["body"], &sent);
     }

@@ -107,10 +107,7 @@ async fn harness() -> Harness {
 }
 
 fn queue() -> QueueKey {
-    QueueKey {
-        upstream: "emu".into(),
-        model: "gpt-4o-mini".into(),
-    }
+    QueueKey::chat("emu", "gpt-4o-mini")
 }
 
 /// Queues `n` chat completions and commits them.
@@ -235,6 +232,7 @@ async fn no_driver_starts_for_a_claim_that_is_not_durable() {
         max_requests: 100,
         max_bytes: 1 << 20,
         max_wait: Duration::from_secs(3600),
+        max_inputs: u64::MAX,
     };
     let flusher = {
         let app = app.clone();

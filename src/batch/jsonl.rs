@@ -16,6 +16,7 @@ const CHUNK_BYTES: usize = 256 * 1024;
 /// validation errors (numbered by line) are mapped back to requests.
 pub fn stream_batch(
     store: Arc<Store>,
+    endpoint: crate::endpoint::Endpoint,
     members: Vec<u64>,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static {
     let members: Arc<[u64]> = members.into();
@@ -27,8 +28,11 @@ pub fn stream_batch(
             }
             // A task of its own: the HTTP body wants a `Sync` stream, and a
             // store read's future need not be (a pooled connection's is not).
-            let read =
-                tokio::spawn(async move { store.input_lines(members, next, CHUNK_BYTES).await });
+            let read = tokio::spawn(async move {
+                store
+                    .input_lines(endpoint, members, next, CHUNK_BYTES)
+                    .await
+            });
             match read.await {
                 Ok(Ok((bytes, next))) => Some((Ok(bytes), next)),
                 Ok(Err(e)) => Some((Err(std::io::Error::other(e.to_string())), usize::MAX)),

@@ -46,6 +46,7 @@ pub async fn run_flusher(app: Arc<App>, upstream: usize, mut shutdown: watch::Re
         max_requests: up.settings.max_requests,
         max_bytes: up.settings.max_bytes,
         max_wait: up.settings.max_wait,
+        max_inputs: u64::MAX,
     };
     let renew_every = ownership::renew_every(app.config.storage.lease());
     let mut renewed: Option<(Instant, Option<u64>)> = None;
@@ -93,6 +94,7 @@ pub async fn run_flusher(app: Arc<App>, upstream: usize, mut shutdown: watch::Re
                 continue;
             }
             let now = now_millis();
+            let policy = policy.for_endpoint(qk.endpoint);
             let reason = flush_reason(&stats, &policy, now)
                 .or((manual && stats.count > 0).then_some(FlushReason::Manual));
             match reason {
@@ -388,7 +390,7 @@ async fn upload(
         &app.metrics,
         shutdown.clone(),
         || {
-            let stream = jsonl::stream_batch(app.store.clone(), members.clone());
+            let stream = jsonl::stream_batch(app.store.clone(), batch.endpoint, members.clone());
             up.client.upload_jsonl(&filename, batch.bytes, stream)
         },
     )
@@ -503,7 +505,12 @@ async fn create(
             // One try per step: a retry goes through `find_created` first.
             match up
                 .client
-                .create_batch(file_id, &up.settings.completion_window, metadata)
+                .create_batch(
+                    file_id,
+                    batch.endpoint,
+                    &up.settings.completion_window,
+                    metadata,
+                )
                 .await
             {
                 Ok(b) => b,
@@ -758,16 +765,8 @@ async fn ingest_batch(
     } else {
         let member_set: std::collections::HashSet<u64> = members.iter().copied().collect();
         for file in [obj.output_file(), obj.error_file()].into_iter().flatten() {
-            let read = read_result_file(
-                app,
-                up,
-                file,
-                &batch.model,
-                &member_set,
-                &mut ingest,
-                shutdown,
-            )
-            .await;
+            let read =
+                read_result_file(app, up, file, batch, &member_set, &mut ingest, shutdown).await;
             match read {
                 // The file is gone (deleted upstream, or expired): members
                 // already finished stay so; the rest count as missing below
@@ -887,7 +886,7 @@ async fn read_result_file(
     app: &Arc<App>,
     up: &crate::Upstream,
     file_id: &str,
-    model: &str,
+    batch: &BatchRecord,
     members: &std::collections::HashSet<u64>,
     ingest: &mut Ingest<'_>,
     shutdown: &watch::Receiver<bool>,
@@ -904,7 +903,7 @@ async fn read_result_file(
     let mut reader = ingest::ResultReader::new(members);
     let take = |ingest: &mut Ingest<'_>, id: u64, outcome: Outcome| {
         if let Outcome::Completed(r) = &outcome {
-            app.count_tokens(up, model, &r.body);
+            app.count_tokens(up, batch.endpoint, &batch.model, &r.body);
         }
         ingest.push(id, outcome);
     };

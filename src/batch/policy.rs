@@ -32,6 +32,21 @@ pub struct FlushPolicy {
     pub max_requests: usize,
     pub max_bytes: u64,
     pub max_wait: Duration,
+    /// A queue holding this many inputs fills a batch (see
+    /// [`FlushPolicy::for_endpoint`]); `u64::MAX`: no input cap.
+    pub max_inputs: u64,
+}
+
+impl FlushPolicy {
+    /// The policy for a queue of `endpoint`: the upstream's thresholds and
+    /// the endpoint's per-batch input cap, which makes a queue of a few
+    /// large embeddings requests as full as one of `max_requests` lines.
+    pub fn for_endpoint(self, endpoint: crate::endpoint::Endpoint) -> FlushPolicy {
+        FlushPolicy {
+            max_inputs: crate::store::lifecycle::max_inputs(endpoint),
+            ..self
+        }
+    }
 }
 
 /// Whether a queue should be flushed now, and why.
@@ -39,7 +54,7 @@ pub fn flush_reason(stats: &QueueStats, policy: &FlushPolicy, now_ms: u64) -> Op
     if stats.count == 0 {
         return None;
     }
-    if stats.count >= policy.max_requests as u64 {
+    if stats.count >= policy.max_requests as u64 || stats.inputs >= policy.max_inputs {
         return Some(FlushReason::Size);
     }
     if stats.bytes >= policy.max_bytes {
@@ -70,6 +85,7 @@ mod tests {
         max_requests: 10,
         max_bytes: 1000,
         max_wait: Duration::from_secs(60),
+        max_inputs: u64::MAX,
     };
 
     fn stats(count: u64, bytes: u64, oldest_ms: u64) -> QueueStats {
@@ -77,7 +93,30 @@ mod tests {
             count,
             bytes,
             oldest_ms,
+            inputs: count,
         }
+    }
+
+    #[test]
+    fn an_embeddings_queue_full_of_inputs_flushes_by_size() {
+        let embeddings = P.for_endpoint(crate::endpoint::Endpoint::Embeddings);
+        assert_eq!(embeddings.max_inputs, 50_000);
+        let full = QueueStats {
+            inputs: 50_000,
+            ..stats(2, 10, 1000)
+        };
+        assert_eq!(
+            flush_reason(&full, &embeddings, 1000),
+            Some(FlushReason::Size)
+        );
+        let almost = QueueStats {
+            inputs: 49_999,
+            ..full
+        };
+        assert_eq!(flush_reason(&almost, &embeddings, 1000), None);
+        // Chat counts lines only.
+        let chat = P.for_endpoint(crate::endpoint::Endpoint::ChatCompletions);
+        assert_eq!(flush_reason(&full, &chat, 1000), None);
     }
 
     #[test]

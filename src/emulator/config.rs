@@ -67,6 +67,7 @@ pub fn default_models() -> Vec<String> {
         "gpt-5-mini",
         "gpt-5",
         "text-embedding-3-small",
+        "omni-moderation-latest",
         "kimi-k2.6",
         "kimi-k2.5",
     ]

@@ -29,6 +29,7 @@ pub mod config;
 mod error;
 pub mod journal;
 pub mod model;
+mod realtime;
 mod routes;
 mod state;
 pub mod timeline;

@@ -10,8 +10,11 @@
 //!
 //! The other batch endpoints of the OpenAI profile get small answers of their
 //! own shape built on the same rule (`/v1/completions` echoes the prompt,
-//! `/v1/responses` the input, `/v1/embeddings` returns a fixed-size vector
-//! derived from the input text).
+//! `/v1/responses` the input; `/v1/embeddings` returns one vector per input,
+//! derived from its text, of the requested `dimensions` (default 8), as
+//! floats or, with `encoding_format: "base64"`, little-endian f32s in
+//! base64; `/v1/moderations` returns one result per input, flagged for
+//! `violence` when the text contains "attack").
 
 use serde_json::{Map, Value, json};
 
@@ -205,7 +208,8 @@ fn input_text(value: Option<&Value>) -> String {
 pub fn answer(endpoint: &str, body: &Map<String, Value>, id: &str, created: i64) -> Answer {
     let model = model_of(body);
     match endpoint {
-        "/v1/completions" | "/v1/responses" | "/v1/embeddings" => {
+        "/v1/embeddings" | "/v1/moderations" => per_input(endpoint, body, id, model),
+        "/v1/completions" | "/v1/responses" => {
             let key = if endpoint == "/v1/completions" {
                 "prompt"
             } else {
@@ -221,11 +225,7 @@ pub fn answer(endpoint: &str, body: &Map<String, Value>, id: &str, created: i64)
             let content = format!("echo: {text}");
             let usage = Usage {
                 prompt: words(&text),
-                completion: if endpoint == "/v1/embeddings" {
-                    0
-                } else {
-                    words(&content)
-                },
+                completion: words(&content),
             };
             let body = match endpoint {
                 "/v1/completions" => json!({
@@ -233,7 +233,7 @@ pub fn answer(endpoint: &str, body: &Map<String, Value>, id: &str, created: i64)
                     "choices": [{"text": content, "index": 0, "logprobs": null, "finish_reason": "stop"}],
                     "usage": usage.to_chat_json(),
                 }),
-                "/v1/responses" => json!({
+                _ => json!({
                     "id": id, "object": "response", "created_at": created, "status": "completed",
                     "model": model, "error": null, "incomplete_details": null,
                     "output": [{"type": "message", "id": format!("msg_{id}"), "status": "completed",
@@ -244,11 +244,6 @@ pub fn answer(endpoint: &str, body: &Map<String, Value>, id: &str, created: i64)
                               "input_tokens_details": {"cached_tokens": 0},
                               "output_tokens_details": {"reasoning_tokens": 0}},
                 }),
-                _ => json!({
-                    "object": "list", "model": model,
-                    "data": [{"object": "embedding", "index": 0, "embedding": embedding(&text)}],
-                    "usage": {"prompt_tokens": usage.prompt, "total_tokens": usage.prompt},
-                }),
             };
             Answer::Ok { body, usage }
         }
@@ -256,10 +251,111 @@ pub fn answer(endpoint: &str, body: &Map<String, Value>, id: &str, created: i64)
     }
 }
 
-/// Eight numbers in [-1, 1) derived from the text's bytes (FNV-1a), so the
-/// same input always embeds the same way.
-fn embedding(text: &str) -> Vec<f64> {
-    (0u64..8)
+/// The inputs of an embeddings or moderations body, each as text: the
+/// elements of an `input` array (anything not a string as its JSON), or the
+/// one string or token array.
+pub fn inputs(body: &Map<String, Value>) -> Vec<String> {
+    match body.get("input") {
+        Some(Value::Array(items)) if !items.is_empty() && items.iter().all(Value::is_number) => {
+            vec![Value::Array(items.clone()).to_string()]
+        }
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|i| match i {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            })
+            .collect(),
+        Some(Value::String(s)) => vec![s.clone()],
+        _ => vec![String::new()],
+    }
+}
+
+/// The per-input endpoints: one embedding or one moderation result per input.
+fn per_input(endpoint: &str, body: &Map<String, Value>, id: &str, model: &str) -> Answer {
+    let items = inputs(body);
+    if let Some(status) = items.iter().find_map(|t| injected_status(t)) {
+        return Answer::Failed {
+            status,
+            body: injected_error(status),
+        };
+    }
+    let usage = Usage {
+        prompt: items.iter().map(|t| words(t)).sum(),
+        completion: 0,
+    };
+    let body = if endpoint == "/v1/embeddings" {
+        let dimensions = body
+            .get("dimensions")
+            .and_then(Value::as_u64)
+            .unwrap_or(8)
+            .clamp(1, 4096) as usize;
+        let base64 = body.get("encoding_format") == Some(&json!("base64"));
+        let data: Vec<Value> = items
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let v = embedding(t, dimensions);
+                let encoded = if base64 {
+                    use base64::Engine;
+                    let bytes: Vec<u8> = v.iter().flat_map(|x| (*x as f32).to_le_bytes()).collect();
+                    json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+                } else {
+                    json!(v)
+                };
+                json!({"object": "embedding", "index": i, "embedding": encoded})
+            })
+            .collect();
+        json!({
+            "object": "list", "model": model, "data": data,
+            "usage": {"prompt_tokens": usage.prompt, "total_tokens": usage.prompt},
+        })
+    } else {
+        let results: Vec<Value> = items.iter().map(|t| moderation(t)).collect();
+        json!({"id": format!("modr-{id}"), "model": model, "results": results})
+    };
+    Answer::Ok { body, usage }
+}
+
+/// The moderation categories, as the API names them.
+const CATEGORIES: [&str; 13] = [
+    "harassment",
+    "harassment/threatening",
+    "hate",
+    "hate/threatening",
+    "illicit",
+    "illicit/violent",
+    "self-harm",
+    "self-harm/instructions",
+    "self-harm/intent",
+    "sexual",
+    "sexual/minors",
+    "violence",
+    "violence/graphic",
+];
+
+/// One moderation result: `violence` flagged when the text says "attack".
+fn moderation(text: &str) -> Value {
+    let violent = text.to_lowercase().contains("attack");
+    let mut categories = Map::new();
+    let mut scores = Map::new();
+    let mut applied = Map::new();
+    for c in CATEGORIES {
+        let hit = violent && c == "violence";
+        categories.insert(c.into(), json!(hit));
+        scores.insert(c.into(), json!(if hit { 0.9 } else { 0.001 }));
+        applied.insert(c.into(), json!(["text"]));
+    }
+    json!({
+        "flagged": violent, "categories": categories, "category_scores": scores,
+        "category_applied_input_types": applied,
+    })
+}
+
+/// `dimensions` numbers in [-1, 1) derived from the text's bytes (FNV-1a),
+/// so the same input always embeds the same way.
+fn embedding(text: &str, dimensions: usize) -> Vec<f64> {
+    (0u64..dimensions as u64)
         .map(|i| {
             let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ i;
             for b in text.bytes() {
@@ -374,6 +470,31 @@ mod tests {
             panic!()
         };
         assert_eq!(e1["data"][0]["embedding"], e2["data"][0]["embedding"]);
+        assert_eq!(e1["data"][0]["embedding"].as_array().unwrap().len(), 8);
+        let b = body(json!({"model": "m", "input": ["a", "b", "c"], "dimensions": 3}));
+        let Answer::Ok { body: e3, .. } = answer("/v1/embeddings", &b, "z", 0) else {
+            panic!()
+        };
+        assert_eq!(e3["data"].as_array().unwrap().len(), 3);
+        assert_eq!(e3["data"][2]["index"], 2);
+        assert_eq!(e3["data"][0]["embedding"].as_array().unwrap().len(), 3);
+        let b = body(json!({"model": "m", "input": "abc", "encoding_format": "base64"}));
+        let Answer::Ok { body: e4, .. } = answer("/v1/embeddings", &b, "w", 0) else {
+            panic!()
+        };
+        use base64::Engine;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(e4["data"][0]["embedding"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(raw.len(), 8 * 4);
+        let b = body(json!({"model": "m", "input": ["plan an attack", "hello"]}));
+        let Answer::Ok { body: m, .. } = answer("/v1/moderations", &b, "1", 0) else {
+            panic!()
+        };
+        assert_eq!(m["results"][0]["flagged"], true);
+        assert_eq!(m["results"][0]["categories"]["violence"], true);
+        assert_eq!(m["results"][1]["flagged"], false);
+        let b = body(json!({"model": "m", "input": "abc"}));
         let Answer::Ok { body: r, .. } = answer("/v1/responses", &b, "resp_1", 0) else {
             panic!()
         };

@@ -21,6 +21,7 @@ use serde_json::{Map, Value, json};
 
 use super::error::ApiError;
 use super::model::{self, Answer};
+use super::realtime::Realtime;
 use super::state::{Emulator, FileQuery, new_id};
 
 type Shared = Arc<Emulator>;
@@ -49,6 +50,26 @@ pub fn router(emulator: Shared) -> Router {
         .route(
             "/v1/chat/completions",
             post(chat_completions).layer(DefaultBodyLimit::max(REALTIME_BODY_LIMIT)),
+        )
+        .route(
+            "/v1/embeddings",
+            post(|s, b| other_endpoint(s, "/v1/embeddings", b))
+                .layer(DefaultBodyLimit::max(REALTIME_BODY_LIMIT)),
+        )
+        .route(
+            "/v1/completions",
+            post(|s, b| other_endpoint(s, "/v1/completions", b))
+                .layer(DefaultBodyLimit::max(REALTIME_BODY_LIMIT)),
+        )
+        .route(
+            "/v1/moderations",
+            post(|s, b| other_endpoint(s, "/v1/moderations", b))
+                .layer(DefaultBodyLimit::max(REALTIME_BODY_LIMIT)),
+        )
+        .route(
+            "/v1/responses",
+            post(|s, b| other_endpoint(s, "/v1/responses", b))
+                .layer(DefaultBodyLimit::max(REALTIME_BODY_LIMIT)),
         )
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(retrieve_model))
@@ -490,6 +511,44 @@ async fn chat_completions(
     )))
 }
 
+/// `POST` to one of the other batchable endpoints, in real time (see
+/// [`realtime`](super::realtime)).
+async fn other_endpoint(
+    State(emulator): State<Shared>,
+    endpoint: &'static str,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    emulator.count_realtime();
+    let Value::Object(body) = parse_json(body)? else {
+        return Err(ApiError::bad_request(
+            "The request body must be a JSON object.",
+            None,
+            None,
+        ));
+    };
+    let prefix = match endpoint {
+        "/v1/completions" => "cmpl-",
+        "/v1/responses" => "resp_",
+        _ => "",
+    };
+    let config = emulator.config();
+    let knows = |m: &str| config.knows_model(m);
+    let answer = super::realtime::answer(
+        endpoint,
+        &body,
+        &knows,
+        &new_id(prefix),
+        emulator.now() as i64,
+    )?;
+    match answer {
+        Realtime::Json(status, v) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            Ok((status, json_response(v)).into_response())
+        }
+        Realtime::Stream(frames) => Ok(sse_frames(frames)),
+    }
+}
+
 /// The `data:` payloads of a streamed completion: a role chunk, one chunk per
 /// word of content, a chunk with `finish_reason: stop`, the usage chunk if
 /// asked for, then `[DONE]`.
@@ -542,9 +601,19 @@ fn stream_events(
 }
 
 fn sse(events: Vec<String>) -> Response {
-    let frames = events
+    sse_frames(
+        events
+            .into_iter()
+            .map(|e| format!("data: {e}\n\n"))
+            .collect(),
+    )
+}
+
+/// An SSE response of whole frames.
+fn sse_frames(frames: Vec<String>) -> Response {
+    let frames = frames
         .into_iter()
-        .map(|e| Ok::<_, Infallible>(Bytes::from(format!("data: {e}\n\n"))));
+        .map(|f| Ok::<_, Infallible>(Bytes::from(f)));
     (
         [
             (header::CONTENT_TYPE, "text/event-stream; charset=utf-8"),

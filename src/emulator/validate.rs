@@ -50,9 +50,24 @@ pub fn allowed_endpoints(profile: Profile) -> &'static [&'static str] {
             "/v1/chat/completions",
             "/v1/embeddings",
             "/v1/completions",
+            "/v1/moderations",
             "/v1/responses",
         ],
         Profile::Moonshot => &["/v1/chat/completions"],
+    }
+}
+
+/// OpenAI's cap on the embedding inputs of one batch, summed over its
+/// lines (each element of an `input` array counts).
+pub const MAX_EMBEDDING_INPUTS: u64 = 50_000;
+
+/// The embedding inputs of one line's body: the elements of an `input`
+/// array, except that one array of token ids is one input.
+fn embedding_inputs(body: &Value) -> u64 {
+    match body.get("input") {
+        Some(Value::Array(a)) if a.is_empty() || a.iter().all(Value::is_number) => 1,
+        Some(Value::Array(a)) => a.len() as u64,
+        _ => 1,
     }
 }
 
@@ -138,6 +153,24 @@ pub fn check_file(content: &[u8], rules: &Rules) -> Report {
             line: None,
         });
         return report;
+    }
+    if rules.endpoint == "/v1/embeddings" {
+        let inputs: u64 = lines(content)
+            .filter_map(|(_, range)| serde_json::from_slice::<Value>(&content[range]).ok())
+            .map(|line| embedding_inputs(&line["body"]))
+            .sum();
+        if inputs > MAX_EMBEDDING_INPUTS {
+            report.errors.push(LineError {
+                code: "too_many_inputs",
+                message: format!(
+                    "The input file contains {inputs} embedding inputs, over the limit of \
+                     {MAX_EMBEDDING_INPUTS} embedding inputs per batch."
+                ),
+                param: None,
+                line: None,
+            });
+            return report;
+        }
     }
     let mut seen: HashSet<String> = HashSet::new();
     for (number, range) in lines(content) {
@@ -339,7 +372,7 @@ pub fn check_body(
     };
     let required = match endpoint {
         "/v1/chat/completions" => Some("messages"),
-        "/v1/embeddings" | "/v1/responses" => Some("input"),
+        "/v1/embeddings" | "/v1/responses" | "/v1/moderations" => Some("input"),
         "/v1/completions" => Some("prompt"),
         _ => None,
     };
@@ -505,6 +538,25 @@ mod tests {
             &text.as_bytes()[r.good[1].range.clone()],
             line("b", "gpt-4o").as_bytes()
         );
+    }
+
+    #[test]
+    fn an_embeddings_file_over_fifty_thousand_inputs_fails_whole() {
+        let line = |id: &str, n: usize| {
+            json!({"custom_id": id, "method": "POST", "url": "/v1/embeddings",
+                   "body": {"model": "gpt-4o", "input": vec!["x"; n]}})
+            .to_string()
+        };
+        let mut r = rules(Profile::Openai);
+        r.endpoint = "/v1/embeddings".into();
+        let ok = [line("a", 30_000), line("b", 20_000)].join("\n");
+        let report = check_file(ok.as_bytes(), &r);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        let over = [line("a", 30_000), line("b", 20_001)].join("\n");
+        let report = check_file(over.as_bytes(), &r);
+        assert_eq!(codes(&report).len(), 1);
+        assert_eq!(report.errors[0].code, "too_many_inputs");
+        assert!(report.good.is_empty());
     }
 
     #[test]

@@ -8,6 +8,7 @@ use sha2::{Digest, Sha256};
 
 use crate::api_error::ErrorEnvelope;
 use crate::config::{Mode, Tenant, UpstreamSettings};
+use crate::endpoint::{DEFAULT_MODERATION_MODEL, Endpoint};
 use crate::store::{Intake, RequestRecord, RequestStatus, Store, StoreError, now_secs};
 use crate::upstream::profile::ProviderProfile;
 
@@ -114,7 +115,7 @@ pub fn parse_prefer<'a>(values: impl Iterator<Item = &'a str>) -> Prefer {
     p
 }
 
-/// How a chat completion call is to be handled.
+/// How a call to a deferrable endpoint is to be handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Disposition {
     Passthrough,
@@ -126,9 +127,21 @@ pub enum Disposition {
 
 /// Deferred when `Prefer: respond-async` is sent or the tenant defers by
 /// default; the wait is the caller's `wait=N`, else the tenant's default,
-/// clamped to `max_wait`.
-pub fn disposition(prefer: Prefer, tenant: &Tenant, max_wait: Duration) -> Disposition {
-    if !prefer.respond_async && tenant.default_mode == Mode::Passthrough {
+/// clamped to `max_wait`. `batched_everywhere` says whether every
+/// configured upstream batches the endpoint: a tenant's default applies
+/// only then, so a call the caller never asked to defer is passed through
+/// rather than refused when its upstream could not batch it (the body,
+/// which names the model and so the upstream, is not read for that). A
+/// caller that asks explicitly is answered at intake instead (see
+/// [`check_endpoint_batched`]).
+pub fn disposition(
+    prefer: Prefer,
+    tenant: &Tenant,
+    max_wait: Duration,
+    batched_everywhere: bool,
+) -> Disposition {
+    let by_default = tenant.default_mode == Mode::Defer && batched_everywhere;
+    if !prefer.respond_async && !by_default {
         return Disposition::Passthrough;
     }
     let wait = prefer
@@ -145,18 +158,34 @@ pub const MAX_MODEL_BYTES: usize = 256;
 /// A body that passed validation, in the form that goes upstream.
 #[derive(Debug)]
 pub struct ValidBody {
+    pub endpoint: Endpoint,
     pub model: String,
     /// The caller asked to stream; the line itself never streams.
     pub stream: bool,
     /// Compact JSON without `stream`/`stream_options`, one line.
     pub line_body: Vec<u8>,
     pub sha256: String,
+    /// Inputs the body counts against a per-batch input cap
+    /// ([`Endpoint::inputs`]).
+    pub inputs: u64,
 }
 
-/// Validates a deferred chat completion body against the contract and the
+/// Validates a deferred chat completion body (see [`validate_endpoint_body`]).
+pub fn validate_body<'a>(
+    raw: &[u8],
+    profile_for: &dyn Fn(&str) -> &'a ProviderProfile,
+    waits: bool,
+) -> Result<ValidBody, IntakeError> {
+    validate_endpoint_body(Endpoint::ChatCompletions, raw, profile_for, waits)
+}
+
+/// Validates a deferred body for `endpoint` against the contract and the
 /// provider's batch rules; errors name the offending field.
 /// `profile_for` gives the profile of the upstream the model routes to.
-pub fn validate_body<'a>(
+/// A moderation without `model` is queued, and sent, as
+/// [`DEFAULT_MODERATION_MODEL`], the model the upstream would pick.
+pub fn validate_endpoint_body<'a>(
+    endpoint: Endpoint,
     raw: &[u8],
     profile_for: &dyn Fn(&str) -> &'a ProviderProfile,
     waits: bool,
@@ -190,6 +219,10 @@ pub fn validate_body<'a>(
             ));
         }
         Some(serde_json::Value::String(m)) if !m.is_empty() => m.clone(),
+        None if endpoint.model_optional() => {
+            obj.insert("model".into(), DEFAULT_MODERATION_MODEL.into());
+            DEFAULT_MODERATION_MODEL.to_owned()
+        }
         Some(_) => {
             return Err(bad(
                 "`model` must be a non-empty string",
@@ -206,39 +239,15 @@ pub fn validate_body<'a>(
         }
     };
     let profile = profile_for(&model);
-    match obj.get("messages") {
-        Some(serde_json::Value::Array(a)) if !a.is_empty() => {
-            if a.iter().any(|m| !m.is_object()) {
-                return Err(bad(
-                    "each of `messages` must be an object",
-                    Some("messages"),
-                    "invalid_type",
-                ));
-            }
-        }
-        Some(serde_json::Value::Array(_)) => {
-            return Err(bad(
-                "`messages` must not be empty",
-                Some("messages"),
-                "invalid_value",
-            ));
-        }
-        Some(_) => {
-            return Err(bad(
-                "`messages` must be an array",
-                Some("messages"),
-                "invalid_type",
-            ));
-        }
-        None => {
-            return Err(bad(
-                "missing required parameter: `messages`",
-                Some("messages"),
-                "missing_required_parameter",
-            ));
-        }
-    }
-    for p in &profile.forbidden_params {
+    check_required_field(endpoint, obj)?;
+    // An endpoint the upstream cannot batch is refused by the caller of
+    // this function, naming the upstream; its parameters are moot.
+    let forbidden: &[String] = if profile.batches(endpoint) {
+        &profile.forbidden_params
+    } else {
+        &[]
+    };
+    for p in forbidden {
         if obj.contains_key(p.as_str()) {
             return Err(bad(
                 format!(
@@ -261,23 +270,109 @@ pub fn validate_body<'a>(
             ));
         }
     };
+    if stream && !endpoint.streams() {
+        return Err(bad(
+            format!("`stream` is not supported on {endpoint}"),
+            Some("stream"),
+            "unsupported_parameter",
+        ));
+    }
     if stream && !waits {
         return Err(bad(
             "`stream: true` cannot be deferred without a wait: the Batch API does not stream. \
-             Send `Prefer: respond-async, wait=N` to have the finished completion replayed as SSE, or drop `stream`",
+             Send `Prefer: respond-async, wait=N` to have the finished answer replayed as SSE, or drop `stream`",
             Some("stream"),
             "stream_requires_wait",
         ));
     }
     obj.remove("stream");
     obj.remove("stream_options");
+    let inputs = endpoint.inputs(&v);
     let line_body = serde_json::to_vec(&v).map_err(|e| bad(e.to_string(), None, "invalid_json"))?;
     Ok(ValidBody {
+        endpoint,
         model,
         stream,
         line_body,
         sha256,
+        inputs,
     })
+}
+
+/// The field `endpoint` cannot do without: `messages` (a non-empty array
+/// of objects), `input` (a non-empty string or array; for moderations and
+/// responses also an object list), `prompt` (a string or array).
+fn check_required_field(
+    endpoint: Endpoint,
+    obj: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(), IntakeError> {
+    use serde_json::Value;
+    let field = endpoint.required_field();
+    let Some(value) = obj.get(field) else {
+        return Err(bad(
+            format!("missing required parameter: `{field}`"),
+            Some(field),
+            "missing_required_parameter",
+        ));
+    };
+    match (endpoint, value) {
+        (Endpoint::ChatCompletions, Value::Array(a)) if a.is_empty() => Err(bad(
+            "`messages` must not be empty",
+            Some(field),
+            "invalid_value",
+        )),
+        (Endpoint::ChatCompletions, Value::Array(a)) if a.iter().any(|m| !m.is_object()) => {
+            Err(bad(
+                "each of `messages` must be an object",
+                Some(field),
+                "invalid_type",
+            ))
+        }
+        (Endpoint::ChatCompletions, Value::Array(_)) => Ok(()),
+        (Endpoint::ChatCompletions, _) => Err(bad(
+            "`messages` must be an array",
+            Some(field),
+            "invalid_type",
+        )),
+        (_, Value::String(s)) if s.is_empty() && endpoint == Endpoint::Embeddings => Err(bad(
+            "`input` must not be empty",
+            Some(field),
+            "invalid_value",
+        )),
+        (_, Value::Array(a)) if a.is_empty() && endpoint != Endpoint::Completions => Err(bad(
+            format!("`{field}` must not be empty"),
+            Some(field),
+            "invalid_value",
+        )),
+        (_, Value::String(_) | Value::Array(_)) => Ok(()),
+        _ => Err(bad(
+            format!("`{field}` must be a string or an array"),
+            Some(field),
+            "invalid_type",
+        )),
+    }
+}
+
+/// Refuses a deferred call to an endpoint its upstream does not batch
+/// (asked for explicitly: a tenant's default passes such calls through,
+/// see [`disposition`]).
+pub fn check_endpoint_batched(
+    upstream: &UpstreamSettings,
+    endpoint: Endpoint,
+) -> Result<(), IntakeError> {
+    if upstream.profile.batches(endpoint) {
+        return Ok(());
+    }
+    Err(bad(
+        format!(
+            "{endpoint} cannot be deferred: upstream `{}` ({}) does not take it in batches; \
+             call it without `Prefer: respond-async` to have it answered in real time",
+            upstream.name,
+            upstream.profile.kind.as_str()
+        ),
+        None,
+        "endpoint_not_batchable",
+    ))
 }
 
 /// Refuses a deferred call for a model its upstream's `models` list does
@@ -344,6 +439,8 @@ pub async fn accept(store: &Arc<Store>, req: NewRequest<'_>) -> Result<Accepted,
         id: 0,
         tenant: req.tenant.to_owned(),
         custom_id: custom_id.clone(),
+        endpoint: req.body.endpoint,
+        inputs: req.body.inputs,
         model: req.body.model.clone(),
         upstream: req.upstream.to_owned(),
         body_sha256: req.body.sha256.clone(),
@@ -374,6 +471,7 @@ pub async fn accept(store: &Arc<Store>, req: NewRequest<'_>) -> Result<Accepted,
 mod tests {
     use super::*;
     use crate::upstream::profile::ProviderKind;
+    use serde_json::json;
 
     fn tenant(mode: Mode, wait: u64) -> Tenant {
         Tenant {
@@ -421,11 +519,11 @@ mod tests {
             wait: None,
         };
         assert_eq!(
-            disposition(p, &tenant(Mode::Passthrough, 0), max),
+            disposition(p, &tenant(Mode::Passthrough, 0), max, true),
             Disposition::Passthrough
         );
         assert_eq!(
-            disposition(p, &tenant(Mode::Defer, 30), max),
+            disposition(p, &tenant(Mode::Defer, 30), max, true),
             Disposition::Deferred {
                 wait: Duration::from_secs(30)
             }
@@ -435,9 +533,153 @@ mod tests {
             wait: Some(600),
         };
         assert_eq!(
-            disposition(p, &tenant(Mode::Passthrough, 0), max),
+            disposition(p, &tenant(Mode::Passthrough, 0), max, true),
             Disposition::Deferred { wait: max }
         );
+    }
+
+    #[test]
+    fn a_default_defers_only_endpoints_every_upstream_batches() {
+        let max = Duration::from_secs(60);
+        let by_default = Prefer::default();
+        assert_eq!(
+            disposition(by_default, &tenant(Mode::Defer, 30), max, false),
+            Disposition::Passthrough
+        );
+        // Asked for explicitly, it is deferred (and refused at intake if the
+        // model's upstream cannot batch it).
+        let asked = Prefer {
+            respond_async: true,
+            wait: None,
+        };
+        assert_eq!(
+            disposition(asked, &tenant(Mode::Defer, 30), max, false),
+            Disposition::Deferred {
+                wait: Duration::from_secs(30)
+            }
+        );
+    }
+
+    #[test]
+    fn each_endpoint_requires_its_own_field() {
+        let openai = ProviderProfile::for_kind(ProviderKind::Openai);
+        let check = |endpoint: Endpoint, body: serde_json::Value, waits: bool| {
+            validate_endpoint_body(endpoint, body.to_string().as_bytes(), &|_| &openai, waits)
+        };
+        let refused: &[(Endpoint, serde_json::Value, &str, &str)] = &[
+            (
+                Endpoint::Embeddings,
+                json!({"model": "e"}),
+                "input",
+                "missing_required_parameter",
+            ),
+            (
+                Endpoint::Embeddings,
+                json!({"model": "e", "input": ""}),
+                "input",
+                "invalid_value",
+            ),
+            (
+                Endpoint::Embeddings,
+                json!({"model": "e", "input": []}),
+                "input",
+                "invalid_value",
+            ),
+            (
+                Endpoint::Embeddings,
+                json!({"model": "e", "input": 5}),
+                "input",
+                "invalid_type",
+            ),
+            (
+                Endpoint::Embeddings,
+                json!({"input": "x"}),
+                "model",
+                "missing_required_parameter",
+            ),
+            (
+                Endpoint::Embeddings,
+                json!({"model": "e", "input": "x", "stream": true}),
+                "stream",
+                "unsupported_parameter",
+            ),
+            (
+                Endpoint::Completions,
+                json!({"model": "c"}),
+                "prompt",
+                "missing_required_parameter",
+            ),
+            (
+                Endpoint::Completions,
+                json!({"model": "c", "prompt": {}}),
+                "prompt",
+                "invalid_type",
+            ),
+            (
+                Endpoint::Responses,
+                json!({"model": "r"}),
+                "input",
+                "missing_required_parameter",
+            ),
+            (
+                Endpoint::Responses,
+                json!({"model": "r", "messages": []}),
+                "input",
+                "missing_required_parameter",
+            ),
+            (
+                Endpoint::Moderations,
+                json!({"model": "o"}),
+                "input",
+                "missing_required_parameter",
+            ),
+            (
+                Endpoint::Responses,
+                json!({"model": "r", "input": "x", "stream": true}),
+                "stream",
+                "stream_requires_wait",
+            ),
+        ];
+        for (endpoint, body, param, code) in refused {
+            let e = check(*endpoint, body.clone(), false).unwrap_err();
+            let env = e.envelope();
+            assert_eq!(e.status(), 400, "{endpoint} {body}");
+            assert_eq!(
+                env.error.param.as_deref(),
+                Some(*param),
+                "{endpoint} {body}"
+            );
+            assert_eq!(env.error.code.as_deref(), Some(*code), "{endpoint} {body}");
+        }
+        let v = check(
+            Endpoint::Embeddings,
+            json!({"model": "e", "input": ["a", "b"]}),
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            (v.endpoint, v.model.as_str(), v.inputs),
+            (Endpoint::Embeddings, "e", 2)
+        );
+        let v = check(
+            Endpoint::Completions,
+            json!({"model": "c", "prompt": "p"}),
+            false,
+        )
+        .unwrap();
+        assert_eq!(v.inputs, 1);
+        let v = check(
+            Endpoint::Responses,
+            json!({"model": "r", "input": "x", "stream": true}),
+            true,
+        )
+        .unwrap();
+        assert!(v.stream);
+        // A model-less moderation goes to (and names) the default model.
+        let v = check(Endpoint::Moderations, json!({"input": "x"}), false).unwrap();
+        assert_eq!(v.model, DEFAULT_MODERATION_MODEL);
+        let line: serde_json::Value = serde_json::from_slice(&v.line_body).unwrap();
+        assert_eq!(line["model"], DEFAULT_MODERATION_MODEL);
     }
 
     #[test]

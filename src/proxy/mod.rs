@@ -3,6 +3,7 @@
 //! Hooks stay short; each calls one function.
 
 pub mod error;
+pub mod replay;
 pub mod respond;
 pub mod routes;
 
@@ -21,6 +22,7 @@ use tracing::{debug, warn};
 use crate::App;
 use crate::config::Tenant;
 use crate::delivery::status_object;
+use crate::endpoint::Endpoint;
 use crate::intake::{self, Disposition, IntakeError, NewRequest};
 use crate::limits::LimitKind;
 use crate::store::{CancelOutcome, RequestRecord, RequestStatus};
@@ -196,14 +198,23 @@ async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<
         .cloned()
         .ok_or(ProxyError::InvalidApiKey)?;
     match route {
-        Route::ChatCompletions => {
+        Route::Deferrable(endpoint) => {
             let prefer = intake::parse_prefer(
                 req.headers
                     .get_all("prefer")
                     .iter()
                     .filter_map(|v| v.to_str().ok()),
             );
-            match intake::disposition(prefer, &tenant, app.config.server.max_wait) {
+            let batched_everywhere = app
+                .upstreams
+                .iter()
+                .all(|u| u.settings.profile.batches(endpoint));
+            match intake::disposition(
+                prefer,
+                &tenant,
+                app.config.server.max_wait,
+                batched_everywhere,
+            ) {
                 Disposition::Passthrough => {
                     ctx.mode = "passthrough";
                     passthrough(app, &tenant)
@@ -211,7 +222,7 @@ async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<
                 Disposition::Deferred { wait } => {
                     ctx.mode = "deferred";
                     check_rate(app, &tenant, LimitKind::Deferred)?;
-                    deferred(app, session, &tenant, wait).await?;
+                    deferred(app, session, &tenant, endpoint, wait).await?;
                     Ok(true)
                 }
             }
@@ -314,6 +325,7 @@ async fn deferred(
     app: &Arc<App>,
     session: &mut Session,
     tenant: &Tenant,
+    endpoint: Endpoint,
     wait: Duration,
 ) -> Result<(), ProxyError> {
     let started = Instant::now();
@@ -368,8 +380,9 @@ async fn deferred(
             .settings
             .profile
     };
-    let valid = intake::validate_body(&body, &profile_for, !wait.is_zero())?;
+    let valid = intake::validate_endpoint_body(endpoint, &body, &profile_for, !wait.is_zero())?;
     let up = &app.upstreams[app.config.upstream_for_model(&valid.model)];
+    intake::check_endpoint_batched(&up.settings, endpoint)?;
     intake::check_model_served(&up.settings, &valid.model)?;
     let new = NewRequest {
         tenant: &tenant.name,
@@ -552,10 +565,7 @@ async fn stream_replay(
             let mut out = BytesMut::new();
             match result {
                 Some(r) if r.status_code == 200 => {
-                    for chunk in respond::replay_chunks(&r.body_value()) {
-                        out.extend_from_slice(&respond::sse_event(&chunk));
-                    }
-                    out.extend_from_slice(respond::SSE_DONE);
+                    out.extend_from_slice(&replay::replay(rec.endpoint, &r.body_value()));
                 }
                 other => {
                     // Headers are gone: report as OpenAI does mid-stream, an
@@ -572,7 +582,7 @@ async fn stream_replay(
                             "ferry_request": status_object(&rec, None),
                         }),
                     };
-                    out.extend_from_slice(&respond::sse_event(&serde_json::json!({"error": err})));
+                    out.extend_from_slice(&replay::error_event(rec.endpoint, err));
                 }
             }
             session

@@ -2,14 +2,16 @@
 
 use http::Method;
 
+use crate::endpoint::Endpoint;
 use crate::intake::valid_custom_id;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     Healthz,
     Readyz,
-    /// `POST /v1/chat/completions`: deferred or passed through.
-    ChatCompletions,
+    /// `POST` to an endpoint a Batch API takes (`/v1/chat/completions`,
+    /// `/v1/embeddings`, ...): deferred or passed through.
+    Deferrable(Endpoint),
     /// `GET /v1/ferry/requests/{id}` (`result: false`) or `.../result`.
     Lookup {
         id: String,
@@ -34,7 +36,7 @@ impl Route {
         match self {
             Route::Healthz => "healthz",
             Route::Readyz => "readyz",
-            Route::ChatCompletions => "chat_completions",
+            Route::Deferrable(e) => e.label(),
             Route::Lookup { result: false, .. } => "lookup",
             Route::Lookup { result: true, .. } => "lookup_result",
             Route::Cancel { .. } => "cancel",
@@ -49,8 +51,12 @@ pub fn classify(method: &Method, path: &str) -> Route {
     match path {
         "/healthz" => return Route::Healthz,
         "/readyz" => return Route::Readyz,
-        "/v1/chat/completions" if method == Method::POST => return Route::ChatCompletions,
         _ => {}
+    }
+    if method == Method::POST
+        && let Some(e) = Endpoint::from_path(path)
+    {
+        return Route::Deferrable(e);
     }
     // Ferry's namespace is never passed through, with or without a slash.
     if path == "/v1/ferry" {
@@ -185,10 +191,19 @@ mod tests {
 
     #[test]
     fn routes() {
+        for e in Endpoint::ALL {
+            assert_eq!(classify(&Method::POST, e.path()), Route::Deferrable(e));
+            assert_eq!(classify(&Method::GET, e.path()), Route::OtherV1);
+        }
         assert_eq!(
             classify(&Method::POST, "/v1/chat/completions"),
-            Route::ChatCompletions
+            Route::Deferrable(Endpoint::ChatCompletions)
         );
+        assert_eq!(
+            Route::Deferrable(Endpoint::ChatCompletions).label(),
+            "chat_completions"
+        );
+        assert_eq!(classify(&Method::POST, "/v1/embeddings/x"), Route::OtherV1);
         assert_eq!(
             classify(&Method::GET, "/v1/chat/completions"),
             Route::OtherV1

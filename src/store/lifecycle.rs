@@ -7,6 +7,7 @@ use super::{
     BatchState, Delivery, Outcome, PayloadFn, RequestError, RequestRecord, RequestStatus,
     StoredResult, WebhookState, WebhookStatus,
 };
+use crate::endpoint::{Endpoint, OPENAI_EMBEDDING_INPUTS_PER_BATCH};
 
 /// A status change the lifecycle does not allow: a bug, refused rather than
 /// written.
@@ -118,6 +119,25 @@ pub fn claim_takes(
     max_bytes: u64,
 ) -> bool {
     taken < max_requests && (taken == 0 || bytes.saturating_add(len) <= max_bytes)
+}
+
+/// The most inputs one batch of `endpoint` may hold, summed over its
+/// lines: OpenAI takes at most 50,000 embedding inputs per batch (each
+/// element of an `input` array counts). Applied to every upstream that
+/// batches embeddings; other endpoints count lines only.
+pub fn max_inputs(endpoint: Endpoint) -> u64 {
+    match endpoint {
+        Endpoint::Embeddings => OPENAI_EMBEDDING_INPUTS_PER_BATCH,
+        _ => u64::MAX,
+    }
+}
+
+/// Whether a claim that has taken `taken` lines of `so_far` inputs takes
+/// the next line of `inputs` more. The first line is always taken, as with
+/// bytes: a request over the cap alone leaves the queue alone (and fails
+/// upstream on its own, never taking others down with it).
+pub fn inputs_fit(taken: usize, so_far: u64, inputs: u64, max_inputs: u64) -> bool {
+    taken == 0 || so_far.saturating_add(inputs) <= max_inputs
 }
 
 /// For a request that just became terminal: when it has a callback URL,
@@ -338,6 +358,19 @@ mod tests {
         assert!(!claim_takes(10, 0, 1, 10, 100));
         assert!(!claim_takes(0, 0, 1, 0, 100));
         assert!(claim_takes(1, u64::MAX, 1, 10, u64::MAX));
+    }
+
+    #[test]
+    fn embeddings_batches_stop_at_fifty_thousand_inputs() {
+        let cap = max_inputs(Endpoint::Embeddings);
+        assert_eq!(cap, 50_000);
+        assert_eq!(max_inputs(Endpoint::ChatCompletions), u64::MAX);
+        assert!(inputs_fit(0, 0, 60_000, cap), "the first line always goes");
+        assert!(inputs_fit(1, 30_000, 20_000, cap));
+        assert!(!inputs_fit(1, 30_000, 20_001, cap));
+        assert!(!inputs_fit(1, 60_000, 1, cap));
+        assert!(inputs_fit(49_999, 49_999, 1, cap));
+        assert!(!inputs_fit(50_000, 50_000, 1, cap));
     }
 
     #[test]

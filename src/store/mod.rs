@@ -30,7 +30,7 @@ use bytes::Bytes;
 use tokio::sync::broadcast;
 
 pub use embedded::SledStore;
-pub use embedded::encoding::{CHAT_COMPLETIONS, LINE_SUFFIX, QueueKey, line_len, line_prefix};
+pub use embedded::encoding::{LINE_SUFFIX, QueueKey, line_len, line_prefix};
 pub use error::StoreError;
 pub use pg::events::Event as ClusterEvent;
 pub use records::*;
@@ -547,16 +547,20 @@ impl Store {
     /// them; returns them and the index of the first member not taken.
     pub async fn input_lines(
         &self,
+        endpoint: crate::endpoint::Endpoint,
         members: Arc<[u64]>,
         next: usize,
         max_bytes: usize,
     ) -> Result<(Bytes, usize), StoreError> {
         match &self.backend {
             Backend::Sled(s) => {
-                s.blocking(move |s| s.input_lines(&members, next, max_bytes))
+                s.blocking(move |s| s.input_lines(endpoint, &members, next, max_bytes))
                     .await
             }
-            Backend::Postgres(p) => Ok(p.db.input_lines(&members, next, max_bytes).await?),
+            Backend::Postgres(p) => Ok(p
+                .db
+                .input_lines(endpoint, &members, next, max_bytes)
+                .await?),
         }
     }
 

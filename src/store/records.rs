@@ -2,6 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
+fn one() -> u64 {
+    1
+}
+
 /// A deferred request's lifecycle (contract section 4):
 /// `queued → submitted → completed | failed | expired`, or `queued → cancelled`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +75,14 @@ pub struct RequestRecord {
     pub tenant: String,
     /// The caller's id (given in `X-Ferry-Custom-Id` or assigned).
     pub custom_id: String,
+    /// The endpoint the call was made to (its batch line's `url`). Records
+    /// written before endpoints existed read as chat completions.
+    #[serde(default)]
+    pub endpoint: crate::endpoint::Endpoint,
+    /// Inputs the body counts against a per-batch input cap (embeddings:
+    /// each element of `input`); one for records written before.
+    #[serde(default = "one")]
+    pub inputs: u64,
     pub model: String,
     /// Name of the upstream the model routes to.
     pub upstream: String,
@@ -124,6 +136,8 @@ impl RequestRecord {
             id: 0,
             tenant: tenant.into(),
             custom_id: custom_id.into(),
+            endpoint: crate::endpoint::Endpoint::ChatCompletions,
+            inputs: 1,
             model: model.into(),
             upstream: upstream.into(),
             body_sha256: body_sha256.into(),
@@ -338,6 +352,10 @@ pub enum BatchState {
 pub struct BatchRecord {
     pub id: u64,
     pub upstream: String,
+    /// The endpoint of every line (the batch's `endpoint` upstream).
+    /// Batches written before endpoints existed read as chat completions.
+    #[serde(default)]
+    pub endpoint: crate::endpoint::Endpoint,
     pub model: String,
     pub state: BatchState,
     pub created_at: u64,
@@ -364,6 +382,7 @@ impl BatchRecord {
         BatchRecord {
             id,
             upstream: qk.upstream.clone(),
+            endpoint: qk.endpoint,
             model: qk.model.clone(),
             state: BatchState::Claimed,
             created_at: now_secs(),
@@ -419,6 +438,8 @@ pub struct QueueStats {
     pub bytes: u64,
     /// Enqueue time of the oldest entry (unix millis), 0 when empty.
     pub oldest_ms: u64,
+    /// Inputs counted against a per-batch input cap (embeddings), summed.
+    pub inputs: u64,
 }
 
 /// A queue's size as an intake into it left it: what deciding to wake the

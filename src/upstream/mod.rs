@@ -281,13 +281,14 @@ impl BatchClient {
     pub async fn create_batch(
         &self,
         input_file_id: &str,
+        endpoint: crate::endpoint::Endpoint,
         completion_window: &str,
         metadata: serde_json::Value,
     ) -> Result<BatchObject, UpstreamError> {
         self.creations.until_ready().await;
         let body = serde_json::json!({
             "input_file_id": input_file_id,
-            "endpoint": crate::store::CHAT_COMPLETIONS,
+            "endpoint": endpoint.path(),
             "completion_window": completion_window,
             "metadata": metadata,
         });

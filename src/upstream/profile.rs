@@ -4,6 +4,8 @@
 
 use serde::Deserialize;
 
+use crate::endpoint::Endpoint;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProviderKind {
@@ -37,6 +39,8 @@ pub struct ProviderProfile {
     pub forbidden_params: Vec<String>,
     /// Batch creations per hour the provider allows.
     pub batches_per_hour: u32,
+    /// The endpoints its Batch API takes.
+    pub batch_endpoints: &'static [Endpoint],
 }
 
 const MB: u64 = 1024 * 1024;
@@ -51,6 +55,7 @@ impl ProviderProfile {
                 default_window: "24h",
                 forbidden_params: Vec::new(),
                 batches_per_hour: 2_000,
+                batch_endpoints: &Endpoint::ALL,
             },
             ProviderKind::Moonshot => ProviderProfile {
                 kind,
@@ -67,6 +72,7 @@ impl ProviderProfile {
                 .map(String::from)
                 .to_vec(),
                 batches_per_hour: 2_000,
+                batch_endpoints: &[Endpoint::ChatCompletions],
             },
             ProviderKind::Generic => ProviderProfile {
                 kind,
@@ -75,8 +81,16 @@ impl ProviderProfile {
                 default_window: "24h",
                 forbidden_params: Vec::new(),
                 batches_per_hour: 1_000,
+                // What OpenAI-shaped providers batch besides OpenAI varies;
+                // chat completions is the one they all take.
+                batch_endpoints: &[Endpoint::ChatCompletions],
             },
         }
+    }
+
+    /// Whether the provider's Batch API takes `endpoint`.
+    pub fn batches(&self, endpoint: Endpoint) -> bool {
+        self.batch_endpoints.contains(&endpoint)
     }
 
     /// Checks a `completion_window` against what the provider accepts.
@@ -134,6 +148,17 @@ mod tests {
         }
         assert_eq!(window_seconds("90m"), Some(5400));
         assert_eq!(window_seconds("h"), None);
+    }
+
+    #[test]
+    fn openai_batches_every_endpoint_moonshot_only_chat() {
+        let o = ProviderProfile::for_kind(ProviderKind::Openai);
+        assert!(Endpoint::ALL.iter().all(|e| o.batches(*e)));
+        for kind in [ProviderKind::Moonshot, ProviderKind::Generic] {
+            let p = ProviderProfile::for_kind(kind);
+            assert!(p.batches(Endpoint::ChatCompletions));
+            assert!(!p.batches(Endpoint::Embeddings), "{kind:?}");
+        }
     }
 
     #[test]

@@ -134,7 +134,7 @@ impl SledStore {
         let mut bytes = 0;
         for id in ids {
             if let Some(rec) = self.get_fixed(*id)? {
-                bytes += line_len(*id, rec.body_len);
+                bytes += line_len(rec.endpoint, *id, rec.body_len);
             }
         }
         if (b.request_count, b.bytes) != (ids.len() as u64, bytes) {

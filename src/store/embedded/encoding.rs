@@ -3,27 +3,54 @@
 //! fixed parts of the JSONL line each request becomes.
 
 use super::{RequestRecord, StoreError, corrupt, upstream_custom_id};
+use crate::endpoint::Endpoint;
 
-/// A queue: requests for one model of one upstream, flushed together.
+/// A queue: requests for one endpoint of one model of one upstream,
+/// flushed together (an input file holds one endpoint and one model, as
+/// the providers require).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct QueueKey {
     pub upstream: String,
+    pub endpoint: Endpoint,
     pub model: String,
 }
+
+/// Marks the endpoint segment of a non-chat queue key. Model names refuse
+/// control characters at intake, so no model name starts with it.
+const ENDPOINT_MARK: u8 = 0x01;
 
 impl QueueKey {
     /// The queue a request belongs to.
     pub fn of(rec: &RequestRecord) -> QueueKey {
         QueueKey {
             upstream: rec.upstream.clone(),
+            endpoint: rec.endpoint,
             model: rec.model.clone(),
         }
     }
 
+    /// A chat completions queue (the only kind stores written before
+    /// endpoints hold).
+    pub fn chat(upstream: &str, model: &str) -> QueueKey {
+        QueueKey {
+            upstream: upstream.to_owned(),
+            endpoint: Endpoint::ChatCompletions,
+            model: model.to_owned(),
+        }
+    }
+
+    /// `upstream\0model\0` for chat, the layout stores written before
+    /// endpoints use, so their queued requests stay where they are;
+    /// `upstream\0\x01<endpoint label>\0model\0` for every other endpoint.
     pub(super) fn prefix(&self) -> Vec<u8> {
-        let mut k = Vec::with_capacity(self.upstream.len() + self.model.len() + 2);
+        let mut k = Vec::with_capacity(self.upstream.len() + self.model.len() + 16);
         k.extend_from_slice(self.upstream.as_bytes());
         k.push(0);
+        if self.endpoint != Endpoint::ChatCompletions {
+            k.push(ENDPOINT_MARK);
+            k.extend_from_slice(self.endpoint.label().as_bytes());
+            k.push(0);
+        }
         k.extend_from_slice(self.model.as_bytes());
         k.push(0);
         k
@@ -35,26 +62,54 @@ impl QueueKey {
         k
     }
 
+    /// The queue and request id of a queue key; `None` for a key no
+    /// [`QueueKey::entry`] writes (an unknown endpoint segment, or the chat
+    /// endpoint spelt as a segment).
     pub(super) fn parse_entry(key: &[u8]) -> Option<(QueueKey, u64)> {
         let (head, id) = key.split_at(key.len().checked_sub(8)?);
         let id = u64::from_be_bytes(id.try_into().ok()?);
         let head = head.strip_suffix(&[0])?;
         let sep = head.iter().position(|b| *b == 0)?;
+        let upstream = String::from_utf8(head[..sep].to_vec()).ok()?;
+        let rest = &head[sep + 1..];
+        let (endpoint, model) = match rest.strip_prefix(&[ENDPOINT_MARK]) {
+            None => (Endpoint::ChatCompletions, rest),
+            Some(tagged) => {
+                let end = tagged.iter().position(|b| *b == 0)?;
+                let endpoint = Endpoint::from_label(std::str::from_utf8(&tagged[..end]).ok()?)?;
+                if endpoint == Endpoint::ChatCompletions {
+                    return None;
+                }
+                (endpoint, &tagged[end + 1..])
+            }
+        };
         Some((
             QueueKey {
-                upstream: String::from_utf8(head[..sep].to_vec()).ok()?,
-                model: String::from_utf8(head[sep + 1..].to_vec()).ok()?,
+                upstream,
+                endpoint,
+                model: String::from_utf8(model.to_vec()).ok()?,
             },
             id,
         ))
     }
 }
 
-pub(super) fn queue_value(enqueued_ms: u64, line_len: u64) -> [u8; 16] {
-    let mut v = [0u8; 16];
+/// A queue entry's value: when it was enqueued, its line's length, and the
+/// inputs it counts against a per-batch input cap.
+pub(super) fn queue_value(enqueued_ms: u64, line_len: u64, inputs: u64) -> [u8; 24] {
+    let mut v = [0u8; 24];
     v[..8].copy_from_slice(&enqueued_ms.to_be_bytes());
-    v[8..].copy_from_slice(&line_len.to_be_bytes());
+    v[8..16].copy_from_slice(&line_len.to_be_bytes());
+    v[16..].copy_from_slice(&inputs.to_be_bytes());
     v
+}
+
+/// The inputs of a queue entry; one for the 16-byte values of stores
+/// written before inputs were counted (all chat, one input each).
+pub(super) fn parse_queue_inputs(v: &[u8]) -> u64 {
+    v.get(16..24)
+        .and_then(|b| b.try_into().ok())
+        .map_or(1, u64::from_be_bytes)
 }
 
 pub(super) fn parse_queue_value(v: &[u8]) -> Option<(u64, u64)> {
@@ -119,18 +174,19 @@ pub(super) fn id_from(bytes: &[u8]) -> Result<u64, StoreError> {
     ))
 }
 
-/// Bytes of the JSONL line for a request whose body is `body_len` long:
-/// `{"custom_id":"ferry-<id>","method":"POST","url":"/v1/chat/completions","body":<body>}\n`.
-pub fn line_len(id: u64, body_len: u64) -> u64 {
-    (line_prefix(id).len() + LINE_SUFFIX.len()) as u64 + body_len
+/// Bytes of the JSONL line for a request to `endpoint` whose body is
+/// `body_len` long:
+/// `{"custom_id":"ferry-<id>","method":"POST","url":"<endpoint>","body":<body>}\n`.
+pub fn line_len(endpoint: Endpoint, id: u64, body_len: u64) -> u64 {
+    (line_prefix(endpoint, id).len() + LINE_SUFFIX.len()) as u64 + body_len
 }
 
-pub fn line_prefix(id: u64) -> String {
+pub fn line_prefix(endpoint: Endpoint, id: u64) -> String {
     format!(
-        "{{\"custom_id\":\"{}\",\"method\":\"POST\",\"url\":\"{CHAT_COMPLETIONS}\",\"body\":",
-        upstream_custom_id(id)
+        "{{\"custom_id\":\"{}\",\"method\":\"POST\",\"url\":\"{}\",\"body\":",
+        upstream_custom_id(id),
+        endpoint.path()
     )
 }
 
 pub const LINE_SUFFIX: &str = "}\n";
-pub const CHAT_COMPLETIONS: &str = "/v1/chat/completions";

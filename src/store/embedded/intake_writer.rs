@@ -124,9 +124,10 @@ impl SledStore {
                         );
                         self.forget_request(&rec)?;
                     } else if !self.queue.contains_key(&entry)? {
-                        let len = line_len(id, rec.body_len);
+                        let len = line_len(rec.endpoint, id, rec.body_len);
                         let since = rec.created_at.saturating_mul(1000);
-                        self.queue.insert(entry, &queue_value(since, len))?;
+                        self.queue
+                            .insert(entry, &queue_value(since, len, rec.inputs))?;
                         tracing::warn!(
                             request = id,
                             "queued a request a crash cut short before its queue entry"

@@ -58,8 +58,8 @@ use super::error::corrupt;
 use super::*;
 
 use encoding::{
-    custom_id_key, encode_record, id_from, member_key, parse_queue_value, queue_value,
-    unpack_members,
+    custom_id_key, encode_record, id_from, member_key, parse_queue_inputs, parse_queue_value,
+    queue_value, unpack_members,
 };
 
 /// Marks a custom id as being stored by this process for as long as it lives.
@@ -206,7 +206,7 @@ impl SledStore {
             let (k, v) = item?;
             let (qk, _) = QueueKey::parse_entry(&k).ok_or_else(|| corrupt("queue key", "bad"))?;
             let (at, len) = parse_queue_value(&v).ok_or_else(|| corrupt("queue value", "bad"))?;
-            store.account(qk, len, at);
+            store.account(qk, len, parse_queue_inputs(&v), at);
         }
         {
             let mut due = store.lock_outbox();

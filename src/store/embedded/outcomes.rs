@@ -28,7 +28,7 @@ impl SledStore {
         let mut terminal = sled::Batch::default();
         let mut deliveries = Vec::new();
         let mut done = Vec::new();
-        let mut requeued: Vec<(QueueKey, u64, u64)> = Vec::new();
+        let mut requeued: Vec<(QueueKey, u64, u64, u64)> = Vec::new();
         for (id, outcome) in outcomes {
             let Some(mut rec) = self.get_with_state(id)? else {
                 continue;
@@ -45,12 +45,12 @@ impl SledStore {
                 lifecycle::Effect::Requeue { attempts } => {
                     rec.attempts = attempts;
                     let qk = QueueKey::of(&rec);
-                    let len = line_len(id, rec.body_len);
+                    let len = line_len(rec.endpoint, id, rec.body_len);
                     // Age counts from acceptance: a re-queued request has
                     // waited already, so the time threshold sends it soon.
                     let since = rec.created_at.saturating_mul(1000);
-                    queue.insert(qk.entry(id), &queue_value(since, len));
-                    requeued.push((qk, len, since));
+                    queue.insert(qk.entry(id), &queue_value(since, len, rec.inputs));
+                    requeued.push((qk, len, rec.inputs, since));
                     rec.status = lifecycle::checked_move(rec.status, RequestStatus::Queued)?;
                     rec.batch = None;
                     rec.submitted_at = None;
@@ -92,8 +92,8 @@ impl SledStore {
         self.states.apply_batch(states)?;
         self.bodies.apply_batch(bodies)?;
         self.schedule(deliveries.into_iter());
-        for (qk, len, since) in requeued {
-            self.account(qk, len, since);
+        for (qk, len, inputs, since) in requeued {
+            self.account(qk, len, inputs, since);
         }
         Ok(done)
     }

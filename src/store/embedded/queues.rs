@@ -5,10 +5,11 @@ use super::*;
 
 impl SledStore {
     /// Counts an entry that joined a queue (enqueued at `since_ms`).
-    pub(super) fn account(&self, qk: QueueKey, len: u64, since_ms: u64) {
+    pub(super) fn account(&self, qk: QueueKey, len: u64, inputs: u64, since_ms: u64) {
         let mut s = self.queues.entry(qk).or_default();
         s.count += 1;
         s.bytes += len;
+        s.inputs += inputs;
         if s.oldest_ms == 0 || since_ms < s.oldest_ms {
             s.oldest_ms = since_ms;
         }
@@ -19,6 +20,7 @@ impl SledStore {
         if let Some(mut s) = self.queues.get_mut(qk) {
             s.count = s.count.saturating_sub(1);
             s.bytes = s.bytes.saturating_sub(len);
+            s.inputs = s.inputs.saturating_sub(parse_queue_inputs(qval));
         }
     }
 
@@ -33,6 +35,7 @@ impl SledStore {
             if s.count == 0 {
                 s.bytes = 0;
                 s.oldest_ms = 0;
+                s.inputs = 0;
             }
         }
         Ok(())
@@ -97,14 +100,20 @@ impl SledStore {
         let _g = self.queue_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut ids = Vec::new();
         let mut bytes = 0u64;
+        let mut inputs = 0u64;
+        let max_inputs = lifecycle::max_inputs(qk.endpoint);
         for item in self.queue_entries(qk) {
             let (id, v) = item?;
             let (_, len) = parse_queue_value(&v).ok_or_else(|| corrupt("queue value", "bad"))?;
-            if !lifecycle::claim_takes(ids.len(), bytes, len, max_requests, max_bytes) {
+            let n = parse_queue_inputs(&v);
+            if !lifecycle::claim_takes(ids.len(), bytes, len, max_requests, max_bytes)
+                || !lifecycle::inputs_fit(ids.len(), inputs, n, max_inputs)
+            {
                 break;
             }
             ids.push(id);
             bytes += len;
+            inputs += n;
         }
         if ids.is_empty() {
             return Ok(None);
@@ -134,6 +143,7 @@ impl SledStore {
     ) -> Result<(), StoreError> {
         let qk = QueueKey {
             upstream: batch.upstream.clone(),
+            endpoint: batch.endpoint,
             model: batch.model.clone(),
         };
         let mut queue = sled::Batch::default();

@@ -62,11 +62,11 @@ impl SledStore {
         self.states.insert(id, &rec.state().encode())?;
         self.bodies.insert(id, body)?;
         let qk = QueueKey::of(&rec);
-        let len = line_len(rec.id, rec.body_len);
+        let len = line_len(rec.endpoint, rec.id, rec.body_len);
         let now = now_millis();
         self.queue
-            .insert(qk.entry(rec.id), &queue_value(now, len))?;
-        self.account(qk, len, now);
+            .insert(qk.entry(rec.id), &queue_value(now, len, rec.inputs))?;
+        self.account(qk, len, rec.inputs, now);
         Ok(Intake::Created(rec))
     }
 
@@ -84,10 +84,11 @@ impl SledStore {
             .get(rec.id)?
             .is_some_and(|r| r.batch.is_none() && r.status == RequestStatus::Queued);
         if still_unclaimed && !self.queue.contains_key(&entry)? {
-            let len = line_len(rec.id, rec.body_len);
+            let len = line_len(rec.endpoint, rec.id, rec.body_len);
             let since = rec.created_at.saturating_mul(1000);
-            self.queue.insert(entry, &queue_value(since, len))?;
-            self.account(qk, len, since);
+            self.queue
+                .insert(entry, &queue_value(since, len, rec.inputs))?;
+            self.account(qk, len, rec.inputs, since);
             tracing::warn!(
                 request = rec.id,
                 "re-queued a request whose queue entry was lost in a crash"
@@ -182,6 +183,7 @@ impl SledStore {
     /// `max_bytes`; returns them and the index of the first member not taken.
     pub fn input_lines(
         &self,
+        endpoint: crate::endpoint::Endpoint,
         members: &[u64],
         mut next: usize,
         max_bytes: usize,
@@ -193,7 +195,7 @@ impl SledStore {
             let body = self.body(id)?.ok_or_else(|| {
                 corrupt("batch input", format!("body of request {id} is missing"))
             })?;
-            buf.extend_from_slice(line_prefix(id).as_bytes());
+            buf.extend_from_slice(line_prefix(endpoint, id).as_bytes());
             buf.extend_from_slice(&body);
             buf.extend_from_slice(LINE_SUFFIX.as_bytes());
         }

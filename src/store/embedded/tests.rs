@@ -3,6 +3,7 @@
 use std::sync::atomic::Ordering;
 
 use super::*;
+use crate::endpoint::Endpoint;
 
 pub(super) fn store() -> (tempfile::TempDir, SledStore) {
     let dir = tempfile::tempdir().unwrap();
@@ -42,6 +43,7 @@ fn claimed(id: u64) -> BatchRecord {
     BatchRecord {
         id,
         upstream: "u".into(),
+        endpoint: Default::default(),
         model: "m".into(),
         state: BatchState::Claimed,
         created_at: 0,
@@ -61,10 +63,7 @@ pub(super) fn no_payload(_: &RequestRecord, _: Option<&StoredResult>) -> String 
 }
 
 pub(super) fn qk() -> QueueKey {
-    QueueKey {
-        upstream: "u".into(),
-        model: "m".into(),
-    }
+    QueueKey::chat("u", "m")
 }
 
 #[test]
@@ -131,7 +130,7 @@ fn claim_respects_limits_and_order_and_cancel_loses_race() {
     assert_eq!(members, ids[..3]);
     assert_eq!(s.queue_stats()[0].1.count, 2);
     // Byte limit: one and a half lines' worth takes one line.
-    let one = line_len(ids[3], 2);
+    let one = line_len(Endpoint::ChatCompletions, ids[3], 2);
     let b2 = s
         .claim_batch(&qk(), 10, one + one / 2, "bytes")
         .unwrap()
@@ -422,7 +421,10 @@ fn queue_stats_and_claims_survive_reopen() {
     // The claim was recorded as 1 request of 10 bytes; it is recounted
     // from the members it really has, so the upload's length is right.
     let b = s.get_batch(999).unwrap().unwrap();
-    assert_eq!((b.request_count, b.bytes), (1, line_len(first.id, 2)));
+    assert_eq!(
+        (b.request_count, b.bytes),
+        (1, line_len(Endpoint::ChatCompletions, first.id, 2))
+    );
 }
 
 #[tokio::test]
@@ -493,10 +495,18 @@ async fn a_webhook_is_scheduled_only_once_its_state_is_durable() {
 
 #[test]
 fn line_len_matches_the_line() {
-    let line = format!("{}{}{}", line_prefix(77), "{\"a\":1}", LINE_SUFFIX);
-    assert_eq!(line.len() as u64, line_len(77, 7));
-    let v: serde_json::Value = serde_json::from_str(line.trim_end()).unwrap();
-    assert_eq!(v["custom_id"], "ferry-77");
+    for endpoint in Endpoint::ALL {
+        let line = format!(
+            "{}{}{}",
+            line_prefix(endpoint, 77),
+            "{\"a\":1}",
+            LINE_SUFFIX
+        );
+        assert_eq!(line.len() as u64, line_len(endpoint, 77, 7));
+        let v: serde_json::Value = serde_json::from_str(line.trim_end()).unwrap();
+        assert_eq!(v["custom_id"], "ferry-77");
+        assert_eq!(v["url"], endpoint.path());
+    }
 }
 
 #[test]
@@ -643,4 +653,154 @@ async fn the_census_counts_every_kind_in_bounded_chunks() {
         .sum();
     assert_eq!(of(Kind::Request).bytes, request_bytes);
     assert_eq!(b.request_count, 3);
+}
+
+#[test]
+fn queue_keys_keep_chat_in_the_old_layout_and_parse_strictly() {
+    let mut old = b"u\0m\0".to_vec();
+    old.extend_from_slice(&5u64.to_be_bytes());
+    assert_eq!(QueueKey::chat("u", "m").entry(5), old);
+    assert_eq!(
+        QueueKey::parse_entry(&old),
+        Some((QueueKey::chat("u", "m"), 5))
+    );
+    for endpoint in Endpoint::ALL {
+        let qk = QueueKey {
+            upstream: "u".into(),
+            endpoint,
+            model: "m".into(),
+        };
+        assert_eq!(QueueKey::parse_entry(&qk.entry(9)), Some((qk, 9)));
+    }
+    // A segment no entry is written with is not a queue key.
+    for head in [
+        &b"u\0\x01chat_completions\0m\0"[..],
+        b"u\0\x01bogus\0m\0",
+        b"u\0\x01embeddings",
+    ] {
+        let mut k = head.to_vec();
+        k.extend_from_slice(&1u64.to_be_bytes());
+        assert_eq!(QueueKey::parse_entry(&k), None, "{head:?}");
+    }
+}
+
+#[test]
+fn each_endpoint_queues_and_flushes_apart() {
+    let (_d, s) = store();
+    let chat = queue_n(&s, "c", 2);
+    let embeddings = QueueKey {
+        endpoint: Endpoint::Embeddings,
+        ..qk()
+    };
+    let emb = RequestRecord {
+        endpoint: Endpoint::Embeddings,
+        ..rec("t", "e0", "h")
+    };
+    let Intake::Created(emb) = s.insert_request(emb, b"{}").unwrap() else {
+        panic!()
+    };
+    let mut queues: Vec<(QueueKey, u64)> = s
+        .queue_stats()
+        .into_iter()
+        .map(|(k, st)| (k, st.count))
+        .collect();
+    queues.sort();
+    assert_eq!(queues, vec![(qk(), 2), (embeddings.clone(), 1)]);
+    let b = s
+        .claim_batch(&embeddings, 10, u64::MAX, "size")
+        .unwrap()
+        .unwrap();
+    assert_eq!(b.endpoint, Endpoint::Embeddings);
+    assert_eq!(
+        (b.request_count, b.bytes),
+        (1, line_len(Endpoint::Embeddings, emb.id, 2))
+    );
+    let (lines, _) = s.input_lines(b.endpoint, &[emb.id], 0, 1 << 20).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(lines.trim_ascii_end()).unwrap();
+    assert_eq!(v["url"], "/v1/embeddings");
+    assert_eq!(lines.len() as u64, b.bytes);
+    // The chat queue is untouched.
+    assert_eq!(s.queue_stats_for(&qk()).map(|q| q.count), Some(2));
+    let c = s.claim_batch(&qk(), 10, u64::MAX, "size").unwrap().unwrap();
+    assert_eq!(c.endpoint, Endpoint::ChatCompletions);
+    let members: Vec<u64> = s.members(c.id).map(Result::unwrap).collect();
+    assert_eq!(members, chat);
+}
+
+/// A data_dir written before endpoints existed: records without the field,
+/// chat queue keys in the one layout there was. It reads as chat and
+/// flushes after the upgrade.
+#[test]
+fn a_store_written_before_endpoints_reads_and_flushes() {
+    let (_dir, db) = sled_db();
+    let id = {
+        let s = SledStore::from_db(db.clone()).unwrap();
+        let Intake::Created(r) = s.insert_request(rec("t", "old", "h"), b"{}").unwrap() else {
+            panic!()
+        };
+        let mut old: serde_json::Value =
+            serde_json::from_slice(&s.requests.get(r.id.to_be_bytes()).unwrap().unwrap()).unwrap();
+        old.as_object_mut().unwrap().remove("endpoint").unwrap();
+        s.requests
+            .insert(r.id.to_be_bytes(), serde_json::to_vec(&old).unwrap())
+            .unwrap();
+        let mut key = b"u\0m\0".to_vec();
+        key.extend_from_slice(&r.id.to_be_bytes());
+        assert!(s.queue.contains_key(&key).unwrap());
+        r.id
+    };
+    let s = SledStore::from_db(db).unwrap();
+    assert_eq!(
+        s.get(id).unwrap().unwrap().endpoint,
+        Endpoint::ChatCompletions
+    );
+    assert_eq!(s.queue_stats_for(&qk()).map(|q| q.count), Some(1));
+    let b = s.claim_batch(&qk(), 10, u64::MAX, "size").unwrap().unwrap();
+    let (lines, _) = s.input_lines(b.endpoint, &[id], 0, 1 << 20).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(lines.trim_ascii_end()).unwrap();
+    assert_eq!(v["url"], "/v1/chat/completions");
+    assert_eq!(lines.len() as u64, b.bytes);
+    // A batch record written before endpoints reads as chat too.
+    let mut old = serde_json::to_value(&b).unwrap();
+    old.as_object_mut().unwrap().remove("endpoint").unwrap();
+    let back: BatchRecord = serde_json::from_value(old).unwrap();
+    assert_eq!(back.endpoint, Endpoint::ChatCompletions);
+}
+
+#[test]
+fn an_embeddings_claim_stops_at_the_input_cap() {
+    let (_d, s) = store();
+    let embeddings = QueueKey {
+        endpoint: Endpoint::Embeddings,
+        ..qk()
+    };
+    let mut ids = Vec::new();
+    for (i, inputs) in [30_000u64, 20_000, 1, 5].into_iter().enumerate() {
+        let r = RequestRecord {
+            endpoint: Endpoint::Embeddings,
+            inputs,
+            ..rec("t", &format!("e{i}"), "h")
+        };
+        let Intake::Created(r) = s.insert_request(r, b"{}").unwrap() else {
+            panic!()
+        };
+        ids.push(r.id);
+    }
+    assert_eq!(s.queue_stats_for(&embeddings).unwrap().inputs, 50_006);
+    let b = s
+        .claim_batch(&embeddings, 100, u64::MAX, "size")
+        .unwrap()
+        .unwrap();
+    let members: Vec<u64> = s.members(b.id).map(Result::unwrap).collect();
+    assert_eq!(members, ids[..2], "30,000 + 20,000 fill the batch");
+    assert_eq!(s.queue_stats_for(&embeddings).unwrap().inputs, 6);
+    let b = s
+        .claim_batch(&embeddings, 100, u64::MAX, "size")
+        .unwrap()
+        .unwrap();
+    let members: Vec<u64> = s.members(b.id).map(Result::unwrap).collect();
+    assert_eq!(members, ids[2..]);
+    // A queue value written before inputs were counted is one input.
+    assert_eq!(parse_queue_inputs(&queue_value(1, 2, 7)), 7);
+    assert_eq!(parse_queue_inputs(&queue_value(1, 2, 7)[..16]), 1);
 }

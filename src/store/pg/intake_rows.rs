@@ -26,21 +26,23 @@ use crate::store::{Intake, QueueKey, RequestRecord, line_len};
 /// `ON CONFLICT` does).
 const INSERT_REQUESTS: &str = "INSERT INTO requests (id, tenant, custom_id, upstream, model, \
      body_sha256, body_len, callback_url, stream, created_at, status, attempts, batch, \
-     submitted_at, completed_at, error, webhook) \
+     submitted_at, completed_at, error, webhook, endpoint, inputs) \
      SELECT nextval('ferry_ids'), t, c, u, m, h, bl, cb, st, ca, s, a, b, sa, co, \
-            e::jsonb, w::jsonb \
+            e::jsonb, w::jsonb, ep, n \
      FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], \
                  $7::text[], $8::bool[], $9::bigint[], $10::text[], $11::int4[], \
-                 $12::bigint[], $13::bigint[], $14::bigint[], $15::text[], $16::text[]) \
-          AS x(t, c, u, m, h, bl, cb, st, ca, s, a, b, sa, co, e, w) \
+                 $12::bigint[], $13::bigint[], $14::bigint[], $15::text[], $16::text[], \
+                 $17::text[], $18::bigint[]) \
+          AS x(t, c, u, m, h, bl, cb, st, ca, s, a, b, sa, co, e, w, ep, n) \
      ON CONFLICT (tenant, custom_id) DO NOTHING \
      RETURNING id, tenant, custom_id";
 
 const INSERT_BODIES: &str =
     "INSERT INTO bodies (id, body) SELECT * FROM unnest($1::bigint[], $2::bytea[])";
 
-const INSERT_QUEUE: &str = "INSERT INTO queue (upstream, model, id, enqueued_ms, line_len) \
-     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[])";
+const INSERT_QUEUE: &str = "INSERT INTO queue (upstream, endpoint, model, id, enqueued_ms, \
+     line_len, inputs) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], \
+     $5::bigint[], $6::bigint[], $7::bigint[])";
 
 /// What a call's answer waits on once the requests are inserted.
 enum Pending {
@@ -145,6 +147,8 @@ async fn insert_requests(
     let mut completed_at = Vec::with_capacity(n);
     let mut error = Vec::with_capacity(n);
     let mut webhook = Vec::with_capacity(n);
+    let mut endpoint = Vec::with_capacity(n);
+    let mut inputs = Vec::with_capacity(n);
     for (rec, _) in calls {
         tenant.push(rec.tenant.as_str());
         custom_id.push(rec.custom_id.as_str());
@@ -162,6 +166,8 @@ async fn insert_requests(
         completed_at.push(opt_to_i64(rec.completed_at, "completed_at")?);
         error.push(json_opt_text(&rec.error, "request error")?);
         webhook.push(json_opt_text(&rec.webhook, "webhook state")?);
+        endpoint.push(rec.endpoint.path());
+        inputs.push(to_i64(rec.inputs, "inputs")?);
     }
     let insert = tx.prepare_cached(INSERT_REQUESTS).await?;
     tx.query(
@@ -183,6 +189,8 @@ async fn insert_requests(
             &completed_at,
             &error,
             &webhook,
+            &endpoint,
+            &inputs,
         ],
     )
     .await?
@@ -202,16 +210,23 @@ async fn insert_bodies_and_entries(
     let mut ids = Vec::new();
     let mut bodies: Vec<&[u8]> = Vec::new();
     let mut upstreams = Vec::new();
+    let mut endpoints = Vec::new();
     let mut models = Vec::new();
     let mut lens = Vec::new();
+    let mut inputs = Vec::new();
     for (p, (_, body)) in pending.iter().zip(calls) {
         let Pending::Created(r) = p else { continue };
         let qk = QueueKey::of(r);
         ids.push(to_i64(r.id, "request id")?);
         bodies.push(*body);
         upstreams.push(qk.upstream);
+        endpoints.push(qk.endpoint.path());
         models.push(qk.model);
-        lens.push(to_i64(line_len(r.id, r.body_len), "line length")?);
+        lens.push(to_i64(
+            line_len(r.endpoint, r.id, r.body_len),
+            "line length",
+        )?);
+        inputs.push(to_i64(r.inputs, "inputs")?);
     }
     if ids.is_empty() {
         return Ok(());
@@ -221,7 +236,9 @@ async fn insert_bodies_and_entries(
     let put_entries = tx.prepare_cached(INSERT_QUEUE).await?;
     // Both statements go out at once on the connection (pipelined).
     let body_params: [&(dyn ToSql + Sync); 2] = [&ids, &bodies];
-    let entry_params: [&(dyn ToSql + Sync); 5] = [&upstreams, &models, &ids, &enqueued, &lens];
+    let entry_params: [&(dyn ToSql + Sync); 7] = [
+        &upstreams, &endpoints, &models, &ids, &enqueued, &lens, &inputs,
+    ];
     let (b, q) = tokio::join!(
         tx.execute(&put_bodies, &body_params),
         tx.execute(&put_entries, &entry_params),

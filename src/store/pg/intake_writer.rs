@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::PgError;
 use super::intake_rows::accept_many_in;
-use super::queues::{Admission, add_to_counters};
+use super::queues::{Admission, Moved, add_to_counters};
 use super::requests::accept_in;
 use super::store::{PgStore, to_i64};
 use crate::store::{Intake, QueueKey, QueueLoad, RequestRecord, line_len, now_millis};
@@ -230,25 +230,23 @@ async fn run_round(
             answers[i] = Some(Ok(answer));
         }
     }
-    // (upstream, model) → (count, bytes) this round adds.
-    let mut counted: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
+    // Queue → what this round adds to it.
+    let mut counted: BTreeMap<QueueKey, Moved> = BTreeMap::new();
     for answer in answers.iter().flatten() {
         if let Ok(Intake::Created(r)) = answer {
-            let len = to_i64(line_len(r.id, r.body_len), "line length")?;
-            let c = counted
-                .entry((r.upstream.clone(), r.model.clone()))
-                .or_default();
-            c.0 += 1;
-            c.1 += len;
+            let len = to_i64(line_len(r.endpoint, r.id, r.body_len), "line length")?;
+            let c = counted.entry(QueueKey::of(r)).or_default();
+            c.count += 1;
+            c.bytes += len;
+            c.inputs += to_i64(r.inputs, "inputs")?;
         }
     }
     // Counters last and in key order: the rows claims and cancels also
     // lock last, so no transaction holding one waits for another.
     let mut moved = Vec::with_capacity(counted.len());
-    for ((upstream, model), (added, added_bytes)) in counted {
-        let qk = QueueKey { upstream, model };
-        let (count, bytes) = add_to_counters(&tx, &qk, added, added_bytes).await?;
-        let started = count == added as u64;
+    for (qk, by) in counted {
+        let (count, bytes) = add_to_counters(&tx, &qk, by).await?;
+        let started = count == by.count as u64;
         moved.push((
             qk,
             QueueLoad {

@@ -11,7 +11,7 @@ use super::PgError;
 const MIGRATION_LOCK: i64 = 0x6665_7272_796d_6967;
 
 /// (version, SQL). Never edit an applied migration: add the next one.
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3)];
+pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4)];
 
 /// The newest schema this build knows.
 pub fn known_version() -> i32 {
@@ -155,6 +155,28 @@ CREATE INDEX requests_completed ON requests (completed_at, id) WHERE completed_a
 CREATE INDEX batches_done ON batches (id) WHERE NOT live;
 CREATE INDEX batches_owing_cleanup ON batches (upstream)
     WHERE NOT live AND cardinality(upstream_objects) > 0;
+"#;
+
+/// Layout 4: the endpoint of each request, and queues keyed by (upstream,
+/// endpoint, model), since an input file holds one endpoint; the inputs a
+/// request counts against a per-batch input cap (embeddings). Rows written
+/// before are chat completions, the only endpoint there was, of one input.
+const V4: &str = r#"
+ALTER TABLE requests ADD COLUMN endpoint text NOT NULL DEFAULT '/v1/chat/completions';
+ALTER TABLE requests ADD COLUMN inputs bigint NOT NULL DEFAULT 1;
+
+ALTER TABLE queue ADD COLUMN endpoint text NOT NULL DEFAULT '/v1/chat/completions';
+ALTER TABLE queue ADD COLUMN inputs bigint NOT NULL DEFAULT 1;
+ALTER TABLE queue DROP CONSTRAINT queue_pkey;
+ALTER TABLE queue ADD PRIMARY KEY (upstream, endpoint, model, id);
+DROP INDEX queue_oldest;
+CREATE INDEX queue_oldest ON queue (upstream, endpoint, model, enqueued_ms);
+
+ALTER TABLE queue_counters ADD COLUMN endpoint text NOT NULL DEFAULT '/v1/chat/completions';
+ALTER TABLE queue_counters ADD COLUMN inputs bigint NOT NULL DEFAULT 0;
+UPDATE queue_counters SET inputs = count;
+ALTER TABLE queue_counters DROP CONSTRAINT queue_counters_pkey;
+ALTER TABLE queue_counters ADD PRIMARY KEY (upstream, endpoint, model);
 "#;
 
 /// What [`migrate`] did.

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use super::PgError;
 use super::outbox::write_deliveries;
-use super::queues::add_to_counters;
+use super::queues::{Moved, add_to_counters};
 use super::store::{
     PgStore, REQUEST_COLUMNS, REQUEST_FROM, SyncPayloadFn, json_opt_text, request_from, to_i64,
 };
@@ -71,8 +71,11 @@ impl PgStore {
                     // waited already, so the time threshold sends it soon.
                     w.requeue_since
                         .push(to_i64(rec.created_at.saturating_mul(1000), "enqueue time")?);
-                    w.requeue_len
-                        .push(to_i64(line_len(id, rec.body_len), "line length")?);
+                    w.requeue_len.push(to_i64(
+                        line_len(rec.endpoint, id, rec.body_len),
+                        "line length",
+                    )?);
+                    w.requeue_inputs.push(to_i64(rec.inputs, "inputs")?);
                     w.requeue_queue = Some(QueueKey::of(&rec));
                     continue;
                 }
@@ -115,6 +118,7 @@ struct Writes {
     requeue_attempts: Vec<i32>,
     requeue_since: Vec<i64>,
     requeue_len: Vec<i64>,
+    requeue_inputs: Vec<i64>,
     /// A batch's members all share one queue.
     requeue_queue: Option<QueueKey>,
     result_ids: Vec<i64>,
@@ -180,24 +184,26 @@ impl Writes {
             )
             .await?;
             tx.execute(
-                "INSERT INTO queue (upstream, model, id, enqueued_ms, line_len) \
-                 SELECT $1, $2, * FROM unnest($3::bigint[], $4::bigint[], $5::bigint[])",
+                "INSERT INTO queue (upstream, endpoint, model, id, enqueued_ms, line_len, inputs) \
+                 SELECT $1, $2, $3, * \
+                 FROM unnest($4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[])",
                 &[
                     &qk.upstream,
+                    &qk.endpoint.path(),
                     &qk.model,
                     &self.requeue_ids,
                     &self.requeue_since,
                     &self.requeue_len,
+                    &self.requeue_inputs,
                 ],
             )
             .await?;
-            add_to_counters(
-                tx,
-                qk,
-                self.requeue_ids.len() as i64,
-                self.requeue_len.iter().sum(),
-            )
-            .await?;
+            let by = Moved {
+                count: self.requeue_ids.len() as i64,
+                bytes: self.requeue_len.iter().sum(),
+                inputs: self.requeue_inputs.iter().sum(),
+            };
+            add_to_counters(tx, qk, by).await?;
         }
         Ok(())
     }

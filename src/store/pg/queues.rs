@@ -13,7 +13,9 @@ use crate::store::{BatchRecord, QueueKey, QueueStats};
 /// The oldest comes from the `queue_oldest` index, one probe per queue.
 const STATS: &str = "SELECT c.upstream, c.model, c.count, c.bytes, \
      coalesce((SELECT min(q.enqueued_ms) FROM queue q \
-               WHERE q.upstream = c.upstream AND q.model = c.model), 0) \
+               WHERE q.upstream = c.upstream AND q.endpoint = c.endpoint \
+               AND q.model = c.model), 0), \
+     c.endpoint, c.inputs \
      FROM queue_counters c";
 
 impl PgStore {
@@ -22,7 +24,10 @@ impl PgStore {
     pub async fn queue_stats(&self) -> Result<Vec<(QueueKey, QueueStats)>, PgError> {
         let client = self.client().await?;
         let rows = client
-            .query(&format!("{STATS} ORDER BY c.upstream, c.model"), &[])
+            .query(
+                &format!("{STATS} ORDER BY c.upstream, c.endpoint, c.model"),
+                &[],
+            )
             .await?;
         rows.iter().map(stats_from).collect()
     }
@@ -31,8 +36,8 @@ impl PgStore {
         let client = self.client().await?;
         client
             .query_opt(
-                &format!("{STATS} WHERE c.upstream = $1 AND c.model = $2"),
-                &[&qk.upstream, &qk.model],
+                &format!("{STATS} WHERE c.upstream = $1 AND c.endpoint = $2 AND c.model = $3"),
+                &[&qk.upstream, &qk.endpoint.path(), &qk.model],
             )
             .await?
             .map(|row| stats_from(&row).map(|(_, s)| s))
@@ -126,20 +131,27 @@ async fn claim_in(
     let limit = i64::try_from(max_requests).unwrap_or(i64::MAX);
     let rows = tx
         .query(
-            "SELECT id, line_len FROM queue WHERE upstream = $1 AND model = $2 \
-             ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED",
-            &[&qk.upstream, &qk.model, &limit],
+            "SELECT id, line_len, inputs FROM queue \
+             WHERE upstream = $1 AND endpoint = $2 AND model = $3 \
+             ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED",
+            &[&qk.upstream, &qk.endpoint.path(), &qk.model, &limit],
         )
         .await?;
     let mut ids: Vec<i64> = Vec::new();
     let mut bytes = 0u64;
+    let mut inputs = 0u64;
+    let max_inputs = lifecycle::max_inputs(qk.endpoint);
     for row in &rows {
         let len = to_u64(row.try_get(1)?, "line length")?;
-        if !lifecycle::claim_takes(ids.len(), bytes, len, max_requests, max_bytes) {
+        let n = to_u64(row.try_get(2)?, "inputs")?;
+        if !lifecycle::claim_takes(ids.len(), bytes, len, max_requests, max_bytes)
+            || !lifecycle::inputs_fit(ids.len(), inputs, n, max_inputs)
+        {
             break;
         }
         ids.push(row.try_get(0)?);
         bytes += len;
+        inputs += n;
     }
     if ids.is_empty() {
         return Ok(None);
@@ -162,8 +174,9 @@ async fn claim_in(
     )
     .await?;
     tx.execute(
-        "DELETE FROM queue WHERE upstream = $1 AND model = $2 AND id = ANY($3)",
-        &[&qk.upstream, &qk.model, &ids],
+        "DELETE FROM queue WHERE upstream = $1 AND endpoint = $2 AND model = $3 \
+         AND id = ANY($4)",
+        &[&qk.upstream, &qk.endpoint.path(), &qk.model, &ids],
     )
     .await?;
     tx.execute(
@@ -175,8 +188,11 @@ async fn claim_in(
     add_to_counters(
         tx,
         qk,
-        -(ids.len() as i64),
-        -to_i64(bytes, "claimed bytes")?,
+        Moved {
+            count: -(ids.len() as i64),
+            bytes: -to_i64(bytes, "claimed bytes")?,
+            inputs: -to_i64(inputs, "claimed inputs")?,
+        },
     )
     .await?;
     Ok(Some(batch))
@@ -221,12 +237,14 @@ fn stats_from(row: &tokio_postgres::Row) -> Result<(QueueKey, QueueStats), PgErr
     Ok((
         QueueKey {
             upstream: row.try_get(0)?,
+            endpoint: endpoint_from(row.try_get(5)?)?,
             model: row.try_get(1)?,
         },
         QueueStats {
             count: to_u64(row.try_get(2)?, "queue count")?,
             bytes: to_u64(row.try_get(3)?, "queue bytes")?,
             oldest_ms: to_u64(row.try_get(4)?, "queue oldest")?,
+            inputs: to_u64(row.try_get(6)?, "queue inputs")?,
         },
     ))
 }
@@ -239,52 +257,79 @@ pub(super) async fn insert_entry(
     id: i64,
     enqueued_ms: u64,
     line_len: u64,
+    inputs: u64,
 ) -> Result<(), PgError> {
     let line_len = to_i64(line_len, "line length")?;
     let insert = tx
         .prepare_cached(
-            "INSERT INTO queue (upstream, model, id, enqueued_ms, line_len) \
-             VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO queue (upstream, endpoint, model, id, enqueued_ms, line_len, inputs) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .await?;
     tx.execute(
         &insert,
         &[
             &qk.upstream,
+            &qk.endpoint.path(),
             &qk.model,
             &id,
             &to_i64(enqueued_ms, "enqueue time")?,
             &line_len,
+            &to_i64(inputs, "inputs")?,
         ],
     )
     .await?;
     Ok(())
 }
 
-/// Moves a queue's counters by (`count`, `bytes`), creating its row the
+/// How much a change moves a queue's counters (negative: entries left).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Moved {
+    pub count: i64,
+    pub bytes: i64,
+    pub inputs: i64,
+}
+
+/// Moves a queue's counters by `by`, creating its row the
 /// first time, and returns them as moved. Always the last row a
 /// transaction locks, after the queue and request rows, so that
 /// transactions never wait on each other in a cycle.
 pub(super) async fn add_to_counters(
     tx: &Transaction<'_>,
     qk: &QueueKey,
-    count: i64,
-    bytes: i64,
+    by: Moved,
 ) -> Result<(u64, u64), PgError> {
     let upsert = tx
         .prepare_cached(
-            "INSERT INTO queue_counters AS c (upstream, model, count, bytes) \
-             VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (upstream, model) DO UPDATE \
-             SET count = c.count + EXCLUDED.count, bytes = c.bytes + EXCLUDED.bytes \
+            "INSERT INTO queue_counters AS c (upstream, endpoint, model, count, bytes, inputs) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (upstream, endpoint, model) DO UPDATE \
+             SET count = c.count + EXCLUDED.count, bytes = c.bytes + EXCLUDED.bytes, \
+                 inputs = c.inputs + EXCLUDED.inputs \
              RETURNING count, bytes",
         )
         .await?;
     let row = tx
-        .query_one(&upsert, &[&qk.upstream, &qk.model, &count, &bytes])
+        .query_one(
+            &upsert,
+            &[
+                &qk.upstream,
+                &qk.endpoint.path(),
+                &qk.model,
+                &by.count,
+                &by.bytes,
+                &by.inputs,
+            ],
+        )
         .await?;
     Ok((
         to_u64(row.try_get(0)?, "queue count")?,
         to_u64(row.try_get(1)?, "queue bytes")?,
     ))
+}
+
+/// An endpoint column's value (a path this build knows).
+pub(super) fn endpoint_from(path: &str) -> Result<crate::endpoint::Endpoint, PgError> {
+    crate::endpoint::Endpoint::from_path(path)
+        .ok_or_else(|| PgError::Corrupt(format!("unknown endpoint {path:?}")))
 }

@@ -4,7 +4,7 @@ use deadpool_postgres::Transaction;
 
 use super::PgError;
 use super::outbox::write_deliveries;
-use super::queues::{add_to_counters, insert_entry};
+use super::queues::{Moved, add_to_counters, insert_entry};
 use super::store::{
     PgStore, REQUEST_COLUMNS, REQUEST_FROM, SyncPayloadFn, json_opt_text, opt_to_i64, request_from,
     to_i64,
@@ -30,7 +30,8 @@ impl PgStore {
         let tx = client.transaction().await?;
         let Some(found) = tx
             .query_opt(
-                "SELECT id, upstream, model FROM requests WHERE tenant = $1 AND custom_id = $2",
+                "SELECT id, upstream, model, endpoint FROM requests \
+                 WHERE tenant = $1 AND custom_id = $2",
                 &[&tenant, &custom_id],
             )
             .await?
@@ -40,18 +41,19 @@ impl PgStore {
         let id: i64 = found.try_get(0)?;
         let qk = QueueKey {
             upstream: found.try_get(1)?,
+            endpoint: super::queues::endpoint_from(found.try_get(3)?)?,
             model: found.try_get(2)?,
         };
         // Queue row first, then the request: the order a claim locks them
         // in, so the two never wait on each other in a cycle.
-        let queued_len: Option<i64> = tx
+        let queued: Option<(i64, i64)> = tx
             .query_opt(
-                "SELECT line_len FROM queue WHERE upstream = $1 AND model = $2 AND id = $3 \
-                 FOR UPDATE",
-                &[&qk.upstream, &qk.model, &id],
+                "SELECT line_len, inputs FROM queue \
+                 WHERE upstream = $1 AND endpoint = $2 AND model = $3 AND id = $4 FOR UPDATE",
+                &[&qk.upstream, &qk.endpoint.path(), &qk.model, &id],
             )
             .await?
-            .map(|row| row.try_get(0))
+            .map(|row| Ok::<_, PgError>((row.try_get(0)?, row.try_get(1)?)))
             .transpose()?;
         let sql =
             format!("SELECT {REQUEST_COLUMNS} FROM {REQUEST_FROM} WHERE r.id = $1 FOR UPDATE OF r");
@@ -62,13 +64,19 @@ impl PgStore {
             CancelVerdict::TooLate => return Ok(CancelOutcome::TooLate(rec)),
             CancelVerdict::Cancel => {}
         }
-        if let Some(len) = queued_len {
+        if let Some((len, inputs)) = queued {
             tx.execute(
-                "DELETE FROM queue WHERE upstream = $1 AND model = $2 AND id = $3",
-                &[&qk.upstream, &qk.model, &id],
+                "DELETE FROM queue \
+                 WHERE upstream = $1 AND endpoint = $2 AND model = $3 AND id = $4",
+                &[&qk.upstream, &qk.endpoint.path(), &qk.model, &id],
             )
             .await?;
-            add_to_counters(&tx, &qk, -1, -len).await?;
+            let by = Moved {
+                count: -1,
+                bytes: -len,
+                inputs: -inputs,
+            };
+            add_to_counters(&tx, &qk, by).await?;
         }
         rec.status = lifecycle::checked_move(rec.status, RequestStatus::Cancelled)?;
         rec.completed_at = Some(now_secs());
@@ -112,9 +120,9 @@ pub(super) async fn accept_in(
         .prepare_cached(
             "INSERT INTO requests (id, tenant, custom_id, upstream, model, body_sha256, \
              body_len, callback_url, stream, created_at, status, attempts, batch, \
-             submitted_at, completed_at, error, webhook) \
+             submitted_at, completed_at, error, webhook, endpoint, inputs) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
-             $16::text::jsonb, $17::text::jsonb) \
+             $16::text::jsonb, $17::text::jsonb, $18, $19) \
              ON CONFLICT (tenant, custom_id) DO NOTHING",
         )
         .await?;
@@ -140,6 +148,8 @@ pub(super) async fn accept_in(
                 &opt_to_i64(rec.completed_at, "completed_at")?,
                 &json_opt_text(&rec.error, "request error")?,
                 &json_opt_text(&rec.webhook, "webhook state")?,
+                &rec.endpoint.path(),
+                &to_i64(rec.inputs, "inputs")?,
             ],
         )
         .await?;
@@ -165,6 +175,14 @@ pub(super) async fn accept_in(
         .await?;
     tx.execute(&put_body, &[&id, &body]).await?;
     let qk = QueueKey::of(&rec);
-    insert_entry(tx, &qk, id, now_ms, line_len(rec.id, rec.body_len)).await?;
+    insert_entry(
+        tx,
+        &qk,
+        id,
+        now_ms,
+        line_len(rec.endpoint, rec.id, rec.body_len),
+        rec.inputs,
+    )
+    .await?;
     Ok(Intake::Created(rec))
 }

@@ -44,7 +44,8 @@ pub struct PgStore {
 /// reads them; `r` is `requests`, `b` the batch it is in (a left join).
 pub(super) const REQUEST_COLUMNS: &str = "r.id, r.tenant, r.custom_id, r.upstream, r.model, \
      r.body_sha256, r.body_len, r.callback_url, r.stream, r.created_at, r.status, r.attempts, \
-     r.batch, r.submitted_at, r.completed_at, r.error::text, r.webhook::text, b.upstream_batch_id";
+     r.batch, r.submitted_at, r.completed_at, r.error::text, r.webhook::text, b.upstream_batch_id, r.endpoint, \
+     r.inputs";
 
 /// `FROM` for [`REQUEST_COLUMNS`].
 pub(super) const REQUEST_FROM: &str = "requests r LEFT JOIN batches b ON b.id = r.batch";
@@ -154,6 +155,7 @@ impl PgStore {
     /// of the first member not taken.
     pub async fn input_lines(
         &self,
+        endpoint: crate::endpoint::Endpoint,
         members: &[u64],
         mut next: usize,
         max_bytes: usize,
@@ -184,7 +186,7 @@ impl PgStore {
                 let body = bodies
                     .get(key)
                     .ok_or_else(|| PgError::Corrupt(format!("body of request {id} is missing")))?;
-                buf.extend_from_slice(crate::store::line_prefix(*id).as_bytes());
+                buf.extend_from_slice(crate::store::line_prefix(endpoint, *id).as_bytes());
                 buf.extend_from_slice(body);
                 buf.extend_from_slice(crate::store::LINE_SUFFIX.as_bytes());
                 next += 1;
@@ -325,6 +327,8 @@ pub(super) fn request_from(row: &Row) -> Result<RequestRecord, PgError> {
         id: to_u64(row.try_get(0)?, "request id")?,
         tenant: row.try_get(1)?,
         custom_id: row.try_get(2)?,
+        endpoint: super::queues::endpoint_from(row.try_get(18)?)?,
+        inputs: to_u64(row.try_get(19)?, "inputs")?,
         upstream: row.try_get(3)?,
         model: row.try_get(4)?,
         body_sha256: row.try_get(5)?,
