@@ -10,6 +10,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 
 use crate::App;
+use crate::metrics::gauge_value;
 
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
@@ -28,12 +29,8 @@ async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
         app.metrics.storage_size.set(size as i64);
     }
     if let Some((free, min_free)) = app.store.free_space() {
-        app.metrics
-            .storage_free
-            .set(free.min(i64::MAX as u64) as i64);
-        app.metrics
-            .storage_min_free
-            .set(min_free.min(i64::MAX as u64) as i64);
+        app.metrics.storage_free.set(gauge_value(free));
+        app.metrics.storage_min_free.set(gauge_value(min_free));
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

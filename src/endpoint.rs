@@ -116,9 +116,7 @@ impl Endpoint {
             _ => 1,
         }
     }
-}
 
-impl Endpoint {
     /// The (prompt, completion) tokens of a result's `usage`: the Responses
     /// API names them `input_tokens`/`output_tokens`; embeddings are priced
     /// on input tokens only, so they never count completion tokens.

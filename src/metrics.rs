@@ -12,6 +12,11 @@ use prometheus::{
 use crate::store::census;
 use crate::store::space::Need;
 
+/// A count as a gauge's value, saturating rather than wrapping.
+pub fn gauge_value(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub http_requests: IntCounterVec,

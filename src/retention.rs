@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::App;
+use crate::metrics::gauge_value;
 use crate::store::{PurgeReport, now_secs};
 
 /// The pause between two full slices: the disk (sled's group commit, the
@@ -81,15 +82,13 @@ pub async fn census_loop(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
             Ok(census) => {
                 for (kind, tally) in census {
                     let label = [kind.as_str()];
-                    let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-                    app.metrics
-                        .storage_rows
+                    let m = &app.metrics;
+                    m.storage_rows
                         .with_label_values(&label)
-                        .set(gauge(tally.rows));
-                    app.metrics
-                        .storage_kind_bytes
+                        .set(gauge_value(tally.rows));
+                    m.storage_kind_bytes
                         .with_label_values(&label)
-                        .set(gauge(tally.bytes));
+                        .set(gauge_value(tally.bytes));
                 }
                 tracing::debug!(
                     took_ms = started.elapsed().as_millis() as u64,
@@ -113,7 +112,7 @@ async fn publish_oldest(app: &App) {
             let age = oldest.map_or(0, |at| now_secs().saturating_sub(at));
             app.metrics
                 .retention_oldest_terminal_age
-                .set(i64::try_from(age).unwrap_or(i64::MAX));
+                .set(gauge_value(age));
         }
         Err(e) => tracing::warn!(error = %e, "cannot read the oldest terminal request's age"),
     }

@@ -40,7 +40,7 @@ impl Kind {
         }
     }
 
-    /// The PostgreSQL table (and, but for `member`, the sled tree) it lives in.
+    /// The PostgreSQL table it lives in (the sled tree has the same name).
     pub fn table(self) -> &'static str {
         match self {
             Kind::Request => "requests",

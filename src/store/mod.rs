@@ -9,10 +9,11 @@
 //! always granted, there is one node) and events between nodes
 //! ([`ClusterEvent`]; sled: none, everything happens in one process).
 //!
-//! Files: [`census`] (rows and bytes by kind), `embedded` (the sled backend), `error` (the layer's one error
-//! type), [`instance`] (the data_dir's instance id), [`lifecycle`] (the
-//! request decisions both backends make), [`records`] (the record types),
-//! [`space`] (the free space the embedded store keeps), [`pg`] (PostgreSQL).
+//! Files: [`census`] (rows and bytes by kind), `embedded` (the sled
+//! backend), `error` (the layer's one error type), [`instance`] (the
+//! data_dir's instance id), [`lifecycle`] (the request decisions both
+//! backends make), [`records`] (the record types), [`space`] (the free
+//! space the embedded store keeps), [`pg`] (PostgreSQL).
 
 pub mod census;
 mod embedded;
@@ -38,9 +39,6 @@ pub use records::*;
 /// Builds a webhook's JSON body for a request that just became terminal;
 /// the store calls it inside the write that makes the request terminal.
 pub type Payload = fn(&RequestRecord, Option<&StoredResult>) -> String;
-
-/// Entries a sled census reads per blocking call.
-const CENSUS_CHUNK: usize = 10_000;
 
 /// The store Ferry runs on.
 pub struct Store {
@@ -279,25 +277,7 @@ impl Store {
     /// it rarely.
     pub async fn census(&self) -> Result<Vec<(census::Kind, census::Tally)>, StoreError> {
         match &self.backend {
-            Backend::Sled(s) => {
-                let mut out = Vec::new();
-                for kind in census::KINDS {
-                    let mut total = census::Tally::default();
-                    let mut after = None;
-                    loop {
-                        let (tally, next) = s
-                            .blocking(move |s| s.census_chunk(kind, after, CENSUS_CHUNK))
-                            .await?;
-                        total.add(tally);
-                        match next {
-                            Some(k) => after = Some(k),
-                            None => break,
-                        }
-                    }
-                    out.push((kind, total));
-                }
-                Ok(out)
-            }
+            Backend::Sled(s) => s.census().await,
             Backend::Postgres(p) => Ok(p.db.census().await?),
         }
     }

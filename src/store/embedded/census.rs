@@ -2,9 +2,34 @@
 //! bounded chunk at a time.
 
 use super::*;
-use crate::store::census::{Kind, Tally};
+use crate::store::census::{KINDS, Kind, Tally};
+
+/// Entries a census reads per blocking call.
+const CHUNK: usize = 10_000;
 
 impl SledStore {
+    /// Rows and bytes of each kind, a chunk per blocking call, so intake
+    /// and lookups go between chunks.
+    pub async fn census(self: &Arc<Self>) -> Result<Vec<(Kind, Tally)>, StoreError> {
+        let mut out = Vec::new();
+        for kind in KINDS {
+            let mut total = Tally::default();
+            let mut after = None;
+            loop {
+                let (tally, next) = self
+                    .blocking(move |s| s.census_chunk(kind, after, CHUNK))
+                    .await?;
+                total.add(tally);
+                match next {
+                    Some(k) => after = Some(k),
+                    None => break,
+                }
+            }
+            out.push((kind, total));
+        }
+        Ok(out)
+    }
+
     /// Counts up to `max` entries of `kind`'s tree after the key `after`
     /// (from the start: `None`); returns them and the key to go on after,
     /// or `None` at the tree's end.
