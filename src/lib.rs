@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod announce;
+pub mod anthropic;
 pub mod api_error;
 pub mod batch;
 pub mod cluster;
