@@ -149,6 +149,13 @@ pub fn run(config: Config) -> Result<(), ServerError> {
                     .unwrap_or_default(),
             ),
         };
+        // An Anthropic base URL names the host (`https://api.anthropic.com`);
+        // its paths start with `/v1`, which the embedded emulator's URL
+        // already has.
+        let base_url = match (&s.target, s.profile.kind.is_anthropic()) {
+            (UpstreamTarget::Url(_), true) => format!("{base_url}/v1"),
+            _ => base_url,
+        };
         let passthrough =
             PassthroughTarget::parse(&base_url).ok_or_else(|| ServerError::Upstream {
                 name: s.name.clone(),

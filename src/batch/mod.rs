@@ -436,6 +436,10 @@ pub async fn delete_upstream_files(app: &Arc<App>, up: &crate::Upstream, batch: 
 /// Ferry's.
 pub async fn sweep_orphan_files(app: Arc<App>, upstream: usize) {
     let up = &app.upstreams[upstream];
+    // Anthropic's batches take their requests inline: no files to sweep.
+    if up.settings.profile.kind.is_anthropic() {
+        return;
+    }
     // Deletes a finished batch still owes (a crash or an upstream error cut
     // them short), output and error files included.
     match app.store.batches_owing_cleanup(&up.settings.name).await {

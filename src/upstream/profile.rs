@@ -14,6 +14,9 @@ pub enum ProviderKind {
     /// Any other OpenAI-shaped provider (Groq, Gemini's compatibility layer,
     /// ...): OpenAI's paths, tolerant of missing keys, limits as configured.
     Generic,
+    /// Anthropic's Messages API and Message Batches (requests inline, no
+    /// files): `x-api-key` and `anthropic-version` instead of a bearer key.
+    Anthropic,
 }
 
 impl ProviderKind {
@@ -22,7 +25,13 @@ impl ProviderKind {
             ProviderKind::Openai => "openai",
             ProviderKind::Moonshot => "moonshot",
             ProviderKind::Generic => "generic",
+            ProviderKind::Anthropic => "anthropic",
         }
+    }
+
+    /// Anthropic's API family rather than OpenAI's.
+    pub fn is_anthropic(self) -> bool {
+        self == ProviderKind::Anthropic
     }
 }
 
@@ -74,6 +83,17 @@ impl ProviderProfile {
                 batches_per_hour: 2_000,
                 batch_endpoints: &[Endpoint::ChatCompletions],
             },
+            ProviderKind::Anthropic => ProviderProfile {
+                kind,
+                max_lines: 100_000,
+                max_file_bytes: 256 * MB,
+                default_window: "24h",
+                forbidden_params: Vec::new(),
+                batches_per_hour: 2_000,
+                // None of OpenAI's endpoints: Claude is reached through
+                // `/v1/messages`, which Ferry passes through.
+                batch_endpoints: &[],
+            },
             ProviderKind::Generic => ProviderProfile {
                 kind,
                 max_lines: 50_000,
@@ -96,11 +116,14 @@ impl ProviderProfile {
     /// Checks a `completion_window` against what the provider accepts.
     pub fn check_window(&self, window: &str) -> Result<(), String> {
         match self.kind {
-            ProviderKind::Openai => {
+            ProviderKind::Openai | ProviderKind::Anthropic => {
                 if window == "24h" {
                     Ok(())
                 } else {
-                    Err(format!("OpenAI accepts only \"24h\", not \"{window}\""))
+                    Err(format!(
+                        "{} accepts only \"24h\", not \"{window}\"",
+                        self.kind.as_str()
+                    ))
                 }
             }
             ProviderKind::Moonshot => match window_seconds(window) {
