@@ -1100,6 +1100,10 @@ mod tests {
         let demo = c.tenant_for_key("ferry-demo-key").unwrap();
         assert!(demo.webhook_key.is_some() && !demo.callback_allow.is_empty());
         assert!(c.prices.contains_key("gpt-4o-mini"));
+        // Claude through the embedded emulator's Anthropic profile.
+        let claude = c.passthrough_upstream(true).map(|i| &c.upstreams[i]);
+        assert!(claude.is_some_and(|u| u.target == UpstreamTarget::Emulator));
+        assert_eq!(c.passthrough_upstream(false), Some(0));
     }
 
     #[test]
@@ -1109,6 +1113,10 @@ mod tests {
             ("openai", include_str!("../config/openai.example.toml")),
             ("moonshot", include_str!("../config/moonshot.example.toml")),
             ("cluster", include_str!("../config/cluster.example.toml")),
+            (
+                "anthropic",
+                include_str!("../config/anthropic.example.toml"),
+            ),
         ] {
             let c =
                 Config::parse_with_env(text, &any_env).unwrap_or_else(|e| panic!("{name}: {e}"));

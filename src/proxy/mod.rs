@@ -275,6 +275,25 @@ async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<
         }
         _ => {
             ctx.mode = "passthrough";
+            if ctx.anthropic && req.method == http::Method::POST && req.uri.path() == "/v1/messages"
+            {
+                let prefer = intake::parse_prefer(
+                    req.headers
+                        .get_all("prefer")
+                        .iter()
+                        .filter_map(|v| v.to_str().ok()),
+                );
+                // Asked for explicitly, a deferral Ferry cannot make is
+                // refused rather than silently paid at the real-time price.
+                if prefer.respond_async {
+                    return Err(IntakeError::BadRequest {
+                        message: "Deferring /v1/messages into Message Batches is not available in this Ferry yet; send the call without `Prefer: respond-async`.".into(),
+                        param: None,
+                        code: "endpoint_not_batched",
+                    }
+                    .into());
+                }
+            }
             if let Some(id) = own_object_named(app, req.uri.path()).await {
                 // Ferry's batch files hold every tenant's prompts and
                 // answers, and a delete or cancel would lose results: no
