@@ -174,6 +174,10 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             name: s.name.clone(),
             message: e.to_string(),
         })?;
+        let client = match &s.anthropic_version {
+            Some(version) => client.for_anthropic(version),
+            None => client,
+        };
         let up = Upstream::new(s.clone(), client, passthrough, &key);
         if let Ok(addrs) = std::net::ToSocketAddrs::to_socket_addrs(up.passthrough.addr.as_str()) {
             up.set_passthrough_addrs(addrs.collect());
