@@ -551,6 +551,18 @@ impl Config {
         best.map_or(self.default_upstream, |(_, u)| u)
     }
 
+    /// The upstream a deferred call to `endpoint` for `model` goes to: the
+    /// routes and default as for any model, except that a Claude call the
+    /// routes do not send to an Anthropic upstream goes to the Anthropic one.
+    pub fn upstream_for(&self, endpoint: crate::endpoint::Endpoint, model: &str) -> usize {
+        let u = self.upstream_for_model(model);
+        let anthropic = self.upstreams[u].profile.kind.is_anthropic();
+        match (endpoint.is_anthropic(), anthropic, self.anthropic_upstream) {
+            (true, false, Some(a)) => a,
+            _ => u,
+        }
+    }
+
     /// The upstream passthrough of an API family goes to: for Anthropic
     /// calls the Anthropic upstream, for OpenAI-shaped ones the default
     /// unless it is Anthropic (a config with only Anthropic upstreams).

@@ -1,13 +1,15 @@
 //! The official `anthropic` Python SDK as Ferry's client, on one stack
-//! (Ferry with its embedded emulator serving both API families): every case
-//! runs in one script so the stack starts once.
+//! (Ferry with its embedded emulator serving both API families): passthrough,
+//! errors, cancel, a held deferred call returning a `Message`, a streamed
+//! held call, the `202` path with lookup and an errored line. Every case runs
+//! in one script so the stack starts once.
 
 mod common;
 
 use common::Stack;
 
 /// A second upstream, Anthropic, on the same embedded emulator.
-const CLAUDE: &str = "\n[[upstreams]]\nname = \"claude\"\nkind = \"anthropic\"\nemulator = true\npoll_interval_secs = 0.05\nmax_wait_secs = 0.3";
+const CLAUDE: &str = "\n[[upstreams]]\nname = \"claude\"\nkind = \"anthropic\"\nemulator = true\npoll_interval_secs = 0.05\nmax_wait_secs = 3600";
 
 #[test]
 fn the_anthropic_sdk_works_through_ferry_unchanged() {
@@ -17,6 +19,7 @@ fn the_anthropic_sdk_works_through_ferry_unchanged() {
         &[
             ("FERRY_URL", s.url("")),
             ("FERRY_KEY", "alice-key".to_owned()),
+            ("FERRY_ADMIN", s.admin("")),
         ],
         "",
     );
@@ -26,6 +29,11 @@ fn the_anthropic_sdk_works_through_ferry_unchanged() {
         "count_tokens and models ok",
         "own batches ok",
         "errors ok",
+        "cancel ok",
+        "deferred with wait ok",
+        "streaming replay ok",
+        "ticket and lookup ok",
+        "errored line ok",
     ] {
         assert!(out.contains(step), "missing `{step}` in:\n{out}");
     }

@@ -307,6 +307,16 @@ fn check_required_field(
     obj: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<(), IntakeError> {
     use serde_json::Value;
+    // Anthropic refuses a whole batch for one request without `max_tokens`:
+    // refused here, it cannot cost the other callers' requests.
+    let max_tokens = obj.get("max_tokens").and_then(Value::as_u64);
+    if endpoint == Endpoint::Messages && max_tokens.is_none_or(|n| n == 0) {
+        return Err(bad(
+            "`max_tokens` must be an integer of at least 1",
+            Some("max_tokens"),
+            "missing_required_parameter",
+        ));
+    }
     let field = endpoint.required_field();
     let Some(value) = obj.get(field) else {
         return Err(bad(
@@ -316,20 +326,20 @@ fn check_required_field(
         ));
     };
     match (endpoint, value) {
-        (Endpoint::ChatCompletions, Value::Array(a)) if a.is_empty() => Err(bad(
-            "`messages` must not be empty",
-            Some(field),
-            "invalid_value",
-        )),
-        (Endpoint::ChatCompletions, Value::Array(a)) if a.iter().any(|m| !m.is_object()) => {
+        (Endpoint::ChatCompletions | Endpoint::Messages, Value::Array(a)) if a.is_empty() => Err(
+            bad("`messages` must not be empty", Some(field), "invalid_value"),
+        ),
+        (Endpoint::ChatCompletions | Endpoint::Messages, Value::Array(a))
+            if a.iter().any(|m| !m.is_object()) =>
+        {
             Err(bad(
                 "each of `messages` must be an object",
                 Some(field),
                 "invalid_type",
             ))
         }
-        (Endpoint::ChatCompletions, Value::Array(_)) => Ok(()),
-        (Endpoint::ChatCompletions, _) => Err(bad(
+        (Endpoint::ChatCompletions | Endpoint::Messages, Value::Array(_)) => Ok(()),
+        (Endpoint::ChatCompletions | Endpoint::Messages, _) => Err(bad(
             "`messages` must be an array",
             Some(field),
             "invalid_type",

@@ -195,11 +195,13 @@ async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<
     let req = session.req_header();
     let route = classify(&req.method, req.uri.path());
     ctx.route = route.label();
-    ctx.anthropic = !matches!(route, Route::Deferrable(_))
-        && routes::is_anthropic(
+    ctx.anthropic = match &route {
+        Route::Deferrable(endpoint) => endpoint.is_anthropic(),
+        _ => routes::is_anthropic(
             req.uri.path(),
             req.headers.contains_key("anthropic-version"),
-        );
+        ),
+    };
     match route {
         Route::Healthz => {
             respond::value(session, 200, &[], &serde_json::json!({"status": "ok"})).await?;
@@ -220,10 +222,12 @@ async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<
         Route::MethodNotAllowed { allow } => return Err(ProxyError::MethodNotAllowed { allow }),
         _ => {}
     }
+    // Either header carries a Ferry key (Ferry's own routes are reached from
+    // both SDKs); the family's own header is read first.
     let key = if ctx.anthropic {
         header(req, "x-api-key").or_else(|| bearer(req))
     } else {
-        bearer(req)
+        bearer(req).or_else(|| header(req, "x-api-key"))
     };
     let tenant = key
         .and_then(|k| app.config.tenant_for_key(k))
@@ -237,9 +241,11 @@ async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<
                     .iter()
                     .filter_map(|v| v.to_str().ok()),
             );
+            // Over the upstreams of the endpoint's API family.
             let batched_everywhere = app
                 .upstreams
                 .iter()
+                .filter(|u| u.settings.profile.kind.is_anthropic() == endpoint.is_anthropic())
                 .all(|u| u.settings.profile.batches(endpoint));
             match intake::disposition(
                 prefer,
@@ -275,25 +281,6 @@ async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<
         }
         _ => {
             ctx.mode = "passthrough";
-            if ctx.anthropic && req.method == http::Method::POST && req.uri.path() == "/v1/messages"
-            {
-                let prefer = intake::parse_prefer(
-                    req.headers
-                        .get_all("prefer")
-                        .iter()
-                        .filter_map(|v| v.to_str().ok()),
-                );
-                // Asked for explicitly, a deferral Ferry cannot make is
-                // refused rather than silently paid at the real-time price.
-                if prefer.respond_async {
-                    return Err(IntakeError::BadRequest {
-                        message: "Deferring /v1/messages into Message Batches is not available in this Ferry yet; send the call without `Prefer: respond-async`.".into(),
-                        param: None,
-                        code: "endpoint_not_batched",
-                    }
-                    .into());
-                }
-            }
             if let Some(id) = own_object_named(app, req.uri.path()).await {
                 // Ferry's batch files hold every tenant's prompts and
                 // answers, and a delete or cancel would lose results: no
@@ -436,12 +423,12 @@ async fn deferred(
     )
     .await?;
     let profile_for = |model: &str| {
-        &app.upstreams[app.config.upstream_for_model(model)]
+        &app.upstreams[app.config.upstream_for(endpoint, model)]
             .settings
             .profile
     };
     let valid = intake::validate_endpoint_body(endpoint, &body, &profile_for, !wait.is_zero())?;
-    let up = &app.upstreams[app.config.upstream_for_model(&valid.model)];
+    let up = &app.upstreams[app.config.upstream_for(endpoint, &valid.model)];
     intake::check_endpoint_batched(&up.settings, endpoint)?;
     intake::check_model_served(&up.settings, &valid.model)?;
     let new = NewRequest {
@@ -610,7 +597,7 @@ async fn stream_replay(
             started = true;
         }
         session
-            .write_response_body(Some(Bytes::from_static(respond::SSE_KEEPALIVE)), false)
+            .write_response_body(Some(replay::keepalive(rec.endpoint)), false)
             .await?;
     }
     let result = stored_result(app, &rec).await;

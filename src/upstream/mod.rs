@@ -392,6 +392,10 @@ impl BatchClient {
     }
 
     pub async fn delete_file(&self, id: &str) -> Result<(), UpstreamError> {
+        // Anthropic's batches take their requests inline: Ferry made no file.
+        if self.anthropic_version.is_some() {
+            return Ok(());
+        }
         match self
             .send(
                 "delete_file",

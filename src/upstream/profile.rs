@@ -64,7 +64,7 @@ impl ProviderProfile {
                 default_window: "24h",
                 forbidden_params: Vec::new(),
                 batches_per_hour: 2_000,
-                batch_endpoints: &Endpoint::ALL,
+                batch_endpoints: &Endpoint::OPENAI,
             },
             ProviderKind::Moonshot => ProviderProfile {
                 kind,
@@ -90,9 +90,7 @@ impl ProviderProfile {
                 default_window: "24h",
                 forbidden_params: Vec::new(),
                 batches_per_hour: 2_000,
-                // None of OpenAI's endpoints: Claude is reached through
-                // `/v1/messages`, which Ferry passes through.
-                batch_endpoints: &[],
+                batch_endpoints: &[Endpoint::Messages],
             },
             ProviderKind::Generic => ProviderProfile {
                 kind,
@@ -176,7 +174,8 @@ mod tests {
     #[test]
     fn openai_batches_every_endpoint_moonshot_only_chat() {
         let o = ProviderProfile::for_kind(ProviderKind::Openai);
-        assert!(Endpoint::ALL.iter().all(|e| o.batches(*e)));
+        assert!(Endpoint::OPENAI.iter().all(|e| o.batches(*e)));
+        assert!(!o.batches(Endpoint::Messages));
         for kind in [ProviderKind::Moonshot, ProviderKind::Generic] {
             let p = ProviderProfile::for_kind(kind);
             assert!(p.batches(Endpoint::ChatCompletions));
