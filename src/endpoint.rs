@@ -78,7 +78,7 @@ impl Endpoint {
     }
 
     /// A short name: metric labels, route labels, the sled queue key's
-    /// endpoint segment. Bounded (five values).
+    /// endpoint segment. Bounded (six values).
     pub fn label(self) -> &'static str {
         match self {
             Endpoint::ChatCompletions => "chat_completions",
