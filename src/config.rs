@@ -213,6 +213,7 @@ struct RawUpstream {
     models: Option<Vec<String>>,
     lost_after_secs: Option<f64>,
     anthropic_version: Option<String>,
+    cache_ttl_1h: Option<bool>,
 }
 
 /// What becomes of requests a batch did not finish before its window ended.
@@ -785,6 +786,16 @@ impl RawConfig {
                         (poll_interval * LOST_AFTER_MIN_POLLS).as_secs_f64()
                     ),
                 ));
+            }
+            match (profile.kind.is_anthropic(), u.cache_ttl_1h) {
+                (_, None) => {}
+                (true, Some(on)) => profile.cache_ttl_1h = on,
+                (false, Some(_)) => {
+                    return Err(invalid(
+                        key("cache_ttl_1h"),
+                        "is only for kind = \"anthropic\"",
+                    ));
+                }
             }
             let anthropic_version = match (profile.kind.is_anthropic(), u.anthropic_version) {
                 (true, v) => {

@@ -42,6 +42,38 @@ pub fn from_openai(status: u16, envelope: &ErrorEnvelope) -> Value {
     error_body(status, envelope.error.message.clone())
 }
 
+/// Gives every `cache_control` breakpoint of a Messages body (in `system`,
+/// `tools`, message content blocks, anywhere) the 1-hour TTL: a request in
+/// a batch may run hours after its neighbours wrote the cache, long after
+/// the default 5 minutes. A TTL already set to something else than `5m` is
+/// kept. Returns how many breakpoints were changed.
+pub fn cache_ttl_1h(body: &mut Value) -> usize {
+    match body {
+        Value::Object(map) => {
+            let mut changed = 0;
+            if let Some(Value::Object(cc)) = map.get_mut("cache_control") {
+                let short = match cc.get("ttl") {
+                    None | Some(Value::Null) => true,
+                    Some(Value::String(t)) => t == "5m",
+                    Some(_) => false,
+                };
+                if short {
+                    cc.insert("ttl".into(), json!("1h"));
+                    changed += 1;
+                }
+            }
+            for (key, v) in map.iter_mut() {
+                if key != "cache_control" {
+                    changed += cache_ttl_1h(v);
+                }
+            }
+            changed
+        }
+        Value::Array(items) => items.iter_mut().map(cache_ttl_1h).sum(),
+        _ => 0,
+    }
+}
+
 /// Whether `custom_id` is one Anthropic accepts: `^[a-zA-Z0-9_-]{1,64}$`.
 pub fn valid_custom_id(custom_id: &str) -> bool {
     (1..=64).contains(&custom_id.len())
@@ -67,6 +99,26 @@ mod tests {
         assert_eq!(body["type"], "error");
         assert_eq!(body["error"]["type"], "invalid_request_error");
         assert_eq!(body["error"]["message"], "no");
+    }
+
+    #[test]
+    fn cache_breakpoints_get_the_hour_ttl() {
+        let mut body = json!({
+            "system": [{"type": "text", "text": "s", "cache_control": {"type": "ephemeral"}}],
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "a", "cache_control": {"type": "ephemeral", "ttl": "5m"}},
+                {"type": "text", "text": "b", "cache_control": {"type": "ephemeral", "ttl": "1h"}},
+                {"type": "text", "text": "c"},
+            ]}],
+        });
+        assert_eq!(cache_ttl_1h(&mut body), 2);
+        assert_eq!(body["system"][0]["cache_control"]["ttl"], "1h");
+        assert_eq!(
+            body["messages"][0]["content"][0]["cache_control"]["ttl"],
+            "1h"
+        );
+        assert_eq!(body["messages"][0]["content"][2].get("cache_control"), None);
+        assert_eq!(cache_ttl_1h(&mut body), 0, "a second pass changes nothing");
     }
 
     #[test]

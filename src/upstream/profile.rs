@@ -50,6 +50,9 @@ pub struct ProviderProfile {
     pub batches_per_hour: u32,
     /// The endpoints its Batch API takes.
     pub batch_endpoints: &'static [Endpoint],
+    /// Anthropic: deferred calls' `cache_control` breakpoints get the 1-hour
+    /// TTL (`cache_ttl_1h`, off by default).
+    pub cache_ttl_1h: bool,
 }
 
 const MB: u64 = 1024 * 1024;
@@ -65,6 +68,7 @@ impl ProviderProfile {
                 forbidden_params: Vec::new(),
                 batches_per_hour: 2_000,
                 batch_endpoints: &Endpoint::OPENAI,
+                cache_ttl_1h: false,
             },
             ProviderKind::Moonshot => ProviderProfile {
                 kind,
@@ -82,6 +86,7 @@ impl ProviderProfile {
                 .to_vec(),
                 batches_per_hour: 2_000,
                 batch_endpoints: &[Endpoint::ChatCompletions],
+                cache_ttl_1h: false,
             },
             ProviderKind::Anthropic => ProviderProfile {
                 kind,
@@ -91,6 +96,7 @@ impl ProviderProfile {
                 forbidden_params: Vec::new(),
                 batches_per_hour: 2_000,
                 batch_endpoints: &[Endpoint::Messages],
+                cache_ttl_1h: false,
             },
             ProviderKind::Generic => ProviderProfile {
                 kind,
@@ -102,6 +108,7 @@ impl ProviderProfile {
                 // What OpenAI-shaped providers batch besides OpenAI varies;
                 // chat completions is the one they all take.
                 batch_endpoints: &[Endpoint::ChatCompletions],
+                cache_ttl_1h: false,
             },
         }
     }
