@@ -212,6 +212,8 @@ struct RawUpstream {
     token_limit_backoff_secs: Option<f64>,
     models: Option<Vec<String>>,
     lost_after_secs: Option<f64>,
+    anthropic_version: Option<String>,
+    cache_ttl_1h: Option<bool>,
 }
 
 /// What becomes of requests a batch did not finish before its window ended.
@@ -353,6 +355,9 @@ pub struct UpstreamSettings {
     /// a success between) before it is given up as lost and its requests are
     /// sent again. At least [`LOST_AFTER_MIN_POLLS`] poll intervals.
     pub lost_after: Duration,
+    /// `kind = "anthropic"` only: the `anthropic-version` Ferry sends
+    /// upstream (default `2023-06-01`) when the caller sent none.
+    pub anthropic_version: Option<String>,
 }
 
 impl UpstreamSettings {
@@ -463,7 +468,12 @@ pub struct Config {
     pub emulator: Option<EmulatorConfig>,
     pub upstreams: Vec<UpstreamSettings>,
     pub routes: Vec<Route>,
+    /// Where OpenAI-shaped passthrough goes, and deferred calls no route
+    /// matches. OpenAI-shaped unless every upstream is Anthropic.
     pub default_upstream: usize,
+    /// Where Anthropic passthrough goes: the first `kind = "anthropic"`
+    /// upstream, if any.
+    pub anthropic_upstream: Option<usize>,
     pub tenants: Vec<Arc<Tenant>>,
     /// SHA-256 of each caller key → tenant. Keys are kept only as hashes.
     pub keys: HashMap<[u8; 32], Arc<Tenant>>,
@@ -540,6 +550,29 @@ impl Config {
             }
         }
         best.map_or(self.default_upstream, |(_, u)| u)
+    }
+
+    /// The upstream a deferred call to `endpoint` for `model` goes to: the
+    /// routes and default as for any model, except that a Claude call the
+    /// routes do not send to an Anthropic upstream goes to the Anthropic one.
+    pub fn upstream_for(&self, endpoint: crate::endpoint::Endpoint, model: &str) -> usize {
+        let u = self.upstream_for_model(model);
+        let anthropic = self.upstreams[u].profile.kind.is_anthropic();
+        match (endpoint.is_anthropic(), anthropic, self.anthropic_upstream) {
+            (true, false, Some(a)) => a,
+            _ => u,
+        }
+    }
+
+    /// The upstream passthrough of an API family goes to: for Anthropic
+    /// calls the Anthropic upstream, for OpenAI-shaped ones the default
+    /// unless it is Anthropic (a config with only Anthropic upstreams).
+    pub fn passthrough_upstream(&self, anthropic: bool) -> Option<usize> {
+        if anthropic {
+            return self.anthropic_upstream;
+        }
+        let default = self.upstreams.get(self.default_upstream)?;
+        (!default.profile.kind.is_anthropic()).then_some(self.default_upstream)
     }
 
     pub fn tenant_for_key(&self, key: &str) -> Option<&Arc<Tenant>> {
@@ -754,7 +787,30 @@ impl RawConfig {
                     ),
                 ));
             }
+            match (profile.kind.is_anthropic(), u.cache_ttl_1h) {
+                (_, None) => {}
+                (true, Some(on)) => profile.cache_ttl_1h = on,
+                (false, Some(_)) => {
+                    return Err(invalid(
+                        key("cache_ttl_1h"),
+                        "is only for kind = \"anthropic\"",
+                    ));
+                }
+            }
+            let anthropic_version = match (profile.kind.is_anthropic(), u.anthropic_version) {
+                (true, v) => {
+                    Some(v.unwrap_or_else(|| crate::anthropic::DEFAULT_VERSION.to_owned()))
+                }
+                (false, None) => None,
+                (false, Some(_)) => {
+                    return Err(invalid(
+                        key("anthropic_version"),
+                        "is only for kind = \"anthropic\"",
+                    ));
+                }
+            };
             upstreams.push(UpstreamSettings {
+                anthropic_version,
                 batch_discount,
                 max_attempts,
                 expired_policy: u.expired_policy.unwrap_or(ExpiredPolicy::Requeue),
@@ -814,10 +870,26 @@ impl RawConfig {
                 upstream: lookup(format!("routes[{i}].upstream"), &r.upstream)?,
             });
         }
+        // Passthrough goes per API family: OpenAI-shaped calls to the
+        // default (never an Anthropic upstream), Anthropic calls to the
+        // first Anthropic upstream.
         let default_upstream = match self.default_upstream {
-            Some(name) => lookup("default_upstream".into(), &name)?,
-            None => 0,
+            Some(name) => {
+                let i = lookup("default_upstream".into(), &name)?;
+                if upstreams[i].profile.kind.is_anthropic() {
+                    return Err(invalid(
+                        "default_upstream",
+                        "must be OpenAI-shaped; Anthropic calls go to the first kind = \"anthropic\" upstream",
+                    ));
+                }
+                i
+            }
+            None => upstreams
+                .iter()
+                .position(|u| !u.profile.kind.is_anthropic())
+                .unwrap_or(0),
         };
+        let anthropic_upstream = upstreams.iter().position(|u| u.profile.kind.is_anthropic());
 
         if self.tenants.is_empty() {
             return Err(invalid("tenants", "at least one [[tenants]] is needed"));
@@ -1004,6 +1076,7 @@ impl RawConfig {
             upstreams,
             routes,
             default_upstream,
+            anthropic_upstream,
             tenants,
             keys,
         })
@@ -1050,6 +1123,10 @@ mod tests {
         let demo = c.tenant_for_key("ferry-demo-key").unwrap();
         assert!(demo.webhook_key.is_some() && !demo.callback_allow.is_empty());
         assert!(c.prices.contains_key("gpt-4o-mini"));
+        // Claude through the embedded emulator's Anthropic profile.
+        let claude = c.passthrough_upstream(true).map(|i| &c.upstreams[i]);
+        assert!(claude.is_some_and(|u| u.target == UpstreamTarget::Emulator));
+        assert_eq!(c.passthrough_upstream(false), Some(0));
     }
 
     #[test]
@@ -1059,6 +1136,10 @@ mod tests {
             ("openai", include_str!("../config/openai.example.toml")),
             ("moonshot", include_str!("../config/moonshot.example.toml")),
             ("cluster", include_str!("../config/cluster.example.toml")),
+            (
+                "anthropic",
+                include_str!("../config/anthropic.example.toml"),
+            ),
         ] {
             let c =
                 Config::parse_with_env(text, &any_env).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -1189,6 +1270,60 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("upstreams[0].models"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn passthrough_goes_per_api_family() {
+        let claude = |extra: &str| {
+            MIN.replace(
+                "[[tenants]]",
+                &format!(
+                    "[[upstreams]]\nname = \"claude\"\nkind = \"anthropic\"\nemulator = true\n{extra}\n[[tenants]]"
+                ),
+            )
+        };
+        let c = Config::parse_with_env(&claude(""), &no_env).unwrap();
+        assert_eq!(c.passthrough_upstream(false), Some(0));
+        assert_eq!(c.passthrough_upstream(true), Some(1));
+        assert_eq!(
+            c.upstreams[1].anthropic_version.as_deref(),
+            Some(crate::anthropic::DEFAULT_VERSION)
+        );
+        assert_eq!(c.upstreams[0].anthropic_version, None);
+        // Anthropic first: OpenAI-shaped calls still go to the OpenAI one.
+        let only = MIN.replace("kind = \"openai\"", "kind = \"anthropic\"");
+        let c = Config::parse_with_env(&only, &no_env).unwrap();
+        assert_eq!(c.passthrough_upstream(true), Some(0));
+        assert_eq!(c.passthrough_upstream(false), None);
+        assert_eq!(
+            Config::parse_with_env(MIN, &no_env)
+                .unwrap()
+                .passthrough_upstream(true),
+            None
+        );
+        let bad = [
+            (
+                format!("default_upstream = \"claude\"\n{}", claude("")),
+                "must be OpenAI-shaped",
+            ),
+            (
+                MIN.replace(
+                    "emulator = true",
+                    "emulator = true\nanthropic_version = \"x\"",
+                ),
+                "upstreams[0].anthropic_version",
+            ),
+            (
+                claude("completion_window = \"48h\""),
+                "upstreams[1].completion_window",
+            ),
+        ];
+        for (text, key) in bad {
+            let err = Config::parse_with_env(&text, &no_env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{key}: {err}");
         }
     }
 

@@ -23,6 +23,10 @@ pub enum Endpoint {
     Moderations,
     #[serde(rename = "/v1/responses")]
     Responses,
+    /// Anthropic's Messages API, batched as Message Batches on `kind =
+    /// "anthropic"` upstreams.
+    #[serde(rename = "/v1/messages")]
+    Messages,
 }
 
 /// The model a moderation without `model` is queued (and batched) under:
@@ -34,13 +38,28 @@ pub const DEFAULT_MODERATION_MODEL: &str = "omni-moderation-latest";
 pub const OPENAI_EMBEDDING_INPUTS_PER_BATCH: u64 = 50_000;
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 5] = [
+    pub const ALL: [Endpoint; 6] = [
+        Endpoint::ChatCompletions,
+        Endpoint::Embeddings,
+        Endpoint::Completions,
+        Endpoint::Moderations,
+        Endpoint::Responses,
+        Endpoint::Messages,
+    ];
+
+    /// The endpoints of OpenAI's Batch API.
+    pub const OPENAI: [Endpoint; 5] = [
         Endpoint::ChatCompletions,
         Endpoint::Embeddings,
         Endpoint::Completions,
         Endpoint::Moderations,
         Endpoint::Responses,
     ];
+
+    /// Anthropic's API family rather than OpenAI's.
+    pub fn is_anthropic(self) -> bool {
+        self == Endpoint::Messages
+    }
 
     /// The path callers post to, a batch line's `url` and a batch's `endpoint`.
     pub fn path(self) -> &'static str {
@@ -50,6 +69,7 @@ impl Endpoint {
             Endpoint::Completions => "/v1/completions",
             Endpoint::Moderations => "/v1/moderations",
             Endpoint::Responses => "/v1/responses",
+            Endpoint::Messages => "/v1/messages",
         }
     }
 
@@ -58,7 +78,7 @@ impl Endpoint {
     }
 
     /// A short name: metric labels, route labels, the sled queue key's
-    /// endpoint segment. Bounded (five values).
+    /// endpoint segment. Bounded (six values).
     pub fn label(self) -> &'static str {
         match self {
             Endpoint::ChatCompletions => "chat_completions",
@@ -66,6 +86,7 @@ impl Endpoint {
             Endpoint::Completions => "completions",
             Endpoint::Moderations => "moderations",
             Endpoint::Responses => "responses",
+            Endpoint::Messages => "messages",
         }
     }
 
@@ -76,7 +97,7 @@ impl Endpoint {
     /// The body field the endpoint cannot do without (besides `model`).
     pub fn required_field(self) -> &'static str {
         match self {
-            Endpoint::ChatCompletions => "messages",
+            Endpoint::ChatCompletions | Endpoint::Messages => "messages",
             Endpoint::Completions => "prompt",
             Endpoint::Embeddings | Endpoint::Moderations | Endpoint::Responses => "input",
         }
@@ -92,7 +113,10 @@ impl Endpoint {
     pub fn streams(self) -> bool {
         matches!(
             self,
-            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Responses
+            Endpoint::ChatCompletions
+                | Endpoint::Completions
+                | Endpoint::Responses
+                | Endpoint::Messages
         )
     }
 
@@ -123,7 +147,7 @@ impl Endpoint {
     pub fn usage_tokens(self, usage: &serde_json::Value) -> (u64, u64) {
         let n = |key: &str| usage[key].as_u64().unwrap_or(0);
         match self {
-            Endpoint::Responses => (n("input_tokens"), n("output_tokens")),
+            Endpoint::Responses | Endpoint::Messages => (n("input_tokens"), n("output_tokens")),
             Endpoint::Embeddings => (n("prompt_tokens"), 0),
             _ => (n("prompt_tokens"), n("completion_tokens")),
         }

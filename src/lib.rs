@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod announce;
+pub mod anthropic;
 pub mod api_error;
 pub mod batch;
 pub mod cluster;
@@ -100,6 +101,8 @@ pub struct Upstream {
     next_addr: std::sync::atomic::AtomicUsize,
     /// The key Ferry sends upstream on passthrough (`Bearer ...`).
     pub auth_header: String,
+    /// The bare key, for `x-api-key` (Anthropic upstreams).
+    pub api_key: String,
     /// Wakes this upstream's flush loop (new queue, threshold crossed, re-queue).
     pub wake: tokio::sync::Notify,
     pub manual_flush: AtomicBool,
@@ -124,6 +127,7 @@ impl Upstream {
             passthrough_addrs: std::sync::RwLock::new(Arc::new(Vec::new())),
             next_addr: std::sync::atomic::AtomicUsize::new(0),
             auth_header: format!("Bearer {api_key}"),
+            api_key: api_key.to_owned(),
             wake: tokio::sync::Notify::new(),
             manual_flush: AtomicBool::new(false),
             paused_until: AtomicU64::new(0),

@@ -149,6 +149,13 @@ pub fn run(config: Config) -> Result<(), ServerError> {
                     .unwrap_or_default(),
             ),
         };
+        // An Anthropic base URL names the host (`https://api.anthropic.com`);
+        // its paths start with `/v1`, which the embedded emulator's URL
+        // already has.
+        let base_url = match (&s.target, s.profile.kind.is_anthropic()) {
+            (UpstreamTarget::Url(_), true) => format!("{base_url}/v1"),
+            _ => base_url,
+        };
         let passthrough =
             PassthroughTarget::parse(&base_url).ok_or_else(|| ServerError::Upstream {
                 name: s.name.clone(),
@@ -167,6 +174,10 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             name: s.name.clone(),
             message: e.to_string(),
         })?;
+        let client = match &s.anthropic_version {
+            Some(version) => client.for_anthropic(version),
+            None => client,
+        };
         let up = Upstream::new(s.clone(), client, passthrough, &key);
         if let Ok(addrs) = std::net::ToSocketAddrs::to_socket_addrs(up.passthrough.addr.as_str()) {
             up.set_passthrough_addrs(addrs.collect());

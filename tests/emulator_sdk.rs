@@ -3,7 +3,8 @@
 //! against it with the Python `common::python()` picks (`$FERRY_TEST_PYTHON`,
 //! else the venv `.ci/run` makes, else `python3`). The SDK's strict
 //! models parse every object the emulator sends; a missing SDK fails the test
-//! (never skips it).
+//! (never skips it). The second test does the same for the Anthropic profile
+//! with the official `anthropic` SDK (tests/python/emulator_anthropic.py).
 
 mod common;
 
@@ -76,4 +77,59 @@ async fn openai_python_sdk_conformance() {
     );
     assert!(stdout.contains("all checks passed"), "{stdout}");
     eprintln!("{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_python_sdk_conformance() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let key = "sdk-test-key";
+    let config = EmulatorConfig {
+        api_key: key.to_owned(),
+        validating_seconds: 5.0,
+        per_request_seconds: 5.0,
+        finalizing_seconds: 5.0,
+        cancel_seconds: 5.0,
+        ..Default::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(ferry::emulator::serve(listener, config, async {
+        let _ = stopped.await;
+    }));
+    let python = common::python();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/python/emulator_anthropic.py"
+    );
+    let child = tokio::process::Command::new(&python)
+        .arg(script)
+        .env("ANTHROPIC_BASE_URL", format!("http://{addr}"))
+        .env("ANTHROPIC_API_KEY", key)
+        .env("EMULATOR_URL", format!("http://{addr}"))
+        .env_remove("ANTHROPIC_AUTH_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run `{python}` ({e}): set FERRY_TEST_PYTHON"));
+    let output = tokio::time::timeout(Duration::from_secs(300), child.wait_with_output())
+        .await
+        .expect("the conformance script did not finish within 300 s")
+        .unwrap();
+    let _ = stop.send(());
+    let _ = server.await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if output.status.code() == Some(MISSING_SDK) {
+        panic!(
+            "the `anthropic` Python package is not installed for `{python}`: run `pip install anthropic`\n{stderr}"
+        );
+    }
+    assert!(
+        output.status.success(),
+        "the conformance script failed ({})\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+        output.status
+    );
+    assert!(stdout.contains("all checks passed"), "{stdout}");
 }

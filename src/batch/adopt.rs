@@ -128,3 +128,69 @@ mod tests {
         assert!(!keep_paging(false, None, claimed));
     }
 }
+
+/// Anthropic batches scanned (newest first) for one a cut-short create
+/// made: the create is retried within seconds to minutes of the crash, so
+/// the batch, if it exists, is among the newest.
+const INLINE_SCAN: u32 = 500;
+
+/// What the scan for an Anthropic batch found.
+#[derive(Debug)]
+pub enum Inline {
+    Found(BatchObject),
+    NotCreated,
+    /// A batch of the same size is still running and may be this one:
+    /// its results (which carry the custom ids) are not readable yet.
+    Undecided(String),
+}
+
+/// Anthropic batches carry no metadata: a batch is this Ferry batch's when
+/// its results' `custom_id`s carry `prefix` (this instance's id and the
+/// Ferry batch's number, see [`crate::upstream::anthropic`]). Only batches
+/// of exactly this batch's size are looked at; an unfinished one of that
+/// size cannot be told apart until it ends, so the caller waits rather
+/// than risk paying twice.
+pub async fn find_created_inline(
+    up: &crate::Upstream,
+    batch: &BatchRecord,
+    prefix: &str,
+) -> Result<Inline, UpstreamError> {
+    use futures::StreamExt;
+    let mut after: Option<String> = None;
+    let mut seen = 0u32;
+    let mut undecided = None;
+    loop {
+        let (page, has_more) = up
+            .client
+            .list_message_batches(after.as_deref(), PAGE)
+            .await?;
+        for b in &page {
+            seen += 1;
+            if b.request_counts.total() != batch.request_count {
+                continue;
+            }
+            if b.processing_status != "ended" {
+                undecided.get_or_insert_with(|| b.id.clone());
+                continue;
+            }
+            let mut lines = Box::pin(
+                up.client
+                    .message_batch_results(&b.id, prefix.to_owned())
+                    .await?,
+            );
+            while let Some(chunk) = lines.next().await {
+                if !chunk?.is_empty() {
+                    return Ok(Inline::Found(crate::upstream::anthropic::batch_object(b)));
+                }
+            }
+        }
+        after = page.last().map(|b| b.id.clone());
+        if !has_more || after.is_none() || seen >= INLINE_SCAN {
+            break;
+        }
+    }
+    Ok(match undecided {
+        Some(id) => Inline::Undecided(id),
+        None => Inline::NotCreated,
+    })
+}

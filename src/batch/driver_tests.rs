@@ -31,6 +31,11 @@ struct Harness {
 /// An App with one upstream: the emulator, serving in this runtime, with
 /// batches that stay `validating` (nothing here needs them to finish).
 async fn harness() -> Harness {
+    harness_of("openai").await.0
+}
+
+/// [`harness`] with an upstream of `kind`; also the emulator's address.
+async fn harness_of(kind: &str) -> (Harness, std::net::SocketAddr) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let emu = crate::emulator::EmulatorConfig {
@@ -50,7 +55,7 @@ async fn harness() -> Harness {
         data_dir = "{}"
         [[upstreams]]
         name = "emu"
-        kind = "openai"
+        kind = "{kind}"
         base_url = "{base}"
         api_key_env = "KEY"
         poll_interval_secs = 0.05
@@ -74,6 +79,10 @@ async fn harness() -> Harness {
         metrics.clone(),
     )
     .unwrap();
+    let client = match &settings.anthropic_version {
+        Some(v) => client.for_anthropic(v),
+        None => client,
+    };
     let up = Upstream::new(
         settings,
         client,
@@ -98,12 +107,13 @@ async fn harness() -> Harness {
     // One node on sled: it owns the upstream, as its flush loop finds.
     let owned = crate::batch::ownership::renew(&app, 0, &shutdown).await;
     assert_eq!(owned, Some(1));
-    Harness {
+    let h = Harness {
         _dir: dir,
         app,
         shutdown,
         _stop: stop,
-    }
+    };
+    (h, addr)
 }
 
 fn queue() -> QueueKey {
@@ -522,4 +532,86 @@ async fn a_whole_batch_of_outcomes_is_written_in_slices() {
         "one write of {} outcomes",
         largest()
     );
+}
+
+/// Anthropic: a create whose `submitted` was not made durable is found
+/// again by its custom-id prefix rather than made twice; while a batch of
+/// the same size is still running it cannot be told apart, so the step
+/// waits instead of creating another.
+#[tokio::test]
+async fn a_cut_short_message_batch_create_is_found_not_made_again() {
+    let (h, emulator) = harness_of("anthropic").await;
+    let app = &h.app;
+    let up = &app.upstreams[0];
+    let key = QueueKey {
+        upstream: "emu".into(),
+        endpoint: crate::endpoint::Endpoint::Messages,
+        model: "claude-haiku-4-5".into(),
+    };
+    for i in 0..2 {
+        let body = format!(
+            r#"{{"model":"claude-haiku-4-5","max_tokens":8,"messages":[{{"role":"user","content":"m{i}"}}]}}"#
+        );
+        let rec = RequestRecord {
+            model: "claude-haiku-4-5".into(),
+            upstream: "emu".into(),
+            endpoint: crate::endpoint::Endpoint::Messages,
+            body_len: body.len() as u64,
+            created_at: crate::store::now_secs(),
+            ..RequestRecord::for_test("t", &format!("c{i}"), &format!("h{i}"))
+        };
+        let stored = app.store.accept(rec, body.into_bytes()).await.unwrap();
+        assert!(matches!(stored, Intake::Created(_)));
+    }
+    let mut batch = app
+        .store
+        .claim_batch(&key, 100, 1 << 20, "manual", (LEASE, 1))
+        .await
+        .unwrap()
+        .unwrap();
+    let count = || async {
+        up.client
+            .list_message_batches(None, 100)
+            .await
+            .unwrap()
+            .0
+            .len()
+    };
+
+    // Created upstream, but `submitted` cannot be made durable.
+    fail_commits(app, true);
+    assert!(
+        upload(app, up, &mut batch, false, &h.shutdown)
+            .await
+            .is_err()
+    );
+    assert_eq!(batch.state, BatchState::Claimed);
+    fail_commits(app, false);
+    // Still running: it may be ours, and cannot be told yet.
+    assert!(
+        upload(app, up, &mut batch, true, &h.shutdown)
+            .await
+            .is_err()
+    );
+    assert_eq!(batch.state, BatchState::Claimed);
+    assert_eq!(
+        count().await,
+        1,
+        "a second batch was created while the first was undecided"
+    );
+    // Once it ended, its results name this instance and batch: adopted.
+    reqwest::Client::new()
+        .post(format!("http://{emulator}/_emulator/clock"))
+        .json(&serde_json::json!({"advance_seconds": 4000}))
+        .send()
+        .await
+        .unwrap();
+    upload(app, up, &mut batch, true, &h.shutdown)
+        .await
+        .unwrap();
+    let BatchState::Submitted { batch_id, .. } = &batch.state else {
+        panic!("{:?}", batch.state);
+    };
+    assert!(batch_id.starts_with("msgbatch_"));
+    assert_eq!(count().await, 1, "created once, then adopted");
 }

@@ -356,6 +356,9 @@ async fn upload(
     resumed: bool,
     shutdown: &watch::Receiver<bool>,
 ) -> Result<(), StepError> {
+    if up.settings.profile.kind.is_anthropic() {
+        return create_inline(app, up, batch, resumed).await;
+    }
     // Named with this instance's id: a resumed upload adopts or deletes only
     // files this data_dir made (another Ferry on the same key has its own
     // batch numbers, the same as ours).
@@ -436,6 +439,10 @@ pub async fn delete_upstream_files(app: &Arc<App>, up: &crate::Upstream, batch: 
 /// Ferry's.
 pub async fn sweep_orphan_files(app: Arc<App>, upstream: usize) {
     let up = &app.upstreams[upstream];
+    // Anthropic's batches take their requests inline: no files to sweep.
+    if up.settings.profile.kind.is_anthropic() {
+        return;
+    }
     // Deletes a finished batch still owes (a crash or an upstream error cut
     // them short), output and error files included.
     match app.store.batches_owing_cleanup(&up.settings.name).await {
@@ -474,6 +481,76 @@ pub async fn sweep_orphan_files(app: Arc<App>, upstream: usize) {
         }
     }
     info!(upstream = %up.settings.name, deleted, "orphaned upstream input files swept");
+}
+
+/// Anthropic: the requests go inline in the create, so a claimed batch is
+/// created at once (after looking for one a cut-short create may have
+/// made) and recorded as submitted, its "file" the batch itself. The claim
+/// is on disk before this runs, as an upload's is.
+async fn create_inline(
+    app: &Arc<App>,
+    up: &crate::Upstream,
+    batch: &mut BatchRecord,
+    resumed: bool,
+) -> Result<(), StepError> {
+    let prefix = crate::upstream::anthropic::custom_id_prefix(&app.instance_id, batch.id);
+    let existing = if resumed {
+        match adopt::find_created_inline(up, batch, &prefix).await? {
+            adopt::Inline::Found(b) => Some(b),
+            adopt::Inline::NotCreated => None,
+            adopt::Inline::Undecided(id) => {
+                return Err(UpstreamError::Protocol(format!(
+                    "batch {id} may be this batch's create; waiting until it ends to tell"
+                ))
+                .into());
+            }
+        }
+    } else {
+        None
+    };
+    let created = match existing {
+        Some(b) => {
+            info!(ferry_batch = batch.id, batch_id = %b.id, "found the message batch created before the restart or failed try");
+            b
+        }
+        None => {
+            let members = member_ids(app, batch.id).await?;
+            let lines = jsonl::stream_batch(app.store.clone(), batch.endpoint, members);
+            // One try per step: a retry goes through the scan first.
+            match up.client.create_message_batch(lines, prefix).await {
+                Ok(b) => b,
+                Err(e) if !e.is_transient() => {
+                    fail_all(app, up, batch, "batch_refused", &e.to_string()).await?;
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    let (lease, token) = fence(app, &batch.upstream)?;
+    *batch = app
+        .store
+        .mark_submitted_fenced(batch, &created.id, &created.id, &lease, token)
+        .await?
+        .ok_or(StepError::NotOwner)?;
+    app.metrics
+        .batches
+        .with_label_values(&[&batch.upstream, "created"])
+        .inc();
+    info!(
+        ferry_batch = batch.id, batch_id = %created.id, upstream = %batch.upstream, model = %batch.model,
+        requests = batch.request_count, "message batch created upstream"
+    );
+    Ok(())
+}
+
+/// The upstream's batch, in the driver's shape whichever API it speaks.
+async fn fetch_batch(up: &crate::Upstream, id: &str) -> Result<BatchObject, UpstreamError> {
+    if up.settings.profile.kind.is_anthropic() {
+        let b = up.client.get_message_batch(id).await?;
+        return Ok(crate::upstream::anthropic::batch_object(&b));
+    }
+    up.client.get_batch(id).await
 }
 
 async fn create(
@@ -574,7 +651,7 @@ async fn poll_and_ingest(
             STEP_ATTEMPTS,
             &app.metrics,
             shutdown.clone(),
-            || up.client.get_batch(batch_id),
+            || fetch_batch(up, batch_id),
         )
         .await;
         let obj = match polled {
@@ -621,11 +698,16 @@ async fn poll_and_ingest(
     // Done is recorded before the upstream files are deleted: once the
     // output file is gone, ingesting again would be impossible, so a crash
     // must not find this batch still `submitted`.
-    let cleanup: Vec<String> = [Some(file_id), obj.output_file(), obj.error_file()]
-        .into_iter()
-        .flatten()
-        .map(str::to_owned)
-        .collect();
+    // Anthropic keeps no files of Ferry's: nothing to delete.
+    let cleanup: Vec<String> = if up.settings.profile.kind.is_anthropic() {
+        Vec::new()
+    } else {
+        [Some(file_id), obj.output_file(), obj.error_file()]
+            .into_iter()
+            .flatten()
+            .map(str::to_owned)
+            .collect()
+    };
     advance(app, batch, |b| {
         b.state = BatchState::Done {
             file_id: Some(file_id.to_owned()),
@@ -891,15 +973,36 @@ async fn read_result_file(
     ingest: &mut Ingest<'_>,
     shutdown: &watch::Receiver<bool>,
 ) -> Result<(), StepError> {
-    let res = with_retry(
-        &up.settings.name,
-        "download_file",
-        STEP_ATTEMPTS,
-        &app.metrics,
-        shutdown.clone(),
-        || up.client.file_content(file_id),
-    )
-    .await?;
+    let mut stream: std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<bytes::Bytes, UpstreamError>> + Send>,
+    > = if up.settings.profile.kind.is_anthropic() {
+        let prefix = crate::upstream::anthropic::custom_id_prefix(&app.instance_id, batch.id);
+        Box::pin(
+            with_retry(
+                &up.settings.name,
+                "download_file",
+                STEP_ATTEMPTS,
+                &app.metrics,
+                shutdown.clone(),
+                || up.client.message_batch_results(file_id, prefix.clone()),
+            )
+            .await?,
+        )
+    } else {
+        let res = with_retry(
+            &up.settings.name,
+            "download_file",
+            STEP_ATTEMPTS,
+            &app.metrics,
+            shutdown.clone(),
+            || up.client.file_content(file_id),
+        )
+        .await?;
+        Box::pin(
+            res.bytes_stream()
+                .map(|c| c.map_err(|e| UpstreamError::Transport(e.to_string()))),
+        )
+    };
     let mut reader = ingest::ResultReader::new(members);
     let take = |ingest: &mut Ingest<'_>, id: u64, outcome: Outcome| {
         if let Outcome::Completed(r) = &outcome {
@@ -907,9 +1010,8 @@ async fn read_result_file(
         }
         ingest.push(id, outcome);
     };
-    let mut stream = res.bytes_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| UpstreamError::Transport(e.to_string()))?;
+        let chunk = chunk?;
         reader.push(&chunk, &mut |id, outcome| take(ingest, id, outcome));
         if ingest.pending.len() >= OUTCOME_CHUNK {
             ingest.apply().await?;

@@ -56,7 +56,9 @@ pub const MOONSHOT_MAX_FILE_BYTES: u64 = 100 * 1024 * 1024;
 pub const MOONSHOT_MAX_BATCH_FILES: u64 = 1_000;
 
 /// The models the emulator knows unless told otherwise: the common OpenAI
-/// batch models and the two Kimi models Moonshot serves in batches.
+/// batch models, the two Kimi models Moonshot serves in batches, and the
+/// current Claude models the official `anthropic` SDK lists (one list: an
+/// emulator serves both API families at once).
 pub fn default_models() -> Vec<String> {
     [
         "gpt-4o-mini",
@@ -70,6 +72,12 @@ pub fn default_models() -> Vec<String> {
         "omni-moderation-latest",
         "kimi-k2.6",
         "kimi-k2.5",
+        "claude-haiku-4-5",
+        "claude-sonnet-4-5",
+        "claude-sonnet-4-6",
+        "claude-opus-4-5",
+        "claude-opus-4-6",
+        "claude-opus-4-7",
     ]
     .into_iter()
     .map(str::to_owned)

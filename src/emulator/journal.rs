@@ -170,6 +170,12 @@ pub enum Event {
         output: Option<FileMeta>,
         error: Option<FileMeta>,
     },
+    /// `DELETE /v1/messages/batches/{id}` of an ended Message Batch: the
+    /// batch and its result files are gone.
+    BatchDeleted {
+        batch: String,
+        files: Vec<String>,
+    },
     /// `POST /_emulator/clock`: the offset from then on.
     Clock {
         offset: Exact,

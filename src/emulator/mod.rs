@@ -4,7 +4,10 @@
 //!
 //! It serves `/v1/files`, `/v1/batches`, real-time `/v1/chat/completions` and
 //! `/v1/models` with a deterministic model (see [`model`]), plus control routes
-//! under `/_emulator/` (config, clock, stats) that need no key.
+//! under `/_emulator/` (config, clock, stats) that need no key. The same
+//! process also serves Anthropic's Messages API and Message Batches (see
+//! `anthropic`): the paths do not collide, and a call carrying
+//! `anthropic-version` is answered in Anthropic's shapes.
 //!
 //! Time is lazy: no background task advances batches. A batch's state is a
 //! pure function of its creation time, the timing knobs captured at creation
@@ -24,6 +27,7 @@
 //! [`journal`] (durability), `state` (files, batches, counters) and `routes`
 //! (HTTP).
 
+mod anthropic;
 mod cli;
 pub mod config;
 mod error;

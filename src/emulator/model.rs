@@ -208,6 +208,7 @@ fn input_text(value: Option<&Value>) -> String {
 pub fn answer(endpoint: &str, body: &Map<String, Value>, id: &str, created: i64) -> Answer {
     let model = model_of(body);
     match endpoint {
+        "/v1/messages" => super::anthropic::message::answer(body, id),
         "/v1/embeddings" | "/v1/moderations" => per_input(endpoint, body, id, model),
         "/v1/completions" | "/v1/responses" => {
             let key = if endpoint == "/v1/completions" {

@@ -19,6 +19,7 @@ use axum::routing::{get, post};
 use bytes::BytesMut;
 use serde_json::{Map, Value, json};
 
+use super::anthropic;
 use super::error::ApiError;
 use super::model::{self, Answer};
 use super::realtime::Realtime;
@@ -73,6 +74,7 @@ pub fn router(emulator: Shared) -> Router {
         )
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(retrieve_model))
+        .merge(super::anthropic::routes())
         .route_layer(middleware::from_fn_with_state(emulator.clone(), api_gate));
     let control = Router::new()
         .route("/_emulator/config", get(get_config).post(patch_config))
@@ -176,47 +178,59 @@ async fn api_gate(State(emulator): State<Shared>, request: Request, next: Next) 
     if config.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(config.latency_ms)).await;
     }
-    let expected = format!("Bearer {}", config.api_key);
-    let auth = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    match auth {
-        Some(given) if given == expected => {}
-        Some(_) => {
-            return ApiError::new(
-                401,
-                "Incorrect API key provided. You can find your API key in the emulator's configuration.",
-                None,
-                Some("invalid_api_key"),
-            )
-            .into_response();
+    let anthropic = anthropic::is_anthropic(request.uri().path(), request.headers());
+    // Every refusal below in the caller's family's error shape.
+    let answer = |e: ApiError| {
+        if anthropic {
+            anthropic::reshape(e)
+        } else {
+            e.into_response()
         }
-        None => {
-            return ApiError::new(
-                401,
-                "You didn't provide an API key. You need to provide your API key in an Authorization \
-                 header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
-                None,
-                Some("invalid_api_key"),
-            )
-            .into_response();
+    };
+    if anthropic {
+        if let Err(e) = anthropic::check_auth(request.headers(), &config.api_key) {
+            return e.into_response();
         }
+    } else if let Err(e) = check_bearer(request.headers(), &config.api_key) {
+        return e.into_response();
     }
     if let Err(e) = emulator.available() {
-        return e.into_response();
+        return answer(e);
     }
     if let Some(status) = emulator.roll_fault() {
         tracing::debug!(status, uri = %request.uri(), "injected fault");
-        return ApiError::new(
+        return answer(ApiError::new(
             status,
             "The server had an error while processing your request (injected by the emulator's error_rate). Sorry about that!",
             None,
             Some("server_error"),
-        )
-        .into_response();
+        ));
     }
     next.run(request).await
+}
+
+/// The OpenAI family's auth: `Authorization: Bearer <key>`.
+fn check_bearer(headers: &HeaderMap, key: &str) -> Result<(), ApiError> {
+    let expected = format!("Bearer {key}");
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match auth {
+        Some(given) if given == expected => Ok(()),
+        Some(_) => Err(ApiError::new(
+            401,
+            "Incorrect API key provided. You can find your API key in the emulator's configuration.",
+            None,
+            Some("invalid_api_key"),
+        )),
+        None => Err(ApiError::new(
+            401,
+            "You didn't provide an API key. You need to provide your API key in an Authorization \
+             header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+            None,
+            Some("invalid_api_key"),
+        )),
+    }
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {
@@ -633,7 +647,10 @@ fn model_json(id: &str) -> Value {
     json!({"id": id, "object": "model", "created": 1_700_000_000, "owned_by": owned_by})
 }
 
-async fn list_models(State(emulator): State<Shared>) -> ApiResult {
+async fn list_models(State(emulator): State<Shared>, headers: HeaderMap) -> ApiResult {
+    if headers.contains_key("anthropic-version") {
+        return Ok(anthropic::models_list(&emulator.config().models));
+    }
     let data: Vec<Value> = emulator
         .config()
         .models
@@ -645,9 +662,17 @@ async fn list_models(State(emulator): State<Shared>) -> ApiResult {
 
 async fn retrieve_model(
     State(emulator): State<Shared>,
+    headers: HeaderMap,
     id: Result<Path<String>, PathRejection>,
 ) -> ApiResult {
     let id = path_id(id)?;
+    if headers.contains_key("anthropic-version") {
+        return Ok(if emulator.config().knows_model(&id) {
+            json_response(anthropic::model_json(&id))
+        } else {
+            anthropic::Error::new(404, format!("model: {id}")).into_response()
+        });
+    }
     if emulator.config().knows_model(&id) {
         Ok(json_response(model_json(&id)))
     } else {

@@ -332,6 +332,7 @@ impl Emulator {
             counters,
             batches,
             positions: _,
+            deleted,
         } = replay;
         // Contents: every File's, and the input of every unfinished batch
         // (whose File may have been deleted).
@@ -349,6 +350,9 @@ impl Emulator {
         }
         let mut index = BatchIndex::default();
         for (mut b, ran) in batches {
+            if deleted.contains(&b.id) {
+                continue;
+            }
             if !b.finished {
                 files.pin(&b.input_file_id);
                 b.input = content(&b.input_file_id)?;
@@ -785,7 +789,9 @@ impl Emulator {
     }
 
     fn batch(&self, id: &str) -> Result<Arc<Mutex<Batch>>, ApiError> {
-        lock(&self.batches).by_id.get(id).cloned().ok_or_else(|| {
+        let index = lock(&self.batches);
+        let found = index.by_id.get(id).filter(|_| !is_message_batch(id));
+        found.cloned().ok_or_else(|| {
             ApiError::not_found(format!("No batch found with id '{id}'."), Some("batch_id"))
         })
     }
@@ -804,7 +810,7 @@ impl Emulator {
         let profile = lock(&self.config).profile;
         let (page, has_more) = {
             let index = lock(&self.batches);
-            let mut newest_first = index.order.iter().rev();
+            let mut newest_first = index.order.iter().rev().filter(|id| !is_message_batch(id));
             if let Some(after) = after
                 && !newest_first.by_ref().any(|id| id == after)
             {
@@ -1123,6 +1129,11 @@ impl Counters {
 /// The clock offset after a restart: the one written down, moved forward if
 /// the system clock now reads so early that time would otherwise go back
 /// behind `floor`, the last time the previous run wrote down.
+/// A batch created by the Anthropic routes, which the OpenAI ones do not show.
+fn is_message_batch(id: &str) -> bool {
+    id.starts_with(super::anthropic::batches::ID_PREFIX)
+}
+
 fn resumed_offset(real_now: f64, offset: f64, floor: f64) -> f64 {
     if real_now + offset < floor {
         floor - real_now
@@ -1148,6 +1159,8 @@ struct Replay {
     batches: Vec<(Batch, usize)>,
     /// Batch id → its place in `batches`.
     positions: HashMap<String, usize>,
+    /// Message Batches deleted (only ended ones can be).
+    deleted: HashSet<String>,
 }
 
 impl Replay {
@@ -1228,6 +1241,13 @@ impl Replay {
                     self.files.insert(StoredFile::from_meta(f, Bytes::new()));
                 }
             }
+            Event::BatchDeleted { batch, files } => {
+                self.batch(&batch)?;
+                for id in files {
+                    self.files.remove(&id);
+                }
+                self.deleted.insert(batch);
+            }
             Event::Clock { offset } => self.offset = self.offset.max(offset.0),
         }
         Ok(())
@@ -1239,6 +1259,7 @@ fn response_id(endpoint: &str) -> String {
     match endpoint {
         "/v1/completions" => new_id("cmpl-"),
         "/v1/responses" => new_id("resp_"),
+        "/v1/messages" => new_id("msg_"),
         _ => new_id("chatcmpl-"),
     }
 }
@@ -1412,5 +1433,6 @@ impl Batch {
     }
 }
 
+mod anthropic;
 #[cfg(test)]
 mod tests;

@@ -287,6 +287,9 @@ pub fn validate_endpoint_body<'a>(
     }
     obj.remove("stream");
     obj.remove("stream_options");
+    if endpoint.is_anthropic() && profile.cache_ttl_1h {
+        crate::anthropic::cache_ttl_1h(&mut v);
+    }
     let inputs = endpoint.inputs(&v);
     let line_body = serde_json::to_vec(&v).map_err(|e| bad(e.to_string(), None, "invalid_json"))?;
     Ok(ValidBody {
@@ -307,6 +310,16 @@ fn check_required_field(
     obj: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<(), IntakeError> {
     use serde_json::Value;
+    // Anthropic refuses a whole batch for one request without `max_tokens`:
+    // refused here, it cannot cost the other callers' requests.
+    let max_tokens = obj.get("max_tokens").and_then(Value::as_u64);
+    if endpoint == Endpoint::Messages && max_tokens.is_none_or(|n| n == 0) {
+        return Err(bad(
+            "`max_tokens` must be an integer of at least 1",
+            Some("max_tokens"),
+            "missing_required_parameter",
+        ));
+    }
     let field = endpoint.required_field();
     let Some(value) = obj.get(field) else {
         return Err(bad(
@@ -316,20 +329,20 @@ fn check_required_field(
         ));
     };
     match (endpoint, value) {
-        (Endpoint::ChatCompletions, Value::Array(a)) if a.is_empty() => Err(bad(
-            "`messages` must not be empty",
-            Some(field),
-            "invalid_value",
-        )),
-        (Endpoint::ChatCompletions, Value::Array(a)) if a.iter().any(|m| !m.is_object()) => {
+        (Endpoint::ChatCompletions | Endpoint::Messages, Value::Array(a)) if a.is_empty() => Err(
+            bad("`messages` must not be empty", Some(field), "invalid_value"),
+        ),
+        (Endpoint::ChatCompletions | Endpoint::Messages, Value::Array(a))
+            if a.iter().any(|m| !m.is_object()) =>
+        {
             Err(bad(
                 "each of `messages` must be an object",
                 Some(field),
                 "invalid_type",
             ))
         }
-        (Endpoint::ChatCompletions, Value::Array(_)) => Ok(()),
-        (Endpoint::ChatCompletions, _) => Err(bad(
+        (Endpoint::ChatCompletions | Endpoint::Messages, Value::Array(_)) => Ok(()),
+        (Endpoint::ChatCompletions | Endpoint::Messages, _) => Err(bad(
             "`messages` must be an array",
             Some(field),
             "invalid_type",
@@ -680,6 +693,45 @@ mod tests {
         assert_eq!(v.model, DEFAULT_MODERATION_MODEL);
         let line: serde_json::Value = serde_json::from_slice(&v.line_body).unwrap();
         assert_eq!(line["model"], DEFAULT_MODERATION_MODEL);
+    }
+
+    #[test]
+    fn claude_bodies_need_max_tokens_and_may_get_the_hour_cache_ttl() {
+        let mut anthropic = ProviderProfile::for_kind(ProviderKind::Anthropic);
+        let body = json!({"model": "claude-haiku-4-5", "max_tokens": 8, "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}]}]});
+        let line = |profile: &ProviderProfile, body: &serde_json::Value| {
+            let v = validate_endpoint_body(
+                Endpoint::Messages,
+                body.to_string().as_bytes(),
+                &|_| profile,
+                false,
+            )
+            .unwrap();
+            serde_json::from_slice::<serde_json::Value>(&v.line_body).unwrap()
+        };
+        let ttl =
+            |l: serde_json::Value| l["messages"][0]["content"][0]["cache_control"]["ttl"].clone();
+        assert_eq!(
+            ttl(line(&anthropic, &body)),
+            serde_json::Value::Null,
+            "off by default"
+        );
+        anthropic.cache_ttl_1h = true;
+        assert_eq!(ttl(line(&anthropic, &body)), "1h");
+        let mut no_max = body.clone();
+        no_max.as_object_mut().unwrap().remove("max_tokens");
+        let err = validate_endpoint_body(
+            Endpoint::Messages,
+            no_max.to_string().as_bytes(),
+            &|_| &anthropic,
+            false,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, IntakeError::BadRequest { param: Some(p), .. } if p == "max_tokens"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! The proxy's one error type: every error Ferry answers itself on the
 //! public port, and the one place ([`ProxyError::into_reply`]) that turns
-//! it into an HTTP status, headers and the OpenAI error envelope.
+//! it into an HTTP status, headers and the OpenAI error envelope; on an
+//! Anthropic call [`ErrorReply::write`] writes the same error in Anthropic's
+//! shape (`{"type":"error","error":{"type","message"}}`), which is what the
+//! caller's SDK parses.
 //!
 //! Handlers return `Result<_, ProxyError>`; the request filter answers the
 //! error once, with [`answer`]. Messages are the `Display` text, so a
@@ -26,9 +29,15 @@ pub enum ProxyError {
     /// One of Ferry's own routes, with a method it does not serve.
     #[error("Method not allowed on this Ferry route; allowed: {allow}.")]
     MethodNotAllowed { allow: &'static str },
-    /// No `Authorization: Bearer` key, or one no tenant holds.
-    #[error("Missing or unknown API key. Send your Ferry key as `Authorization: Bearer <key>`.")]
+    /// No `Authorization: Bearer` (or, on Anthropic calls, `x-api-key`)
+    /// key, or one no tenant holds.
+    #[error(
+        "Missing or unknown API key. Send your Ferry key as `Authorization: Bearer <key>` (or `x-api-key: <key>` on Anthropic calls)."
+    )]
     InvalidApiKey,
+    /// Passthrough of an API family no configured upstream speaks.
+    #[error("No upstream of this Ferry serves the {0} API.")]
+    NoUpstreamForFamily(&'static str),
     /// The tenant is over its rate for this kind of call.
     #[error(
         "Rate limit for {} calls reached; retry after {} s.",
@@ -93,6 +102,7 @@ impl ProxyError {
             UnknownRoute => (404, None, "unknown_route"),
             MethodNotAllowed { .. } => (405, None, "method_not_allowed"),
             InvalidApiKey => (401, None, "invalid_api_key"),
+            NoUpstreamForFamily(_) => (404, None, "no_upstream"),
             RateLimited { .. } => (429, None, "rate_limit_exceeded"),
             OwnObject(_) => (404, None, "not_found"),
             RequestNotFound(_) => (404, Some("id"), "request_not_found"),
@@ -195,17 +205,26 @@ impl From<Box<pingora::Error>> for ProxyError {
 }
 
 impl ErrorReply {
+    /// The body: the OpenAI envelope, or on an Anthropic call the same
+    /// error in Anthropic's shape.
+    pub fn body(&self, anthropic: bool) -> Bytes {
+        if anthropic {
+            Bytes::from(crate::anthropic::from_openai(self.status, &self.envelope).to_string())
+        } else {
+            Bytes::from(self.envelope.to_bytes())
+        }
+    }
+
     /// Writes the reply as a complete JSON response.
-    pub async fn write(&self, session: &mut Session) -> pingora::Result<()> {
-        let body = Bytes::from(self.envelope.to_bytes());
-        respond::json(session, self.status, &self.headers, body).await
+    pub async fn write(&self, session: &mut Session, anthropic: bool) -> pingora::Result<()> {
+        respond::json(session, self.status, &self.headers, self.body(anthropic)).await
     }
 }
 
-/// The edge: answers `e` in the OpenAI envelope, or hands a broken
-/// connection back to pingora.
-pub async fn answer(session: &mut Session, e: ProxyError) -> pingora::Result<()> {
-    e.into_reply()?.write(session).await
+/// The edge: answers `e` in the caller's API family's error shape, or hands
+/// a broken connection back to pingora.
+pub async fn answer(session: &mut Session, e: ProxyError, anthropic: bool) -> pingora::Result<()> {
+    e.into_reply()?.write(session, anthropic).await
 }
 
 #[cfg(test)]

@@ -38,6 +38,12 @@ pub struct Ctx {
     route: &'static str,
     mode: &'static str,
     started: Instant,
+    /// The call is of Anthropic's API family (see [`routes::is_anthropic`]):
+    /// its errors take Anthropic's shape and its passthrough goes to the
+    /// Anthropic upstream.
+    anthropic: bool,
+    /// The upstream passthrough goes to.
+    upstream: usize,
 }
 
 #[async_trait]
@@ -49,22 +55,24 @@ impl ProxyHttp for FerryProxy {
             route: "unknown",
             mode: "ferry",
             started: Instant::now(),
+            anthropic: false,
+            upstream: self.app.config.default_upstream,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
         match handle(&self.app, session, ctx).await {
             Ok(answered) => Ok(answered),
-            Err(e) => error::answer(session, e).await.map(|_| true),
+            Err(e) => error::answer(session, e, ctx.anthropic).await.map(|_| true),
         }
     }
 
     async fn upstream_peer(
         &self,
         _session: &mut Session,
-        _ctx: &mut Ctx,
+        ctx: &mut Ctx,
     ) -> pingora::Result<Box<HttpPeer>> {
-        let up = &self.app.upstreams[self.app.config.default_upstream];
+        let up = &self.app.upstreams[ctx.upstream];
         let t = &up.passthrough;
         let Some(addr) = up.passthrough_addr() else {
             return Err(pingora::Error::explain(
@@ -85,9 +93,9 @@ impl ProxyHttp for FerryProxy {
         &self,
         session: &mut Session,
         req: &mut RequestHeader,
-        _ctx: &mut Ctx,
+        ctx: &mut Ctx,
     ) -> pingora::Result<()> {
-        let up = &self.app.upstreams[self.app.config.default_upstream];
+        let up = &self.app.upstreams[ctx.upstream];
         let path = session.req_header().uri.path();
         let rest = path.strip_prefix("/v1").unwrap_or(path);
         let mut target = format!("{}{}", up.passthrough.base_path, rest);
@@ -100,8 +108,22 @@ impl ProxyHttp for FerryProxy {
         })?;
         req.set_uri(uri);
         req.insert_header("host", up.passthrough.host.as_str())?;
-        // The caller's Ferry key never reaches the upstream.
-        req.insert_header("authorization", up.auth_header.as_str())?;
+        // The caller's Ferry key never reaches the upstream, in whichever
+        // header it came: Ferry's own key goes in the header the upstream's
+        // family reads, and the other one is dropped.
+        match &up.settings.anthropic_version {
+            Some(version) => {
+                req.remove_header("authorization");
+                req.insert_header("x-api-key", up.api_key.as_str())?;
+                if req.headers.get("anthropic-version").is_none() {
+                    req.insert_header("anthropic-version", version.as_str())?;
+                }
+            }
+            None => {
+                req.remove_header("x-api-key");
+                req.insert_header("authorization", up.auth_header.as_str())?;
+            }
+        }
         req.remove_header("x-ferry-custom-id");
         req.remove_header("x-ferry-callback-url");
         Ok(())
@@ -111,7 +133,7 @@ impl ProxyHttp for FerryProxy {
         &self,
         session: &mut Session,
         e: &pingora::Error,
-        _ctx: &mut Ctx,
+        ctx: &mut Ctx,
     ) -> FailToProxy {
         // Never `Downstream`: a failure on the caller's side has no answer.
         let Some(reply) = ProxyError::from_passthrough(e).and_then(|a| a.into_reply().ok()) else {
@@ -121,7 +143,7 @@ impl ProxyHttp for FerryProxy {
             };
         };
         warn!(error = %e, status = reply.status, "passthrough failed");
-        if let Err(we) = reply.write(session).await {
+        if let Err(we) = reply.write(session, ctx.anthropic).await {
             debug!(error = %we, "could not write the error response");
         }
         FailToProxy {
@@ -173,6 +195,13 @@ async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<
     let req = session.req_header();
     let route = classify(&req.method, req.uri.path());
     ctx.route = route.label();
+    ctx.anthropic = match &route {
+        Route::Deferrable(endpoint) => endpoint.is_anthropic(),
+        _ => routes::is_anthropic(
+            req.uri.path(),
+            req.headers.contains_key("anthropic-version"),
+        ),
+    };
     match route {
         Route::Healthz => {
             respond::value(session, 200, &[], &serde_json::json!({"status": "ok"})).await?;
@@ -193,7 +222,14 @@ async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<
         Route::MethodNotAllowed { allow } => return Err(ProxyError::MethodNotAllowed { allow }),
         _ => {}
     }
-    let tenant = bearer(req)
+    // Either header carries a Ferry key (Ferry's own routes are reached from
+    // both SDKs); the family's own header is read first.
+    let key = if ctx.anthropic {
+        header(req, "x-api-key").or_else(|| bearer(req))
+    } else {
+        bearer(req).or_else(|| header(req, "x-api-key"))
+    };
+    let tenant = key
         .and_then(|k| app.config.tenant_for_key(k))
         .cloned()
         .ok_or(ProxyError::InvalidApiKey)?;
@@ -205,9 +241,11 @@ async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<
                     .iter()
                     .filter_map(|v| v.to_str().ok()),
             );
+            // Over the upstreams of the endpoint's API family.
             let batched_everywhere = app
                 .upstreams
                 .iter()
+                .filter(|u| u.settings.profile.kind.is_anthropic() == endpoint.is_anthropic())
                 .all(|u| u.settings.profile.batches(endpoint));
             match intake::disposition(
                 prefer,
@@ -217,7 +255,7 @@ async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<
             ) {
                 Disposition::Passthrough => {
                     ctx.mode = "passthrough";
-                    passthrough(app, &tenant)
+                    passthrough(app, &tenant, ctx)
                 }
                 Disposition::Deferred { wait } => {
                     ctx.mode = "deferred";
@@ -250,14 +288,23 @@ async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<
                 warn!(tenant = %tenant.name, object = %id, "a tenant asked for one of Ferry's own upstream objects; refused");
                 return Err(ProxyError::OwnObject(id));
             }
-            passthrough(app, &tenant)
+            passthrough(app, &tenant, ctx)
         }
     }
 }
 
-/// Lets a passthrough call go on (`false`), unless the tenant is over its
+/// Lets a passthrough call go on (`false`) to its API family's upstream,
+/// unless no upstream speaks that family or the tenant is over its
 /// passthrough rate.
-fn passthrough(app: &App, tenant: &Tenant) -> Result<bool, ProxyError> {
+fn passthrough(app: &App, tenant: &Tenant, ctx: &mut Ctx) -> Result<bool, ProxyError> {
+    ctx.upstream =
+        app.config
+            .passthrough_upstream(ctx.anthropic)
+            .ok_or(ProxyError::NoUpstreamForFamily(if ctx.anthropic {
+                "Anthropic"
+            } else {
+                "OpenAI"
+            }))?;
     check_rate(app, tenant, LimitKind::Passthrough)?;
     Ok(false)
 }
@@ -376,12 +423,12 @@ async fn deferred(
     )
     .await?;
     let profile_for = |model: &str| {
-        &app.upstreams[app.config.upstream_for_model(model)]
+        &app.upstreams[app.config.upstream_for(endpoint, model)]
             .settings
             .profile
     };
     let valid = intake::validate_endpoint_body(endpoint, &body, &profile_for, !wait.is_zero())?;
-    let up = &app.upstreams[app.config.upstream_for_model(&valid.model)];
+    let up = &app.upstreams[app.config.upstream_for(endpoint, &valid.model)];
     intake::check_endpoint_batched(&up.settings, endpoint)?;
     intake::check_model_served(&up.settings, &valid.model)?;
     let new = NewRequest {
@@ -550,7 +597,7 @@ async fn stream_replay(
             started = true;
         }
         session
-            .write_response_body(Some(Bytes::from_static(respond::SSE_KEEPALIVE)), false)
+            .write_response_body(Some(replay::keepalive(rec.endpoint)), false)
             .await?;
     }
     let result = stored_result(app, &rec).await;

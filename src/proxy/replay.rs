@@ -16,6 +16,7 @@ use crate::endpoint::Endpoint;
 pub fn replay(endpoint: Endpoint, body: &Value) -> Bytes {
     let mut out = BytesMut::new();
     match endpoint {
+        Endpoint::Messages => return crate::anthropic::stream::replay(body),
         Endpoint::Responses => {
             for (name, data) in response_events(body) {
                 out.extend_from_slice(&named_event(name, &data));
@@ -37,10 +38,32 @@ pub fn replay(endpoint: Endpoint, body: &Value) -> Bytes {
     out.freeze()
 }
 
+/// What a waiting stream of `endpoint` sends to stay alive: an SSE comment,
+/// or on Anthropic's stream a `ping` event (its SDK reads only events).
+pub fn keepalive(endpoint: Endpoint) -> Bytes {
+    match endpoint {
+        Endpoint::Messages => crate::anthropic::stream::ping(),
+        _ => Bytes::from_static(respond::SSE_KEEPALIVE),
+    }
+}
+
 /// The event that reports a failure once the stream's headers are gone:
 /// an `error` event in the endpoint's own form.
 pub fn error_event(endpoint: Endpoint, error: Value) -> Bytes {
     match endpoint {
+        Endpoint::Messages => {
+            // Anthropic's mid-stream `error` event; the message is the
+            // error's, its type by Ferry's code.
+            let message = error
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("the request failed");
+            let mut body = crate::anthropic::error_body(500, message);
+            if let Some(req) = error.get("ferry_request") {
+                body["ferry_request"] = req.clone();
+            }
+            crate::anthropic::stream::error_frame(&body)
+        }
         Endpoint::Responses => {
             let mut data = json!({
                 "type": "error",

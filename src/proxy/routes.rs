@@ -47,6 +47,15 @@ impl Route {
     }
 }
 
+/// Whether a call belongs to Anthropic's API family: an Anthropic path
+/// (`/v1/messages` and below), or any `/v1/...` call that carries
+/// `anthropic-version`, which every Anthropic SDK sends and no OpenAI SDK
+/// does (so `/v1/models` from an Anthropic client lists Claude's models).
+/// Everything else is OpenAI-shaped.
+pub fn is_anthropic(path: &str, has_anthropic_version: bool) -> bool {
+    path == "/v1/messages" || path.starts_with("/v1/messages/") || has_anthropic_version
+}
+
 pub fn classify(method: &Method, path: &str) -> Route {
     match path {
         "/healthz" => return Route::Healthz,
@@ -153,6 +162,19 @@ pub fn query_wait(query: Option<&str>) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn api_family_by_path_or_version_header() {
+        assert!(is_anthropic("/v1/messages", false));
+        assert!(is_anthropic(
+            "/v1/messages/batches/msgbatch_1/results",
+            false
+        ));
+        assert!(is_anthropic("/v1/models", true));
+        assert!(!is_anthropic("/v1/models", false));
+        assert!(!is_anthropic("/v1/messagesx", false));
+        assert!(!is_anthropic("/v1/chat/completions", false));
+    }
 
     #[test]
     fn every_spelling_of_an_object_path_yields_its_id() {

@@ -2,6 +2,7 @@
 //! profiles. Every call waits for the upstream's shared rate limiter and
 //! classifies failures as transient (retried with backoff) or permanent.
 
+pub mod anthropic;
 pub mod profile;
 
 use std::collections::HashMap;
@@ -140,12 +141,32 @@ pub struct BatchList {
     pub has_more: bool,
 }
 
+/// The `(code, message)` of Anthropic's error body
+/// `{"type":"error","error":{"type","message"}}`: its `type` is the code.
+fn anthropic_error(body: &[u8]) -> (Option<String>, String) {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let code = v
+        .pointer("/error/type")
+        .and_then(|t| t.as_str())
+        .map(str::to_owned);
+    let message = v
+        .pointer("/error/message")
+        .and_then(|m| m.as_str())
+        .map_or_else(
+            || String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
+            str::to_owned,
+        );
+    (code, message)
+}
+
 /// A client for one upstream.
 pub struct BatchClient {
     pub name: String,
     base_url: String,
     api_key: String,
     http: reqwest::Client,
+    /// `Some` for an Anthropic upstream (see [`BatchClient::for_anthropic`]).
+    anthropic_version: Option<String>,
     calls: DefaultDirectRateLimiter,
     creations: DefaultDirectRateLimiter,
     metrics: Arc<Metrics>,
@@ -182,12 +203,20 @@ impl BatchClient {
             api_key: api_key.to_owned(),
             http,
             calls: RateLimiter::direct(Quota::per_second(per_sec)),
+            anthropic_version: None,
             creations: RateLimiter::direct(
                 Quota::per_hour(per_hour)
                     .allow_burst(per_hour.min(NonZeroU32::new(20).unwrap_or(NonZeroU32::MIN))),
             ),
             metrics,
         })
+    }
+
+    /// Speaks to an Anthropic upstream: the key goes in `x-api-key` with
+    /// `anthropic-version`, and Anthropic's error shape is read.
+    pub fn for_anthropic(mut self, version: &str) -> Self {
+        self.anthropic_version = Some(version.to_owned());
+        self
     }
 
     fn url(&self, path: &str) -> String {
@@ -201,7 +230,13 @@ impl BatchClient {
     ) -> Result<reqwest::Response, UpstreamError> {
         self.calls.until_ready().await;
         let started = std::time::Instant::now();
-        let res = req.bearer_auth(&self.api_key).send().await;
+        let req = match &self.anthropic_version {
+            Some(version) => req
+                .header("x-api-key", &self.api_key)
+                .header("anthropic-version", version),
+            None => req.bearer_auth(&self.api_key),
+        };
+        let res = req.send().await;
         let res = match res {
             Ok(r) => r,
             Err(e) => {
@@ -225,6 +260,7 @@ impl BatchClient {
         let (code, message) = match serde_json::from_slice::<crate::api_error::ErrorEnvelope>(&body)
         {
             Ok(env) => (env.error.code, env.error.message),
+            Err(_) if self.anthropic_version.is_some() => anthropic_error(&body),
             Err(_) => (
                 None,
                 String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
@@ -356,6 +392,10 @@ impl BatchClient {
     }
 
     pub async fn delete_file(&self, id: &str) -> Result<(), UpstreamError> {
+        // Anthropic's batches take their requests inline: Ferry made no file.
+        if self.anthropic_version.is_some() {
+            return Ok(());
+        }
         match self
             .send(
                 "delete_file",

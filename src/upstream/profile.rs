@@ -14,6 +14,9 @@ pub enum ProviderKind {
     /// Any other OpenAI-shaped provider (Groq, Gemini's compatibility layer,
     /// ...): OpenAI's paths, tolerant of missing keys, limits as configured.
     Generic,
+    /// Anthropic's Messages API and Message Batches (requests inline, no
+    /// files): `x-api-key` and `anthropic-version` instead of a bearer key.
+    Anthropic,
 }
 
 impl ProviderKind {
@@ -22,7 +25,13 @@ impl ProviderKind {
             ProviderKind::Openai => "openai",
             ProviderKind::Moonshot => "moonshot",
             ProviderKind::Generic => "generic",
+            ProviderKind::Anthropic => "anthropic",
         }
+    }
+
+    /// Anthropic's API family rather than OpenAI's.
+    pub fn is_anthropic(self) -> bool {
+        self == ProviderKind::Anthropic
     }
 }
 
@@ -41,6 +50,9 @@ pub struct ProviderProfile {
     pub batches_per_hour: u32,
     /// The endpoints its Batch API takes.
     pub batch_endpoints: &'static [Endpoint],
+    /// Anthropic: deferred calls' `cache_control` breakpoints get the 1-hour
+    /// TTL (`cache_ttl_1h`, off by default).
+    pub cache_ttl_1h: bool,
 }
 
 const MB: u64 = 1024 * 1024;
@@ -55,7 +67,8 @@ impl ProviderProfile {
                 default_window: "24h",
                 forbidden_params: Vec::new(),
                 batches_per_hour: 2_000,
-                batch_endpoints: &Endpoint::ALL,
+                batch_endpoints: &Endpoint::OPENAI,
+                cache_ttl_1h: false,
             },
             ProviderKind::Moonshot => ProviderProfile {
                 kind,
@@ -73,6 +86,17 @@ impl ProviderProfile {
                 .to_vec(),
                 batches_per_hour: 2_000,
                 batch_endpoints: &[Endpoint::ChatCompletions],
+                cache_ttl_1h: false,
+            },
+            ProviderKind::Anthropic => ProviderProfile {
+                kind,
+                max_lines: 100_000,
+                max_file_bytes: 256 * MB,
+                default_window: "24h",
+                forbidden_params: Vec::new(),
+                batches_per_hour: 2_000,
+                batch_endpoints: &[Endpoint::Messages],
+                cache_ttl_1h: false,
             },
             ProviderKind::Generic => ProviderProfile {
                 kind,
@@ -84,6 +108,7 @@ impl ProviderProfile {
                 // What OpenAI-shaped providers batch besides OpenAI varies;
                 // chat completions is the one they all take.
                 batch_endpoints: &[Endpoint::ChatCompletions],
+                cache_ttl_1h: false,
             },
         }
     }
@@ -96,11 +121,14 @@ impl ProviderProfile {
     /// Checks a `completion_window` against what the provider accepts.
     pub fn check_window(&self, window: &str) -> Result<(), String> {
         match self.kind {
-            ProviderKind::Openai => {
+            ProviderKind::Openai | ProviderKind::Anthropic => {
                 if window == "24h" {
                     Ok(())
                 } else {
-                    Err(format!("OpenAI accepts only \"24h\", not \"{window}\""))
+                    Err(format!(
+                        "{} accepts only \"24h\", not \"{window}\"",
+                        self.kind.as_str()
+                    ))
                 }
             }
             ProviderKind::Moonshot => match window_seconds(window) {
@@ -153,7 +181,8 @@ mod tests {
     #[test]
     fn openai_batches_every_endpoint_moonshot_only_chat() {
         let o = ProviderProfile::for_kind(ProviderKind::Openai);
-        assert!(Endpoint::ALL.iter().all(|e| o.batches(*e)));
+        assert!(Endpoint::OPENAI.iter().all(|e| o.batches(*e)));
+        assert!(!o.batches(Endpoint::Messages));
         for kind in [ProviderKind::Moonshot, ProviderKind::Generic] {
             let p = ProviderProfile::for_kind(kind);
             assert!(p.batches(Endpoint::ChatCompletions));

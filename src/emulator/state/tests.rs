@@ -174,3 +174,56 @@ fn time_never_goes_back_behind_the_floor() {
     // Normal case: real time moved on, the offset stays.
     assert_eq!(resumed_offset(200.0, 20.0, 150.0), 20.0);
 }
+
+fn message_input(prefix: &str, n: usize) -> crate::emulator::anthropic::batches::Input {
+    let requests: Vec<Value> = (0..n)
+        .map(|i| {
+            json!({"custom_id": format!("{prefix}-{i}"), "params": {"model": "claude-haiku-4-5",
+            "max_tokens": 16, "messages": [{"role": "user", "content": format!("hello {i}")}]}})
+        })
+        .collect();
+    crate::emulator::anthropic::batches::parse_create(
+        &json!({ "requests": requests }),
+        100,
+        &|_| true,
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_message_batch_survives_a_restart_and_its_deletion_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let (running, ended) = {
+        let e = Emulator::open(slow(), dir.path()).unwrap();
+        let running = e.create_message_batch(message_input("run", 3)).unwrap().id;
+        let ended = e.create_message_batch(message_input("end", 1)).unwrap().id;
+        e.advance_clock(100.0).unwrap();
+        assert!(e.message_batch(&ended).unwrap().status.is_terminal());
+        e.delete_message_batch(&ended).unwrap();
+        // The OpenAI side does not see Message Batches.
+        assert!(e.get_batch(&running).is_err());
+        assert_eq!(e.list_batches(20, None).unwrap()["data"], json!([]));
+        (running, ended)
+    };
+    let e = Emulator::open(slow(), dir.path()).unwrap();
+    assert!(
+        e.message_batch(&ended).is_err(),
+        "a deleted batch came back"
+    );
+    let view = e.message_batch(&running).unwrap();
+    assert!(view.status.is_terminal(), "{view:?}");
+    assert_eq!((view.requests, view.succeeded), (3, 3));
+    let results = e.message_batch_results(&running).unwrap().unwrap();
+    let lines: Vec<Value> = std::str::from_utf8(&results)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert!(lines.iter().all(|l| l["result"]["type"] == "succeeded"));
+    assert_eq!(
+        e.stats().unwrap()["executed_more_than_once"],
+        0,
+        "a request ran twice"
+    );
+}
