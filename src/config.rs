@@ -246,6 +246,9 @@ struct RawTenant {
     default_mode: Mode,
     #[serde(default)]
     default_wait_secs: u64,
+    /// The deadline of a deferred call without `X-Ferry-Deadline`; none by
+    /// default.
+    default_deadline_secs: Option<u64>,
     /// `scheme://host[:port]` entries; host may be `*` or `*.domain`, port `*`.
     #[serde(default)]
     callback_allow: Vec<String>,
@@ -397,6 +400,9 @@ pub struct Tenant {
     pub webhook_key: Option<Vec<u8>>,
     pub deferred_rate: Option<RateSetting>,
     pub passthrough_rate: Option<RateSetting>,
+    /// Seconds after acceptance a deferred call without `X-Ferry-Deadline`
+    /// is due; `None`: no deadline.
+    pub default_deadline: Option<u64>,
 }
 
 /// Where Ferry keeps its state.
@@ -877,6 +883,17 @@ impl RawConfig {
                     }
                 }
             };
+            if let Some(d) = t.default_deadline_secs
+                && !(1..=crate::intake::MAX_DEADLINE_SECS).contains(&d)
+            {
+                return Err(invalid(
+                    key("default_deadline_secs"),
+                    format!(
+                        "must be from 1 to {} (a batch's 24-hour window)",
+                        crate::intake::MAX_DEADLINE_SECS
+                    ),
+                ));
+            }
             let tenant = Arc::new(Tenant {
                 name: t.name,
                 default_mode: t.default_mode,
@@ -885,6 +902,7 @@ impl RawConfig {
                 webhook_key,
                 deferred_rate: rate(t.intake_rps, t.intake_burst, "intake_rps")?,
                 passthrough_rate: rate(t.passthrough_rps, t.passthrough_burst, "passthrough_rps")?,
+                default_deadline: t.default_deadline_secs,
             });
             let mut hashes = Vec::new();
             for k in t.keys {

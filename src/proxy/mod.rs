@@ -104,6 +104,7 @@ impl ProxyHttp for FerryProxy {
         req.insert_header("authorization", up.auth_header.as_str())?;
         req.remove_header("x-ferry-custom-id");
         req.remove_header("x-ferry-callback-url");
+        req.remove_header("x-ferry-deadline");
         Ok(())
     }
 
@@ -369,6 +370,10 @@ async fn deferred(
         param: Some("X-Ferry-Callback-Url".into()),
         code: "callback_not_allowed",
     })?;
+    let deadline = match ferry_header(session.req_header(), "x-ferry-deadline") {
+        Ok(v) => intake::deadline_secs(v, tenant.default_deadline)?,
+        Err(()) => intake::deadline_secs(Some(""), None)?,
+    };
     let body = read_body(
         session,
         app.config.server.max_body_bytes,
@@ -390,6 +395,7 @@ async fn deferred(
         upstream: &up.settings.name,
         body: valid,
         callback_url,
+        deadline_secs: deadline,
     };
     let accepted = intake::accept(&app.store, new).await?;
     if accepted.created {

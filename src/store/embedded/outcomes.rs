@@ -18,7 +18,9 @@ impl SledStore {
             .fetch_max(outcomes.len(), std::sync::atomic::Ordering::SeqCst);
         let _g = self.queue_lock.lock().unwrap_or_else(|p| p.into_inner());
         let now = now_secs();
-        let batch_id = self.upstream_batch_id(batch)?;
+        let record = self.get_batch(batch)?;
+        let lane = record.as_ref().map(|b| b.lane);
+        let batch_id = record.and_then(|b| super::requests::upstream_batch_id(b.state));
         let mut reqs = sled::Batch::default();
         let mut states = sled::Batch::default();
         let mut results = sled::Batch::default();
@@ -68,6 +70,7 @@ impl SledStore {
             rec.completed_at = Some(now);
             terminal.insert(&encoding::terminal_key(now, id), &[]);
             rec.batch_id.clone_from(&batch_id);
+            rec.lane = lane;
             let delivery =
                 self.prepare_delivery(&mut rec, stored.as_ref(), payload, &mut outbox)?;
             // The JSON record changes only for an error or a webhook; the

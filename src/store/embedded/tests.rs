@@ -51,6 +51,7 @@ fn claimed(id: u64) -> BatchRecord {
         bytes: 10,
         reason: "size".into(),
         missing_since: None,
+        lane: Lane::Batch,
     }
 }
 
@@ -803,4 +804,76 @@ fn an_embeddings_claim_stops_at_the_input_cap() {
     // A queue value written before inputs were counted is one input.
     assert_eq!(parse_queue_inputs(&queue_value(1, 2, 7)), 7);
     assert_eq!(parse_queue_inputs(&queue_value(1, 2, 7)[..16]), 1);
+}
+
+#[test]
+fn a_deadline_is_kept_and_an_answer_reads_back_with_its_lane() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = {
+        let s = SledStore::open(dir.path(), 64 << 20).unwrap();
+        let mut ids = Vec::new();
+        for (cid, deadline_at) in [("due", Some(1_700_000_600)), ("none", None)] {
+            let r = RequestRecord {
+                deadline_at,
+                ..rec("t", cid, "h")
+            };
+            let Intake::Created(r) = s.insert_request(r, b"{}").unwrap() else {
+                panic!()
+            };
+            ids.push(r.id);
+        }
+        s.flush_blocking().unwrap();
+        ids
+    };
+    let s = SledStore::open(dir.path(), 64 << 20).unwrap();
+    let due = s.get(ids[0]).unwrap().unwrap();
+    assert_eq!(due.deadline_at, Some(1_700_000_600));
+    assert_eq!(
+        (due.lane, due.answered_by()),
+        (None, None),
+        "not claimed yet"
+    );
+    assert_eq!(s.get(ids[1]).unwrap().unwrap().deadline_at, None);
+
+    // One answered by a flex call (a batch of one on that lane), one by a
+    // Batch API job.
+    let mut b = s
+        .claim_batch(&qk(), 1, 1 << 20, "deadline")
+        .unwrap()
+        .unwrap();
+    b.lane = Lane::Flex;
+    s.put_batch(&b).unwrap();
+    s.apply_submitted(b.id).unwrap();
+    let ok = StoredResult {
+        status_code: 200,
+        body: bytes::Bytes::from_static(br#"{"ok": true}"#),
+    };
+    let done = s
+        .apply_outcomes(
+            b.id,
+            vec![(ids[0], Outcome::Completed(ok.clone()))],
+            &no_payload,
+        )
+        .unwrap();
+    assert_eq!(
+        done[0].answered_by(),
+        Some(Lane::Flex),
+        "as the webhook sees it"
+    );
+    let mut plain = s.claim_batch(&qk(), 1, 1 << 20, "size").unwrap().unwrap();
+    s.mark_submitted(&mut plain, "file-1", "batch_1").unwrap();
+    s.apply_outcomes(
+        plain.id,
+        vec![(ids[1], Outcome::Completed(ok))],
+        &no_payload,
+    )
+    .unwrap();
+    assert_eq!(
+        s.get(ids[0]).unwrap().unwrap().answered_by(),
+        Some(Lane::Flex)
+    );
+    assert_eq!(
+        s.get(ids[1]).unwrap().unwrap().answered_by(),
+        Some(Lane::Batch)
+    );
 }
