@@ -27,6 +27,7 @@
 mod cli;
 pub mod config;
 mod error;
+mod flex;
 pub mod journal;
 pub mod model;
 mod realtime;
