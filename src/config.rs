@@ -212,6 +212,11 @@ struct RawUpstream {
     token_limit_backoff_secs: Option<f64>,
     models: Option<Vec<String>>,
     lost_after_secs: Option<f64>,
+    #[serde(default)]
+    flex_models: Vec<String>,
+    flex_latency_prior_secs: Option<f64>,
+    standard_latency_prior_secs: Option<f64>,
+    escalation_margin_secs: Option<f64>,
 }
 
 /// What becomes of requests a batch did not finish before its window ended.
@@ -356,6 +361,14 @@ pub struct UpstreamSettings {
     /// a success between) before it is given up as lost and its requests are
     /// sent again. At least [`LOST_AFTER_MIN_POLLS`] poll intervals.
     pub lost_after: Duration,
+    /// Models whose synchronous calls take `service_tier: "flex"`: a
+    /// request of one of them escalated for its deadline goes flex first.
+    pub flex_models: Vec<String>,
+    /// What the synchronous lanes are expected to take, until observed
+    /// latencies replace them (see [`crate::batch::lanes`]).
+    pub lane_priors: crate::batch::lanes::LanePriors,
+    /// Time kept in hand beyond a lane's expected time when escalating.
+    pub escalation_margin: Duration,
 }
 
 impl UpstreamSettings {
@@ -781,6 +794,21 @@ impl RawConfig {
                 lost_after,
                 calls_per_second,
                 batches_per_hour,
+                flex_models: u.flex_models,
+                lane_priors: crate::batch::lanes::LanePriors {
+                    flex: secs(
+                        &key("flex_latency_prior_secs"),
+                        u.flex_latency_prior_secs.unwrap_or(600.0),
+                    )?,
+                    standard: secs(
+                        &key("standard_latency_prior_secs"),
+                        u.standard_latency_prior_secs.unwrap_or(60.0),
+                    )?,
+                },
+                escalation_margin: secs(
+                    &key("escalation_margin_secs"),
+                    u.escalation_margin_secs.unwrap_or(30.0),
+                )?,
             });
         }
         let uses_emulator = upstreams
@@ -1125,6 +1153,56 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(key), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn deadlines_have_defaults_and_refuse_bad_values_by_key() {
+        let c = Config::parse_with_env(MIN, &no_env).unwrap();
+        let u = &c.upstreams[0];
+        assert!(u.flex_models.is_empty());
+        assert_eq!(u.lane_priors.flex, Duration::from_secs(600));
+        assert_eq!(u.lane_priors.standard, Duration::from_secs(60));
+        assert_eq!(u.escalation_margin, Duration::from_secs(30));
+        assert_eq!(c.tenant_for_key("k1").unwrap().default_deadline, None);
+        let set = MIN
+            .replace(
+                "emulator = true",
+                "emulator = true\nflex_models = [\"gpt-5-mini\"]\nflex_latency_prior_secs = 120\n\
+                 standard_latency_prior_secs = 20\nescalation_margin_secs = 5",
+            )
+            .replace(
+                "keys = [\"k1\"]",
+                "keys = [\"k1\"]\ndefault_deadline_secs = 3600",
+            );
+        let c = Config::parse_with_env(&set, &no_env).unwrap();
+        let u = &c.upstreams[0];
+        assert_eq!(u.flex_models, vec!["gpt-5-mini".to_owned()]);
+        assert_eq!(u.lane_priors.flex, Duration::from_secs(120));
+        assert_eq!(u.lane_priors.standard, Duration::from_secs(20));
+        assert_eq!(u.escalation_margin, Duration::from_secs(5));
+        assert_eq!(c.tenant_for_key("k1").unwrap().default_deadline, Some(3600));
+        for (from, to, key) in [
+            (
+                "keys = [\"k1\"]",
+                "keys = [\"k1\"]\ndefault_deadline_secs = 0",
+                "default_deadline_secs",
+            ),
+            (
+                "keys = [\"k1\"]",
+                "keys = [\"k1\"]\ndefault_deadline_secs = 86401",
+                "default_deadline_secs",
+            ),
+            (
+                "emulator = true",
+                "emulator = true\nflex_latency_prior_secs = -1",
+                "flex_latency_prior_secs",
+            ),
+        ] {
+            let err = Config::parse_with_env(&MIN.replace(from, to), &no_env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{to}: {err}");
         }
     }
 

@@ -9,6 +9,7 @@ pub mod adopt;
 mod driver_tests;
 pub mod ingest;
 pub mod jsonl;
+pub mod lanes;
 pub mod lost;
 pub mod ownership;
 pub mod policy;
