@@ -4,21 +4,51 @@
 
 mod common;
 
-use common::{Stack, chat, until_status};
-use serde_json::Value;
+use common::{Stack, chat, until, until_status};
+use serde_json::{Value, json};
 
 /// A deferred call of alice's with `X-Ferry-Deadline: deadline`.
 async fn defer_by(s: &Stack, deadline: &str, custom_id: &str) -> reqwest::Response {
+    defer_model(s, "gpt-4o-mini", deadline, custom_id, "respond-async").await
+}
+
+/// A deferred call of alice's for `model` with `X-Ferry-Deadline` and
+/// `Prefer: prefer`.
+async fn defer_model(
+    s: &Stack,
+    model: &str,
+    deadline: &str,
+    custom_id: &str,
+    prefer: &str,
+) -> reqwest::Response {
     s.http
         .post(s.url("/v1/chat/completions"))
         .bearer_auth("alice-key")
-        .header("prefer", "respond-async")
+        .header("prefer", prefer)
         .header("x-ferry-custom-id", custom_id)
         .header("x-ferry-deadline", deadline)
-        .json(&chat("gpt-4o-mini", "by when?"))
+        .json(&chat(model, "by when?"))
         .send()
         .await
         .unwrap()
+}
+
+/// The upstream table's lines: `gpt-4o-mini` has flex, expected to take
+/// 5 s, and no margin, so a deadline under 5 s escalates at once while one
+/// of an hour waits for its batch.
+const FLEX_UPSTREAM: &str = r#"
+flex_models = ["gpt-4o-mini"]
+flex_latency_prior_secs = 5
+standard_latency_prior_secs = 2
+escalation_margin_secs = 0
+"#;
+
+/// A stack whose emulator serves flex for `gpt-4o-mini`.
+async fn flex_stack() -> Stack {
+    let s = Stack::start(FLEX_UPSTREAM, "");
+    s.emulator_config(json!({"flex_models": ["gpt-4o-mini"]}))
+        .await;
+    s
 }
 
 #[tokio::test]
@@ -61,4 +91,81 @@ async fn a_deadline_is_stored_shown_and_refused_when_malformed() {
         let done = until_status(&s, id, "completed").await;
         assert_eq!(done["lane"], "batch", "{done}");
     }
+}
+
+#[tokio::test]
+async fn a_deadline_sends_a_queued_request_on_flex_to_its_held_caller() {
+    let s = flex_stack().await;
+    // An hour away: it waits for a batch (none is flushed in this test).
+    assert_eq!(defer_by(&s, "3600", "later").await.status(), 202);
+    let r = defer_model(&s, "gpt-4o-mini", "3", "soon", "respond-async, wait=30").await;
+    assert_eq!(r.status(), 200, "the held caller gets the flex answer");
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["object"], "chat.completion", "{answer}");
+    assert_eq!(answer["service_tier"], "flex", "{answer}");
+    let (_, st) = s.status("alice-key", "soon", 0).await;
+    assert_eq!(st["status"], "completed", "{st}");
+    assert_eq!(st["lane"], "flex", "{st}");
+    assert!(st["batch_id"].is_null(), "no Batch API job: {st}");
+    assert_eq!(st["result"]["body"]["service_tier"], "flex", "{st}");
+    let (_, later) = s.status("alice-key", "later", 0).await;
+    assert_eq!(later["status"], "queued", "{later}");
+    let stats = s.emulator_stats().await;
+    assert_eq!(stats["lines_submitted"], 0, "{stats}");
+    assert_eq!(stats["realtime_requests"], 1, "{stats}");
+}
+
+#[tokio::test]
+async fn flex_refused_for_capacity_steps_up_to_standard_and_no_flex_model_goes_straight_there() {
+    let s = flex_stack().await;
+    s.emulator_config(json!({"flex_unavailable_rate": 1.0}))
+        .await;
+    // Every flex call is refused, and a retry would no longer leave
+    // standard its 2 s before the 3 s deadline.
+    let r = defer_model(&s, "gpt-4o-mini", "3", "refused", "respond-async, wait=30").await;
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["service_tier"], "default", "{answer}");
+    let (_, st) = s.status("alice-key", "refused", 0).await;
+    assert_eq!(
+        (&st["status"], &st["lane"]),
+        (&json!("completed"), &json!("standard")),
+        "{st}"
+    );
+
+    // gpt-4o has no flex: standard at once.
+    let r = defer_model(&s, "gpt-4o", "1", "plain", "respond-async, wait=30").await;
+    assert_eq!(r.status(), 200);
+    let (_, st) = s.status("alice-key", "plain", 0).await;
+    assert_eq!(st["lane"], "standard", "{st}");
+    let stats = s.emulator_stats().await;
+    // One refused flex call and two standard ones; nothing batched.
+    assert_eq!(stats["realtime_requests"], 3, "{stats}");
+    assert_eq!(stats["lines_submitted"], 0, "{stats}");
+}
+
+#[tokio::test]
+async fn a_flex_call_cut_short_by_a_crash_is_resumed_on_flex_and_answered_once() {
+    let mut s = flex_stack().await;
+    // The flex call hangs until Ferry is killed.
+    s.emulator_config(json!({"flex_latency_ms": 60_000})).await;
+    assert_eq!(defer_by(&s, "3", "cut").await.status(), 202);
+    let st = until_status(&s, "cut", "submitted").await;
+    assert!(st["lane"].is_null(), "not answered yet: {st}");
+    // The call in flight keeps hanging; the next one is answered at once.
+    s.emulator_config(json!({"flex_latency_ms": 0})).await;
+    s.restart_ferry();
+    let (_, st) = s.status("alice-key", "cut", 30).await;
+    assert_eq!(
+        (&st["status"], &st["lane"]),
+        (&json!("completed"), &json!("flex")),
+        "{st}"
+    );
+    assert_eq!(st["result"]["body"]["service_tier"], "flex", "{st}");
+    // Sent twice on flex (the first call's answer never came), never on
+    // standard, never in a batch.
+    let stats = s.emulator_stats().await;
+    assert_eq!(stats["lines_submitted"], 0, "{stats}");
+    let done = until(&s, "cut", "completed", |st| st["status"] == "completed").await;
+    assert_eq!(done["completed_at"], st["completed_at"], "answered once");
 }

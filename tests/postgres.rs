@@ -1853,3 +1853,93 @@ async fn a_database_written_before_deadlines_reads_without_them() {
         Some(1_700_000_060)
     );
 }
+
+#[tokio::test]
+async fn a_request_due_by_its_deadline_is_claimed_alone_and_never_also_flushed() {
+    let (_config, s) = store("a").await;
+    let mut ids = Vec::new();
+    for (cid, deadline_at) in [("a", Some(100)), ("b", Some(200)), ("c", None)] {
+        let r = RequestRecord {
+            deadline_at,
+            ..rec("t", cid, "h")
+        };
+        ids.push(created(&s, r).await.id);
+    }
+    let due = |before| {
+        let s = &s;
+        async move {
+            s.due_by_deadline("u", before, 10)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(key, id, d)| {
+                    assert_eq!(key, qk());
+                    (id, d)
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(due(150).await, vec![(ids[0], 100)]);
+    assert_eq!(due(1000).await, vec![(ids[0], 100), (ids[1], 200)]);
+    assert!(
+        s.due_by_deadline("other", 1000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(s.due_by_deadline("u", 1000, 1).await.unwrap().len(), 1);
+
+    let lease = "upstream/u";
+    let token = s
+        .acquire_lease(lease, Duration::from_secs(60), true)
+        .await
+        .unwrap()
+        .unwrap()
+        .token;
+    let b = s
+        .claim_request_fenced(&qk(), ids[0], Lane::Flex, "deadline", lease, token)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (b.lane, b.request_count, b.state.clone()),
+        (Lane::Flex, 1, BatchState::Claimed)
+    );
+    assert_eq!(s.get_batch(b.id).await.unwrap().unwrap().lane, Lane::Flex);
+    assert_eq!(s.members(b.id).await.unwrap(), vec![ids[0]]);
+    let a = s.get(ids[0]).await.unwrap().unwrap();
+    assert_eq!((a.status, a.batch), (RequestStatus::Queued, Some(b.id)));
+    assert_eq!(s.queue_stats_for(&qk()).await.unwrap().unwrap().count, 2);
+    assert_eq!(
+        due(1000).await,
+        vec![(ids[1], 200)],
+        "claimed: no longer due"
+    );
+    let again = s
+        .claim_request_fenced(&qk(), ids[0], Lane::Standard, "deadline", lease, token)
+        .await
+        .unwrap();
+    assert!(again.is_none());
+    // A stale token claims nothing.
+    let stale = s
+        .claim_request_fenced(&qk(), ids[1], Lane::Flex, "deadline", lease, token + 1)
+        .await
+        .unwrap();
+    assert!(stale.is_none());
+    // A flush takes only what is still queued.
+    let mut flushed = s
+        .claim_batch(&qk(), 10, u64::MAX, "size")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.members(flushed.id).await.unwrap(), ids[1..]);
+    assert!(due(1000).await.is_empty());
+    // Sent back to its queue, a request is due again.
+    mark_submitted(&s, &mut flushed, "file-1", "batch_1").await;
+    s.apply_outcomes(flushed.id, vec![(ids[1], Outcome::Requeue)], &payload)
+        .await
+        .unwrap();
+    assert_eq!(due(1000).await, vec![(ids[1], 200)]);
+    s.cancel("t", "b", &payload).await.unwrap();
+    assert!(due(1000).await.is_empty());
+}

@@ -7,6 +7,7 @@
 pub mod adopt;
 #[cfg(test)]
 mod driver_tests;
+pub mod escalate;
 pub mod ingest;
 pub mod jsonl;
 pub mod lanes;
@@ -106,6 +107,9 @@ pub async fn run_flusher(app: Arc<App>, upstream: usize, mut shutdown: watch::Re
                     }
                 }
             }
+        }
+        if let Some(d) = escalate::escalate_due(&app, up, token, &shutdown).await {
+            sleep = sleep.min(d);
         }
         tokio::select! {
             _ = tokio::time::sleep(sleep) => {}
@@ -292,6 +296,10 @@ async fn drive(
             );
         }
         let step = match batch.state.clone() {
+            // A request escalated for its deadline: a synchronous call.
+            BatchState::Claimed if !batch.lane.is_batch() => {
+                escalate::send(app, up, &mut batch, &mut shutdown).await
+            }
             BatchState::Claimed => upload(app, up, &mut batch, resumed, &shutdown).await,
             BatchState::Uploaded { file_id } => {
                 create(app, up, &mut batch, &file_id, resumed).await

@@ -30,7 +30,7 @@ impl SledStore {
         let mut terminal = sled::Batch::default();
         let mut deliveries = Vec::new();
         let mut done = Vec::new();
-        let mut requeued: Vec<(QueueKey, u64, u64, u64)> = Vec::new();
+        let mut requeued: Vec<(QueueKey, u64, u64, u64, u64, Option<u64>)> = Vec::new();
         for (id, outcome) in outcomes {
             let Some(mut rec) = self.get_with_state(id)? else {
                 continue;
@@ -51,8 +51,11 @@ impl SledStore {
                     // Age counts from acceptance: a re-queued request has
                     // waited already, so the time threshold sends it soon.
                     let since = rec.created_at.saturating_mul(1000);
-                    queue.insert(qk.entry(id), &queue_value(since, len, rec.inputs));
-                    requeued.push((qk, len, rec.inputs, since));
+                    queue.insert(
+                        qk.entry(id),
+                        &queue_value(since, len, rec.inputs, rec.deadline_at),
+                    );
+                    requeued.push((qk, len, rec.inputs, since, id, rec.deadline_at));
                     rec.status = lifecycle::checked_move(rec.status, RequestStatus::Queued)?;
                     rec.batch = None;
                     rec.submitted_at = None;
@@ -95,7 +98,8 @@ impl SledStore {
         self.states.apply_batch(states)?;
         self.bodies.apply_batch(bodies)?;
         self.schedule(deliveries.into_iter());
-        for (qk, len, inputs, since) in requeued {
+        for (qk, len, inputs, since, id, deadline_at) in requeued {
+            self.index_deadline(&qk, id, deadline_at);
             self.account(qk, len, inputs, since);
         }
         Ok(done)

@@ -64,8 +64,11 @@ impl SledStore {
         let qk = QueueKey::of(&rec);
         let len = line_len(rec.endpoint, rec.id, rec.body_len);
         let now = now_millis();
-        self.queue
-            .insert(qk.entry(rec.id), &queue_value(now, len, rec.inputs))?;
+        self.queue.insert(
+            qk.entry(rec.id),
+            &queue_value(now, len, rec.inputs, rec.deadline_at),
+        )?;
+        self.index_deadline(&qk, rec.id, rec.deadline_at);
         self.account(qk, len, rec.inputs, now);
         Ok(Intake::Created(rec))
     }
@@ -87,7 +90,8 @@ impl SledStore {
             let len = line_len(rec.endpoint, rec.id, rec.body_len);
             let since = rec.created_at.saturating_mul(1000);
             self.queue
-                .insert(entry, &queue_value(since, len, rec.inputs))?;
+                .insert(entry, &queue_value(since, len, rec.inputs, rec.deadline_at))?;
+            self.index_deadline(&qk, rec.id, rec.deadline_at);
             self.account(qk, len, rec.inputs, since);
             tracing::warn!(
                 request = rec.id,
