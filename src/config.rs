@@ -215,6 +215,7 @@ struct RawUpstream {
     #[serde(default)]
     flex_models: Vec<String>,
     flex_latency_prior_secs: Option<f64>,
+    batch_latency_prior_secs: Option<f64>,
     standard_latency_prior_secs: Option<f64>,
     escalation_margin_secs: Option<f64>,
 }
@@ -796,6 +797,10 @@ impl RawConfig {
                 batches_per_hour,
                 flex_models: u.flex_models,
                 lane_priors: crate::batch::lanes::LanePriors {
+                    batch: secs(
+                        &key("batch_latency_prior_secs"),
+                        u.batch_latency_prior_secs.unwrap_or(3600.0),
+                    )?,
                     flex: secs(
                         &key("flex_latency_prior_secs"),
                         u.flex_latency_prior_secs.unwrap_or(600.0),
@@ -1161,6 +1166,7 @@ mod tests {
         let c = Config::parse_with_env(MIN, &no_env).unwrap();
         let u = &c.upstreams[0];
         assert!(u.flex_models.is_empty());
+        assert_eq!(u.lane_priors.batch, Duration::from_secs(3600));
         assert_eq!(u.lane_priors.flex, Duration::from_secs(600));
         assert_eq!(u.lane_priors.standard, Duration::from_secs(60));
         assert_eq!(u.escalation_margin, Duration::from_secs(30));

@@ -324,7 +324,7 @@ impl Metrics {
             for event in BATCH_EVENTS {
                 self.batches.with_label_values(&[*up, *event]);
             }
-            for reason in ["size", "bytes", "time", "manual"] {
+            for reason in ["size", "bytes", "time", "manual", "deadline"] {
                 self.flushes.with_label_values(&[*up, reason]);
             }
         }

@@ -121,8 +121,8 @@ async fn flex_refused_for_capacity_steps_up_to_standard_and_no_flex_model_goes_s
     s.emulator_config(json!({"flex_unavailable_rate": 1.0}))
         .await;
     // Every flex call is refused, and a retry would no longer leave
-    // standard its 2 s before the 3 s deadline.
-    let r = defer_model(&s, "gpt-4o-mini", "3", "refused", "respond-async, wait=30").await;
+    // standard its 2 s before the 1 s deadline.
+    let r = defer_model(&s, "gpt-4o-mini", "1", "refused", "respond-async, wait=30").await;
     assert_eq!(r.status(), 200);
     let answer: Value = r.json().await.unwrap();
     assert_eq!(answer["service_tier"], "default", "{answer}");
@@ -168,4 +168,32 @@ async fn a_flex_call_cut_short_by_a_crash_is_resumed_on_flex_and_answered_once()
     assert_eq!(stats["lines_submitted"], 0, "{stats}");
     let done = until(&s, "cut", "completed", |st| st["status"] == "completed").await;
     assert_eq!(done["completed_at"], st["completed_at"], "answered once");
+}
+
+#[tokio::test]
+async fn a_near_deadline_flushes_its_queue_while_a_batch_can_still_make_it() {
+    // A batch is expected back in 2 s; standard takes 1 s, so a request due
+    // in 10 s escalates at 9 s: a batch now makes it, the hour-long time
+    // threshold would not.
+    let s = Stack::start(
+        "batch_latency_prior_secs = 2\nstandard_latency_prior_secs = 1\nescalation_margin_secs = 0",
+        "",
+    );
+    let r = defer_model(&s, "gpt-4o-mini", "10", "hurried", "respond-async, wait=30").await;
+    assert_eq!(r.status(), 200);
+    let (_, st) = s.status("alice-key", "hurried", 0).await;
+    assert_eq!(
+        (&st["status"], &st["lane"]),
+        (&json!("completed"), &json!("batch")),
+        "{st}"
+    );
+    assert!(st["batch_id"].is_string(), "{st}");
+    assert!(
+        s.metrics()
+            .await
+            .contains(r#"ferry_flushes_total{reason="deadline",upstream="emu"} 1"#),
+        "flushed for the deadline"
+    );
+    let stats = s.emulator_stats().await;
+    assert_eq!(stats["realtime_requests"], 0, "{stats}");
 }

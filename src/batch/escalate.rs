@@ -12,6 +12,7 @@
 //! applies once: a request is never answered twice. A call cut short by a
 //! crash or shutdown is sent again on the same lane at the next start.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +22,8 @@ use tracing::{info, warn};
 use super::{StepError, advance, lanes, member_ids};
 use crate::App;
 use crate::store::{
-    BatchRecord, BatchState, Lane, Outcome, RequestError, StoredResult, now_millis, now_secs,
+    BatchRecord, BatchState, Lane, Outcome, QueueKey, RequestError, StoredResult, now_millis,
+    now_secs,
 };
 
 /// How long a flex call may take: OpenAI asks clients to allow up to 15
@@ -45,18 +47,23 @@ pub fn lane_body(stored: &[u8], lane: Lane) -> Option<Vec<u8>> {
 /// more wait for the next pass, a second later at most.
 const SCAN_LIMIT: usize = 1_000;
 
-/// Takes every queued request of `up` whose escalation time has come out
-/// of its queue, alone, onto its next lane, and starts its driver. Returns
-/// how long until the next escalation time within the horizon, if any.
-pub(super) async fn escalate_due(
-    app: &Arc<App>,
-    up: &crate::Upstream,
-    token: u64,
-    shutdown: &watch::Receiver<bool>,
-) -> Option<Duration> {
+/// A queued request with a deadline, as the flush loop sees it.
+#[derive(Debug, Clone)]
+pub struct Due {
+    pub queue: QueueKey,
+    pub id: u64,
+    /// The lane it escalates to, and when (unix millis).
+    pub lane: Lane,
+    pub escalate_at_ms: u64,
+}
+
+/// The queued requests of `up` whose deadlines fall within the flush
+/// loop's horizon ([`lanes::scan_horizon`]), soonest deadline first, with
+/// their escalation times. Empty when the store cannot be read (the next
+/// pass tries again).
+pub(super) async fn scan(app: &App, up: &crate::Upstream, now_ms: u64) -> Vec<Due> {
     let settings = &up.settings;
-    let now_ms = now_millis();
-    let horizon = lanes::horizon(&settings.lane_priors, settings.escalation_margin);
+    let horizon = lanes::scan_horizon(&settings.lane_priors, settings.escalation_margin);
     let before = (now_ms / 1000).saturating_add(horizon.as_secs() + 1);
     let due = match app
         .store
@@ -66,20 +73,59 @@ pub(super) async fn escalate_due(
         Ok(due) => due,
         Err(e) => {
             warn!(upstream = %settings.name, error = %e, "cannot read the requests due by their deadlines; will retry");
-            return None;
+            return Vec::new();
         }
     };
-    let lease = super::ownership::lease_name(&settings.name);
+    due.into_iter()
+        .map(|(queue, id, deadline)| {
+            let lane = lanes::next_lane(&queue.model, &settings.flex_models);
+            let escalate_at_ms = lanes::escalation_at_ms(
+                deadline,
+                lane,
+                &queue.model,
+                &settings.lane_priors,
+                settings.escalation_margin,
+            );
+            Due {
+                queue,
+                id,
+                lane,
+                escalate_at_ms,
+            }
+        })
+        .collect()
+}
+
+/// The earliest escalation time of each queue in `due`.
+pub(super) fn earliest_by_queue(due: &[Due]) -> HashMap<QueueKey, u64> {
+    let mut earliest: HashMap<QueueKey, u64> = HashMap::new();
+    for d in due {
+        let at = earliest.entry(d.queue.clone()).or_insert(u64::MAX);
+        *at = (*at).min(d.escalate_at_ms);
+    }
+    earliest
+}
+
+/// Takes every request in `due` whose escalation time has come out of its
+/// queue, alone, onto its next lane, and starts its driver. Returns how
+/// long until the next escalation time among the others, if any.
+pub(super) async fn escalate_due(
+    app: &Arc<App>,
+    up: &crate::Upstream,
+    due: Vec<Due>,
+    token: u64,
+    shutdown: &watch::Receiver<bool>,
+) -> Option<Duration> {
+    let now_ms = now_millis();
+    let lease = super::ownership::lease_name(&up.settings.name);
     let mut next: Option<Duration> = None;
-    for (qk, id, deadline) in due {
-        let lane = lanes::next_lane(&qk.model, &settings.flex_models);
-        let at = lanes::escalation_at_ms(
-            deadline,
-            lane,
-            &qk.model,
-            &settings.lane_priors,
-            settings.escalation_margin,
-        );
+    for Due {
+        queue: qk,
+        id,
+        lane,
+        escalate_at_ms: at,
+    } in due
+    {
         if at > now_ms {
             let wait = Duration::from_millis(at - now_ms);
             next = Some(next.map_or(wait, |n| n.min(wait)));
@@ -96,7 +142,7 @@ pub(super) async fn escalate_due(
             Ok(Some(batch)) => {
                 info!(
                     ferry_batch = batch.id, request = id, upstream = %qk.upstream, model = %qk.model,
-                    lane = lane.as_str(), deadline, "request escalated for its deadline"
+                    lane = lane.as_str(), "request escalated for its deadline"
                 );
                 super::spawn_driver(app.clone(), batch, false, shutdown.clone());
             }

@@ -21,6 +21,9 @@ pub trait LatencyEstimate {
 /// `flex_latency_prior_secs` and `standard_latency_prior_secs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LanePriors {
+    /// A batch's turnaround, for the flush policy (see
+    /// [`super::policy::deadline_flush`]).
+    pub batch: Duration,
     pub flex: Duration,
     pub standard: Duration,
 }
@@ -30,8 +33,7 @@ impl LatencyEstimate for LanePriors {
         match lane {
             Lane::Flex => self.flex,
             Lane::Standard => self.standard,
-            // Never asked: a batch is not a lane a request escalates to.
-            Lane::Batch => Duration::ZERO,
+            Lane::Batch => self.batch,
         }
     }
 }
@@ -69,6 +71,13 @@ pub fn horizon(priors: &LanePriors, margin: Duration) -> Duration {
     priors.flex.max(priors.standard).saturating_add(margin)
 }
 
+/// How far ahead of now the flush loop reads deadlines: the escalation
+/// horizon plus a batch's turnaround, so that it sees the queues a batch
+/// started now could still answer in time.
+pub fn scan_horizon(priors: &LanePriors, margin: Duration) -> Duration {
+    horizon(priors, margin).saturating_add(priors.batch)
+}
+
 /// Whether a flex call refused for capacity (`resource_unavailable`) may
 /// be tried again at `now_ms` after `retry_in`, or whether the request must
 /// step up to standard now: flex is kept while standard, started after the
@@ -92,6 +101,7 @@ mod tests {
     use super::*;
 
     const PRIORS: LanePriors = LanePriors {
+        batch: Duration::from_secs(3600),
         flex: Duration::from_secs(600),
         standard: Duration::from_secs(60),
     };
@@ -114,6 +124,7 @@ mod tests {
         // A deadline nearer than the lane's time escalates at once.
         assert_eq!(escalation_at_ms(5, Lane::Flex, "m", &PRIORS, MARGIN), 0);
         assert_eq!(horizon(&PRIORS, MARGIN), Duration::from_secs(630));
+        assert_eq!(scan_horizon(&PRIORS, MARGIN), Duration::from_secs(4230));
     }
 
     #[test]
