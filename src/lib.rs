@@ -239,6 +239,20 @@ impl App {
             .requests_finished
             .with_label_values(&[rec.status.as_str()])
             .inc();
+        if let Some(lane) = rec.answered_by() {
+            self.metrics
+                .lane_results
+                .with_label_values(&[lane.as_str()])
+                .inc();
+            // Answered in the second after the deadline still counts as
+            // in time: deadlines are whole seconds.
+            if rec.deadline_at.is_some_and(|d| now_secs() > d) {
+                self.metrics
+                    .deadline_misses
+                    .with_label_values(&[lane.as_str()])
+                    .inc();
+            }
+        }
         self.metrics
             .accept_to_result
             .observe(now_secs().saturating_sub(rec.created_at) as f64);

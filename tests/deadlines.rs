@@ -113,6 +113,16 @@ async fn a_deadline_sends_a_queued_request_on_flex_to_its_held_caller() {
     let stats = s.emulator_stats().await;
     assert_eq!(stats["lines_submitted"], 0, "{stats}");
     assert_eq!(stats["realtime_requests"], 1, "{stats}");
+    let metrics = s.metrics().await;
+    for line in [
+        r#"ferry_lane_results_total{lane="flex"} 1"#,
+        r#"ferry_lane_results_total{lane="batch"} 0"#,
+        r#"ferry_escalations_total{lane="flex"} 1"#,
+        r#"ferry_escalations_total{lane="standard"} 0"#,
+        r#"ferry_deadline_misses_total{lane="flex"} 0"#,
+    ] {
+        assert!(metrics.contains(line), "{line}");
+    }
 }
 
 #[tokio::test]
@@ -142,6 +152,15 @@ async fn flex_refused_for_capacity_steps_up_to_standard_and_no_flex_model_goes_s
     // One refused flex call and two standard ones; nothing batched.
     assert_eq!(stats["realtime_requests"], 3, "{stats}");
     assert_eq!(stats["lines_submitted"], 0, "{stats}");
+    let metrics = s.metrics().await;
+    for line in [
+        "ferry_flex_unavailable_total 1",
+        r#"ferry_escalations_total{lane="flex"} 1"#,
+        r#"ferry_escalations_total{lane="standard"} 2"#,
+        r#"ferry_lane_results_total{lane="standard"} 2"#,
+    ] {
+        assert!(metrics.contains(line), "{line}");
+    }
 }
 
 #[tokio::test]

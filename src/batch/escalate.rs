@@ -140,6 +140,10 @@ pub(super) async fn escalate_due(
             .await
         {
             Ok(Some(batch)) => {
+                app.metrics
+                    .escalations
+                    .with_label_values(&[lane.as_str()])
+                    .inc();
                 info!(
                     ferry_batch = batch.id, request = id, upstream = %qk.upstream, model = %qk.model,
                     lane = lane.as_str(), "request escalated for its deadline"
@@ -219,6 +223,10 @@ pub(super) async fn send(
                 return answer(app, batch, rec.id, outcome).await;
             }
             Err(e) if lane == Lane::Flex && e.is_transient() => {
+                if matches!(&e, crate::upstream::UpstreamError::Status { status: 429, code: Some(c), .. } if c == "resource_unavailable")
+                {
+                    app.metrics.flex_unavailable.inc();
+                }
                 let wait = e.retry_after().unwrap_or_else(|| {
                     crate::upstream::backoff(
                         refusals,
@@ -245,6 +253,10 @@ pub(super) async fn send(
                 }
                 info!(ferry_batch = batch.id, error = %e, "flex can no longer make the deadline; stepping up to standard");
                 advance(app, batch, |b| b.lane = Lane::Standard).await?;
+                app.metrics
+                    .escalations
+                    .with_label_values(&[Lane::Standard.as_str()])
+                    .inc();
             }
             Err(e) => return Err(e.into()),
         }
