@@ -665,3 +665,31 @@ async fn flex_refused_with_time_to_spare_is_retried_on_flex() {
     let answer = app.store.result(id).await.unwrap().unwrap();
     assert_eq!(answer.body_value()["service_tier"], "flex");
 }
+
+#[tokio::test]
+async fn a_step_up_is_on_disk_before_the_standard_call() {
+    // Every call fails (500/503): flex cannot be retried in time, and the
+    // standard call that follows fails too, leaving the batch unfinished.
+    let emu = crate::emulator::EmulatorConfig {
+        error_rate: 1.0,
+        ..flex_emulator(0.0)
+    };
+    let h = harness_with(emu, FLEX_UPSTREAM).await;
+    let (app, up) = (&h.app, &h.app.upstreams[0]);
+    let mut batch = escalated(app, 30, Lane::Flex).await;
+    let mut shutdown = h.shutdown.clone();
+    let step = super::escalate::send(app, up, &mut batch, &mut shutdown).await;
+    assert!(step.is_err(), "the standard call failed");
+    let stored = app.store.get_batch(batch.id).await.unwrap().unwrap();
+    assert_eq!(
+        (stored.lane, stored.state),
+        (Lane::Standard, BatchState::Claimed),
+        "the step up was recorded before the standard call, the batch not finished"
+    );
+    let id = app.store.members(batch.id).await.unwrap()[0];
+    let rec = app.store.get(id).await.unwrap().unwrap();
+    assert_eq!(
+        (rec.status, rec.answered_by()),
+        (RequestStatus::Submitted, None)
+    );
+}
