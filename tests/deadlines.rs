@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Stack, chat, until, until_status};
+use common::{Backend, Stack, chat, until, until_status};
 use serde_json::{Value, json};
 
 /// A deferred call of alice's with `X-Ferry-Deadline: deadline`.
@@ -43,9 +43,9 @@ standard_latency_prior_secs = 2
 escalation_margin_secs = 0
 "#;
 
-/// A stack whose emulator serves flex for `gpt-4o-mini`.
-async fn flex_stack() -> Stack {
-    let s = Stack::start(FLEX_UPSTREAM, "");
+/// A stack on `backend` whose emulator serves flex for `gpt-4o-mini`.
+async fn flex_stack(backend: Backend) -> Stack {
+    let s = Stack::start_on(backend, FLEX_UPSTREAM, "");
     s.emulator_config(json!({"flex_models": ["gpt-4o-mini"]}))
         .await;
     s
@@ -93,9 +93,8 @@ async fn a_deadline_is_stored_shown_and_refused_when_malformed() {
     }
 }
 
-#[tokio::test]
-async fn a_deadline_sends_a_queued_request_on_flex_to_its_held_caller() {
-    let s = flex_stack().await;
+async fn a_deadline_sends_a_queued_request_on_flex_to_its_held_caller(backend: Backend) {
+    let s = flex_stack(backend).await;
     // An hour away: it waits for a batch (none is flushed in this test).
     assert_eq!(defer_by(&s, "3600", "later").await.status(), 202);
     let r = defer_model(&s, "gpt-4o-mini", "3", "soon", "respond-async, wait=30").await;
@@ -125,9 +124,10 @@ async fn a_deadline_sends_a_queued_request_on_flex_to_its_held_caller() {
     }
 }
 
-#[tokio::test]
-async fn flex_refused_for_capacity_steps_up_to_standard_and_no_flex_model_goes_straight_there() {
-    let s = flex_stack().await;
+async fn flex_refused_for_capacity_steps_up_to_standard_and_no_flex_model_goes_straight_there(
+    backend: Backend,
+) {
+    let s = flex_stack(backend).await;
     s.emulator_config(json!({"flex_unavailable_rate": 1.0}))
         .await;
     // Every flex call is refused, and a retry would no longer leave
@@ -163,9 +163,8 @@ async fn flex_refused_for_capacity_steps_up_to_standard_and_no_flex_model_goes_s
     }
 }
 
-#[tokio::test]
-async fn a_flex_call_cut_short_by_a_crash_is_resumed_on_flex_and_answered_once() {
-    let mut s = flex_stack().await;
+async fn a_flex_call_cut_short_by_a_crash_is_resumed_on_flex_and_answered_once(backend: Backend) {
+    let mut s = flex_stack(backend).await;
     // The flex call hangs until Ferry is killed.
     s.emulator_config(json!({"flex_latency_ms": 60_000})).await;
     assert_eq!(defer_by(&s, "3", "cut").await.status(), 202);
@@ -216,3 +215,9 @@ async fn a_near_deadline_flushes_its_queue_while_a_batch_can_still_make_it() {
     let stats = s.emulator_stats().await;
     assert_eq!(stats["realtime_requests"], 0, "{stats}");
 }
+
+on_both_backends!(
+    a_deadline_sends_a_queued_request_on_flex_to_its_held_caller,
+    flex_refused_for_capacity_steps_up_to_standard_and_no_flex_model_goes_straight_there,
+    a_flex_call_cut_short_by_a_crash_is_resumed_on_flex_and_answered_once,
+);
