@@ -220,7 +220,14 @@ impl App {
             return;
         };
         let s = &upstream.settings;
-        if load.started || load.count >= s.max_requests as u64 || load.bytes >= s.max_bytes {
+        // A deadline within the flush loop's horizon may call for a flush or
+        // an escalation before its next pass.
+        let horizon = batch::lanes::scan_horizon(&s.lane_priors, s.escalation_margin);
+        let near = rec
+            .deadline_at
+            .is_some_and(|d| d.saturating_sub(now_secs()) <= horizon.as_secs());
+        if load.started || near || load.count >= s.max_requests as u64 || load.bytes >= s.max_bytes
+        {
             upstream.wake.notify_one();
             // Another node may own the upstream's flush loop.
             if self.store.is_shared() {
