@@ -370,10 +370,10 @@ async fn deferred(
         param: Some("X-Ferry-Callback-Url".into()),
         code: "callback_not_allowed",
     })?;
-    let deadline = match ferry_header(session.req_header(), "x-ferry-deadline") {
-        Ok(v) => intake::deadline_secs(v, tenant.default_deadline)?,
-        Err(()) => intake::deadline_secs(Some(""), None)?,
-    };
+    // A value that is not ASCII is refused like any other malformed one.
+    let deadline_header =
+        ferry_header(session.req_header(), "x-ferry-deadline").unwrap_or(Some(""));
+    let deadline = intake::deadline_secs(deadline_header, tenant.default_deadline)?;
     let body = read_body(
         session,
         app.config.server.max_body_bytes,

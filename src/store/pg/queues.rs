@@ -185,6 +185,7 @@ impl PgStore {
 }
 
 /// Which entries of a queue a claim takes.
+#[derive(Clone, Copy)]
 enum Pick {
     /// The oldest, within these limits.
     Oldest { max_requests: usize, max_bytes: u64 },
@@ -216,26 +217,39 @@ async fn claim_picked(
     lane: Lane,
     reason: &str,
 ) -> Result<Option<BatchRecord>, PgError> {
-    let (max_requests, max_bytes, only) = match pick {
+    let (max_requests, max_bytes) = match pick {
         Pick::Oldest {
             max_requests,
             max_bytes,
-        } => (max_requests, max_bytes, None),
-        Pick::One(id) => (1, u64::MAX, Some(id)),
+        } => (max_requests, max_bytes),
+        Pick::One(_) => (1, u64::MAX),
     };
     if max_requests == 0 {
         return Ok(None);
     }
     let limit = i64::try_from(max_requests).unwrap_or(i64::MAX);
-    let rows = tx
-        .query(
-            "SELECT id, line_len, inputs FROM queue \
-             WHERE upstream = $1 AND endpoint = $2 AND model = $3 \
-             AND ($5::bigint IS NULL OR id = $5) \
-             ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED",
-            &[&qk.upstream, &qk.endpoint.path(), &qk.model, &limit, &only],
-        )
-        .await?;
+    let (upstream, endpoint, model) = (&qk.upstream, qk.endpoint.path(), &qk.model);
+    let rows = match pick {
+        Pick::Oldest { .. } => {
+            tx.query(
+                "SELECT id, line_len, inputs FROM queue \
+                 WHERE upstream = $1 AND endpoint = $2 AND model = $3 \
+                 ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED",
+                &[upstream, &endpoint, model, &limit],
+            )
+            .await?
+        }
+        // One primary-key probe, however long the queue.
+        Pick::One(id) => {
+            tx.query(
+                "SELECT id, line_len, inputs FROM queue \
+                 WHERE upstream = $1 AND endpoint = $2 AND model = $3 AND id = $4 \
+                 FOR UPDATE SKIP LOCKED",
+                &[upstream, &endpoint, model, &id],
+            )
+            .await?
+        }
+    };
     let mut ids: Vec<i64> = Vec::new();
     let mut bytes = 0u64;
     let mut inputs = 0u64;
