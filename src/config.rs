@@ -214,6 +214,12 @@ struct RawUpstream {
     lost_after_secs: Option<f64>,
     anthropic_version: Option<String>,
     cache_ttl_1h: Option<bool>,
+    #[serde(default)]
+    flex_models: Vec<String>,
+    flex_latency_prior_secs: Option<f64>,
+    batch_latency_prior_secs: Option<f64>,
+    standard_latency_prior_secs: Option<f64>,
+    escalation_margin_secs: Option<f64>,
 }
 
 /// What becomes of requests a batch did not finish before its window ended.
@@ -248,6 +254,9 @@ struct RawTenant {
     default_mode: Mode,
     #[serde(default)]
     default_wait_secs: u64,
+    /// The deadline of a deferred call without `X-Ferry-Deadline`; none by
+    /// default.
+    default_deadline_secs: Option<u64>,
     /// `scheme://host[:port]` entries; host may be `*` or `*.domain`, port `*`.
     #[serde(default)]
     callback_allow: Vec<String>,
@@ -358,6 +367,14 @@ pub struct UpstreamSettings {
     /// `kind = "anthropic"` only: the `anthropic-version` Ferry sends
     /// upstream (default `2023-06-01`) when the caller sent none.
     pub anthropic_version: Option<String>,
+    /// Models whose synchronous calls take `service_tier: "flex"`: a
+    /// request of one of them escalated for its deadline goes flex first.
+    pub flex_models: Vec<String>,
+    /// What the synchronous lanes are expected to take, until observed
+    /// latencies replace them (see [`crate::batch::lanes`]).
+    pub lane_priors: crate::batch::lanes::LanePriors,
+    /// Time kept in hand beyond a lane's expected time when escalating.
+    pub escalation_margin: Duration,
 }
 
 impl UpstreamSettings {
@@ -402,6 +419,9 @@ pub struct Tenant {
     pub webhook_key: Option<Vec<u8>>,
     pub deferred_rate: Option<RateSetting>,
     pub passthrough_rate: Option<RateSetting>,
+    /// Seconds after acceptance a deferred call without `X-Ferry-Deadline`
+    /// is due; `None`: no deadline.
+    pub default_deadline: Option<u64>,
 }
 
 /// Where Ferry keeps its state.
@@ -831,6 +851,25 @@ impl RawConfig {
                 lost_after,
                 calls_per_second,
                 batches_per_hour,
+                flex_models: u.flex_models,
+                lane_priors: crate::batch::lanes::LanePriors {
+                    batch: secs(
+                        &key("batch_latency_prior_secs"),
+                        u.batch_latency_prior_secs.unwrap_or(3600.0),
+                    )?,
+                    flex: secs(
+                        &key("flex_latency_prior_secs"),
+                        u.flex_latency_prior_secs.unwrap_or(600.0),
+                    )?,
+                    standard: secs(
+                        &key("standard_latency_prior_secs"),
+                        u.standard_latency_prior_secs.unwrap_or(60.0),
+                    )?,
+                },
+                escalation_margin: secs(
+                    &key("escalation_margin_secs"),
+                    u.escalation_margin_secs.unwrap_or(30.0),
+                )?,
             });
         }
         let uses_emulator = upstreams
@@ -949,6 +988,17 @@ impl RawConfig {
                     }
                 }
             };
+            if let Some(d) = t.default_deadline_secs
+                && !(1..=crate::intake::MAX_DEADLINE_SECS).contains(&d)
+            {
+                return Err(invalid(
+                    key("default_deadline_secs"),
+                    format!(
+                        "must be from 1 to {} (a batch's 24-hour window)",
+                        crate::intake::MAX_DEADLINE_SECS
+                    ),
+                ));
+            }
             let tenant = Arc::new(Tenant {
                 name: t.name,
                 default_mode: t.default_mode,
@@ -957,6 +1007,7 @@ impl RawConfig {
                 webhook_key,
                 deferred_rate: rate(t.intake_rps, t.intake_burst, "intake_rps")?,
                 passthrough_rate: rate(t.passthrough_rps, t.passthrough_burst, "passthrough_rps")?,
+                default_deadline: t.default_deadline_secs,
             });
             let mut hashes = Vec::new();
             for k in t.keys {
@@ -1188,6 +1239,57 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(key), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn deadlines_have_defaults_and_refuse_bad_values_by_key() {
+        let c = Config::parse_with_env(MIN, &no_env).unwrap();
+        let u = &c.upstreams[0];
+        assert!(u.flex_models.is_empty());
+        assert_eq!(u.lane_priors.batch, Duration::from_secs(3600));
+        assert_eq!(u.lane_priors.flex, Duration::from_secs(600));
+        assert_eq!(u.lane_priors.standard, Duration::from_secs(60));
+        assert_eq!(u.escalation_margin, Duration::from_secs(30));
+        assert_eq!(c.tenant_for_key("k1").unwrap().default_deadline, None);
+        let set = MIN
+            .replace(
+                "emulator = true",
+                "emulator = true\nflex_models = [\"gpt-5-mini\"]\nflex_latency_prior_secs = 120\n\
+                 standard_latency_prior_secs = 20\nescalation_margin_secs = 5",
+            )
+            .replace(
+                "keys = [\"k1\"]",
+                "keys = [\"k1\"]\ndefault_deadline_secs = 3600",
+            );
+        let c = Config::parse_with_env(&set, &no_env).unwrap();
+        let u = &c.upstreams[0];
+        assert_eq!(u.flex_models, vec!["gpt-5-mini".to_owned()]);
+        assert_eq!(u.lane_priors.flex, Duration::from_secs(120));
+        assert_eq!(u.lane_priors.standard, Duration::from_secs(20));
+        assert_eq!(u.escalation_margin, Duration::from_secs(5));
+        assert_eq!(c.tenant_for_key("k1").unwrap().default_deadline, Some(3600));
+        for (from, to, key) in [
+            (
+                "keys = [\"k1\"]",
+                "keys = [\"k1\"]\ndefault_deadline_secs = 0",
+                "default_deadline_secs",
+            ),
+            (
+                "keys = [\"k1\"]",
+                "keys = [\"k1\"]\ndefault_deadline_secs = 86401",
+                "default_deadline_secs",
+            ),
+            (
+                "emulator = true",
+                "emulator = true\nflex_latency_prior_secs = -1",
+                "flex_latency_prior_secs",
+            ),
+        ] {
+            let err = Config::parse_with_env(&MIN.replace(from, to), &no_env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{to}: {err}");
         }
     }
 

@@ -224,7 +224,14 @@ impl App {
             return;
         };
         let s = &upstream.settings;
-        if load.started || load.count >= s.max_requests as u64 || load.bytes >= s.max_bytes {
+        // A deadline within the flush loop's horizon may call for a flush or
+        // an escalation before its next pass.
+        let horizon = batch::lanes::scan_horizon(&s.lane_priors, s.escalation_margin);
+        let near = rec
+            .deadline_at
+            .is_some_and(|d| d.saturating_sub(now_secs()) <= horizon.as_secs());
+        if load.started || near || load.count >= s.max_requests as u64 || load.bytes >= s.max_bytes
+        {
             upstream.wake.notify_one();
             // Another node may own the upstream's flush loop.
             if self.store.is_shared() {
@@ -243,6 +250,20 @@ impl App {
             .requests_finished
             .with_label_values(&[rec.status.as_str()])
             .inc();
+        if let Some(lane) = rec.answered_by() {
+            self.metrics
+                .lane_results
+                .with_label_values(&[lane.as_str()])
+                .inc();
+            // Answered in the second after the deadline still counts as
+            // in time: deadlines are whole seconds.
+            if rec.deadline_at.is_some_and(|d| now_secs() > d) {
+                self.metrics
+                    .deadline_misses
+                    .with_label_values(&[lane.as_str()])
+                    .inc();
+            }
+        }
         self.metrics
             .accept_to_result
             .observe(now_secs().saturating_sub(rec.created_at) as f64);

@@ -52,6 +52,13 @@ pub struct Metrics {
     pub retention_purged: IntCounterVec,
     pub retention_slice_duration: Histogram,
     pub retention_oldest_terminal_age: IntGauge,
+    /// Deadlines (issue #17): answers by the lane that produced them, steps
+    /// onto a synchronous lane, answers after their deadline, flex calls
+    /// refused for capacity.
+    pub lane_results: IntCounterVec,
+    pub escalations: IntCounterVec,
+    pub deadline_misses: IntCounterVec,
+    pub flex_unavailable: IntCounter,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -242,6 +249,29 @@ impl Metrics {
                 "Time from batch creation upstream to its results stored.",
                 long(),
             ),
+            lane_results: counter_vec(
+                "ferry_lane_results_total",
+                "Deferred requests answered, by the lane that answered (batch, flex, standard).",
+                &["lane"],
+            ),
+            escalations: counter_vec(
+                "ferry_escalations_total",
+                "Requests stepped up for their deadline onto a lane: out of their queue onto flex or standard, or from flex onto standard.",
+                &["lane"],
+            ),
+            deadline_misses: counter_vec(
+                "ferry_deadline_misses_total",
+                "Requests with a deadline answered after it, by the lane that answered.",
+                &["lane"],
+            ),
+            flex_unavailable: {
+                let c = must(IntCounter::new(
+                    "ferry_flex_unavailable_total",
+                    "Flex calls the upstream refused for capacity (429, retried or stepped up).",
+                ));
+                reg(Box::new(c.clone()));
+                c
+            },
             requests_finished: counter_vec(
                 "ferry_requests_finished_total",
                 "Deferred requests reaching a terminal status.",
@@ -309,6 +339,13 @@ impl Metrics {
         for status in ["completed", "failed", "expired", "cancelled"] {
             self.requests_finished.with_label_values(&[status]);
         }
+        for lane in ["batch", "flex", "standard"] {
+            self.lane_results.with_label_values(&[lane]);
+            self.deadline_misses.with_label_values(&[lane]);
+            if lane != "batch" {
+                self.escalations.with_label_values(&[lane]);
+            }
+        }
         for kind in PURGED_KINDS {
             self.retention_purged.with_label_values(&[*kind]);
         }
@@ -324,7 +361,7 @@ impl Metrics {
             for event in BATCH_EVENTS {
                 self.batches.with_label_values(&[*up, *event]);
             }
-            for reason in ["size", "bytes", "time", "manual"] {
+            for reason in ["size", "bytes", "time", "manual", "deadline"] {
                 self.flushes.with_label_values(&[*up, reason]);
             }
         }

@@ -1525,3 +1525,94 @@ async fn fifty_thousand_lines_round_trip() {
     assert!(seen.iter().all(|s| *s));
     eprintln!("50,000-line round trip took {:?}", started.elapsed());
 }
+
+#[tokio::test]
+async fn flex_is_slower_sometimes_unavailable_and_says_so() {
+    let emu = start(EmulatorConfig {
+        flex_models: vec!["gpt-4o-mini".into()],
+        ..Default::default()
+    })
+    .await;
+    let call = |model: &'static str, endpoint: &'static str| {
+        let input = if endpoint == "/v1/responses" {
+            json!({"model": model, "input": "hi", "service_tier": "flex"})
+        } else {
+            json!({"model": model, "service_tier": "flex",
+                   "messages": [{"role": "user", "content": "hi"}]})
+        };
+        emu.post(endpoint, input)
+    };
+    let (status, c) = call("gpt-4o-mini", "/v1/chat/completions").await;
+    assert_eq!(
+        (status, &c["service_tier"]),
+        (StatusCode::OK, &json!("flex")),
+        "{c}"
+    );
+    assert_eq!(c["object"], "chat.completion");
+    let (status, r) = call("gpt-4o-mini", "/v1/responses").await;
+    assert_eq!(
+        (status, &r["service_tier"]),
+        (StatusCode::OK, &json!("flex")),
+        "{r}"
+    );
+    // Without flex the answer is on the default tier.
+    let (_, plain) = emu
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "gpt-4o-mini",
+               "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(plain["service_tier"], "default");
+    // A model without flex refuses it.
+    let (status, e) = call("gpt-4o", "/v1/chat/completions").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
+    assert_eq!(e["error"]["param"], "service_tier");
+
+    emu.configure(json!({"flex_latency_ms": 150})).await;
+    let started = Instant::now();
+    assert_eq!(
+        call("gpt-4o-mini", "/v1/chat/completions").await.0,
+        StatusCode::OK
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(150),
+        "{:?}",
+        started.elapsed()
+    );
+
+    emu.configure(json!({"flex_latency_ms": 0, "flex_unavailable_rate": 0.5, "seed": 7}))
+        .await;
+    let mut first = Vec::new();
+    for _ in 0..20 {
+        let (status, body) = call("gpt-4o-mini", "/v1/chat/completions").await;
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(body["error"]["code"], "resource_unavailable", "{body}");
+        }
+        first.push(status.as_u16());
+    }
+    emu.configure(json!({"seed": 7})).await;
+    let mut second = Vec::new();
+    for _ in 0..20 {
+        second.push(call("gpt-4o-mini", "/v1/chat/completions").await.0.as_u16());
+    }
+    assert_eq!(first, second, "the same seed refuses the same calls");
+    assert!(first.contains(&200) && first.contains(&429), "{first:?}");
+    // Calls on the default tier are never refused for flex capacity.
+    let (status, _) = emu
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "gpt-4o-mini",
+               "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let resp = emu
+        .http
+        .post(emu.url("/_emulator/config"))
+        .json(&json!({"flex_unavailable_rate": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+}

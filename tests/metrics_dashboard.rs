@@ -19,6 +19,7 @@ const ROWS: &[&str] = &[
     "Queues",
     "Batches",
     "Results & latency",
+    "Deadlines",
     "Upstream",
     "Webhooks",
     "Savings",
@@ -336,6 +337,10 @@ fn touched_metrics() -> Metrics {
     m.batch_size.observe(10.0);
     m.batch_duration.observe(120.0);
     m.requests_finished.with_label_values(&["completed"]).inc();
+    m.lane_results.with_label_values(&["flex"]).inc();
+    m.escalations.with_label_values(&["flex"]).inc();
+    m.deadline_misses.with_label_values(&["standard"]).inc();
+    m.flex_unavailable.inc();
     m.accept_to_result.observe(60.0);
     m.waiters.set(1);
     m.upstream_call("emu", "get_batch", "200", Duration::from_millis(3));

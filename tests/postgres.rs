@@ -1757,3 +1757,189 @@ async fn an_embeddings_claim_stops_at_the_input_cap() {
         .unwrap();
     assert_eq!(s.members(b.id).await.unwrap(), ids[2..]);
 }
+
+use ferry::store::Lane;
+
+#[tokio::test]
+async fn a_deadline_is_kept_and_an_answer_reads_back_with_its_lane() {
+    let (_config, s) = store("a").await;
+    let due = created(
+        &s,
+        RequestRecord {
+            deadline_at: Some(1_700_000_600),
+            ..rec("t", "due", "h")
+        },
+    )
+    .await;
+    let none = created(&s, rec("t", "none", "h")).await;
+    let read = s.get(due.id).await.unwrap().unwrap();
+    assert_eq!(read.deadline_at, Some(1_700_000_600));
+    assert_eq!(
+        (read.lane, read.answered_by()),
+        (None, None),
+        "not claimed yet"
+    );
+    assert_eq!(s.get(none.id).await.unwrap().unwrap().deadline_at, None);
+
+    // One answered by a flex call (a batch of one on that lane), one by a
+    // Batch API job.
+    let mut b = s
+        .claim_batch(&qk(), 1, u64::MAX, "deadline")
+        .await
+        .unwrap()
+        .unwrap();
+    b.lane = Lane::Flex;
+    s.put_batch(&b).await.unwrap();
+    s.apply_submitted(b.id).await.unwrap();
+    let ok = StoredResult {
+        status_code: 200,
+        body: bytes::Bytes::from_static(br#"{"ok": true}"#),
+    };
+    let done = s
+        .apply_outcomes(
+            b.id,
+            vec![(due.id, Outcome::Completed(ok.clone()))],
+            &payload,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        done[0].answered_by(),
+        Some(Lane::Flex),
+        "as the webhook sees it"
+    );
+    let (plain, _) = submitted_batch(&s).await;
+    s.apply_outcomes(plain.id, vec![(none.id, Outcome::Completed(ok))], &payload)
+        .await
+        .unwrap();
+    let by = |id| {
+        let s = &s;
+        async move { s.get(id).await.unwrap().unwrap().answered_by() }
+    };
+    assert_eq!(by(due.id).await, Some(Lane::Flex));
+    assert_eq!(by(none.id).await, Some(Lane::Batch));
+}
+
+#[tokio::test]
+async fn a_database_written_before_deadlines_reads_without_them() {
+    let config = fresh_database().await;
+    let (mut client, conn) = config.connect(NoTls).await.unwrap();
+    tokio::spawn(conn);
+    migrate::migrate_with(&mut client, &migrate::MIGRATIONS[..4])
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO requests (id, tenant, custom_id, upstream, model, body_sha256, \
+             body_len, stream, created_at, status) \
+             VALUES (nextval('ferry_ids'), 't', 'old', 'u', 'm', 'h', 2, false, 1700000000, 'queued')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let s = PgStore::connect(config.clone(), 2).await.expect("connect");
+    let r = s.find("t", "old").await.unwrap().unwrap();
+    assert_eq!((r.deadline_at, r.lane), (None, None));
+    let with = created(
+        &s,
+        RequestRecord {
+            deadline_at: Some(1_700_000_060),
+            ..rec("t", "new", "h")
+        },
+    )
+    .await;
+    assert_eq!(
+        s.get(with.id).await.unwrap().unwrap().deadline_at,
+        Some(1_700_000_060)
+    );
+}
+
+#[tokio::test]
+async fn a_request_due_by_its_deadline_is_claimed_alone_and_never_also_flushed() {
+    let (_config, s) = store("a").await;
+    let mut ids = Vec::new();
+    for (cid, deadline_at) in [("a", Some(100)), ("b", Some(200)), ("c", None)] {
+        let r = RequestRecord {
+            deadline_at,
+            ..rec("t", cid, "h")
+        };
+        ids.push(created(&s, r).await.id);
+    }
+    let due = |before| {
+        let s = &s;
+        async move {
+            s.due_by_deadline("u", before, 10)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(key, id, d)| {
+                    assert_eq!(key, qk());
+                    (id, d)
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(due(150).await, vec![(ids[0], 100)]);
+    assert_eq!(due(1000).await, vec![(ids[0], 100), (ids[1], 200)]);
+    assert!(
+        s.due_by_deadline("other", 1000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(s.due_by_deadline("u", 1000, 1).await.unwrap().len(), 1);
+
+    let lease = "upstream/u";
+    let token = s
+        .acquire_lease(lease, Duration::from_secs(60), true)
+        .await
+        .unwrap()
+        .unwrap()
+        .token;
+    let b = s
+        .claim_request_fenced(&qk(), ids[0], Lane::Flex, "deadline", lease, token)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (b.lane, b.request_count, b.state.clone()),
+        (Lane::Flex, 1, BatchState::Claimed)
+    );
+    assert_eq!(s.get_batch(b.id).await.unwrap().unwrap().lane, Lane::Flex);
+    assert_eq!(s.members(b.id).await.unwrap(), vec![ids[0]]);
+    let a = s.get(ids[0]).await.unwrap().unwrap();
+    assert_eq!((a.status, a.batch), (RequestStatus::Queued, Some(b.id)));
+    assert_eq!(s.queue_stats_for(&qk()).await.unwrap().unwrap().count, 2);
+    assert_eq!(
+        due(1000).await,
+        vec![(ids[1], 200)],
+        "claimed: no longer due"
+    );
+    let again = s
+        .claim_request_fenced(&qk(), ids[0], Lane::Standard, "deadline", lease, token)
+        .await
+        .unwrap();
+    assert!(again.is_none());
+    // A stale token claims nothing.
+    let stale = s
+        .claim_request_fenced(&qk(), ids[1], Lane::Flex, "deadline", lease, token + 1)
+        .await
+        .unwrap();
+    assert!(stale.is_none());
+    // A flush takes only what is still queued.
+    let mut flushed = s
+        .claim_batch(&qk(), 10, u64::MAX, "size")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.members(flushed.id).await.unwrap(), ids[1..]);
+    assert!(due(1000).await.is_empty());
+    // Sent back to its queue, a request is due again.
+    mark_submitted(&s, &mut flushed, "file-1", "batch_1").await;
+    s.apply_outcomes(flushed.id, vec![(ids[1], Outcome::Requeue)], &payload)
+        .await
+        .unwrap();
+    assert_eq!(due(1000).await, vec![(ids[1], 200)]);
+    s.cancel("t", "b", &payload).await.unwrap();
+    assert!(due(1000).await.is_empty());
+}

@@ -12,7 +12,7 @@ use super::policy::{FlushPolicy, FlushReason};
 use super::{OUTCOME_CHUNK, create, flush_queue, ingest_batch, poll_and_ingest, upload};
 use crate::config::Config;
 use crate::store::{
-    BatchRecord, BatchState, Intake, QueueKey, RequestRecord, RequestStatus, Store,
+    BatchRecord, BatchState, Intake, Lane, QueueKey, RequestRecord, RequestStatus, Store,
 };
 use crate::upstream::BatchClient;
 use crate::{App, PassthroughTarget, Upstream};
@@ -36,12 +36,22 @@ async fn harness() -> Harness {
 
 /// [`harness`] with an upstream of `kind`; also the emulator's address.
 async fn harness_of(kind: &str) -> (Harness, std::net::SocketAddr) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let emu = crate::emulator::EmulatorConfig {
         validating_seconds: 3600.0,
         ..Default::default()
     };
+    harness_with(kind, emu, "").await
+}
+
+/// [`harness_of`] with the emulator's knobs `emu` and `upstream_extra`
+/// lines in the upstream's table.
+async fn harness_with(
+    kind: &str,
+    emu: crate::emulator::EmulatorConfig,
+    upstream_extra: &str,
+) -> (Harness, std::net::SocketAddr) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
     tokio::spawn(crate::emulator::serve(
         listener,
         emu,
@@ -59,6 +69,7 @@ async fn harness_of(kind: &str) -> (Harness, std::net::SocketAddr) {
         base_url = "{base}"
         api_key_env = "KEY"
         poll_interval_secs = 0.05
+        {upstream_extra}
         [[tenants]]
         name = "t"
         keys = ["k"]
@@ -614,4 +625,171 @@ async fn a_cut_short_message_batch_create_is_found_not_made_again() {
     };
     assert!(batch_id.starts_with("msgbatch_"));
     assert_eq!(count().await, 1, "created once, then adopted");
+}
+
+// ---- the synchronous lanes of a request escalated for its deadline ----
+
+/// The emulator's real-time calls so far, by its stats.
+async fn realtime_calls(app: &App) -> u64 {
+    let url = format!(
+        "http://{}/_emulator/stats",
+        app.upstreams[0].passthrough.addr
+    );
+    let stats: serde_json::Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+    stats["realtime_requests"].as_u64().unwrap()
+}
+
+/// An emulator serving flex for `gpt-4o-mini`, refusing a share of it.
+fn flex_emulator(unavailable: f64) -> crate::emulator::EmulatorConfig {
+    crate::emulator::EmulatorConfig {
+        flex_models: vec!["gpt-4o-mini".into()],
+        flex_unavailable_rate: unavailable,
+        ..Default::default()
+    }
+}
+
+/// The upstream's lines: flex for `gpt-4o-mini`, standard expected to take
+/// a minute.
+const FLEX_UPSTREAM: &str = r#"flex_models = ["gpt-4o-mini"]
+        standard_latency_prior_secs = 60
+        escalation_margin_secs = 0"#;
+
+/// One request due `in_secs` from now, claimed alone onto `lane`.
+async fn escalated(app: &App, in_secs: u64, lane: Lane) -> BatchRecord {
+    let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"soon"}]}"#;
+    let now = crate::store::now_secs();
+    let rec = RequestRecord {
+        model: "gpt-4o-mini".into(),
+        upstream: "emu".into(),
+        body_len: body.len() as u64,
+        created_at: now,
+        deadline_at: Some(now + in_secs),
+        ..RequestRecord::for_test("t", "soon", "h")
+    };
+    let Intake::Created(rec) = app.store.accept(rec, body.into()).await.unwrap() else {
+        panic!()
+    };
+    app.store
+        .claim_request(&queue(), rec.id, lane, (LEASE, 1))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn flex_refused_without_time_to_retry_steps_up_recorded_before_the_standard_call() {
+    let h = harness_with("openai", flex_emulator(1.0), FLEX_UPSTREAM)
+        .await
+        .0;
+    let (app, up) = (&h.app, &h.app.upstreams[0]);
+    // Due in 30 s: standard's minute is already too long to retry flex.
+    let mut batch = escalated(app, 30, Lane::Flex).await;
+    let mut shutdown = h.shutdown.clone();
+    super::escalate::send(app, up, &mut batch, &mut shutdown)
+        .await
+        .unwrap();
+    let stored = app.store.get_batch(batch.id).await.unwrap().unwrap();
+    assert_eq!(stored.lane, Lane::Standard, "the step up is on disk");
+    assert!(!stored.is_live());
+    let id = app.store.members(batch.id).await.unwrap()[0];
+    let rec = app.store.get(id).await.unwrap().unwrap();
+    assert_eq!(rec.status, RequestStatus::Completed);
+    assert_eq!(rec.answered_by(), Some(Lane::Standard));
+    let answer = app.store.result(id).await.unwrap().unwrap();
+    assert_eq!(answer.body_value()["service_tier"], "default");
+    assert_eq!(
+        realtime_calls(app).await,
+        2,
+        "one refused flex call, one standard"
+    );
+
+    // Resumed as if a crash came before the batch was marked done: the
+    // stored answer stands and nothing is sent again.
+    let mut again = BatchRecord {
+        state: BatchState::Claimed,
+        ..stored
+    };
+    app.store.put_batch(&again).await.unwrap();
+    super::escalate::send(app, up, &mut again, &mut shutdown)
+        .await
+        .unwrap();
+    assert_eq!(realtime_calls(app).await, 2);
+    let after = app.store.get(id).await.unwrap().unwrap();
+    assert_eq!(after.completed_at, rec.completed_at, "answered once");
+    assert!(
+        !app.store
+            .get_batch(batch.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .is_live()
+    );
+}
+
+#[tokio::test]
+async fn a_batch_recorded_on_standard_never_goes_back_to_flex() {
+    // Flex would be served now; the record says standard.
+    let h = harness_with("openai", flex_emulator(0.0), FLEX_UPSTREAM)
+        .await
+        .0;
+    let (app, up) = (&h.app, &h.app.upstreams[0]);
+    let mut batch = escalated(app, 3600, Lane::Standard).await;
+    let mut shutdown = h.shutdown.clone();
+    super::escalate::send(app, up, &mut batch, &mut shutdown)
+        .await
+        .unwrap();
+    let id = app.store.members(batch.id).await.unwrap()[0];
+    let answer = app.store.result(id).await.unwrap().unwrap();
+    assert_eq!(answer.body_value()["service_tier"], "default");
+    assert_eq!(realtime_calls(app).await, 1);
+}
+
+#[tokio::test]
+async fn flex_refused_with_time_to_spare_is_retried_on_flex() {
+    // Half the flex calls refused: seed 1 refuses the first two. A day to
+    // the deadline leaves time for every retry.
+    let emu = crate::emulator::EmulatorConfig {
+        seed: 1,
+        ..flex_emulator(0.5)
+    };
+    let h = harness_with("openai", emu, FLEX_UPSTREAM).await.0;
+    let (app, up) = (&h.app, &h.app.upstreams[0]);
+    let mut batch = escalated(app, 86_400, Lane::Flex).await;
+    let mut shutdown = h.shutdown.clone();
+    super::escalate::send(app, up, &mut batch, &mut shutdown)
+        .await
+        .unwrap();
+    assert_eq!(batch.lane, Lane::Flex);
+    assert_eq!(realtime_calls(app).await, 3, "two refusals retried on flex");
+    let id = app.store.members(batch.id).await.unwrap()[0];
+    let answer = app.store.result(id).await.unwrap().unwrap();
+    assert_eq!(answer.body_value()["service_tier"], "flex");
+}
+
+#[tokio::test]
+async fn a_step_up_is_on_disk_before_the_standard_call() {
+    // Every call fails (500/503): flex cannot be retried in time, and the
+    // standard call that follows fails too, leaving the batch unfinished.
+    let emu = crate::emulator::EmulatorConfig {
+        error_rate: 1.0,
+        ..flex_emulator(0.0)
+    };
+    let h = harness_with("openai", emu, FLEX_UPSTREAM).await.0;
+    let (app, up) = (&h.app, &h.app.upstreams[0]);
+    let mut batch = escalated(app, 30, Lane::Flex).await;
+    let mut shutdown = h.shutdown.clone();
+    let step = super::escalate::send(app, up, &mut batch, &mut shutdown).await;
+    assert!(step.is_err(), "the standard call failed");
+    let stored = app.store.get_batch(batch.id).await.unwrap().unwrap();
+    assert_eq!(
+        (stored.lane, stored.state),
+        (Lane::Standard, BatchState::Claimed),
+        "the step up was recorded before the standard call, the batch not finished"
+    );
+    let id = app.store.members(batch.id).await.unwrap()[0];
+    let rec = app.store.get(id).await.unwrap().unwrap();
+    assert_eq!(
+        (rec.status, rec.answered_by()),
+        (RequestStatus::Submitted, None)
+    );
 }

@@ -7,8 +7,10 @@
 pub mod adopt;
 #[cfg(test)]
 mod driver_tests;
+pub mod escalate;
 pub mod ingest;
 pub mod jsonl;
+pub mod lanes;
 pub mod lost;
 pub mod ownership;
 pub mod policy;
@@ -25,7 +27,9 @@ use crate::App;
 use crate::store::space::Need;
 use crate::store::{BatchRecord, BatchState, Outcome, QueueKey, RequestError, now_millis};
 use crate::upstream::{BatchObject, UpstreamError, with_retry};
-use policy::{FlushPolicy, FlushReason, flush_reason, time_to_deadline};
+use policy::{
+    FlushPolicy, FlushReason, deadline_flush, flush_at_ms, flush_reason, time_to_deadline,
+};
 
 /// Upstream calls are retried this many times before a step is tried anew
 /// from the top of the driver loop (which waits and retries forever: a
@@ -86,6 +90,8 @@ pub async fn run_flusher(app: Arc<App>, upstream: usize, mut shutdown: watch::Re
         app.publish_queue_metrics(&up.settings.name, &queues);
         // Published at zero just now: empty queues' counts may go.
         app.store.prune_idle_queues(&up.settings.name);
+        let due = escalate::scan(&app, up, now_millis()).await;
+        let earliest = escalate::earliest_by_queue(&due);
         for (qk, stats) in queues {
             if qk.upstream != up.settings.name {
                 continue;
@@ -95,8 +101,17 @@ pub async fn run_flusher(app: Arc<App>, upstream: usize, mut shutdown: watch::Re
             }
             let now = now_millis();
             let policy = policy.for_endpoint(qk.endpoint);
+            let for_deadline = earliest.get(&qk).is_some_and(|at| {
+                deadline_flush(
+                    now,
+                    *at,
+                    flush_at_ms(&stats, &policy),
+                    up.settings.lane_priors.batch,
+                )
+            });
             let reason = flush_reason(&stats, &policy, now)
-                .or((manual && stats.count > 0).then_some(FlushReason::Manual));
+                .or((manual && stats.count > 0).then_some(FlushReason::Manual))
+                .or(for_deadline.then_some(FlushReason::Deadline));
             match reason {
                 Some(reason) => flush_queue(&app, &qk, &policy, reason, token, &shutdown).await,
                 None => {
@@ -105,6 +120,9 @@ pub async fn run_flusher(app: Arc<App>, upstream: usize, mut shutdown: watch::Re
                     }
                 }
             }
+        }
+        if let Some(d) = escalate::escalate_due(&app, up, due, token, &shutdown).await {
+            sleep = sleep.min(d);
         }
         tokio::select! {
             _ = tokio::time::sleep(sleep) => {}
@@ -291,6 +309,10 @@ async fn drive(
             );
         }
         let step = match batch.state.clone() {
+            // A request escalated for its deadline: a synchronous call.
+            BatchState::Claimed if !batch.lane.is_batch() => {
+                escalate::send(app, up, &mut batch, &mut shutdown).await
+            }
             BatchState::Claimed => upload(app, up, &mut batch, resumed, &shutdown).await,
             BatchState::Uploaded { file_id } => {
                 create(app, up, &mut batch, &file_id, resumed).await

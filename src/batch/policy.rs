@@ -14,6 +14,9 @@ pub enum FlushReason {
     Time,
     /// An operator asked (`POST /admin/flush`).
     Manual,
+    /// A request's escalation time is near: a batch started now is still
+    /// expected back before it, one started at the time threshold is not.
+    Deadline,
 }
 
 impl FlushReason {
@@ -23,6 +26,7 @@ impl FlushReason {
             FlushReason::Bytes => "bytes",
             FlushReason::Time => "time",
             FlushReason::Manual => "manual",
+            FlushReason::Deadline => "deadline",
         }
     }
 }
@@ -75,6 +79,29 @@ pub fn time_to_deadline(stats: &QueueStats, policy: &FlushPolicy, now_ms: u64) -
         .oldest_ms
         .saturating_add(policy.max_wait.as_millis() as u64);
     Some(Duration::from_millis(due.saturating_sub(now_ms)))
+}
+
+/// Whether a queue whose earliest escalation time is `escalate_at_ms` is
+/// flushed now for it, before its thresholds (which would flush it at
+/// `flush_at_ms`): only when a batch started now is expected back
+/// (`batch_expected`) by the escalation time, and one started at the
+/// threshold is not. A deadline no batch can make is left to escalation,
+/// and one the usual flush makes anyway changes nothing.
+pub fn deadline_flush(
+    now_ms: u64,
+    escalate_at_ms: u64,
+    flush_at_ms: u64,
+    batch_expected: Duration,
+) -> bool {
+    let t = u64::try_from(batch_expected.as_millis()).unwrap_or(u64::MAX);
+    now_ms.saturating_add(t) <= escalate_at_ms && flush_at_ms.saturating_add(t) > escalate_at_ms
+}
+
+/// When a queue's time threshold flushes it (unix millis).
+pub fn flush_at_ms(stats: &QueueStats, policy: &FlushPolicy) -> u64 {
+    stats
+        .oldest_ms
+        .saturating_add(u64::try_from(policy.max_wait.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]
@@ -148,5 +175,33 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(time_to_deadline(&stats(0, 0, 0), &P, 0), None);
+    }
+
+    #[test]
+    fn a_near_deadline_flushes_only_while_a_batch_can_still_make_it() {
+        let hour = Duration::from_secs(3600);
+        let now = 1_000_000_000;
+        let h = 3_600_000;
+        // Escalation in 2 h, the time threshold in 1 h 30: the usual flush
+        // would be back too late, a batch now in time: flush now.
+        assert!(deadline_flush(now, now + 2 * h, now + 3 * h / 2, hour));
+        // Exactly in time still counts.
+        assert!(deadline_flush(now, now + h, now + h / 2, hour));
+        // No batch can make it any more: escalation's, not a flush's.
+        assert!(!deadline_flush(now, now + h - 1, now + h / 2, hour));
+        // The usual flush makes it anyway: nothing to hurry.
+        assert!(!deadline_flush(now, now + 3 * h, now + h, hour));
+        assert!(
+            !deadline_flush(u64::MAX, u64::MAX, u64::MAX, hour),
+            "no overflow"
+        );
+        let stats = QueueStats {
+            count: 1,
+            bytes: 1,
+            oldest_ms: now,
+            inputs: 1,
+        };
+        assert_eq!(flush_at_ms(&stats, &P), now + 60_000);
+        assert_eq!(FlushReason::Deadline.as_str(), "deadline");
     }
 }

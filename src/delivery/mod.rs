@@ -19,6 +19,8 @@ pub fn status_object(rec: &RequestRecord, result: Option<&StoredResult>) -> Valu
         "submitted_at": rec.submitted_at,
         "completed_at": rec.completed_at,
         "batch_id": rec.batch_id,
+        "deadline_at": rec.deadline_at,
+        "lane": rec.answered_by().map(|l| l.as_str()),
         "result": result.map(|r| json!({"status_code": r.status_code, "body": r.body_value()})),
         "error": rec.error.as_ref().map(|e| json!({"code": e.code, "message": e.message})),
         "webhook": webhook_state(rec),
@@ -76,6 +78,8 @@ mod tests {
             stream: false,
             attempts: 1,
             webhook: None,
+            deadline_at: None,
+            lane: Some(crate::store::Lane::Batch),
         }
     }
 
@@ -91,6 +95,8 @@ mod tests {
             "submitted_at",
             "completed_at",
             "batch_id",
+            "deadline_at",
+            "lane",
             "result",
             "error",
         ] {
@@ -101,6 +107,29 @@ mod tests {
         assert_eq!(v["error"]["code"], "invalid_request");
         assert!(v["result"].is_null());
         assert!(v["webhook"].is_null(), "no callback URL");
+        assert!(v["deadline_at"].is_null(), "no deadline");
+        assert_eq!(v["lane"], "batch", "failed by its batch");
+    }
+
+    #[test]
+    fn the_lane_shows_once_the_request_is_answered() {
+        use crate::store::Lane;
+        let with = |status, lane| RequestRecord {
+            status,
+            lane,
+            deadline_at: Some(99),
+            ..record()
+        };
+        let v = status_object(&with(RequestStatus::Completed, Some(Lane::Flex)), None);
+        assert_eq!(
+            (&v["lane"], &v["deadline_at"]),
+            (&json!("flex"), &json!(99))
+        );
+        // Claimed on a lane, not answered yet: no lane to show.
+        for s in [RequestStatus::Queued, RequestStatus::Submitted] {
+            assert!(status_object(&with(s, Some(Lane::Standard)), None)["lane"].is_null());
+        }
+        assert!(status_object(&with(RequestStatus::Cancelled, None), None)["lane"].is_null());
     }
 
     #[test]

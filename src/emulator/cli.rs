@@ -61,6 +61,17 @@ pub struct EmulatorArgs {
     /// Seed of the fault generator [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Comma-separated models that take `service_tier: "flex"`
+    /// [default: gpt-5,gpt-5-mini].
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub flex_models: Option<Vec<String>>,
+    /// Milliseconds added to every flex answer [default: 0].
+    #[arg(long, value_name = "MS")]
+    pub flex_latency_ms: Option<u64>,
+    /// Fraction (0..1) of flex calls refused 429 `resource_unavailable`
+    /// [default: 0].
+    #[arg(long, value_name = "FRACTION")]
+    pub flex_unavailable_rate: Option<f64>,
     /// Most request lines per input file [default: 50000].
     #[arg(long, value_name = "N")]
     pub max_lines: Option<u64>,
@@ -149,6 +160,19 @@ impl EmulatorArgs {
         }
         if let Some(v) = self.seed {
             c.seed = v;
+        }
+        if let Some(v) = self.flex_models {
+            c.flex_models = v
+                .into_iter()
+                .map(|m| m.trim().to_owned())
+                .filter(|m| !m.is_empty())
+                .collect();
+        }
+        if let Some(v) = self.flex_latency_ms {
+            c.flex_latency_ms = v;
+        }
+        if let Some(v) = self.flex_unavailable_rate {
+            c.flex_unavailable_rate = v;
         }
         if let Some(v) = self.max_lines {
             c.max_lines = Some(v);

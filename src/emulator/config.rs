@@ -131,6 +131,15 @@ pub struct EmulatorConfig {
     /// Override of the quota of `purpose=batch` files present at once.
     /// `null` (default) = none (openai) or 1,000 (moonshot).
     pub max_batch_files: Option<u64>,
+    /// Models whose real-time chat and responses calls take
+    /// `"service_tier": "flex"`; flex on any other is refused with 400.
+    /// Default: `gpt-5`, `gpt-5-mini` (OpenAI's list changes; tests set it).
+    pub flex_models: Vec<String>,
+    /// Milliseconds added to every flex answer (flex is slower). Default 0.
+    pub flex_latency_ms: u64,
+    /// Fraction (0..=1) of flex calls refused with 429 `resource_unavailable`,
+    /// drawn from the generator `seed` seeds. Default 0.
+    pub flex_unavailable_rate: f64,
 }
 
 impl Default for EmulatorConfig {
@@ -151,6 +160,9 @@ impl Default for EmulatorConfig {
             max_lines: None,
             max_file_bytes: None,
             max_batch_files: None,
+            flex_models: vec!["gpt-5".to_owned(), "gpt-5-mini".to_owned()],
+            flex_latency_ms: 0,
+            flex_unavailable_rate: 0.0,
         }
     }
 }
@@ -174,6 +186,14 @@ impl EmulatorConfig {
                     "`{key}` must be a finite number of seconds >= 0, got {v}"
                 ));
             }
+        }
+        if !(self.flex_unavailable_rate.is_finite()
+            && (0.0..=1.0).contains(&self.flex_unavailable_rate))
+        {
+            return Err(format!(
+                "`flex_unavailable_rate` must be between 0 and 1, got {}",
+                self.flex_unavailable_rate
+            ));
         }
         if !(self.error_rate.is_finite() && (0.0..=1.0).contains(&self.error_rate)) {
             return Err(format!(

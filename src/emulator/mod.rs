@@ -31,6 +31,7 @@ mod anthropic;
 mod cli;
 pub mod config;
 mod error;
+mod flex;
 pub mod journal;
 pub mod model;
 mod realtime;

@@ -498,12 +498,16 @@ async fn chat_completions(
             Some("model_not_found"),
         ));
     }
+    let flex = flex_gate(&emulator, "/v1/chat/completions", &body, &model).await?;
     let id = new_id("chatcmpl-");
     let created = emulator.now() as i64;
-    let (status, completion) = match model::chat_completion(&body, &id, created) {
+    let (status, mut completion) = match model::chat_completion(&body, &id, created) {
         Answer::Ok { body, .. } => (200, body),
         Answer::Failed { status, body } => (status, body),
     };
+    if flex && status == 200 {
+        super::flex::mark(&mut completion);
+    }
     if status != 200 {
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return Ok((status, json_response(completion)).into_response());
@@ -554,13 +558,44 @@ async fn other_endpoint(
         &new_id(prefix),
         emulator.now() as i64,
     )?;
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let flex = flex_gate(&emulator, endpoint, &body, model).await?;
     match answer {
-        Realtime::Json(status, v) => {
+        Realtime::Json(status, mut v) => {
+            if flex && status == 200 {
+                super::flex::mark(&mut v);
+            }
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             Ok((status, json_response(v)).into_response())
         }
         Realtime::Stream(frames) => Ok(sse_frames(frames)),
     }
+}
+
+/// A real-time call that may ask for flex: `Ok(true)` once it is to be
+/// served on flex (after the flex latency), `Ok(false)` for the default
+/// tier; `400` when the model or endpoint has no flex, `429`
+/// `resource_unavailable` by `flex_unavailable_rate`.
+async fn flex_gate(
+    emulator: &Shared,
+    endpoint: &str,
+    body: &Map<String, Value>,
+    model: &str,
+) -> Result<bool, ApiError> {
+    let config = emulator.config();
+    if !super::flex::requested(endpoint, body, model, &config)? {
+        return Ok(false);
+    }
+    if emulator.roll_flex_unavailable() {
+        return Err(super::flex::unavailable());
+    }
+    if config.flex_latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(config.flex_latency_ms)).await;
+    }
+    Ok(true)
 }
 
 /// The `data:` payloads of a streamed completion: a role chunk, one chunk per

@@ -220,7 +220,23 @@ struct Counters {
 struct Faults {
     rng: StdRng,
     next_is_503: bool,
+    /// Draws `flex_unavailable_rate`, apart from `rng` so that flex calls
+    /// do not shift the sequence of `error_rate` faults.
+    flex: StdRng,
 }
+
+impl Faults {
+    fn seeded(seed: u64) -> Faults {
+        Faults {
+            rng: StdRng::seed_from_u64(seed),
+            next_is_503: false,
+            flex: StdRng::seed_from_u64(seed ^ FLEX_STREAM),
+        }
+    }
+}
+
+/// Mixed into the seed of the flex generator (an arbitrary constant).
+const FLEX_STREAM: u64 = 0x666c_6578;
 
 /// One executed line, kept until the batch's files are written.
 #[derive(Debug)]
@@ -299,10 +315,7 @@ impl Emulator {
             files: Mutex::default(),
             batches: Mutex::default(),
             counters: Mutex::default(),
-            faults: Mutex::new(Faults {
-                rng: StdRng::seed_from_u64(seed),
-                next_is_503: false,
-            }),
+            faults: Mutex::new(Faults::seeded(seed)),
             journal: None,
             broken: AtomicBool::new(false),
         }
@@ -460,10 +473,7 @@ impl Emulator {
             merged
         };
         if patch.get("seed").is_some() {
-            *lock(&self.faults) = Faults {
-                rng: StdRng::seed_from_u64(merged.seed),
-                next_is_503: false,
-            };
+            *lock(&self.faults) = Faults::seeded(merged.seed);
         }
         tracing::info!(config = ?merged, "emulator config changed");
         Ok(merged)
@@ -507,6 +517,13 @@ impl Emulator {
 
     pub fn count_realtime(&self) {
         lock(&self.counters).realtime_requests += 1;
+    }
+
+    /// Whether this flex call is refused for want of capacity, by
+    /// `flex_unavailable_rate`.
+    pub fn roll_flex_unavailable(&self) -> bool {
+        let rate = lock(&self.config).flex_unavailable_rate;
+        rate > 0.0 && lock(&self.faults).flex.random::<f64>() < rate
     }
 
     /// Whether this call is to fail by `error_rate`, and with which status.

@@ -152,6 +152,41 @@ pub fn disposition(
     Disposition::Deferred { wait }
 }
 
+/// The longest deadline Ferry takes, in seconds: a Batch API job's window
+/// (24 hours). A later deadline promises nothing a batch does not already,
+/// so it is refused rather than silently treated as none.
+pub const MAX_DEADLINE_SECS: u64 = 24 * 60 * 60;
+
+/// The deadline of a deferred call, in seconds after acceptance: the
+/// `X-Ferry-Deadline` header (a positive integer of decimal digits, at most
+/// [`MAX_DEADLINE_SECS`]), else the tenant's default, else none. A header
+/// that is there but not such a number is refused, never ignored.
+pub fn deadline_secs(
+    header: Option<&str>,
+    tenant_default: Option<u64>,
+) -> Result<Option<u64>, IntakeError> {
+    let Some(v) = header else {
+        return Ok(tenant_default);
+    };
+    let refused = || {
+        bad(
+            format!(
+                "X-Ferry-Deadline must be a whole number of seconds from 1 to {MAX_DEADLINE_SECS}"
+            ),
+            Some("X-Ferry-Deadline"),
+            "invalid_deadline",
+        )
+    };
+    let v = v.trim();
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(refused());
+    }
+    match v.parse::<u64>() {
+        Ok(n) if (1..=MAX_DEADLINE_SECS).contains(&n) => Ok(Some(n)),
+        _ => Err(refused()),
+    }
+}
+
 /// The longest model name Ferry takes; real ones are far shorter.
 pub const MAX_MODEL_BYTES: usize = 256;
 
@@ -433,6 +468,8 @@ pub struct NewRequest<'a> {
     pub upstream: &'a str,
     pub body: ValidBody,
     pub callback_url: Option<String>,
+    /// Seconds after acceptance the caller wants a terminal answer by.
+    pub deadline_secs: Option<u64>,
 }
 
 /// A stored request, and whether this call created it (else it is the
@@ -448,6 +485,7 @@ pub struct Accepted {
 /// `Unavailable` (503), so Ferry holds nothing it did not promise.
 pub async fn accept(store: &Arc<Store>, req: NewRequest<'_>) -> Result<Accepted, IntakeError> {
     let custom_id = req.custom_id.unwrap_or_else(assign_custom_id);
+    let created_at = now_secs();
     let rec = RequestRecord {
         id: 0,
         tenant: req.tenant.to_owned(),
@@ -459,7 +497,7 @@ pub async fn accept(store: &Arc<Store>, req: NewRequest<'_>) -> Result<Accepted,
         body_sha256: req.body.sha256.clone(),
         body_len: req.body.line_body.len() as u64,
         status: RequestStatus::Queued,
-        created_at: now_secs(),
+        created_at,
         submitted_at: None,
         completed_at: None,
         batch: None,
@@ -469,6 +507,8 @@ pub async fn accept(store: &Arc<Store>, req: NewRequest<'_>) -> Result<Accepted,
         stream: req.body.stream,
         attempts: 0,
         webhook: None,
+        deadline_at: req.deadline_secs.map(|d| created_at.saturating_add(d)),
+        lane: None,
     };
     match store.accept(rec, req.body.line_body).await? {
         Intake::Created(rec) => Ok(Accepted { rec, created: true }),
@@ -495,6 +535,33 @@ mod tests {
             webhook_key: None,
             deferred_rate: None,
             passthrough_rate: None,
+            default_deadline: None,
+        }
+    }
+
+    #[test]
+    fn a_deadline_is_whole_seconds_within_a_batch_window() {
+        assert_eq!(deadline_secs(None, None).unwrap(), None);
+        assert_eq!(deadline_secs(None, Some(600)).unwrap(), Some(600));
+        // The header wins over the tenant's default.
+        assert_eq!(deadline_secs(Some("30"), Some(600)).unwrap(), Some(30));
+        assert_eq!(deadline_secs(Some(" 86400 "), None).unwrap(), Some(86_400));
+        for v in [
+            "0",
+            "-5",
+            "+5",
+            "1.5",
+            "1e3",
+            "",
+            "soon",
+            "86401",
+            "99999999999999999999999",
+        ] {
+            let e = deadline_secs(Some(v), Some(600)).unwrap_err();
+            assert_eq!(e.status(), 400, "{v:?}");
+            let env = serde_json::to_value(e.envelope()).unwrap();
+            assert_eq!(env["error"]["param"], "X-Ferry-Deadline", "{v:?}");
+            assert_eq!(env["error"]["code"], "invalid_deadline", "{v:?}");
         }
     }
 

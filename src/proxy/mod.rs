@@ -126,6 +126,7 @@ impl ProxyHttp for FerryProxy {
         }
         req.remove_header("x-ferry-custom-id");
         req.remove_header("x-ferry-callback-url");
+        req.remove_header("x-ferry-deadline");
         Ok(())
     }
 
@@ -416,6 +417,10 @@ async fn deferred(
         param: Some("X-Ferry-Callback-Url".into()),
         code: "callback_not_allowed",
     })?;
+    // A value that is not ASCII is refused like any other malformed one.
+    let deadline_header =
+        ferry_header(session.req_header(), "x-ferry-deadline").unwrap_or(Some(""));
+    let deadline = intake::deadline_secs(deadline_header, tenant.default_deadline)?;
     let body = read_body(
         session,
         app.config.server.max_body_bytes,
@@ -437,6 +442,7 @@ async fn deferred(
         upstream: &up.settings.name,
         body: valid,
         callback_url,
+        deadline_secs: deadline,
     };
     let accepted = intake::accept(&app.store, new).await?;
     if accepted.created {

@@ -457,6 +457,67 @@ impl Store {
         }
     }
 
+    /// Claims request `id` alone out of queue `qk` into a new batch sent on
+    /// `lane`: an escalation for its deadline. Atomic on both backends (a
+    /// claim of one request), so it is never also flushed into a batch;
+    /// durable when it returns, as [`claim_batch`](Self::claim_batch).
+    /// `None` when the request is no longer queued.
+    pub async fn claim_request(
+        &self,
+        qk: &QueueKey,
+        id: u64,
+        lane: Lane,
+        (lease, token): (&str, u64),
+    ) -> Result<Option<BatchRecord>, StoreError> {
+        self.room_for(space::Need::Growth)?;
+        let key = qk.clone();
+        match &self.backend {
+            Backend::Sled(s) => {
+                let claimed = s
+                    .blocking(move |s| s.claim_request(&key, id, lane, "deadline"))
+                    .await?;
+                if let Some(b) = &claimed {
+                    commit_until_durable(s, b.id).await;
+                }
+                Ok(claimed)
+            }
+            Backend::Postgres(p) => {
+                p.write(p.db.claim_request_fenced(qk, id, lane, "deadline", lease, token))
+                    .await
+            }
+        }
+    }
+
+    /// Requests of `upstream` still queued whose deadline is at or before
+    /// `before` (unix seconds), soonest first, at most `limit`: (queue, id,
+    /// deadline) each.
+    pub async fn due_by_deadline(
+        &self,
+        upstream: &str,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<(QueueKey, u64, u64)>, StoreError> {
+        let upstream = upstream.to_owned();
+        match &self.backend {
+            Backend::Sled(s) => {
+                s.blocking(move |s| s.due_by_deadline(&upstream, before, limit))
+                    .await
+            }
+            Backend::Postgres(p) => Ok(p.db.due_by_deadline(&upstream, before, limit).await?),
+        }
+    }
+
+    /// A request's body as stored (what its batch line carries).
+    pub async fn body(&self, id: u64) -> Result<Option<Bytes>, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => {
+                s.blocking(move |s| Ok(s.body(id)?.map(|b| Bytes::copy_from_slice(&b))))
+                    .await
+            }
+            Backend::Postgres(p) => Ok(p.db.body(id).await?.map(Bytes::from)),
+        }
+    }
+
     /// [`put_batch`](Self::put_batch) while `token` is still the newest of
     /// lease `lease`; returns whether it was written (false: another node
     /// owns the batch's upstream now).

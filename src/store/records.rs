@@ -55,6 +55,39 @@ impl RequestStatus {
     }
 }
 
+/// The way an answer was obtained, and so what it cost (issue #17): a
+/// Batch API job, the flex tier of the synchronous endpoint (batch prices,
+/// slower), or the ordinary synchronous call (full price).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Lane {
+    #[default]
+    Batch,
+    Flex,
+    Standard,
+}
+
+impl Lane {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Batch => "batch",
+            Lane::Flex => "flex",
+            Lane::Standard => "standard",
+        }
+    }
+
+    /// The inverse of [`as_str`](Self::as_str).
+    pub fn parse(s: &str) -> Option<Lane> {
+        [Lane::Batch, Lane::Flex, Lane::Standard]
+            .into_iter()
+            .find(|l| l.as_str() == s)
+    }
+
+    pub fn is_batch(&self) -> bool {
+        *self == Lane::Batch
+    }
+}
+
 /// Why a request could not be answered (the status object's `error`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestError {
@@ -118,6 +151,16 @@ pub struct RequestRecord {
     /// is terminal.
     #[serde(default)]
     pub webhook: Option<WebhookState>,
+    /// Unix second by which the caller wants a terminal answer
+    /// (`X-Ferry-Deadline` or the tenant's default); `None` as before
+    /// deadlines existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_at: Option<u64>,
+    /// The lane of the batch that holds or held the request (read from the
+    /// batch record, like `batch_id`); the status object shows it once the
+    /// request is answered.
+    #[serde(skip)]
+    pub lane: Option<Lane>,
 }
 
 impl RequestRecord {
@@ -153,6 +196,17 @@ impl RequestRecord {
             stream: false,
             attempts: 0,
             webhook: None,
+            deadline_at: None,
+            lane: None,
+        }
+    }
+
+    /// The lane that produced the request's answer: that of the batch that
+    /// finished it, once it is terminal (a cancelled request has none).
+    pub fn answered_by(&self) -> Option<Lane> {
+        match self.status {
+            RequestStatus::Completed | RequestStatus::Failed | RequestStatus::Expired => self.lane,
+            _ => None,
         }
     }
 
@@ -368,6 +422,12 @@ pub struct BatchRecord {
     /// Stored, so the bound on a lost batch survives restarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub missing_since: Option<u64>,
+    /// How the members are sent: a Batch API job, or (a batch of one
+    /// request escalated for its deadline) a synchronous call on flex or
+    /// standard. Recorded before each call, so a restart resumes on the
+    /// lane last chosen and never on a dearer one than recorded.
+    #[serde(default, skip_serializing_if = "Lane::is_batch")]
+    pub lane: Lane,
 }
 
 impl BatchRecord {
@@ -390,6 +450,7 @@ impl BatchRecord {
             bytes,
             reason: reason.to_owned(),
             missing_since: None,
+            lane: Lane::Batch,
         }
     }
 
@@ -578,6 +639,37 @@ mod tests {
         assert_eq!(StoredResult::decode(&r.encode()), Some(r.clone()));
         assert_eq!(r.body_value()["error"]["message"], "slow");
         assert_eq!(StoredResult::decode(&[1]), None);
+    }
+
+    #[test]
+    fn records_written_before_deadlines_read_without_one() {
+        let mut rec = RequestRecord::for_test("t", "c", "h");
+        let old = serde_json::to_value(&rec).unwrap();
+        assert!(old.get("deadline_at").is_none(), "absent, not null");
+        assert!(old.get("lane").is_none(), "the lane lives with the batch");
+        let read: RequestRecord = serde_json::from_value(old).unwrap();
+        assert_eq!(read.deadline_at, None);
+        rec.deadline_at = Some(1_700_000_600);
+        let read: RequestRecord =
+            serde_json::from_slice(&serde_json::to_vec(&rec).unwrap()).unwrap();
+        assert_eq!(read.deadline_at, Some(1_700_000_600));
+
+        let qk = super::super::QueueKey::chat("u", "m");
+        let mut b = BatchRecord::claimed(1, &qk, 1, 2, "size");
+        let old = serde_json::to_value(&b).unwrap();
+        assert!(old.get("lane").is_none(), "a Batch API job reads as before");
+        assert_eq!(
+            serde_json::from_value::<BatchRecord>(old).unwrap().lane,
+            Lane::Batch
+        );
+        b.lane = Lane::Standard;
+        let v = serde_json::to_value(&b).unwrap();
+        assert_eq!(v["lane"], "standard");
+        assert_eq!(serde_json::from_value::<BatchRecord>(v).unwrap(), b);
+        for l in [Lane::Batch, Lane::Flex, Lane::Standard] {
+            assert_eq!(Lane::parse(l.as_str()), Some(l));
+        }
+        assert_eq!(Lane::parse("turbo"), None);
     }
 
     #[test]

@@ -335,6 +335,65 @@ impl BatchClient {
         .await
     }
 
+    /// Sends `body` to the synchronous `endpoint` (a deadline's flex or
+    /// standard lane) and returns the upstream's answer, status code and
+    /// body verbatim, when it is one to keep: a success, or a refusal of the
+    /// request itself (a 4xx other than 408 and 429), stored as a batch
+    /// line's error answer would be. What is worth retrying (network
+    /// trouble, 408, 429, 5xx) is an error, with the upstream's error code
+    /// (`resource_unavailable` for a flex call refused for capacity).
+    pub async fn respond(
+        &self,
+        op: &'static str,
+        endpoint: crate::endpoint::Endpoint,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<(u16, Bytes), UpstreamError> {
+        let path = endpoint.path();
+        let req = self
+            .http
+            .post(self.url(path.strip_prefix("/v1").unwrap_or(path)))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .timeout(timeout)
+            .body(body);
+        self.calls.until_ready().await;
+        let started = std::time::Instant::now();
+        let res = match req.bearer_auth(&self.api_key).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics
+                    .upstream_call(&self.name, op, "transport_error", started.elapsed());
+                return Err(UpstreamError::Transport(e.to_string()));
+            }
+        };
+        let status = res.status().as_u16();
+        let retry_after = res
+            .headers()
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(retry_after);
+        let body = res
+            .bytes()
+            .await
+            .map_err(|e| UpstreamError::Transport(e.to_string()));
+        self.metrics
+            .upstream_call(&self.name, op, &status.to_string(), started.elapsed());
+        let body = body?;
+        if status == 408 || status == 429 || status >= 500 {
+            let env = serde_json::from_slice::<crate::api_error::ErrorEnvelope>(&body).ok();
+            return Err(UpstreamError::Status {
+                status,
+                code: env.as_ref().and_then(|e| e.error.code.clone()),
+                message: env.map_or_else(
+                    || String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
+                    |e| e.error.message,
+                ),
+                retry_after,
+            });
+        }
+        Ok((status, body))
+    }
+
     pub async fn get_batch(&self, id: &str) -> Result<BatchObject, UpstreamError> {
         self.json(
             "get_batch",

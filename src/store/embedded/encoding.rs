@@ -94,14 +94,31 @@ impl QueueKey {
     }
 }
 
-/// A queue entry's value: when it was enqueued, its line's length, and the
-/// inputs it counts against a per-batch input cap.
-pub(super) fn queue_value(enqueued_ms: u64, line_len: u64, inputs: u64) -> [u8; 24] {
-    let mut v = [0u8; 24];
+/// A queue entry's value: when it was enqueued, its line's length, the
+/// inputs it counts against a per-batch input cap, and its request's
+/// deadline (unix seconds, 0 for none), from which the deadline index is
+/// rebuilt at open.
+pub(super) fn queue_value(
+    enqueued_ms: u64,
+    line_len: u64,
+    inputs: u64,
+    deadline_at: Option<u64>,
+) -> [u8; 32] {
+    let mut v = [0u8; 32];
     v[..8].copy_from_slice(&enqueued_ms.to_be_bytes());
     v[8..16].copy_from_slice(&line_len.to_be_bytes());
-    v[16..].copy_from_slice(&inputs.to_be_bytes());
+    v[16..24].copy_from_slice(&inputs.to_be_bytes());
+    v[24..].copy_from_slice(&deadline_at.unwrap_or(0).to_be_bytes());
     v
+}
+
+/// The deadline of a queue entry's request; none for the shorter values of
+/// stores written before deadlines.
+pub(super) fn parse_queue_deadline(v: &[u8]) -> Option<u64> {
+    v.get(24..32)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .filter(|d| *d != 0)
 }
 
 /// The inputs of a queue entry; one for the 16-byte values of stores

@@ -127,7 +127,7 @@ impl SledStore {
                         let len = line_len(rec.endpoint, id, rec.body_len);
                         let since = rec.created_at.saturating_mul(1000);
                         self.queue
-                            .insert(entry, &queue_value(since, len, rec.inputs))?;
+                            .insert(entry, &queue_value(since, len, rec.inputs, rec.deadline_at))?;
                         tracing::warn!(
                             request = id,
                             "queued a request a crash cut short before its queue entry"

@@ -114,6 +114,11 @@ pub struct SledStore {
     outbox_unflushed: Mutex<Vec<(u64, (u64, u64))>>,
     outbox_wake: tokio::sync::Notify,
     queues: DashMap<QueueKey, QueueStats>,
+    /// (deadline, request id) → queue of every queued request with a
+    /// deadline, rebuilt at open from the queue entries. An entry whose
+    /// request left its queue (claimed, cancelled) is dropped when the
+    /// escalation scan finds it gone.
+    deadlines: Mutex<std::collections::BTreeMap<(u64, u64), QueueKey>>,
     /// Serialises claims, cancels and re-queues, which move entries out of and
     /// into the queue tree, so a request is never both cancelled and claimed.
     queue_lock: Mutex<()>,
@@ -181,6 +186,7 @@ impl SledStore {
             outbox_wake: tokio::sync::Notify::new(),
             db,
             queues: DashMap::new(),
+            deadlines: Mutex::new(std::collections::BTreeMap::new()),
             queue_lock: Mutex::new(()),
             written: AtomicU64::new(0),
             flushed: AtomicU64::new(0),
@@ -204,8 +210,9 @@ impl SledStore {
         }
         for item in store.queue.iter() {
             let (k, v) = item?;
-            let (qk, _) = QueueKey::parse_entry(&k).ok_or_else(|| corrupt("queue key", "bad"))?;
+            let (qk, id) = QueueKey::parse_entry(&k).ok_or_else(|| corrupt("queue key", "bad"))?;
             let (at, len) = parse_queue_value(&v).ok_or_else(|| corrupt("queue value", "bad"))?;
+            store.index_deadline(&qk, id, encoding::parse_queue_deadline(&v));
             store.account(qk, len, parse_queue_inputs(&v), at);
         }
         {

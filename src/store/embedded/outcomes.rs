@@ -18,7 +18,9 @@ impl SledStore {
             .fetch_max(outcomes.len(), std::sync::atomic::Ordering::SeqCst);
         let _g = self.queue_lock.lock().unwrap_or_else(|p| p.into_inner());
         let now = now_secs();
-        let batch_id = self.upstream_batch_id(batch)?;
+        let record = self.get_batch(batch)?;
+        let lane = record.as_ref().map(|b| b.lane);
+        let batch_id = record.and_then(|b| super::requests::upstream_batch_id(b.state));
         let mut reqs = sled::Batch::default();
         let mut states = sled::Batch::default();
         let mut results = sled::Batch::default();
@@ -28,7 +30,7 @@ impl SledStore {
         let mut terminal = sled::Batch::default();
         let mut deliveries = Vec::new();
         let mut done = Vec::new();
-        let mut requeued: Vec<(QueueKey, u64, u64, u64)> = Vec::new();
+        let mut requeued: Vec<(QueueKey, u64, u64, u64, u64, Option<u64>)> = Vec::new();
         for (id, outcome) in outcomes {
             let Some(mut rec) = self.get_with_state(id)? else {
                 continue;
@@ -49,8 +51,11 @@ impl SledStore {
                     // Age counts from acceptance: a re-queued request has
                     // waited already, so the time threshold sends it soon.
                     let since = rec.created_at.saturating_mul(1000);
-                    queue.insert(qk.entry(id), &queue_value(since, len, rec.inputs));
-                    requeued.push((qk, len, rec.inputs, since));
+                    queue.insert(
+                        qk.entry(id),
+                        &queue_value(since, len, rec.inputs, rec.deadline_at),
+                    );
+                    requeued.push((qk, len, rec.inputs, since, id, rec.deadline_at));
                     rec.status = lifecycle::checked_move(rec.status, RequestStatus::Queued)?;
                     rec.batch = None;
                     rec.submitted_at = None;
@@ -68,6 +73,7 @@ impl SledStore {
             rec.completed_at = Some(now);
             terminal.insert(&encoding::terminal_key(now, id), &[]);
             rec.batch_id.clone_from(&batch_id);
+            rec.lane = lane;
             let delivery =
                 self.prepare_delivery(&mut rec, stored.as_ref(), payload, &mut outbox)?;
             // The JSON record changes only for an error or a webhook; the
@@ -92,7 +98,8 @@ impl SledStore {
         self.states.apply_batch(states)?;
         self.bodies.apply_batch(bodies)?;
         self.schedule(deliveries.into_iter());
-        for (qk, len, inputs, since) in requeued {
+        for (qk, len, inputs, since, id, deadline_at) in requeued {
+            self.index_deadline(&qk, id, deadline_at);
             self.account(qk, len, inputs, since);
         }
         Ok(done)

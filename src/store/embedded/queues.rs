@@ -15,6 +15,72 @@ impl SledStore {
         }
     }
 
+    /// Notes a queued request's deadline for the escalation scan.
+    pub(super) fn index_deadline(&self, qk: &QueueKey, id: u64, deadline_at: Option<u64>) {
+        if let Some(d) = deadline_at {
+            self.deadlines
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert((d, id), qk.clone());
+        }
+    }
+
+    /// Requests of `upstream` still in their queue whose deadline is at or
+    /// before `before` (unix seconds), soonest first, at most `limit`:
+    /// (queue, id, deadline) each. Index entries of requests that left their
+    /// queue are dropped on the way (a re-queue indexes its request again).
+    pub fn due_by_deadline(
+        &self,
+        upstream: &str,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<(QueueKey, u64, u64)>, StoreError> {
+        let mut index = self.deadlines.lock().unwrap_or_else(|p| p.into_inner());
+        let mut due = Vec::new();
+        let mut gone = Vec::new();
+        for (&(deadline, id), qk) in index.range(..=(before, u64::MAX)) {
+            if due.len() >= limit {
+                break;
+            }
+            if !self.queue.contains_key(qk.entry(id))? {
+                gone.push((deadline, id));
+            } else if qk.upstream == upstream {
+                due.push((qk.clone(), id, deadline));
+            }
+        }
+        for k in gone {
+            index.remove(&k);
+        }
+        Ok(due)
+    }
+
+    /// Claims request `id` alone out of queue `qk` into a new batch sent on
+    /// `lane` (an escalation for its deadline). Under the queue lock, as
+    /// every claim: the request is in this batch or still queued, never also
+    /// in a flush's. `None` when it is no longer in the queue.
+    pub fn claim_request(
+        &self,
+        qk: &QueueKey,
+        id: u64,
+        lane: Lane,
+        reason: &str,
+    ) -> Result<Option<BatchRecord>, StoreError> {
+        let _g = self.queue_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(v) = self.queue.get(qk.entry(id))? else {
+            return Ok(None);
+        };
+        let (_, len) = parse_queue_value(&v).ok_or_else(|| corrupt("queue value", "bad"))?;
+        let batch = BatchRecord {
+            lane,
+            ..BatchRecord::claimed(self.new_id()?, qk, 1, len, reason)
+        };
+        self.put_batch(&batch)?;
+        self.members
+            .insert(member_key(batch.id, id), id.to_be_bytes().to_vec())?;
+        self.apply_claim(&batch, std::iter::once(id))?;
+        Ok(Some(batch))
+    }
+
     pub(super) fn unaccount(&self, qk: &QueueKey, qval: &[u8]) {
         let len = parse_queue_value(qval).map_or(0, |(_, l)| l);
         if let Some(mut s) = self.queues.get_mut(qk) {

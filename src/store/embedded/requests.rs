@@ -64,8 +64,11 @@ impl SledStore {
         let qk = QueueKey::of(&rec);
         let len = line_len(rec.endpoint, rec.id, rec.body_len);
         let now = now_millis();
-        self.queue
-            .insert(qk.entry(rec.id), &queue_value(now, len, rec.inputs))?;
+        self.queue.insert(
+            qk.entry(rec.id),
+            &queue_value(now, len, rec.inputs, rec.deadline_at),
+        )?;
+        self.index_deadline(&qk, rec.id, rec.deadline_at);
         self.account(qk, len, rec.inputs, now);
         Ok(Intake::Created(rec))
     }
@@ -87,7 +90,8 @@ impl SledStore {
             let len = line_len(rec.endpoint, rec.id, rec.body_len);
             let since = rec.created_at.saturating_mul(1000);
             self.queue
-                .insert(entry, &queue_value(since, len, rec.inputs))?;
+                .insert(entry, &queue_value(since, len, rec.inputs, rec.deadline_at))?;
+            self.index_deadline(&qk, rec.id, rec.deadline_at);
             self.account(qk, len, rec.inputs, since);
             tracing::warn!(
                 request = rec.id,
@@ -125,8 +129,11 @@ impl SledStore {
         let Some(mut rec) = self.get_with_state(id)? else {
             return Ok(None);
         };
-        if let Some(b) = rec.batch {
-            rec.batch_id = self.upstream_batch_id(b)?;
+        if let Some(b) = rec.batch
+            && let Some(batch) = self.get_batch(b)?
+        {
+            rec.lane = Some(batch.lane);
+            rec.batch_id = upstream_batch_id(batch.state);
         }
         Ok(Some(rec))
     }
@@ -157,15 +164,6 @@ impl SledStore {
             .get(id.to_be_bytes())?
             .map(|v| RequestState::decode(&v).ok_or_else(|| corrupt("state", "unreadable")))
             .transpose()
-    }
-
-    /// The upstream's id for one of Ferry's batches, once it exists.
-    pub(super) fn upstream_batch_id(&self, batch: u64) -> Result<Option<String>, StoreError> {
-        Ok(self.get_batch(batch)?.and_then(|b| match b.state {
-            BatchState::Submitted { batch_id, .. } => Some(batch_id),
-            BatchState::Done { batch_id, .. } => batch_id,
-            BatchState::Claimed | BatchState::Uploaded { .. } => None,
-        }))
     }
 
     pub fn find(&self, tenant: &str, custom_id: &str) -> Result<Option<RequestRecord>, StoreError> {
@@ -261,5 +259,14 @@ impl SledStore {
         self.bodies.remove(rec.id.to_be_bytes())?;
         self.refresh_oldest(&qk)?;
         Ok(CancelOutcome::Cancelled(rec))
+    }
+}
+
+/// The upstream's id of a batch in `state`, once it exists.
+pub(super) fn upstream_batch_id(state: BatchState) -> Option<String> {
+    match state {
+        BatchState::Submitted { batch_id, .. } => Some(batch_id),
+        BatchState::Done { batch_id, .. } => batch_id,
+        BatchState::Claimed | BatchState::Uploaded { .. } => None,
     }
 }

@@ -51,6 +51,7 @@ fn claimed(id: u64) -> BatchRecord {
         bytes: 10,
         reason: "size".into(),
         missing_since: None,
+        lane: Lane::Batch,
     }
 }
 
@@ -801,6 +802,163 @@ fn an_embeddings_claim_stops_at_the_input_cap() {
     let members: Vec<u64> = s.members(b.id).map(Result::unwrap).collect();
     assert_eq!(members, ids[2..]);
     // A queue value written before inputs were counted is one input.
-    assert_eq!(parse_queue_inputs(&queue_value(1, 2, 7)), 7);
-    assert_eq!(parse_queue_inputs(&queue_value(1, 2, 7)[..16]), 1);
+    assert_eq!(parse_queue_inputs(&queue_value(1, 2, 7, None)), 7);
+    assert_eq!(parse_queue_inputs(&queue_value(1, 2, 7, None)[..16]), 1);
+    // One written before deadlines has none.
+    let v = queue_value(1, 2, 7, Some(99));
+    assert_eq!(encoding::parse_queue_deadline(&v), Some(99));
+    assert_eq!(encoding::parse_queue_deadline(&v[..24]), None);
+    assert_eq!(
+        encoding::parse_queue_deadline(&queue_value(1, 2, 7, None)),
+        None
+    );
+}
+
+#[test]
+fn a_deadline_is_kept_and_an_answer_reads_back_with_its_lane() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = {
+        let s = SledStore::open(dir.path(), 64 << 20).unwrap();
+        let mut ids = Vec::new();
+        for (cid, deadline_at) in [("due", Some(1_700_000_600)), ("none", None)] {
+            let r = RequestRecord {
+                deadline_at,
+                ..rec("t", cid, "h")
+            };
+            let Intake::Created(r) = s.insert_request(r, b"{}").unwrap() else {
+                panic!()
+            };
+            ids.push(r.id);
+        }
+        s.flush_blocking().unwrap();
+        ids
+    };
+    let s = SledStore::open(dir.path(), 64 << 20).unwrap();
+    let due = s.get(ids[0]).unwrap().unwrap();
+    assert_eq!(due.deadline_at, Some(1_700_000_600));
+    assert_eq!(
+        (due.lane, due.answered_by()),
+        (None, None),
+        "not claimed yet"
+    );
+    assert_eq!(s.get(ids[1]).unwrap().unwrap().deadline_at, None);
+
+    // One answered by a flex call (a batch of one on that lane), one by a
+    // Batch API job.
+    let mut b = s
+        .claim_batch(&qk(), 1, 1 << 20, "deadline")
+        .unwrap()
+        .unwrap();
+    b.lane = Lane::Flex;
+    s.put_batch(&b).unwrap();
+    s.apply_submitted(b.id).unwrap();
+    let ok = StoredResult {
+        status_code: 200,
+        body: bytes::Bytes::from_static(br#"{"ok": true}"#),
+    };
+    let done = s
+        .apply_outcomes(
+            b.id,
+            vec![(ids[0], Outcome::Completed(ok.clone()))],
+            &no_payload,
+        )
+        .unwrap();
+    assert_eq!(
+        done[0].answered_by(),
+        Some(Lane::Flex),
+        "as the webhook sees it"
+    );
+    let mut plain = s.claim_batch(&qk(), 1, 1 << 20, "size").unwrap().unwrap();
+    s.mark_submitted(&mut plain, "file-1", "batch_1").unwrap();
+    s.apply_outcomes(
+        plain.id,
+        vec![(ids[1], Outcome::Completed(ok))],
+        &no_payload,
+    )
+    .unwrap();
+    assert_eq!(
+        s.get(ids[0]).unwrap().unwrap().answered_by(),
+        Some(Lane::Flex)
+    );
+    assert_eq!(
+        s.get(ids[1]).unwrap().unwrap().answered_by(),
+        Some(Lane::Batch)
+    );
+}
+
+#[test]
+fn a_request_due_by_its_deadline_is_claimed_alone_and_never_also_flushed() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = {
+        let s = SledStore::open(dir.path(), 64 << 20).unwrap();
+        let mut ids = Vec::new();
+        for (cid, deadline_at) in [("a", Some(100)), ("b", Some(200)), ("c", None)] {
+            let r = RequestRecord {
+                deadline_at,
+                ..rec("t", cid, "h")
+            };
+            let Intake::Created(r) = s.insert_request(r, b"{}").unwrap() else {
+                panic!()
+            };
+            ids.push(r.id);
+        }
+        s.flush_blocking().unwrap();
+        ids
+    };
+    // The index is rebuilt from the queue entries at open.
+    let s = SledStore::open(dir.path(), 64 << 20).unwrap();
+    let due = |before| -> Vec<(u64, u64)> {
+        s.due_by_deadline("u", before, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(key, id, d)| {
+                assert_eq!(key, qk());
+                (id, d)
+            })
+            .collect()
+    };
+    assert_eq!(due(150), vec![(ids[0], 100)]);
+    assert_eq!(due(1000), vec![(ids[0], 100), (ids[1], 200)]);
+    assert!(s.due_by_deadline("other", 1000, 10).unwrap().is_empty());
+    assert_eq!(s.due_by_deadline("u", 1000, 1).unwrap().len(), 1);
+
+    let b = s
+        .claim_request(&qk(), ids[0], Lane::Flex, "deadline")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (b.lane, b.request_count, b.state.clone()),
+        (Lane::Flex, 1, BatchState::Claimed)
+    );
+    assert_eq!(
+        s.members(b.id).map(Result::unwrap).collect::<Vec<_>>(),
+        vec![ids[0]]
+    );
+    let a = s.get(ids[0]).unwrap().unwrap();
+    assert_eq!((a.status, a.batch), (RequestStatus::Queued, Some(b.id)));
+    assert_eq!(s.queue_stats_for(&qk()).unwrap().count, 2);
+    assert_eq!(due(1000), vec![(ids[1], 200)], "claimed: no longer due");
+    assert!(
+        s.claim_request(&qk(), ids[0], Lane::Standard, "deadline")
+            .unwrap()
+            .is_none()
+    );
+    // A flush takes only what is still queued.
+    let mut flushed = s.claim_batch(&qk(), 10, 1 << 20, "size").unwrap().unwrap();
+    let members: Vec<u64> = s.members(flushed.id).map(Result::unwrap).collect();
+    assert_eq!(members, ids[1..]);
+    assert!(
+        s.claim_request(&qk(), ids[1], Lane::Flex, "deadline")
+            .unwrap()
+            .is_none()
+    );
+    assert!(due(1000).is_empty());
+    // Sent back to its queue, a request is due again.
+    s.mark_submitted(&mut flushed, "file-1", "batch_1").unwrap();
+    s.apply_outcomes(flushed.id, vec![(ids[1], Outcome::Requeue)], &no_payload)
+        .unwrap();
+    assert_eq!(due(1000), vec![(ids[1], 200)]);
+    // A cancelled one is not.
+    s.cancel("t", "b", &no_payload).unwrap();
+    assert!(due(1000).is_empty());
 }

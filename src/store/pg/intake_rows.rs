@@ -26,14 +26,14 @@ use crate::store::{Intake, QueueKey, RequestRecord, line_len};
 /// `ON CONFLICT` does).
 const INSERT_REQUESTS: &str = "INSERT INTO requests (id, tenant, custom_id, upstream, model, \
      body_sha256, body_len, callback_url, stream, created_at, status, attempts, batch, \
-     submitted_at, completed_at, error, webhook, endpoint, inputs) \
+     submitted_at, completed_at, error, webhook, endpoint, inputs, deadline_at) \
      SELECT nextval('ferry_ids'), t, c, u, m, h, bl, cb, st, ca, s, a, b, sa, co, \
-            e::jsonb, w::jsonb, ep, n \
+            e::jsonb, w::jsonb, ep, n, dl \
      FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], \
                  $7::text[], $8::bool[], $9::bigint[], $10::text[], $11::int4[], \
                  $12::bigint[], $13::bigint[], $14::bigint[], $15::text[], $16::text[], \
-                 $17::text[], $18::bigint[]) \
-          AS x(t, c, u, m, h, bl, cb, st, ca, s, a, b, sa, co, e, w, ep, n) \
+                 $17::text[], $18::bigint[], $19::bigint[]) \
+          AS x(t, c, u, m, h, bl, cb, st, ca, s, a, b, sa, co, e, w, ep, n, dl) \
      ON CONFLICT (tenant, custom_id) DO NOTHING \
      RETURNING id, tenant, custom_id";
 
@@ -149,6 +149,7 @@ async fn insert_requests(
     let mut webhook = Vec::with_capacity(n);
     let mut endpoint = Vec::with_capacity(n);
     let mut inputs = Vec::with_capacity(n);
+    let mut deadline_at = Vec::with_capacity(n);
     for (rec, _) in calls {
         tenant.push(rec.tenant.as_str());
         custom_id.push(rec.custom_id.as_str());
@@ -168,6 +169,7 @@ async fn insert_requests(
         webhook.push(json_opt_text(&rec.webhook, "webhook state")?);
         endpoint.push(rec.endpoint.path());
         inputs.push(to_i64(rec.inputs, "inputs")?);
+        deadline_at.push(opt_to_i64(rec.deadline_at, "deadline_at")?);
     }
     let insert = tx.prepare_cached(INSERT_REQUESTS).await?;
     tx.query(
@@ -191,6 +193,7 @@ async fn insert_requests(
             &webhook,
             &endpoint,
             &inputs,
+            &deadline_at,
         ],
     )
     .await?

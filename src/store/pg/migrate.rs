@@ -11,7 +11,7 @@ use super::PgError;
 const MIGRATION_LOCK: i64 = 0x6665_7272_796d_6967;
 
 /// (version, SQL). Never edit an applied migration: add the next one.
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4)];
+pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4), (5, V5)];
 
 /// The newest schema this build knows.
 pub fn known_version() -> i32 {
@@ -177,6 +177,15 @@ ALTER TABLE queue_counters ADD COLUMN inputs bigint NOT NULL DEFAULT 0;
 UPDATE queue_counters SET inputs = count;
 ALTER TABLE queue_counters DROP CONSTRAINT queue_counters_pkey;
 ALTER TABLE queue_counters ADD PRIMARY KEY (upstream, endpoint, model);
+"#;
+
+/// Layout 5: each request's deadline (issue #17; rows written before have
+/// none), and the index the escalation scan reads: requests still waiting
+/// in a queue, by deadline. A batch's lane lives in its JSON record.
+const V5: &str = r#"
+ALTER TABLE requests ADD COLUMN deadline_at bigint;
+CREATE INDEX requests_deadline ON requests (deadline_at, id)
+    WHERE deadline_at IS NOT NULL AND status = 'queued' AND batch IS NULL;
 "#;
 
 /// What [`migrate`] did.

@@ -7,7 +7,7 @@ use super::PgError;
 use super::batches::put_batch_in;
 use super::store::{PgStore, to_i64, to_u64};
 use crate::store::lifecycle;
-use crate::store::{BatchRecord, QueueKey, QueueStats};
+use crate::store::{BatchRecord, Lane, QueueKey, QueueStats};
 
 /// Counts, bytes and the oldest entry of every queue with a counter row.
 /// The oldest comes from the `queue_oldest` index, one probe per queue.
@@ -115,9 +115,85 @@ impl PgStore {
             .adjust(-batch.as_ref().map_or(0, |b| b.request_count as i64));
         Ok(batch)
     }
+
+    /// Claims request `id` alone out of queue `qk` into a new batch sent on
+    /// `lane` (an escalation for its deadline), while `token` is still the
+    /// newest of lease `lease`: one transaction, so the request is in this
+    /// batch or still queued, never also in a flush's. `None` when it is no
+    /// longer queued (a flush, a cancel, another node took it) or the
+    /// lease is lost.
+    pub async fn claim_request_fenced(
+        &self,
+        qk: &QueueKey,
+        id: u64,
+        lane: Lane,
+        reason: &str,
+        lease: &str,
+        token: u64,
+    ) -> Result<Option<BatchRecord>, PgError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        if !super::leases::fence_in(&tx, lease, token).await? {
+            return Ok(None);
+        }
+        let batch =
+            claim_picked(&tx, qk, Pick::One(to_i64(id, "request id")?), lane, reason).await?;
+        tx.commit().await?;
+        self.admission
+            .adjust(-batch.as_ref().map_or(0, |b| b.request_count as i64));
+        Ok(batch)
+    }
+
+    /// Requests of `upstream` still waiting in a queue whose deadline is at
+    /// or before `before` (unix seconds), soonest first, at most `limit`:
+    /// (queue, id, deadline) each.
+    pub async fn due_by_deadline(
+        &self,
+        upstream: &str,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<(QueueKey, u64, u64)>, PgError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT id, endpoint, model, deadline_at FROM requests \
+                 WHERE deadline_at IS NOT NULL AND deadline_at <= $1 \
+                 AND status = 'queued' AND batch IS NULL AND upstream = $2 \
+                 ORDER BY deadline_at, id LIMIT $3",
+                &[
+                    &to_i64(before, "deadline")?,
+                    &upstream,
+                    &i64::try_from(limit).unwrap_or(i64::MAX),
+                ],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let qk = QueueKey {
+                    upstream: upstream.to_owned(),
+                    endpoint: endpoint_from(row.try_get(1)?)?,
+                    model: row.try_get(2)?,
+                };
+                Ok((
+                    qk,
+                    to_u64(row.try_get(0)?, "request id")?,
+                    to_u64(row.try_get(3)?, "deadline_at")?,
+                ))
+            })
+            .collect()
+    }
 }
 
-/// The claim itself, inside `tx`.
+/// Which entries of a queue a claim takes.
+#[derive(Clone, Copy)]
+enum Pick {
+    /// The oldest, within these limits.
+    Oldest { max_requests: usize, max_bytes: u64 },
+    /// This request alone.
+    One(i64),
+}
+
+/// The claim of a flush, inside `tx`.
 async fn claim_in(
     tx: &Transaction<'_>,
     qk: &QueueKey,
@@ -125,18 +201,55 @@ async fn claim_in(
     max_bytes: u64,
     reason: &str,
 ) -> Result<Option<BatchRecord>, PgError> {
+    let pick = Pick::Oldest {
+        max_requests,
+        max_bytes,
+    };
+    claim_picked(tx, qk, pick, Lane::Batch, reason).await
+}
+
+/// A claim, inside `tx`: the picked entries leave the queue for a new
+/// batch on `lane`.
+async fn claim_picked(
+    tx: &Transaction<'_>,
+    qk: &QueueKey,
+    pick: Pick,
+    lane: Lane,
+    reason: &str,
+) -> Result<Option<BatchRecord>, PgError> {
+    let (max_requests, max_bytes) = match pick {
+        Pick::Oldest {
+            max_requests,
+            max_bytes,
+        } => (max_requests, max_bytes),
+        Pick::One(_) => (1, u64::MAX),
+    };
     if max_requests == 0 {
         return Ok(None);
     }
     let limit = i64::try_from(max_requests).unwrap_or(i64::MAX);
-    let rows = tx
-        .query(
-            "SELECT id, line_len, inputs FROM queue \
-             WHERE upstream = $1 AND endpoint = $2 AND model = $3 \
-             ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED",
-            &[&qk.upstream, &qk.endpoint.path(), &qk.model, &limit],
-        )
-        .await?;
+    let (upstream, endpoint, model) = (&qk.upstream, qk.endpoint.path(), &qk.model);
+    let rows = match pick {
+        Pick::Oldest { .. } => {
+            tx.query(
+                "SELECT id, line_len, inputs FROM queue \
+                 WHERE upstream = $1 AND endpoint = $2 AND model = $3 \
+                 ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED",
+                &[upstream, &endpoint, model, &limit],
+            )
+            .await?
+        }
+        // One primary-key probe, however long the queue.
+        Pick::One(id) => {
+            tx.query(
+                "SELECT id, line_len, inputs FROM queue \
+                 WHERE upstream = $1 AND endpoint = $2 AND model = $3 AND id = $4 \
+                 FOR UPDATE SKIP LOCKED",
+                &[upstream, &endpoint, model, &id],
+            )
+            .await?
+        }
+    };
     let mut ids: Vec<i64> = Vec::new();
     let mut bytes = 0u64;
     let mut inputs = 0u64;
@@ -160,13 +273,16 @@ async fn claim_in(
         .query_one("SELECT nextval('ferry_ids')", &[])
         .await?
         .try_get(0)?;
-    let batch = BatchRecord::claimed(
-        to_u64(batch_id, "batch id")?,
-        qk,
-        ids.len() as u64,
-        bytes,
-        reason,
-    );
+    let batch = BatchRecord {
+        lane,
+        ..BatchRecord::claimed(
+            to_u64(batch_id, "batch id")?,
+            qk,
+            ids.len() as u64,
+            bytes,
+            reason,
+        )
+    };
     put_batch_in(tx, &batch).await?;
     tx.execute(
         "INSERT INTO members (batch, id) SELECT $1, unnest($2::bigint[])",

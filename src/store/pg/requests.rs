@@ -120,9 +120,9 @@ pub(super) async fn accept_in(
         .prepare_cached(
             "INSERT INTO requests (id, tenant, custom_id, upstream, model, body_sha256, \
              body_len, callback_url, stream, created_at, status, attempts, batch, \
-             submitted_at, completed_at, error, webhook, endpoint, inputs) \
+             submitted_at, completed_at, error, webhook, endpoint, inputs, deadline_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
-             $16::text::jsonb, $17::text::jsonb, $18, $19) \
+             $16::text::jsonb, $17::text::jsonb, $18, $19, $20) \
              ON CONFLICT (tenant, custom_id) DO NOTHING",
         )
         .await?;
@@ -150,6 +150,7 @@ pub(super) async fn accept_in(
                 &json_opt_text(&rec.webhook, "webhook state")?,
                 &rec.endpoint.path(),
                 &to_i64(rec.inputs, "inputs")?,
+                &opt_to_i64(rec.deadline_at, "deadline_at")?,
             ],
         )
         .await?;

@@ -7,7 +7,7 @@ use deadpool_postgres::Pool;
 use tokio_postgres::Row;
 
 use super::{PgError, migrate};
-use crate::store::{RequestError, RequestRecord, RequestStatus, StoredResult, WebhookState};
+use crate::store::{Lane, RequestError, RequestRecord, RequestStatus, StoredResult, WebhookState};
 
 /// Builds a webhook's JSON body for a request that just became terminal.
 /// The embedded store's `PayloadFn`, plus `Sync`: the PostgreSQL methods
@@ -45,7 +45,7 @@ pub struct PgStore {
 pub(super) const REQUEST_COLUMNS: &str = "r.id, r.tenant, r.custom_id, r.upstream, r.model, \
      r.body_sha256, r.body_len, r.callback_url, r.stream, r.created_at, r.status, r.attempts, \
      r.batch, r.submitted_at, r.completed_at, r.error::text, r.webhook::text, b.upstream_batch_id, r.endpoint, \
-     r.inputs";
+     r.inputs, r.deadline_at, b.record ->> 'lane'";
 
 /// `FROM` for [`REQUEST_COLUMNS`].
 pub(super) const REQUEST_FROM: &str = "requests r LEFT JOIN batches b ON b.id = r.batch";
@@ -349,7 +349,22 @@ pub(super) fn request_from(row: &Row) -> Result<RequestRecord, PgError> {
             .map(|w| from_json::<WebhookState>(&w, "webhook state"))
             .transpose()?,
         batch_id: row.try_get(17)?,
+        deadline_at: opt_to_u64(row.try_get(20)?, "deadline_at")?,
+        // A batch record without a lane is a Batch API job.
+        lane: lane_from(row.try_get::<_, Option<i64>>(12)?, row.try_get(21)?)?,
     })
+}
+
+/// The lane of a request's batch, from the batch record's `lane` (absent:
+/// a Batch API job); none without a batch.
+fn lane_from(batch: Option<i64>, lane: Option<String>) -> Result<Option<Lane>, PgError> {
+    match (batch, lane) {
+        (None, _) => Ok(None),
+        (Some(_), None) => Ok(Some(Lane::Batch)),
+        (Some(_), Some(l)) => Lane::parse(&l)
+            .map(Some)
+            .ok_or_else(|| PgError::Corrupt(format!("batch lane {l:?}"))),
+    }
 }
 
 #[cfg(test)]

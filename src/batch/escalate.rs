@@ -1,0 +1,325 @@
+//! The synchronous lanes of a request escalated for its deadline (issue
+//! #17): a batch of one request whose record names its lane, flex or
+//! standard. Flex is the upstream's ordinary endpoint with `service_tier:
+//! "flex"` (batch prices, slower, refused now and then with `429`
+//! `resource_unavailable`); standard is the same call at full price.
+//!
+//! Crash safety, as for every batch: the claim (with its lane) is durable
+//! before any call; the member is `submitted` before the first; a step up
+//! from flex to standard is recorded before the standard call, so a restart
+//! resumes on the lane last recorded and never goes back to a cheaper one
+//! or on to a third. The answer is stored as the batch's outcome, which
+//! applies once: a request is never answered twice. A call cut short by a
+//! crash or shutdown is sent again on the same lane at the next start.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::{StepError, advance, lanes, member_ids};
+use crate::App;
+use crate::store::{
+    BatchRecord, BatchState, Lane, Outcome, QueueKey, RequestError, StoredResult, now_millis,
+    now_secs,
+};
+
+/// How long a flex call may take: OpenAI asks clients to allow up to 15
+/// minutes.
+pub const FLEX_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+/// The body sent on `lane`: the stored body, with `service_tier: "flex"` on
+/// flex (and the caller's own tier, if any, replaced: the lane decides what
+/// the call costs). `None` when the stored body is not a JSON object.
+pub fn lane_body(stored: &[u8], lane: Lane) -> Option<Vec<u8>> {
+    if lane != Lane::Flex {
+        return (!stored.is_empty()).then(|| stored.to_vec());
+    }
+    let mut v: serde_json::Value = serde_json::from_slice(stored).ok()?;
+    v.as_object_mut()?
+        .insert("service_tier".into(), serde_json::Value::from("flex"));
+    serde_json::to_vec(&v).ok()
+}
+
+/// Requests looked at per pass of the flush loop (soonest deadline first);
+/// more wait for the next pass, a second later at most.
+const SCAN_LIMIT: usize = 1_000;
+
+/// A queued request with a deadline, as the flush loop sees it.
+#[derive(Debug, Clone)]
+pub struct Due {
+    pub queue: QueueKey,
+    pub id: u64,
+    /// The lane it escalates to, and when (unix millis).
+    pub lane: Lane,
+    pub escalate_at_ms: u64,
+}
+
+/// The queued requests of `up` whose deadlines fall within the flush
+/// loop's horizon ([`lanes::scan_horizon`]), soonest deadline first, with
+/// their escalation times. Empty when the store cannot be read (the next
+/// pass tries again).
+pub(super) async fn scan(app: &App, up: &crate::Upstream, now_ms: u64) -> Vec<Due> {
+    let settings = &up.settings;
+    let horizon = lanes::scan_horizon(&settings.lane_priors, settings.escalation_margin);
+    let before = (now_ms / 1000).saturating_add(horizon.as_secs() + 1);
+    let due = match app
+        .store
+        .due_by_deadline(&settings.name, before, SCAN_LIMIT)
+        .await
+    {
+        Ok(due) => due,
+        Err(e) => {
+            warn!(upstream = %settings.name, error = %e, "cannot read the requests due by their deadlines; will retry");
+            return Vec::new();
+        }
+    };
+    due.into_iter()
+        .map(|(queue, id, deadline)| {
+            let lane = lanes::next_lane(&queue.model, &settings.flex_models);
+            let escalate_at_ms = lanes::escalation_at_ms(
+                deadline,
+                lane,
+                &queue.model,
+                &settings.lane_priors,
+                settings.escalation_margin,
+            );
+            Due {
+                queue,
+                id,
+                lane,
+                escalate_at_ms,
+            }
+        })
+        .collect()
+}
+
+/// The earliest escalation time of each queue in `due`.
+pub(super) fn earliest_by_queue(due: &[Due]) -> HashMap<QueueKey, u64> {
+    let mut earliest: HashMap<QueueKey, u64> = HashMap::new();
+    for d in due {
+        let at = earliest.entry(d.queue.clone()).or_insert(u64::MAX);
+        *at = (*at).min(d.escalate_at_ms);
+    }
+    earliest
+}
+
+/// Takes every request in `due` whose escalation time has come out of its
+/// queue, alone, onto its next lane, and starts its driver. Returns how
+/// long until the next escalation time among the others, if any.
+pub(super) async fn escalate_due(
+    app: &Arc<App>,
+    up: &crate::Upstream,
+    due: Vec<Due>,
+    token: u64,
+    shutdown: &watch::Receiver<bool>,
+) -> Option<Duration> {
+    let now_ms = now_millis();
+    let lease = super::ownership::lease_name(&up.settings.name);
+    let mut next: Option<Duration> = None;
+    for Due {
+        queue: qk,
+        id,
+        lane,
+        escalate_at_ms: at,
+    } in due
+    {
+        if at > now_ms {
+            let wait = Duration::from_millis(at - now_ms);
+            next = Some(next.map_or(wait, |n| n.min(wait)));
+            continue;
+        }
+        if !up.ownership.holds(token) || *shutdown.borrow() {
+            return None;
+        }
+        match app
+            .store
+            .claim_request(&qk, id, lane, (&lease, token))
+            .await
+        {
+            Ok(Some(batch)) => {
+                app.metrics
+                    .escalations
+                    .with_label_values(&[lane.as_str()])
+                    .inc();
+                info!(
+                    ferry_batch = batch.id, request = id, upstream = %qk.upstream, model = %qk.model,
+                    lane = lane.as_str(), "request escalated for its deadline"
+                );
+                super::spawn_driver(app.clone(), batch, false, shutdown.clone());
+            }
+            // Flushed, cancelled or taken meanwhile.
+            Ok(None) => {}
+            Err(e) => {
+                warn!(request = id, error = %e, "cannot escalate a request for its deadline; will retry");
+            }
+        }
+    }
+    next
+}
+
+/// Sends the one member of `batch` on its lane until it is answered, then
+/// stores the answer and finishes the batch.
+pub(super) async fn send(
+    app: &Arc<App>,
+    up: &crate::Upstream,
+    batch: &mut BatchRecord,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), StepError> {
+    let members = member_ids(app, batch.id).await?;
+    let Some(rec) = (match members.first() {
+        Some(id) => app.store.get(*id).await?,
+        None => None,
+    }) else {
+        // A claim a crash cut short before its member was written.
+        return finish(app, batch).await;
+    };
+    if rec.status.is_terminal() {
+        // Answered before a crash, the batch not yet marked done.
+        return finish(app, batch).await;
+    }
+    // Sent upstream from here on, for the status object and for recovery.
+    app.store.apply_submitted(batch.id).await?;
+    let stored = app.store.body(rec.id).await?.unwrap_or_default();
+    let deadline = rec.deadline_at.unwrap_or(0);
+    let margin = up.settings.escalation_margin;
+    let mut refusals = 0u32;
+    loop {
+        let lane = batch.lane;
+        let Some(body) = lane_body(&stored, lane) else {
+            let error = RequestError {
+                code: "body_unreadable".into(),
+                message: "Ferry could not read the stored request body".into(),
+            };
+            return answer(app, batch, rec.id, Outcome::Failed(error)).await;
+        };
+        let (op, timeout) = match lane {
+            Lane::Flex => ("respond_flex", FLEX_TIMEOUT),
+            _ => ("respond_standard", app.config.server.upstream_read_timeout),
+        };
+        let called = tokio::select! {
+            r = up.client.respond(op, rec.endpoint, body, timeout) => r,
+            // Left to the next start, which sends it again on this lane.
+            _ = shutdown.changed() => return Ok(()),
+        };
+        match called {
+            Ok((status, answer_body)) => {
+                let outcome =
+                    if serde_json::from_slice::<serde::de::IgnoredAny>(&answer_body).is_ok() {
+                        Outcome::Completed(StoredResult {
+                            status_code: status,
+                            body: answer_body,
+                        })
+                    } else {
+                        Outcome::Failed(RequestError {
+                            code: "upstream_invalid_answer".into(),
+                            message: format!(
+                                "the upstream answered {status} with a body that is not JSON"
+                            ),
+                        })
+                    };
+                return answer(app, batch, rec.id, outcome).await;
+            }
+            Err(e) if lane == Lane::Flex && e.is_transient() => {
+                if matches!(&e, crate::upstream::UpstreamError::Status { status: 429, code: Some(c), .. } if c == "resource_unavailable")
+                {
+                    app.metrics.flex_unavailable.inc();
+                }
+                let wait = e.retry_after().unwrap_or_else(|| {
+                    crate::upstream::backoff(
+                        refusals,
+                        Duration::from_secs(1),
+                        Duration::from_secs(60),
+                        rand::random(),
+                    )
+                });
+                refusals += 1;
+                let priors = &up.settings.lane_priors;
+                if lanes::flex_retry_in_time(
+                    now_millis(),
+                    wait,
+                    deadline,
+                    &rec.model,
+                    priors,
+                    margin,
+                ) {
+                    warn!(ferry_batch = batch.id, error = %e, retry_in_ms = wait.as_millis() as u64, "flex call refused; will retry on flex");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => continue,
+                        _ = shutdown.changed() => return Ok(()),
+                    }
+                }
+                info!(ferry_batch = batch.id, error = %e, "flex can no longer make the deadline; stepping up to standard");
+                advance(app, batch, |b| b.lane = Lane::Standard).await?;
+                app.metrics
+                    .escalations
+                    .with_label_values(&[Lane::Standard.as_str()])
+                    .inc();
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Stores the member's outcome (once: an outcome applies only to a member
+/// still pending in this batch), tells its waiters, and finishes the batch.
+async fn answer(
+    app: &Arc<App>,
+    batch: &mut BatchRecord,
+    id: u64,
+    outcome: Outcome,
+) -> Result<(), StepError> {
+    let done = app
+        .store
+        .apply_outcomes(
+            batch.id,
+            vec![(id, outcome)],
+            crate::delivery::webhook_payload,
+        )
+        .await?;
+    for rec in &done {
+        app.on_terminal(rec);
+        let late = rec.deadline_at.is_some_and(|d| now_secs() > d);
+        info!(
+            ferry_batch = batch.id,
+            request = rec.id,
+            lane = batch.lane.as_str(),
+            late,
+            "escalated request answered"
+        );
+    }
+    finish(app, batch).await
+}
+
+async fn finish(app: &Arc<App>, batch: &mut BatchRecord) -> Result<(), StepError> {
+    let lane = batch.lane;
+    advance(app, batch, |b| {
+        b.state = BatchState::Done {
+            file_id: None,
+            batch_id: None,
+            upstream_status: lane.as_str().to_owned(),
+            cleanup: Vec::new(),
+        }
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flex_marks_the_body_and_the_others_send_it_as_stored() {
+        let stored = br#"{"model":"m","service_tier":"priority","messages":[]}"#;
+        let flex: serde_json::Value =
+            serde_json::from_slice(&lane_body(stored, Lane::Flex).unwrap()).unwrap();
+        assert_eq!(flex["service_tier"], "flex");
+        assert_eq!(flex["model"], "m");
+        assert_eq!(lane_body(stored, Lane::Standard).unwrap(), stored.to_vec());
+        assert_eq!(lane_body(b"[1]", Lane::Flex), None);
+        assert_eq!(lane_body(b"not json", Lane::Flex), None);
+        assert_eq!(lane_body(b"", Lane::Standard), None, "no body stored");
+    }
+}

@@ -1,0 +1,223 @@
+//! Deadlines (issue #17) end to end, with the real binary in front of a
+//! standalone emulator: `X-Ferry-Deadline`, the tenant's default, and the
+//! lane each answer came by.
+
+mod common;
+
+use common::{Backend, Stack, chat, until, until_status};
+use serde_json::{Value, json};
+
+/// A deferred call of alice's with `X-Ferry-Deadline: deadline`.
+async fn defer_by(s: &Stack, deadline: &str, custom_id: &str) -> reqwest::Response {
+    defer_model(s, "gpt-4o-mini", deadline, custom_id, "respond-async").await
+}
+
+/// A deferred call of alice's for `model` with `X-Ferry-Deadline` and
+/// `Prefer: prefer`.
+async fn defer_model(
+    s: &Stack,
+    model: &str,
+    deadline: &str,
+    custom_id: &str,
+    prefer: &str,
+) -> reqwest::Response {
+    s.http
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth("alice-key")
+        .header("prefer", prefer)
+        .header("x-ferry-custom-id", custom_id)
+        .header("x-ferry-deadline", deadline)
+        .json(&chat(model, "by when?"))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The upstream table's lines: `gpt-4o-mini` has flex, expected to take
+/// 5 s, and no margin, so a deadline under 5 s escalates at once while one
+/// of an hour waits for its batch.
+const FLEX_UPSTREAM: &str = r#"
+flex_models = ["gpt-4o-mini"]
+flex_latency_prior_secs = 5
+standard_latency_prior_secs = 2
+escalation_margin_secs = 0
+"#;
+
+/// A stack on `backend` whose emulator serves flex for `gpt-4o-mini`.
+async fn flex_stack(backend: Backend) -> Stack {
+    let s = Stack::start_on(backend, FLEX_UPSTREAM, "");
+    s.emulator_config(json!({"flex_models": ["gpt-4o-mini"]}))
+        .await;
+    s
+}
+
+#[tokio::test]
+async fn a_deadline_is_stored_shown_and_refused_when_malformed() {
+    let s = Stack::start("", "");
+    for bad in ["0", "-1", "soon", "1.5", "86401"] {
+        let r = defer_by(&s, bad, "bad").await;
+        assert_eq!(r.status(), 400, "{bad}");
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["param"], "X-Ferry-Deadline", "{bad}");
+        assert_eq!(e["error"]["code"], "invalid_deadline", "{bad}");
+    }
+    // Nothing was stored for the refused calls.
+    assert_eq!(s.status("alice-key", "bad", 0).await.0, 404);
+
+    let r = defer_by(&s, "600", "timed").await;
+    assert_eq!(r.status(), 202);
+    let ticket: Value = r.json().await.unwrap();
+    let created = ticket["created_at"].as_u64().unwrap();
+    assert_eq!(
+        ticket["deadline_at"].as_u64(),
+        Some(created + 600),
+        "{ticket}"
+    );
+    assert!(ticket["lane"].is_null(), "no answer yet: {ticket}");
+
+    let r = s
+        .defer(
+            "alice-key",
+            &chat("gpt-4o-mini", "whenever"),
+            None,
+            Some("untimed"),
+        )
+        .await;
+    let ticket: Value = r.json().await.unwrap();
+    assert!(ticket["deadline_at"].is_null(), "{ticket}");
+
+    s.flush().await;
+    for id in ["timed", "untimed"] {
+        let done = until_status(&s, id, "completed").await;
+        assert_eq!(done["lane"], "batch", "{done}");
+    }
+}
+
+async fn a_deadline_sends_a_queued_request_on_flex_to_its_held_caller(backend: Backend) {
+    let s = flex_stack(backend).await;
+    // An hour away: it waits for a batch (none is flushed in this test).
+    assert_eq!(defer_by(&s, "3600", "later").await.status(), 202);
+    let r = defer_model(&s, "gpt-4o-mini", "3", "soon", "respond-async, wait=30").await;
+    assert_eq!(r.status(), 200, "the held caller gets the flex answer");
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["object"], "chat.completion", "{answer}");
+    assert_eq!(answer["service_tier"], "flex", "{answer}");
+    let (_, st) = s.status("alice-key", "soon", 0).await;
+    assert_eq!(st["status"], "completed", "{st}");
+    assert_eq!(st["lane"], "flex", "{st}");
+    assert!(st["batch_id"].is_null(), "no Batch API job: {st}");
+    assert_eq!(st["result"]["body"]["service_tier"], "flex", "{st}");
+    let (_, later) = s.status("alice-key", "later", 0).await;
+    assert_eq!(later["status"], "queued", "{later}");
+    let stats = s.emulator_stats().await;
+    assert_eq!(stats["lines_submitted"], 0, "{stats}");
+    assert_eq!(stats["realtime_requests"], 1, "{stats}");
+    let metrics = s.metrics().await;
+    for line in [
+        r#"ferry_lane_results_total{lane="flex"} 1"#,
+        r#"ferry_lane_results_total{lane="batch"} 0"#,
+        r#"ferry_escalations_total{lane="flex"} 1"#,
+        r#"ferry_escalations_total{lane="standard"} 0"#,
+        r#"ferry_deadline_misses_total{lane="flex"} 0"#,
+    ] {
+        assert!(metrics.contains(line), "{line}");
+    }
+}
+
+async fn flex_refused_for_capacity_steps_up_to_standard_and_no_flex_model_goes_straight_there(
+    backend: Backend,
+) {
+    let s = flex_stack(backend).await;
+    s.emulator_config(json!({"flex_unavailable_rate": 1.0}))
+        .await;
+    // Every flex call is refused, and a retry would no longer leave
+    // standard its 2 s before the 1 s deadline.
+    let r = defer_model(&s, "gpt-4o-mini", "1", "refused", "respond-async, wait=30").await;
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["service_tier"], "default", "{answer}");
+    let (_, st) = s.status("alice-key", "refused", 0).await;
+    assert_eq!(
+        (&st["status"], &st["lane"]),
+        (&json!("completed"), &json!("standard")),
+        "{st}"
+    );
+
+    // gpt-4o has no flex: standard at once.
+    let r = defer_model(&s, "gpt-4o", "1", "plain", "respond-async, wait=30").await;
+    assert_eq!(r.status(), 200);
+    let (_, st) = s.status("alice-key", "plain", 0).await;
+    assert_eq!(st["lane"], "standard", "{st}");
+    let stats = s.emulator_stats().await;
+    // One refused flex call and two standard ones; nothing batched.
+    assert_eq!(stats["realtime_requests"], 3, "{stats}");
+    assert_eq!(stats["lines_submitted"], 0, "{stats}");
+    let metrics = s.metrics().await;
+    for line in [
+        "ferry_flex_unavailable_total 1",
+        r#"ferry_escalations_total{lane="flex"} 1"#,
+        r#"ferry_escalations_total{lane="standard"} 2"#,
+        r#"ferry_lane_results_total{lane="standard"} 2"#,
+    ] {
+        assert!(metrics.contains(line), "{line}");
+    }
+}
+
+async fn a_flex_call_cut_short_by_a_crash_is_resumed_on_flex_and_answered_once(backend: Backend) {
+    let mut s = flex_stack(backend).await;
+    // The flex call hangs until Ferry is killed.
+    s.emulator_config(json!({"flex_latency_ms": 60_000})).await;
+    assert_eq!(defer_by(&s, "3", "cut").await.status(), 202);
+    let st = until_status(&s, "cut", "submitted").await;
+    assert!(st["lane"].is_null(), "not answered yet: {st}");
+    // The call in flight keeps hanging; the next one is answered at once.
+    s.emulator_config(json!({"flex_latency_ms": 0})).await;
+    s.restart_ferry();
+    let (_, st) = s.status("alice-key", "cut", 30).await;
+    assert_eq!(
+        (&st["status"], &st["lane"]),
+        (&json!("completed"), &json!("flex")),
+        "{st}"
+    );
+    assert_eq!(st["result"]["body"]["service_tier"], "flex", "{st}");
+    // Sent twice on flex (the first call's answer never came), never on
+    // standard, never in a batch.
+    let stats = s.emulator_stats().await;
+    assert_eq!(stats["lines_submitted"], 0, "{stats}");
+    let done = until(&s, "cut", "completed", |st| st["status"] == "completed").await;
+    assert_eq!(done["completed_at"], st["completed_at"], "answered once");
+}
+
+#[tokio::test]
+async fn a_near_deadline_flushes_its_queue_while_a_batch_can_still_make_it() {
+    // A batch is expected back in 2 s; standard takes 1 s, so a request due
+    // in 10 s escalates at 9 s: a batch now makes it, the hour-long time
+    // threshold would not.
+    let s = Stack::start(
+        "batch_latency_prior_secs = 2\nstandard_latency_prior_secs = 1\nescalation_margin_secs = 0",
+        "",
+    );
+    let r = defer_model(&s, "gpt-4o-mini", "10", "hurried", "respond-async, wait=30").await;
+    assert_eq!(r.status(), 200);
+    let (_, st) = s.status("alice-key", "hurried", 0).await;
+    assert_eq!(
+        (&st["status"], &st["lane"]),
+        (&json!("completed"), &json!("batch")),
+        "{st}"
+    );
+    assert!(st["batch_id"].is_string(), "{st}");
+    assert!(
+        s.metrics()
+            .await
+            .contains(r#"ferry_flushes_total{reason="deadline",upstream="emu"} 1"#),
+        "flushed for the deadline"
+    );
+    let stats = s.emulator_stats().await;
+    assert_eq!(stats["realtime_requests"], 0, "{stats}");
+}
+
+on_both_backends!(
+    a_deadline_sends_a_queued_request_on_flex_to_its_held_caller,
+    flex_refused_for_capacity_steps_up_to_standard_and_no_flex_model_goes_straight_there,
+    a_flex_call_cut_short_by_a_crash_is_resumed_on_flex_and_answered_once,
+);
