@@ -223,6 +223,16 @@ impl BatchClient {
         format!("{}{}", self.base_url, path)
     }
 
+    /// `req` with the upstream's key in the header its API family reads.
+    fn authorized(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.anthropic_version {
+            Some(version) => req
+                .header("x-api-key", &self.api_key)
+                .header("anthropic-version", version),
+            None => req.bearer_auth(&self.api_key),
+        }
+    }
+
     async fn send(
         &self,
         op: &'static str,
@@ -230,13 +240,7 @@ impl BatchClient {
     ) -> Result<reqwest::Response, UpstreamError> {
         self.calls.until_ready().await;
         let started = std::time::Instant::now();
-        let req = match &self.anthropic_version {
-            Some(version) => req
-                .header("x-api-key", &self.api_key)
-                .header("anthropic-version", version),
-            None => req.bearer_auth(&self.api_key),
-        };
-        let res = req.send().await;
+        let res = self.authorized(req).send().await;
         let res = match res {
             Ok(r) => r,
             Err(e) => {
@@ -358,7 +362,7 @@ impl BatchClient {
             .body(body);
         self.calls.until_ready().await;
         let started = std::time::Instant::now();
-        let res = match req.bearer_auth(&self.api_key).send().await {
+        let res = match self.authorized(req).send().await {
             Ok(r) => r,
             Err(e) => {
                 self.metrics

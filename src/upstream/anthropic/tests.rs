@@ -210,3 +210,54 @@ async fn a_round_trip_through_the_emulator() {
         "{err}"
     );
 }
+
+/// A synchronous call on an Anthropic upstream (a request escalated for its
+/// deadline) carries the key as Anthropic reads it, like the batch calls:
+/// `x-api-key` and `anthropic-version`, never `Authorization`.
+#[tokio::test]
+async fn a_synchronous_call_authenticates_as_anthropic_expects() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the client hung up before its headers ended");
+            head.extend_from_slice(&buf[..n]);
+        }
+        conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&head).to_lowercase()
+    });
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let client = BatchClient::new(
+        "claude",
+        &format!("http://{addr}/v1"),
+        "sk-ant-upstream",
+        1000,
+        1000,
+        None,
+        metrics,
+    )
+    .unwrap()
+    .for_anthropic("2023-06-01");
+    let (status, _) = client
+        .respond(
+            "respond_standard",
+            crate::endpoint::Endpoint::Messages,
+            b"{}".to_vec(),
+            std::time::Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let head = seen.await.unwrap();
+    assert!(head.starts_with("post /v1/messages "), "{head}");
+    assert!(head.contains("x-api-key: sk-ant-upstream\r\n"), "{head}");
+    assert!(head.contains("anthropic-version: 2023-06-01\r\n"), "{head}");
+    assert!(!head.contains("authorization:"), "{head}");
+}
