@@ -81,12 +81,22 @@ impl SledStore {
         Ok(Some(batch))
     }
 
-    pub(super) fn unaccount(&self, qk: &QueueKey, qval: &[u8]) {
+    /// Uncounts request `id`'s entry (value `qval`) that left queue `qk`,
+    /// and forgets its deadline: the escalation scan would drop the index
+    /// entry only once the deadline came near, so a flushed request with a
+    /// day's deadline would sit in memory for a day.
+    pub(super) fn unaccount(&self, qk: &QueueKey, id: u64, qval: &[u8]) {
         let len = parse_queue_value(qval).map_or(0, |(_, l)| l);
         if let Some(mut s) = self.queues.get_mut(qk) {
             s.count = s.count.saturating_sub(1);
             s.bytes = s.bytes.saturating_sub(len);
             s.inputs = s.inputs.saturating_sub(parse_queue_inputs(qval));
+        }
+        if let Some(deadline) = encoding::parse_queue_deadline(qval) {
+            self.deadlines
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&(deadline, id));
         }
     }
 
@@ -223,7 +233,7 @@ impl SledStore {
             }
             let entry = qk.entry(id);
             if let Some(v) = self.queue.get(&entry)? {
-                self.unaccount(&qk, &v);
+                self.unaccount(&qk, id, &v);
                 queue.remove(entry);
             }
             if let Some(mut state) = self.state(id)?

@@ -108,7 +108,7 @@ impl SledStore {
         let id = rec.id.to_be_bytes();
         let qk = QueueKey::of(rec);
         if let Some(v) = self.queue.remove(qk.entry(rec.id))? {
-            self.unaccount(&qk, &v);
+            self.unaccount(&qk, rec.id, &v);
         }
         // Only if the custom id still names this request: it must not free
         // the id of another request that holds it.
@@ -240,7 +240,7 @@ impl SledStore {
         }
         let qk = QueueKey::of(&rec);
         if let Some(v) = self.queue.remove(qk.entry(rec.id))? {
-            self.unaccount(&qk, &v);
+            self.unaccount(&qk, rec.id, &v);
         }
         rec.status = lifecycle::checked_move(rec.status, RequestStatus::Cancelled)?;
         let now = now_secs();

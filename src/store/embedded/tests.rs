@@ -106,7 +106,7 @@ fn an_intake_cut_short_by_a_crash_is_repaired() {
     };
     let qk = qk();
     let v = s.queue.remove(qk.entry(r.id)).unwrap().unwrap();
-    s.unaccount(&qk, &v);
+    s.unaccount(&qk, r.id, &v);
     let before = s.queue_stats_for(&qk).unwrap().count;
     assert!(matches!(
         s.insert_request(rec("t", "q", "h"), b"{}").unwrap(),
@@ -961,4 +961,31 @@ fn a_request_due_by_its_deadline_is_claimed_alone_and_never_also_flushed() {
     // A cancelled one is not.
     s.cancel("t", "b", &no_payload).unwrap();
     assert!(due(1000).is_empty());
+}
+
+#[test]
+fn a_request_that_leaves_its_queue_leaves_the_deadline_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SledStore::open(dir.path(), 64 << 20).unwrap();
+    // A day ahead: the escalation scan would not reach it for a day.
+    let far = now_secs() + 86_400;
+    let r = RequestRecord {
+        deadline_at: Some(far),
+        ..rec("t", "due-tomorrow", "h")
+    };
+    let Intake::Created(r) = s.insert_request(r, b"{}").unwrap() else {
+        panic!()
+    };
+    let indexed = |s: &SledStore| s.deadlines.lock().unwrap().len();
+    assert_eq!(indexed(&s), 1);
+    let b = s
+        .claim_batch(&QueueKey::of(&r), 10, u64::MAX, "size")
+        .unwrap()
+        .unwrap();
+    assert_eq!(b.request_count, 1);
+    assert_eq!(
+        indexed(&s),
+        0,
+        "a flushed request is forgotten by the index"
+    );
 }
