@@ -549,21 +549,8 @@ async fn create_inline(
             }
         }
     };
-    let (lease, token) = fence(app, &batch.upstream)?;
-    *batch = app
-        .store
-        .mark_submitted_fenced(batch, &created.id, &created.id, &lease, token)
-        .await?
-        .ok_or(StepError::NotOwner)?;
-    app.metrics
-        .batches
-        .with_label_values(&[&batch.upstream, "created"])
-        .inc();
-    info!(
-        ferry_batch = batch.id, batch_id = %created.id, upstream = %batch.upstream, model = %batch.model,
-        requests = batch.request_count, "message batch created upstream"
-    );
-    Ok(())
+    // The batch is its own "file": its id is what the results are read by.
+    record_created(app, batch, &created.id, &created.id).await
 }
 
 /// The upstream's batch, in the driver's shape whichever API it speaks.
@@ -622,10 +609,22 @@ async fn create(
             }
         }
     };
+    record_created(app, batch, file_id, &created.id).await
+}
+
+/// Records `batch` submitted as upstream batch `batch_id` (fenced: only
+/// while this node owns the upstream), counts and logs it; the same for
+/// both batch APIs, so the crash harness reads one log line for both.
+async fn record_created(
+    app: &Arc<App>,
+    batch: &mut BatchRecord,
+    file_id: &str,
+    batch_id: &str,
+) -> Result<(), StepError> {
     let (lease, token) = fence(app, &batch.upstream)?;
     *batch = app
         .store
-        .mark_submitted_fenced(batch, file_id, &created.id, &lease, token)
+        .mark_submitted_fenced(batch, file_id, batch_id, &lease, token)
         .await?
         .ok_or(StepError::NotOwner)?;
     app.metrics
@@ -633,7 +632,7 @@ async fn create(
         .with_label_values(&[&batch.upstream, "created"])
         .inc();
     info!(
-        ferry_batch = batch.id, batch_id = %created.id, upstream = %batch.upstream, model = %batch.model,
+        ferry_batch = batch.id, batch_id = %batch_id, upstream = %batch.upstream, model = %batch.model,
         requests = batch.request_count, "batch created upstream"
     );
     Ok(())
