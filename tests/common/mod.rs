@@ -269,13 +269,23 @@ impl Stack {
 
     /// [`Stack::start`] with Ferry on `backend`.
     pub fn start_on(backend: Backend, upstream_extra: &str, server_extra: &str) -> Stack {
+        Stack::start_on_with(backend, &|_| upstream_extra.to_owned(), server_extra)
+    }
+
+    /// [`Stack::start_on`] with the upstream's extra lines made from the
+    /// emulator's address (for a second `[[upstreams]]` table on it).
+    pub fn start_on_with(
+        backend: Backend,
+        upstream_extra: &dyn Fn(SocketAddr) -> String,
+        server_extra: &str,
+    ) -> Stack {
         let dir = tempfile::tempdir().expect("tempdir");
         let emulator = emulator(dir.path(), &[]);
         let cfg = config_on(
             backend,
             dir.path(),
             emulator.addr("emulator"),
-            upstream_extra,
+            &upstream_extra(emulator.addr("emulator")),
             server_extra,
         );
         let ferry = ferry(dir.path(), &cfg);
