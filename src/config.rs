@@ -222,6 +222,31 @@ struct RawUpstream {
     escalation_margin_secs: Option<f64>,
 }
 
+/// Why [`openai_only_key`]s are refused on an Anthropic upstream.
+const OPENAI_ONLY: &str = "is only for OpenAI-shaped upstreams: Anthropic has no flex tier \
+     and its Message Batches fail no batch for an enqueued-token limit";
+
+/// The first key set on `u` that only an OpenAI-shaped upstream uses: the
+/// flex lane (`service_tier: "flex"`, which Anthropic's Messages API does
+/// not have) and the pause after `token_limit_exceeded` (an OpenAI batch
+/// failure with no Message Batches counterpart). Set on an Anthropic
+/// upstream they would promise something that never happens.
+fn openai_only_key(u: &RawUpstream) -> Option<&'static str> {
+    [
+        ("flex_models", !u.flex_models.is_empty()),
+        (
+            "flex_latency_prior_secs",
+            u.flex_latency_prior_secs.is_some(),
+        ),
+        (
+            "token_limit_backoff_secs",
+            u.token_limit_backoff_secs.is_some(),
+        ),
+    ]
+    .into_iter()
+    .find_map(|(name, set)| set.then_some(name))
+}
+
 /// What becomes of requests a batch did not finish before its window ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -679,6 +704,11 @@ impl RawConfig {
                 return Err(invalid(key("name"), format!("`{}` is used twice", u.name)));
             }
             let mut profile = ProviderProfile::for_kind(u.kind);
+            if profile.kind.is_anthropic()
+                && let Some(name) = openai_only_key(&u)
+            {
+                return Err(invalid(key(name), OPENAI_ONLY));
+            }
             if let Some(f) = u.forbidden_params {
                 profile.forbidden_params = f;
             }
@@ -1427,6 +1457,34 @@ mod tests {
                 .to_string();
             assert!(err.contains(key), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn openai_only_keys_are_refused_on_an_anthropic_upstream() {
+        let claude = |extra: &str| {
+            MIN.replace(
+                "[[tenants]]",
+                &format!(
+                    "[[upstreams]]\nname = \"claude\"\nkind = \"anthropic\"\nemulator = true\n{extra}\n[[tenants]]"
+                ),
+            )
+        };
+        for (extra, name) in [
+            ("flex_models = [\"claude-haiku-4-5\"]", "flex_models"),
+            ("flex_latency_prior_secs = 60", "flex_latency_prior_secs"),
+            ("token_limit_backoff_secs = 10", "token_limit_backoff_secs"),
+        ] {
+            let err = Config::parse_with_env(&claude(extra), &no_env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("upstreams[1].{name}")), "{err}");
+            assert!(err.contains("Anthropic has no flex tier"), "{err}");
+            // The same keys stay fine on the OpenAI upstream.
+            let openai = MIN.replace("emulator = true", &format!("emulator = true\n{extra}"));
+            assert!(Config::parse_with_env(&openai, &no_env).is_ok(), "{extra}");
+        }
+        // An empty flex list is no flex lane: accepted.
+        assert!(Config::parse_with_env(&claude("flex_models = []"), &no_env).is_ok());
     }
 
     #[test]
