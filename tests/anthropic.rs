@@ -14,14 +14,23 @@ use serde_json::{Value, json};
 
 use common::{TENANTS, UPSTREAM_KEY};
 
-/// Answers anything with `{"path", "headers"}`.
+/// Answers anything with `{"path", "headers"}`, and, as a Message Batch
+/// (and a list of one) would, a `results_url` at the upstream's address.
 async fn recorder() -> SocketAddr {
     async fn echo(uri: Uri, headers: HeaderMap) -> axum::Json<Value> {
+        let host = headers
+            .get("host")
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("?")
+            .to_owned();
         let headers: serde_json::Map<String, Value> = headers
             .iter()
             .map(|(k, v)| (k.as_str().to_owned(), json!(v.to_str().unwrap_or("?"))))
             .collect();
-        axum::Json(json!({"path": uri.path(), "headers": headers}))
+        let results_url = format!("http://{host}/v1/messages/batches/msgbatch_1/results");
+        axum::Json(json!({"path": uri.path(), "headers": headers,
+            "results_url": results_url,
+            "data": [{"id": "msgbatch_1", "results_url": results_url}]}))
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -169,4 +178,78 @@ async fn passthrough_goes_per_api_family_and_swaps_the_key() {
         .await
         .unwrap();
     assert_eq!(refused["error"]["code"], "invalid_api_key", "{refused}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_own_message_batch_names_its_results_at_ferry() {
+    let upstream = recorder().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = tokio::task::block_in_place(|| ferry(dir.path(), upstream));
+    let url = |p: &str| format!("http://{}{p}", proxy.addr("proxy"));
+    let http = reqwest::Client::new();
+    let call = |method: reqwest::Method, path: &str| {
+        http.request(method, url(path))
+            .header("x-api-key", "alice-key")
+            .header("anthropic-version", "2023-06-01")
+    };
+    let at_ferry = url("/v1/messages/batches/msgbatch_1/results");
+
+    // Retrieve, cancel and list: each batch's results_url is Ferry's, so
+    // the SDK's `batches.results(id)` comes back through Ferry.
+    for (method, path) in [
+        (reqwest::Method::GET, "/v1/messages/batches/msgbatch_1"),
+        (
+            reqwest::Method::POST,
+            "/v1/messages/batches/msgbatch_1/cancel",
+        ),
+        (reqwest::Method::GET, "/v1/messages/batches"),
+    ] {
+        let seen: Value = call(method, path)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(seen["path"], path, "{seen}");
+        assert_eq!(seen["results_url"], at_ferry.as_str(), "{path}: {seen}");
+        assert_eq!(seen["data"][0]["results_url"], at_ferry.as_str(), "{seen}");
+        // Asked uncompressed, so that it can be rewritten.
+        assert_eq!(seen["headers"]["accept-encoding"], "identity", "{seen}");
+    }
+    // Behind a proxy that ends TLS, the URL is https.
+    let seen: Value = call(reqwest::Method::GET, "/v1/messages/batches/msgbatch_1")
+        .header("x-forwarded-proto", "https")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        seen["results_url"],
+        at_ferry.replacen("http://", "https://", 1),
+        "{seen}"
+    );
+    // The results themselves, and other routes, go on untouched.
+    let upstream_url = format!(
+        "http://{}/v1/messages/batches/msgbatch_1/results",
+        upstream.ip()
+    );
+    for (method, path) in [
+        (
+            reqwest::Method::GET,
+            "/v1/messages/batches/msgbatch_1/results",
+        ),
+        (reqwest::Method::GET, "/v1/models"),
+    ] {
+        let seen: Value = call(method, path)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(seen["results_url"], upstream_url.as_str(), "{path}: {seen}");
+    }
 }

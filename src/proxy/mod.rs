@@ -5,6 +5,7 @@
 pub mod error;
 pub mod replay;
 pub mod respond;
+pub mod results_url;
 pub mod routes;
 
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use pingora::ErrorType;
-use pingora::http::RequestHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use serde_json::Value;
@@ -44,7 +45,17 @@ pub struct Ctx {
     anthropic: bool,
     /// The upstream passthrough goes to.
     upstream: usize,
+    /// A caller's own Message Batch route: its answer's `results_url`s are
+    /// pointed at Ferry (see [`results_url`]).
+    results_url: Option<results_url::Rewrite>,
+    /// That answer, gathered whole to be rewritten (set once its head
+    /// shows a plain JSON body).
+    results_body: Option<BytesMut>,
 }
+
+/// The largest batch answer gathered for the `results_url` rewrite (a list
+/// of 1,000 batches is well under it); a larger one goes on as it is.
+const RESULTS_URL_MAX_BODY: usize = 8 << 20;
 
 #[async_trait]
 impl ProxyHttp for FerryProxy {
@@ -57,6 +68,8 @@ impl ProxyHttp for FerryProxy {
             started: Instant::now(),
             anthropic: false,
             upstream: self.app.config.default_upstream,
+            results_url: None,
+            results_body: None,
         }
     }
 
@@ -127,7 +140,59 @@ impl ProxyHttp for FerryProxy {
         req.remove_header("x-ferry-custom-id");
         req.remove_header("x-ferry-callback-url");
         req.remove_header("x-ferry-deadline");
+        if ctx.results_url.is_some() {
+            // A compressed answer could not be rewritten.
+            req.insert_header("accept-encoding", "identity")?;
+        }
         Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<()> {
+        if ctx.results_url.is_none() {
+            return Ok(());
+        }
+        let header = |name: &str| resp.headers.get(name).and_then(|v| v.to_str().ok());
+        let plain_json = resp.status.is_success()
+            && header("content-type").is_some_and(|t| t.contains("json"))
+            && header("content-encoding").is_none_or(|e| e.eq_ignore_ascii_case("identity"));
+        if plain_json {
+            resp.remove_header("content-length");
+            resp.insert_header("transfer-encoding", "chunked")?;
+            ctx.results_body = Some(BytesMut::new());
+        } else {
+            ctx.results_url = None;
+        }
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<Option<Duration>> {
+        let (Some(rewrite), Some(gathered)) = (&ctx.results_url, &mut ctx.results_body) else {
+            return Ok(None);
+        };
+        if let Some(chunk) = body.take() {
+            gathered.extend_from_slice(&chunk);
+        }
+        if end_of_stream || gathered.len() > RESULTS_URL_MAX_BODY {
+            let whole = std::mem::take(gathered).freeze();
+            *body = Some(if end_of_stream {
+                rewrite.apply(&whole).map_or(whole, Bytes::from)
+            } else {
+                whole
+            });
+            ctx.results_body = None;
+        }
+        Ok(None)
     }
 
     async fn fail_to_proxy(
@@ -289,7 +354,16 @@ async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<
                 warn!(tenant = %tenant.name, object = %id, "a tenant asked for one of Ferry's own upstream objects; refused");
                 return Err(ProxyError::OwnObject(id));
             }
-            passthrough(app, &tenant, ctx)
+            let go_on = passthrough(app, &tenant, ctx)?;
+            if ctx.anthropic {
+                ctx.results_url = results_url::Rewrite::for_call(
+                    req.uri.path(),
+                    header(req, "host").or_else(|| req.uri.authority().map(|a| a.as_str())),
+                    header(req, "x-forwarded-proto"),
+                    &app.upstreams[ctx.upstream].passthrough.base_path,
+                );
+            }
+            Ok(go_on)
         }
     }
 }

@@ -52,6 +52,16 @@ b = client.messages.batches.create(requests=[{"custom_id": "mine-1", "params": {
 assert isinstance(b, MessageBatch) and b.id.startswith("msgbatch_"), b
 assert client.messages.batches.retrieve(b.id).id == b.id
 assert b.id in [x.id for x in client.messages.batches.list(limit=5).data]
+# Its results come through Ferry too: results_url names Ferry, not the
+# upstream (whose address would refuse the Ferry key). The emulator ends a
+# batch at once unless told otherwise.
+ended = client.messages.batches.retrieve(b.id)
+assert ended.processing_status == "ended", ended
+assert ended.results_url == f"{URL}/v1/messages/batches/{b.id}/results", (ended.results_url, URL)
+results = list(client.messages.batches.results(b.id))
+assert [r.custom_id for r in results] == ["mine-1"], results
+assert results[0].result.type == "succeeded", results
+assert results[0].result.message.content[0].text == "echo: x", results
 print("own batches ok")
 
 # 5. Errors: Ferry's own (an unknown key) and the upstream's (an unknown
