@@ -1,7 +1,9 @@
 //! Anthropic upstreams through Ferry, seen from the upstream's side: a
 //! recording upstream answers every call with the path and headers it
-//! received, so the tests can see which upstream a call reached and that a
-//! caller's key never arrived there (the official SDK's view is in
+//! received, so the tests can see which upstream a call reached, that a
+//! caller's key never arrived there and that a caller's own batch names its
+//! results at Ferry; and deferred Claude calls on the emulator whose
+//! Message Batches are canceled or expire (the official SDK's view is in
 //! tests/anthropic_sdk.rs).
 
 mod common;
@@ -252,4 +254,112 @@ async fn a_callers_own_message_batch_names_its_results_at_ferry() {
             .unwrap();
         assert_eq!(seen["results_url"], upstream_url.as_str(), "{path}: {seen}");
     }
+}
+
+/// Ferry on a standalone emulator with two Anthropic upstreams after the
+/// OpenAI one: `claude` (Haiku; `max_attempts = 2`, expired lines
+/// re-queued) and `claude-strict` (Sonnet, routed there; expired lines
+/// `expired` at once). One request per batch, flushed at once.
+fn claude_stack() -> common::Stack {
+    common::Stack::start_on_with(
+        common::Backend::Sled,
+        &|emulator| {
+            let table = |name: &str, extra: &str| {
+                format!(
+                    "\n[[upstreams]]\nname = \"{name}\"\nkind = \"anthropic\"\nbase_url = \"http://{emulator}\"\n\
+                     api_key_env = \"FERRY_TEST_UPSTREAM_KEY\"\npoll_interval_secs = 0.05\nmax_requests = 1\n\
+                     max_wait_secs = 0.05\nmax_attempts = 2\n{extra}\n"
+                )
+            };
+            format!(
+                "{}{}\n[[routes]]\nmodel = \"claude-sonnet-4-6\"\nupstream = \"claude-strict\"\n",
+                table("claude", "expired_policy = \"requeue\""),
+                table("claude-strict", "expired_policy = \"fail\""),
+            )
+        },
+        "",
+    )
+}
+
+/// A deferred Claude call (`202`), named `id`.
+async fn defer_claude(s: &common::Stack, model: &str, id: &str) {
+    let r = s
+        .http
+        .post(s.url("/v1/messages"))
+        .header("x-api-key", "alice-key")
+        .header("anthropic-version", "2023-06-01")
+        .header("prefer", "respond-async")
+        .header("x-ferry-custom-id", id)
+        .json(&json!({"model": model, "max_tokens": 16,
+            "messages": [{"role": "user", "content": id}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap_or_default());
+}
+
+/// Cancels a Message Batch behind Ferry's back, on the upstream's own route.
+async fn cancel_message_batch(s: &common::Stack, id: &Value) {
+    let id = id.as_str().expect("a batch id");
+    let r = s
+        .http
+        .post(s.emu(&format!("/v1/messages/batches/{id}/cancel")))
+        .header("x-api-key", UPSTREAM_KEY)
+        .header("anthropic-version", "2023-06-01")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canceled_lines_are_sent_again_then_fail_once_max_attempts_are_spent() {
+    let s = tokio::task::block_in_place(claude_stack);
+    // Nothing finishes on its own: only the cancels end these batches.
+    s.emulator_config(json!({"per_request_seconds": 1000.0}))
+        .await;
+    defer_claude(&s, "claude-haiku-4-5", "x").await;
+    let first = common::until_status(&s, "x", "submitted").await["batch_id"].clone();
+    assert!(
+        first.as_str().is_some_and(|b| b.starts_with("msgbatch_")),
+        "{first}"
+    );
+    cancel_message_batch(&s, &first).await;
+    // Its `canceled` line re-queues it, counting the attempt, and it goes
+    // in a second Message Batch.
+    let second = common::until(&s, "x", "submitted in another batch", |st| {
+        st["status"] == "submitted" && st["batch_id"] != first
+    })
+    .await["batch_id"]
+        .clone();
+    cancel_message_batch(&s, &second).await;
+    // The second attempt was the last (`max_attempts = 2`): it fails.
+    let st = common::until_status(&s, "x", "failed").await;
+    assert_eq!(st["error"]["code"], "batch_cancelled", "{st}");
+    assert_eq!(st["batch_id"], second, "{st}");
+    let stats = s.emulator_stats().await;
+    assert_eq!(stats["batches_by_status"]["cancelled"], 2, "{stats}");
+    assert_eq!(stats["executed_lines"], 0, "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_lines_follow_expired_policy_and_max_attempts() {
+    let s = tokio::task::block_in_place(claude_stack);
+    // Every Message Batch ends at once with its requests `expired`.
+    s.emulator_config(json!({"per_request_seconds": 3600.0, "expire_after_seconds": 0.0}))
+        .await;
+    // `requeue`: sent again, then `expired` once both attempts are spent.
+    defer_claude(&s, "claude-haiku-4-5", "late").await;
+    let (_, st) = s.status("alice-key", "late", 60).await;
+    assert_eq!(st["status"], "expired", "{st}");
+    assert_eq!(st["error"]["code"], "batch_expired", "{st}");
+    assert_eq!(s.emulator_stats().await["batches_by_status"]["expired"], 2);
+    // `fail`: `expired` after its one batch.
+    defer_claude(&s, "claude-sonnet-4-6", "strict").await;
+    let (_, st) = s.status("alice-key", "strict", 60).await;
+    assert_eq!(st["status"], "expired", "{st}");
+    assert_eq!(st["error"]["code"], "batch_expired", "{st}");
+    let stats = s.emulator_stats().await;
+    assert_eq!(stats["batches_by_status"]["expired"], 3, "{stats}");
+    assert_eq!(stats["executed_lines"], 0, "{stats}");
 }
