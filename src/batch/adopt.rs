@@ -129,10 +129,8 @@ mod tests {
     }
 }
 
-/// Anthropic batches scanned (newest first) for one a cut-short create
-/// made: the create is retried within seconds to minutes of the crash, so
-/// the batch, if it exists, is among the newest.
-const INLINE_SCAN: u32 = 500;
+/// Message Batches listed per page (the most Anthropic serves).
+const INLINE_PAGE: u32 = 1000;
 
 /// What the scan for an Anthropic batch found.
 #[derive(Debug)]
@@ -146,26 +144,28 @@ pub enum Inline {
 
 /// Anthropic batches carry no metadata: a batch is this Ferry batch's when
 /// its results' `custom_id`s carry `prefix` (this instance's id and the
-/// Ferry batch's number, see [`crate::upstream::anthropic`]). Only batches
-/// of exactly this batch's size are looked at; an unfinished one of that
-/// size cannot be told apart until it ends, so the caller waits rather
-/// than risk paying twice.
+/// Ferry batch's number, see [`crate::upstream::anthropic`]). The list is
+/// read newest first back to the time `batch` was claimed (less
+/// [`CLOCK_SKEW`], as for OpenAI's [`find_created`]), however many batches
+/// that takes. Only batches of exactly this batch's size are looked at,
+/// by their first result line; an unfinished one of that size cannot be
+/// told apart until it ends, so the caller waits rather than risk paying
+/// twice.
 pub async fn find_created_inline(
     up: &crate::Upstream,
     batch: &BatchRecord,
     prefix: &str,
 ) -> Result<Inline, UpstreamError> {
-    use futures::StreamExt;
     let mut after: Option<String> = None;
-    let mut seen = 0u32;
+    let mut pages = 0u32;
     let mut undecided = None;
     loop {
         let (page, has_more) = up
             .client
-            .list_message_batches(after.as_deref(), PAGE)
+            .list_message_batches(after.as_deref(), INLINE_PAGE)
             .await?;
+        pages += 1;
         for b in &page {
-            seen += 1;
             if b.request_counts.total() != batch.request_count {
                 continue;
             }
@@ -173,22 +173,27 @@ pub async fn find_created_inline(
                 undecided.get_or_insert_with(|| b.id.clone());
                 continue;
             }
-            let mut lines = Box::pin(
-                up.client
-                    .message_batch_results(&b.id, prefix.to_owned())
-                    .await?,
-            );
-            while let Some(chunk) = lines.next().await {
-                if !chunk?.is_empty() {
-                    return Ok(Inline::Found(crate::upstream::anthropic::batch_object(b)));
-                }
+            let first = up.client.first_result_custom_id(&b.id).await?;
+            if first.is_some_and(|id| id.starts_with(prefix)) {
+                return Ok(Inline::Found(crate::upstream::anthropic::batch_object(b)));
             }
         }
-        after = page.last().map(|b| b.id.clone());
-        if !has_more || after.is_none() || seen >= INLINE_SCAN {
+        let Some(last) = page.last() else {
+            break;
+        };
+        // A cursor that does not move would page forever.
+        if !keep_paging(has_more, last.created_secs(), batch.created_at)
+            || after.as_deref() == Some(last.id.as_str())
+        {
             break;
         }
+        after = Some(last.id.clone());
     }
+    tracing::debug!(
+        ferry_batch = batch.id,
+        pages,
+        "no message batch was created for this batch"
+    );
     Ok(match undecided {
         Some(id) => Inline::Undecided(id),
         None => Inline::NotCreated,

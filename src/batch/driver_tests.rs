@@ -627,6 +627,110 @@ async fn a_cut_short_message_batch_create_is_found_not_made_again() {
     assert_eq!(count().await, 1, "created once, then adopted");
 }
 
+/// Creates `n` Message Batches of `size` requests each on the emulator at
+/// `emulator` that are not Ferry's (another client's custom ids), straight
+/// through its API.
+async fn foreign_message_batches(emulator: std::net::SocketAddr, n: usize, size: usize) {
+    let requests: Vec<serde_json::Value> = (0..size)
+        .map(|i| {
+            serde_json::json!({"custom_id": format!("other-{i}"), "params": {
+                "model": "claude-haiku-4-5", "max_tokens": 8,
+                "messages": [{"role": "user", "content": "x"}]}})
+        })
+        .collect();
+    let body = serde_json::json!({ "requests": requests });
+    let http = reqwest::Client::new();
+    for _ in 0..n {
+        let r = http
+            .post(format!("http://{emulator}/v1/messages/batches"))
+            .header("x-api-key", KEY)
+            .header("anthropic-version", "2023-06-01")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    }
+}
+
+/// Anthropic, on a busy key: more Message Batches of the same size were
+/// created after Ferry's than one page (or the 500 once scanned) holds; the
+/// resumed create still finds its own rather than paying twice.
+#[tokio::test]
+async fn a_message_batch_is_found_behind_more_than_a_page_of_newer_ones() {
+    let (h, emulator) = harness_of("anthropic").await;
+    let app = &h.app;
+    let up = &app.upstreams[0];
+    let key = QueueKey {
+        upstream: "emu".into(),
+        endpoint: crate::endpoint::Endpoint::Messages,
+        model: "claude-haiku-4-5".into(),
+    };
+    for i in 0..2 {
+        let body = format!(
+            r#"{{"model":"claude-haiku-4-5","max_tokens":8,"messages":[{{"role":"user","content":"m{i}"}}]}}"#
+        );
+        let rec = RequestRecord {
+            model: "claude-haiku-4-5".into(),
+            upstream: "emu".into(),
+            endpoint: crate::endpoint::Endpoint::Messages,
+            body_len: body.len() as u64,
+            created_at: crate::store::now_secs(),
+            ..RequestRecord::for_test("t", &format!("c{i}"), &format!("h{i}"))
+        };
+        let stored = app.store.accept(rec, body.into_bytes()).await.unwrap();
+        assert!(matches!(stored, Intake::Created(_)));
+    }
+    let claimed = app
+        .store
+        .claim_batch(&key, 100, 1 << 20, "manual", (LEASE, 1))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut batch = claimed.clone();
+    upload(app, up, &mut batch, false, &h.shutdown)
+        .await
+        .unwrap();
+    let BatchState::Submitted { batch_id, .. } = batch.state.clone() else {
+        panic!("{:?}", batch.state);
+    };
+    // The key goes on making batches of the same size (1,050 more) while
+    // Ferry is down; all of them end. Ferry comes back with only the claim
+    // on record (the crash fell between the create and its record).
+    foreign_message_batches(emulator, 1_050, 2).await;
+    reqwest::Client::new()
+        .post(format!("http://{emulator}/_emulator/clock"))
+        .json(&serde_json::json!({"advance_seconds": 4000}))
+        .send()
+        .await
+        .unwrap();
+    let mut batch = claimed;
+    upload(app, up, &mut batch, true, &h.shutdown)
+        .await
+        .unwrap();
+    let BatchState::Submitted {
+        batch_id: adopted, ..
+    } = &batch.state
+    else {
+        panic!("{:?}", batch.state);
+    };
+    assert_eq!(
+        adopted, &batch_id,
+        "the message batch created before must be adopted, not created again"
+    );
+    let (newest, _) = up.client.list_message_batches(None, 1).await.unwrap();
+    let first = up
+        .client
+        .first_result_custom_id(&newest[0].id)
+        .await
+        .unwrap();
+    assert!(
+        first.as_deref().is_some_and(|id| id.starts_with("other-")),
+        "a second batch was created: {:?} (first result {first:?})",
+        newest[0]
+    );
+}
+
 // ---- the synchronous lanes of a request escalated for its deadline ----
 
 /// The emulator's real-time calls so far, by its stats.

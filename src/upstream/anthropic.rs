@@ -28,6 +28,8 @@ use serde_json::{Value, json};
 
 use super::{BatchClient, BatchObject, UpstreamError};
 
+pub mod time;
+
 /// The `custom_id` prefix of the requests of one Ferry batch.
 pub fn custom_id_prefix(instance: &str, batch: u64) -> String {
     format!("f{instance}-{batch}-")
@@ -97,6 +99,9 @@ pub struct MessageBatch {
     pub cancel_initiated_at: Option<String>,
     #[serde(default)]
     pub results_url: Option<String>,
+    /// RFC 3339.
+    #[serde(default)]
+    pub created_at: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -111,6 +116,13 @@ pub struct RequestCounts {
     pub canceled: u64,
     #[serde(default)]
     pub expired: u64,
+}
+
+impl MessageBatch {
+    /// `created_at` as unix seconds, if it reads as RFC 3339.
+    pub fn created_secs(&self) -> Option<u64> {
+        self.created_at.as_deref().and_then(time::unix_secs)
+    }
 }
 
 impl RequestCounts {
@@ -137,7 +149,7 @@ pub fn batch_object(b: &MessageBatch) -> BatchObject {
         errors: None,
         metadata: None,
         input_file_id: None,
-        created_at: None,
+        created_at: b.created_secs(),
     }
 }
 
@@ -218,6 +230,17 @@ where
     })
 }
 
+/// The `custom_id` of a result line, if it is one.
+fn first_custom_id(line: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Line {
+        custom_id: String,
+    }
+    serde_json::from_slice::<Line>(line)
+        .ok()
+        .map(|l| l.custom_id)
+}
+
 fn convert(line: &[u8], prefix: &str, out: &mut BytesMut) {
     let Ok(v) = serde_json::from_slice::<Value>(line) else {
         return;
@@ -280,6 +303,33 @@ impl BatchClient {
         }
         let page: Page = self.json("list_batches", self.http.get(url)).await?;
         Ok((page.data, page.has_more))
+    }
+
+    /// The `custom_id` of an ended batch's first result line (`None` for a
+    /// batch without results), reading no further than that line: every
+    /// request of a batch Ferry made carries the same prefix, so the first
+    /// tells whose the batch is.
+    pub async fn first_result_custom_id(&self, id: &str) -> Result<Option<String>, UpstreamError> {
+        let res = self
+            .send(
+                "download_file",
+                self.http
+                    .get(self.url(&format!("/messages/batches/{id}/results"))),
+            )
+            .await?;
+        let mut chunks = Box::pin(res.bytes_stream());
+        let mut line = BytesMut::new();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|e| UpstreamError::Transport(e.to_string()))?;
+            match chunk.iter().position(|b| *b == b'\n') {
+                Some(end) => {
+                    line.extend_from_slice(&chunk[..end]);
+                    break;
+                }
+                None => line.extend_from_slice(&chunk),
+            }
+        }
+        Ok(first_custom_id(&line))
     }
 
     /// The results of an ended batch as OpenAI output lines of the Ferry

@@ -227,3 +227,58 @@ fn a_message_batch_survives_a_restart_and_its_deletion_too() {
         "a request ran twice"
     );
 }
+
+/// The list pages as Anthropic's does: newest first, `after_id` to older
+/// batches, `before_id` to newer ones, `has_more` in the direction paged.
+#[test]
+fn message_batches_page_both_ways_newest_first() {
+    let e = Emulator::new(slow());
+    let made: Vec<String> = (0..5)
+        .map(|i| {
+            e.create_message_batch(message_input(&format!("b{i}"), 1))
+                .unwrap()
+                .id
+        })
+        .collect();
+    let newest_first: Vec<&String> = made.iter().rev().collect();
+    let ids = |(page, more): (Vec<crate::emulator::anthropic::batches::View>, bool)| {
+        (page.into_iter().map(|v| v.id).collect::<Vec<_>>(), more)
+    };
+    let page = ids(e.list_message_batches(2, None, None).unwrap());
+    assert_eq!(
+        page,
+        (vec![newest_first[0].clone(), newest_first[1].clone()], true)
+    );
+    let page = ids(e
+        .list_message_batches(2, None, Some(newest_first[1]))
+        .unwrap());
+    assert_eq!(
+        page,
+        (vec![newest_first[2].clone(), newest_first[3].clone()], true)
+    );
+    let page = ids(e
+        .list_message_batches(2, None, Some(newest_first[3]))
+        .unwrap());
+    assert_eq!(page, (vec![newest_first[4].clone()], false));
+    let page = ids(e
+        .list_message_batches(2, Some(newest_first[4]), None)
+        .unwrap());
+    assert_eq!(
+        page,
+        (vec![newest_first[2].clone(), newest_first[3].clone()], true)
+    );
+    let page = ids(e
+        .list_message_batches(2, Some(newest_first[2]), None)
+        .unwrap());
+    assert_eq!(
+        page,
+        (
+            vec![newest_first[0].clone(), newest_first[1].clone()],
+            false
+        )
+    );
+    let page = ids(e
+        .list_message_batches(2, None, Some("msgbatch_unknown"))
+        .unwrap());
+    assert_eq!(page, (vec![], false));
+}

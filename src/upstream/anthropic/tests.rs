@@ -68,9 +68,11 @@ fn message_batches_read_as_batch_objects() {
         },
         cancel_initiated_at: cancel.map(str::to_owned),
         results_url: None,
+        created_at: Some("2024-08-20T18:37:24.100435Z".into()),
     };
     let o = batch_object(&batch("in_progress", None, 0));
     assert_eq!((o.status.as_str(), o.output_file()), ("in_progress", None));
+    assert_eq!(o.created_at, Some(1_724_179_044));
     assert_eq!(
         batch_object(&batch("canceling", Some("t"), 0)).status,
         "cancelling"
