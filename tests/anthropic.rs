@@ -233,6 +233,21 @@ async fn a_callers_own_message_batch_names_its_results_at_ferry() {
         at_ferry.replacen("http://", "https://", 1),
         "{seen}"
     );
+    // Behind a proxy that also rewrote `Host`: the caller's host, as the
+    // first `X-Forwarded-Host` names it.
+    let seen: Value = call(reqwest::Method::GET, "/v1/messages/batches/msgbatch_1")
+        .header("x-forwarded-proto", "https")
+        .header("x-forwarded-host", "api.example.com, lb.internal")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        seen["results_url"], "https://api.example.com/v1/messages/batches/msgbatch_1/results",
+        "{seen}"
+    );
     // The results themselves, and other routes, go on untouched.
     let upstream_url = format!(
         "http://{}/v1/messages/batches/msgbatch_1/results",

@@ -356,10 +356,14 @@ async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<
             }
             let go_on = passthrough(app, &tenant, ctx)?;
             if ctx.anthropic {
+                let seen = results_url::Seen {
+                    host: header(req, "host").or_else(|| req.uri.authority().map(|a| a.as_str())),
+                    forwarded_host: header(req, "x-forwarded-host"),
+                    forwarded_proto: header(req, "x-forwarded-proto"),
+                };
                 ctx.results_url = results_url::Rewrite::for_call(
                     req.uri.path(),
-                    header(req, "host").or_else(|| req.uri.authority().map(|a| a.as_str())),
-                    header(req, "x-forwarded-proto"),
+                    &seen,
                     &app.upstreams[ctx.upstream].passthrough.base_path,
                 );
             }

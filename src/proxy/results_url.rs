@@ -2,12 +2,55 @@
 //! ended batch's `results_url` at its own address, where the caller's Ferry
 //! key is refused (and where a caller behind Ferry may not even reach). The
 //! passthrough answer of a batch route has that URL rewritten to the same
-//! path on Ferry, as the caller addressed Ferry (its `Host`, and
-//! `X-Forwarded-Proto` when a proxy in front of Ferry ends TLS), so the
-//! SDK's `batches.results(id)` comes back through Ferry, which passes it on
-//! with its own key. Everything else in the answer is left byte for byte.
+//! path on Ferry, as the caller addressed Ferry (its `Host`, or the first
+//! `X-Forwarded-Host` when a proxy in front of Ferry rewrote `Host`, and
+//! the first `X-Forwarded-Proto` when that proxy ends TLS), so the SDK's
+//! `batches.results(id)` comes back through Ferry, which passes it on with
+//! its own key. Everything else in the answer is left byte for byte.
+//!
+//! The forwarded headers are taken from any caller, as `Host` is: they
+//! only shape the answer to the very call that carries them, so a caller
+//! that sets them points its own SDK somewhere, which it could do with
+//! `Host` alone; nothing is stored or shown to anyone else.
 
 use serde_json::Value;
+
+/// The headers of a call that say where its caller reached Ferry.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Seen<'a> {
+    /// `Host` (or the request target's authority).
+    pub host: Option<&'a str>,
+    /// `X-Forwarded-Host`: the `Host` the caller sent to a proxy in front
+    /// of Ferry that rewrote it; one value per proxy, the caller's first.
+    pub forwarded_host: Option<&'a str>,
+    /// `X-Forwarded-Proto`: `https` when such a proxy ends TLS.
+    pub forwarded_proto: Option<&'a str>,
+}
+
+impl Seen<'_> {
+    /// `scheme://host[:port]` of Ferry as the caller addressed it: the
+    /// first forwarded host when it is a usable one, else `Host`; `None`
+    /// when neither is.
+    pub fn origin(&self) -> Option<String> {
+        let usable = |h: &&str| !h.is_empty() && !h.contains(['/', ' ', '"', '\\', '@', '?', '#']);
+        let host = self
+            .forwarded_host
+            .map(first_value)
+            .filter(usable)
+            .or_else(|| self.host.filter(usable))?;
+        let scheme = match self.forwarded_proto.map(first_value) {
+            Some(p) if p.eq_ignore_ascii_case("https") => "https",
+            _ => "http",
+        };
+        Some(format!("{scheme}://{host}"))
+    }
+}
+
+/// The first of a header's comma-separated values, trimmed: proxies each
+/// append theirs, so the first is what the caller sent.
+fn first_value(v: &str) -> &str {
+    v.split(',').next().unwrap_or_default().trim()
+}
 
 /// The rewrite one passthrough call needs: the path prefix the upstream's
 /// URLs carry, and Ferry's origin as the caller sees it.
@@ -25,12 +68,7 @@ impl Rewrite {
     /// The rewrite for a passthrough call to `path`, if its answer is a
     /// `message_batch` or a list of them (create, retrieve, list, cancel);
     /// never for the results themselves, which are streamed as they come.
-    pub fn for_call(
-        path: &str,
-        host: Option<&str>,
-        forwarded_proto: Option<&str>,
-        upstream_base_path: &str,
-    ) -> Option<Rewrite> {
+    pub fn for_call(path: &str, seen: &Seen<'_>, upstream_base_path: &str) -> Option<Rewrite> {
         let rest = path.strip_prefix("/v1/messages/batches")?;
         let carries = match rest.strip_prefix('/') {
             None => rest.is_empty(),
@@ -40,14 +78,10 @@ impl Rewrite {
                 Some(_) => false,
             },
         };
-        let host = host.filter(|h| !h.is_empty() && !h.contains(['/', ' ', '"', '\\']))?;
-        let scheme = match forwarded_proto.map(str::trim) {
-            Some(p) if p.eq_ignore_ascii_case("https") => "https",
-            _ => "http",
-        };
+        let ferry_origin = seen.origin()?;
         carries.then(|| Rewrite {
             upstream_base_path: upstream_base_path.to_owned(),
-            ferry_origin: format!("{scheme}://{host}"),
+            ferry_origin,
         })
     }
 
@@ -98,11 +132,17 @@ impl Rewrite {
 mod tests {
     use super::*;
 
+    fn host(h: &str) -> Seen<'_> {
+        Seen {
+            host: Some(h),
+            ..Seen::default()
+        }
+    }
+
     fn rewrite() -> Rewrite {
         Rewrite::for_call(
             "/v1/messages/batches/msgbatch_1",
-            Some("ferry:8080"),
-            None,
+            &host("ferry:8080"),
             "/v1",
         )
         .unwrap()
@@ -110,7 +150,7 @@ mod tests {
 
     #[test]
     fn only_batch_objects_are_rewritten() {
-        let r = |path: &str| Rewrite::for_call(path, Some("ferry:8080"), None, "/v1").is_some();
+        let r = |path: &str| Rewrite::for_call(path, &host("ferry:8080"), "/v1").is_some();
         assert!(r("/v1/messages/batches"));
         assert!(r("/v1/messages/batches/msgbatch_1"));
         assert!(r("/v1/messages/batches/msgbatch_1/cancel"));
@@ -120,21 +160,68 @@ mod tests {
         assert!(!r("/v1/messages/batchesx"));
         assert!(!r("/v1/batches/batch_1"));
         // No usable Host: nothing to point at.
-        assert!(Rewrite::for_call("/v1/messages/batches", None, None, "/v1").is_none());
-        assert!(Rewrite::for_call("/v1/messages/batches", Some("a/b"), None, "/v1").is_none());
+        let none = Seen::default();
+        assert!(Rewrite::for_call("/v1/messages/batches", &none, "/v1").is_none());
+        assert!(Rewrite::for_call("/v1/messages/batches", &host("a/b"), "/v1").is_none());
     }
 
     #[test]
     fn the_origin_is_the_callers_view_of_ferry() {
         let r = |proto| {
-            Rewrite::for_call("/v1/messages/batches", Some("ferry.example"), proto, "/v1")
-                .unwrap()
-                .ferry_origin
+            Seen {
+                forwarded_proto: proto,
+                ..host("ferry.example")
+            }
+            .origin()
+            .unwrap()
         };
         assert_eq!(r(None), "http://ferry.example");
         assert_eq!(r(Some("https")), "https://ferry.example");
         assert_eq!(r(Some(" HTTPS ")), "https://ferry.example");
         assert_eq!(r(Some("gopher")), "http://ferry.example");
+        // Two proxies: the first value is the caller's.
+        assert_eq!(r(Some("https, http")), "https://ferry.example");
+        assert_eq!(r(Some("http, https")), "http://ferry.example");
+    }
+
+    #[test]
+    fn a_proxy_that_rewrote_host_is_seen_through() {
+        let r = |forwarded| {
+            Seen {
+                forwarded_host: forwarded,
+                forwarded_proto: Some("https"),
+                ..host("ferry-internal:8080")
+            }
+            .origin()
+        };
+        assert_eq!(
+            r(Some("api.example.com")).as_deref(),
+            Some("https://api.example.com")
+        );
+        assert_eq!(
+            r(Some(" api.example.com:8443 , ferry-lb")).as_deref(),
+            Some("https://api.example.com:8443")
+        );
+        // None, or nothing usable: the `Host` Ferry was reached at.
+        for unusable in [
+            None,
+            Some(""),
+            Some(" , x"),
+            Some("evil.example/x"),
+            Some("u@evil"),
+        ] {
+            assert_eq!(
+                r(unusable).as_deref(),
+                Some("https://ferry-internal:8080"),
+                "{unusable:?}"
+            );
+        }
+        // A forwarded host needs no `Host` beside it.
+        let only = Seen {
+            forwarded_host: Some("api.example.com"),
+            ..Seen::default()
+        };
+        assert_eq!(only.origin().as_deref(), Some("http://api.example.com"));
     }
 
     #[test]
