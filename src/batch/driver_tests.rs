@@ -627,6 +627,116 @@ async fn a_cut_short_message_batch_create_is_found_not_made_again() {
     assert_eq!(count().await, 1, "created once, then adopted");
 }
 
+fn claude_queue() -> QueueKey {
+    QueueKey {
+        upstream: "emu".into(),
+        endpoint: crate::endpoint::Endpoint::Messages,
+        model: "claude-haiku-4-5".into(),
+    }
+}
+
+/// Queues `n` Claude messages (bodies of one length, `pad` in each) and
+/// commits them.
+async fn enqueue_claude(app: &App, n: usize, pad: &str) {
+    for i in 0..n {
+        let body = claude_body(i, pad);
+        let rec = RequestRecord {
+            model: "claude-haiku-4-5".into(),
+            upstream: "emu".into(),
+            endpoint: crate::endpoint::Endpoint::Messages,
+            body_len: body.len() as u64,
+            created_at: crate::store::now_secs(),
+            ..RequestRecord::for_test("t", &format!("c{i}"), &format!("h{i}"))
+        };
+        let stored = app.store.accept(rec, body.into_bytes()).await.unwrap();
+        assert!(matches!(stored, Intake::Created(_)));
+    }
+}
+
+fn claude_body(i: usize, pad: &str) -> String {
+    format!(
+        r#"{{"model":"claude-haiku-4-5","max_tokens":8,"messages":[{{"role":"user","content":"m{i:03}{pad}"}}]}}"#
+    )
+}
+
+/// Anthropic: a queue past the upstream's `max_bytes` (the emulator
+/// refusing a create body over the same size with `413`) flushes the
+/// requests that fit by the queue's byte count, and that create body fits.
+#[tokio::test]
+async fn a_queue_at_max_bytes_flushes_a_create_body_that_fits() {
+    const LIMIT: u64 = 2048;
+    let emu = crate::emulator::EmulatorConfig {
+        validating_seconds: 3600.0,
+        max_file_bytes: Some(LIMIT),
+        ..Default::default()
+    };
+    let (h, _) = harness_with("anthropic", emu, &format!("max_bytes = {LIMIT}")).await;
+    let app = &h.app;
+    let up = &app.upstreams[0];
+    assert_eq!(up.settings.max_bytes, LIMIT);
+    let pad = "x".repeat(380);
+    enqueue_claude(app, 8, &pad).await;
+    let queued = app
+        .store
+        .queue_stats_for(&claude_queue())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(queued.bytes > LIMIT, "{queued:?}");
+    let per_request = queued.bytes / queued.count;
+
+    // All eight in one create are refused for their size...
+    let lines: String = (0..8)
+        .map(|i| {
+            let id = i as u64 + 1;
+            let prefix = crate::store::line_prefix(crate::endpoint::Endpoint::Messages, id);
+            format!(
+                "{prefix}{}{}",
+                claude_body(i, &pad),
+                crate::store::LINE_SUFFIX
+            )
+        })
+        .collect();
+    let lines = futures::stream::iter([Ok(bytes::Bytes::from(lines))]);
+    let prefix = crate::upstream::anthropic::custom_id_prefix(&app.instance_id, 99);
+    let refused = up.client.create_message_batch(lines, prefix).await;
+    assert!(
+        matches!(
+            refused,
+            Err(crate::upstream::UpstreamError::Status { status: 413, .. })
+        ),
+        "{refused:?}"
+    );
+
+    // ...while a flush takes what the count lets in, right up to the limit.
+    let mut batch = app
+        .store
+        .claim_batch(
+            &claude_queue(),
+            100,
+            up.settings.max_bytes,
+            "manual",
+            (LEASE, 1),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let counted = batch.request_count * per_request;
+    assert!(
+        counted <= LIMIT && counted + per_request > LIMIT,
+        "{} requests of {per_request} bytes",
+        batch.request_count
+    );
+    upload(app, up, &mut batch, false, &h.shutdown)
+        .await
+        .unwrap();
+    assert!(
+        matches!(batch.state, BatchState::Submitted { .. }),
+        "{:?}",
+        batch.state
+    );
+}
+
 /// Creates `n` Message Batches of `size` requests each on the emulator at
 /// `emulator` that are not Ferry's (another client's custom ids), straight
 /// through its API.
@@ -661,29 +771,10 @@ async fn a_message_batch_is_found_behind_more_than_a_page_of_newer_ones() {
     let (h, emulator) = harness_of("anthropic").await;
     let app = &h.app;
     let up = &app.upstreams[0];
-    let key = QueueKey {
-        upstream: "emu".into(),
-        endpoint: crate::endpoint::Endpoint::Messages,
-        model: "claude-haiku-4-5".into(),
-    };
-    for i in 0..2 {
-        let body = format!(
-            r#"{{"model":"claude-haiku-4-5","max_tokens":8,"messages":[{{"role":"user","content":"m{i}"}}]}}"#
-        );
-        let rec = RequestRecord {
-            model: "claude-haiku-4-5".into(),
-            upstream: "emu".into(),
-            endpoint: crate::endpoint::Endpoint::Messages,
-            body_len: body.len() as u64,
-            created_at: crate::store::now_secs(),
-            ..RequestRecord::for_test("t", &format!("c{i}"), &format!("h{i}"))
-        };
-        let stored = app.store.accept(rec, body.into_bytes()).await.unwrap();
-        assert!(matches!(stored, Intake::Created(_)));
-    }
+    enqueue_claude(app, 2, "").await;
     let claimed = app
         .store
-        .claim_batch(&key, 100, 1 << 20, "manual", (LEASE, 1))
+        .claim_batch(&claude_queue(), 100, 1 << 20, "manual", (LEASE, 1))
         .await
         .unwrap()
         .unwrap();

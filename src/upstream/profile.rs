@@ -57,6 +57,12 @@ pub struct ProviderProfile {
 
 const MB: u64 = 1024 * 1024;
 
+/// Anthropic's "256 MB" per Message Batch create body, read as decimal
+/// megabytes: the smaller of the two readings holds under either, and a
+/// create refused for its size (`413 request_too_large`) fails every
+/// request in it.
+pub const ANTHROPIC_MAX_BATCH_BYTES: u64 = 256_000_000;
+
 impl ProviderProfile {
     pub fn for_kind(kind: ProviderKind) -> Self {
         match kind {
@@ -91,7 +97,7 @@ impl ProviderProfile {
             ProviderKind::Anthropic => ProviderProfile {
                 kind,
                 max_lines: 100_000,
-                max_file_bytes: 256 * MB,
+                max_file_bytes: ANTHROPIC_MAX_BATCH_BYTES,
                 default_window: "24h",
                 forbidden_params: Vec::new(),
                 batches_per_hour: 2_000,
@@ -188,6 +194,26 @@ mod tests {
             assert!(p.batches(Endpoint::ChatCompletions));
             assert!(!p.batches(Endpoint::Embeddings), "{kind:?}");
         }
+    }
+
+    #[test]
+    fn an_anthropic_batch_stays_under_256_mb_however_mb_is_read() {
+        let a = ProviderProfile::for_kind(ProviderKind::Anthropic);
+        assert!(a.max_file_bytes <= 256_000_000, "{}", a.max_file_bytes);
+        let config = |max_bytes: u64| {
+            format!(
+                "[[upstreams]]\nname = \"claude\"\nkind = \"anthropic\"\nemulator = true\n\
+                 max_bytes = {max_bytes}\n[[tenants]]\nname = \"t\"\nkeys = [\"k\"]\n"
+            )
+        };
+        let parse =
+            |max_bytes| crate::config::Config::parse_with_env(&config(max_bytes), &|_| None);
+        let err = parse(256 * MB).unwrap_err().to_string();
+        assert!(err.contains("upstreams[0].max_bytes"), "{err}");
+        assert_eq!(
+            parse(256_000_000).unwrap().upstreams[0].max_bytes,
+            256_000_000
+        );
     }
 
     #[test]

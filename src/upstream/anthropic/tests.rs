@@ -30,6 +30,49 @@ fn custom_ids_carry_instance_and_batch_within_the_limits() {
     assert!(request_item(br#"{"custom_id":"x","body":{}}"#, PREFIX).is_err());
 }
 
+/// The queue counts each request's bytes as its OpenAI input line
+/// (`store::line_len`, written before any batch number exists); the create
+/// body puts each in `{"custom_id":"<prefix><id>","params":<body>},`, 22
+/// bytes less the batch number's digits shorter, inside 15 bytes of
+/// `{"requests":[`...`]}` less the last comma. So a claim of two or more
+/// requests within `max_bytes` builds a create body within it, for any
+/// batch number below 10^15 (a lone request is taken whatever its size).
+#[tokio::test]
+async fn the_queues_byte_count_covers_the_create_body() {
+    use crate::endpoint::Endpoint::Messages;
+    use crate::store::line_len;
+    let instance = "0123456789abcdef";
+    for batch in [1, 7_777, 999_999_999_999_999] {
+        for (n, first_id) in [(2u64, 9u64), (3, 1), (7, 99_998), (50, 1_000_000)] {
+            let ids = first_id..first_id + n;
+            let lines: String = ids
+                .clone()
+                .map(|id| format!("{}\n", line(id, "x")))
+                .collect();
+            let estimate: u64 = ids
+                .map(|id| {
+                    let body =
+                        serde_json::from_str::<Value>(&line(id, "x")).unwrap()["body"].to_string();
+                    line_len(Messages, id, body.len() as u64)
+                })
+                .sum();
+            assert_eq!(
+                estimate,
+                lines.len() as u64,
+                "the estimate is the JSONL's length"
+            );
+            let chunks = futures::stream::iter(vec![Ok(Bytes::from(lines))]);
+            let prefix = custom_id_prefix(instance, batch);
+            let body: Vec<Bytes> = requests_body(chunks, prefix).try_collect().await.unwrap();
+            let sent = body.concat().len() as u64;
+            assert!(
+                sent <= estimate,
+                "batch {batch}, {n} requests: a {sent}-byte create body over the {estimate} counted"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn the_create_body_is_built_chunk_by_chunk() {
     let chunks = vec![
