@@ -58,6 +58,10 @@ pub struct Metrics {
     pub lane_results: IntCounterVec,
     pub escalations: IntCounterVec,
     pub deadline_misses: IntCounterVec,
+    /// Answers paid for and thrown away: a request escalated out of a
+    /// submitted batch was answered by the other lane first.
+    pub spent_twice: IntCounterVec,
+    pub spent_twice_usd: CounterVec,
     pub flex_unavailable: IntCounter,
 }
 
@@ -264,6 +268,16 @@ impl Metrics {
                 "Requests with a deadline answered after it, by the lane that answered.",
                 &["lane"],
             ),
+            spent_twice: counter_vec(
+                "ferry_spent_twice_total",
+                "Answers paid for and discarded because the request was already answered on another lane (an escalation out of a submitted batch), by the lane of the discarded answer.",
+                &["lane"],
+            ),
+            spent_twice_usd: float_counter(
+                "ferry_spent_twice_usd_total",
+                "Estimated cost of the discarded answers counted in ferry_spent_twice_total, from the price table in config (batch and flex at the batch discount), by lane.",
+                &["lane"],
+            ),
             flex_unavailable: {
                 let c = must(IntCounter::new(
                     "ferry_flex_unavailable_total",
@@ -342,6 +356,8 @@ impl Metrics {
         for lane in ["batch", "flex", "standard"] {
             self.lane_results.with_label_values(&[lane]);
             self.deadline_misses.with_label_values(&[lane]);
+            self.spent_twice.with_label_values(&[lane]);
+            self.spent_twice_usd.with_label_values(&[lane]);
             if lane != "batch" {
                 self.escalations.with_label_values(&[lane]);
             }

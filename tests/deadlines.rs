@@ -216,7 +216,206 @@ async fn a_near_deadline_flushes_its_queue_while_a_batch_can_still_make_it() {
     assert_eq!(stats["realtime_requests"], 0, "{stats}");
 }
 
+/// A price for `gpt-4o-mini`, so discarded answers have a cost: a dollar
+/// a token (list), half that in a batch or on flex.
+const PRICED: &str = r#"
+[prices."gpt-4o-mini"]
+prompt_per_mtok = 1000000.0
+completion_per_mtok = 1000000.0
+"#;
+
+/// Waits until the metrics show `line` (counters move after the answer a
+/// caller sees, so this polls the admin port briefly).
+async fn until_metric(s: &Stack, line: &str) -> String {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let m = s.metrics().await;
+        if m.lines().any(|l| l == line) {
+            return m;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never saw {line}:\n{m}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// The value of the series `name` in `metrics`.
+fn series(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name}"))
+}
+
+/// A stack whose emulator serves flex for `gpt-4o-mini` and holds every
+/// batch `validating` for an hour of its clock.
+async fn held_batch_stack(backend: Backend) -> Stack {
+    let s = Stack::start_on(backend, &format!("{FLEX_UPSTREAM}{PRICED}"), "");
+    s.emulator_config(json!({"flex_models": ["gpt-4o-mini"], "validating_seconds": 3600}))
+        .await;
+    s
+}
+
+/// Defers `custom_id` with a 7 s deadline, held for its answer, and
+/// flushes it into a batch as soon as it is queued: flex (5 s, no margin)
+/// is due 2 s after acceptance, while the batch is held upstream.
+async fn defer_held_into_a_batch(s: &Stack, custom_id: &str) -> reqwest::Response {
+    let held = defer_model(s, "gpt-4o-mini", "7", custom_id, "respond-async, wait=30");
+    let flush = async {
+        until_status(s, custom_id, "queued").await;
+        s.flush().await;
+    };
+    tokio::join!(held, flush).0
+}
+
+async fn a_request_in_a_held_batch_is_answered_on_flex_and_its_batch_line_discarded(
+    backend: Backend,
+) {
+    let s = held_batch_stack(backend).await;
+    let r = defer_held_into_a_batch(&s, "held").await;
+    assert_eq!(r.status(), 200, "the held caller gets the flex answer");
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["service_tier"], "flex", "{answer}");
+    let (_, st) = s.status("alice-key", "held", 0).await;
+    assert_eq!(
+        (&st["status"], &st["lane"]),
+        (&json!("completed"), &json!("flex")),
+        "{st}"
+    );
+    assert!(
+        st["batch_id"].is_null(),
+        "answered by no Batch API job: {st}"
+    );
+
+    // The batch finishes after all: its line for the request is paid for
+    // and thrown away.
+    let r = s
+        .http
+        .post(s.emu("/_emulator/clock"))
+        .json(&json!({"advance_seconds": 4000}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    s.until_no_live_batches().await;
+    let metrics = until_metric(&s, r#"ferry_spent_twice_total{lane="batch"} 1"#).await;
+    for line in [
+        r#"ferry_spent_twice_total{lane="flex"} 0"#,
+        r#"ferry_escalations_total{lane="flex"} 1"#,
+        r#"ferry_lane_results_total{lane="flex"} 1"#,
+        r#"ferry_lane_results_total{lane="batch"} 0"#,
+        r#"ferry_deadline_misses_total{lane="flex"} 0"#,
+    ] {
+        assert!(metrics.contains(line), "{line}");
+    }
+    assert!(
+        series(&metrics, r#"ferry_spent_twice_usd_total{lane="batch"}"#) > 0.0,
+        "the discarded line has a cost"
+    );
+    let (_, after) = s.status("alice-key", "held", 0).await;
+    assert_eq!(after["lane"], "flex", "{after}");
+    assert_eq!(after["completed_at"], st["completed_at"], "answered once");
+    assert_eq!(after["result"]["body"]["service_tier"], "flex", "{after}");
+    let stats = s.emulator_stats().await;
+    assert_eq!(stats["lines_submitted"], 1, "{stats}");
+    assert_eq!(stats["realtime_requests"], 1, "{stats}");
+}
+
+async fn a_batch_that_answers_during_the_flex_call_wins_and_the_flex_answer_is_discarded(
+    backend: Backend,
+) {
+    let s = held_batch_stack(backend).await;
+    s.emulator_config(json!({"flex_latency_ms": 4000})).await;
+    let held = defer_held_into_a_batch(&s, "raced");
+    let release = async {
+        // Once the flex call is under way, the batch finishes.
+        until_metric(&s, r#"ferry_escalations_total{lane="flex"} 1"#).await;
+        let r = s
+            .http
+            .post(s.emu("/_emulator/clock"))
+            .json(&json!({"advance_seconds": 4000}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    };
+    let (r, ()) = tokio::join!(held, release);
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(
+        answer["service_tier"], "default",
+        "the batch's answer: {answer}"
+    );
+    let metrics = until_metric(&s, r#"ferry_spent_twice_total{lane="flex"} 1"#).await;
+    for line in [
+        r#"ferry_spent_twice_total{lane="batch"} 0"#,
+        r#"ferry_lane_results_total{lane="batch"} 1"#,
+        r#"ferry_lane_results_total{lane="flex"} 0"#,
+    ] {
+        assert!(metrics.contains(line), "{line}");
+    }
+    let (_, st) = s.status("alice-key", "raced", 0).await;
+    assert_eq!(
+        (&st["status"], &st["lane"]),
+        (&json!("completed"), &json!("batch")),
+        "{st}"
+    );
+    assert!(st["batch_id"].is_string(), "{st}");
+}
+
+async fn an_escalation_out_of_a_batch_cut_short_by_a_crash_resumes_and_is_not_repeated(
+    backend: Backend,
+) {
+    let mut s = held_batch_stack(backend).await;
+    // The flex call hangs until Ferry is killed.
+    s.emulator_config(json!({"flex_latency_ms": 60_000})).await;
+    let r = defer_model(&s, "gpt-4o-mini", "7", "cut", "respond-async").await;
+    assert_eq!(r.status(), 202);
+    until_status(&s, "cut", "queued").await;
+    s.flush().await;
+    until_metric(&s, r#"ferry_escalations_total{lane="flex"} 1"#).await;
+    s.emulator_config(json!({"flex_latency_ms": 0})).await;
+    s.restart_ferry();
+    let (_, st) = s.status("alice-key", "cut", 30).await;
+    assert_eq!(
+        (&st["status"], &st["lane"]),
+        (&json!("completed"), &json!("flex")),
+        "{st}"
+    );
+    // Resumed on flex from what was recorded: not escalated again.
+    let metrics = s.metrics().await;
+    for line in [
+        r#"ferry_escalations_total{lane="flex"} 0"#,
+        r#"ferry_escalations_total{lane="standard"} 0"#,
+    ] {
+        assert!(metrics.contains(line), "{line}");
+    }
+    let r = s
+        .http
+        .post(s.emu("/_emulator/clock"))
+        .json(&json!({"advance_seconds": 4000}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    s.until_no_live_batches().await;
+    until_metric(&s, r#"ferry_spent_twice_total{lane="batch"} 1"#).await;
+    let (_, after) = s.status("alice-key", "cut", 0).await;
+    assert_eq!(after["completed_at"], st["completed_at"], "answered once");
+    assert_eq!(after["lane"], "flex", "{after}");
+    // One flex call served (the emulator drops the one cut short, unserved,
+    // when its caller goes), one batch line.
+    let stats = s.emulator_stats().await;
+    assert_eq!(stats["realtime_requests"], 1, "{stats}");
+    assert_eq!(stats["lines_submitted"], 1, "{stats}");
+}
+
 on_both_backends!(
+    a_request_in_a_held_batch_is_answered_on_flex_and_its_batch_line_discarded,
+    an_escalation_out_of_a_batch_cut_short_by_a_crash_resumes_and_is_not_repeated,
+    a_batch_that_answers_during_the_flex_call_wins_and_the_flex_answer_is_discarded,
     a_deadline_sends_a_queued_request_on_flex_to_its_held_caller,
     flex_refused_for_capacity_steps_up_to_standard_and_no_flex_model_goes_straight_there,
     a_flex_call_cut_short_by_a_crash_is_resumed_on_flex_and_answered_once,

@@ -22,8 +22,8 @@ use tracing::{info, warn};
 use super::{StepError, advance, lanes, member_ids};
 use crate::App;
 use crate::store::{
-    BatchRecord, BatchState, Lane, Outcome, QueueKey, RequestError, StoredResult, now_millis,
-    now_secs,
+    BatchRecord, BatchState, Lane, Outcome, QueueKey, RequestError, RequestRecord, StoredResult,
+    lifecycle, now_millis, now_secs,
 };
 
 /// How long a flex call may take: OpenAI asks clients to allow up to 15
@@ -160,6 +160,131 @@ pub(super) async fn escalate_due(
     next
 }
 
+/// The members of a submitted Batch API job that escalate for their
+/// deadlines while the job runs, soonest first: read once when its driver
+/// starts polling (a restart reads them again, so nothing is lost), then
+/// taken as their times come. A member escalates once; the store refuses
+/// a second escalation, or one of a member no longer waiting on the job.
+#[derive(Debug, Default)]
+pub(super) struct Watch {
+    /// (escalation time in unix millis, request id, lane), soonest last.
+    due: Vec<(u64, u64, Lane)>,
+}
+
+impl Watch {
+    /// The members of `batch` to watch: none for an escalation's own batch
+    /// of one, which is already on a synchronous lane.
+    pub(super) async fn load(
+        app: &App,
+        up: &crate::Upstream,
+        batch: &BatchRecord,
+    ) -> Result<Watch, StepError> {
+        if !batch.lane.is_batch() {
+            return Ok(Watch::default());
+        }
+        let settings = &up.settings;
+        let lane = lanes::next_lane(&batch.model, &settings.flex_models);
+        let mut due: Vec<(u64, u64, Lane)> = app
+            .store
+            .pending_deadlines(batch.id)
+            .await?
+            .into_iter()
+            .map(|(id, deadline)| {
+                let at = lanes::escalation_at_ms(
+                    deadline,
+                    lane,
+                    &batch.model,
+                    &settings.lane_priors,
+                    settings.escalation_margin,
+                );
+                (at, id, lane)
+            })
+            .collect();
+        due.sort_unstable_by_key(|&(at, id, _)| std::cmp::Reverse((at, id)));
+        Ok(Watch { due })
+    }
+
+    /// When the next member escalates (unix millis).
+    pub(super) fn next_at_ms(&self) -> Option<u64> {
+        self.due.last().map(|(at, _, _)| *at)
+    }
+
+    /// Escalates every member whose time has come, each in a batch of one
+    /// recorded before its driver starts, while the job stays submitted.
+    pub(super) async fn escalate_due(
+        &mut self,
+        app: &Arc<App>,
+        batch: &BatchRecord,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<(), StepError> {
+        let now_ms = now_millis();
+        while let Some(&(at, id, lane)) = self.due.last() {
+            if at > now_ms {
+                break;
+            }
+            let (lease, token) = super::fence(app, &batch.upstream)?;
+            if let Some(one) = app
+                .store
+                .escalate_submitted(batch.id, id, lane, (&lease, token))
+                .await?
+            {
+                app.metrics
+                    .escalations
+                    .with_label_values(&[lane.as_str()])
+                    .inc();
+                info!(
+                    ferry_batch = one.id, from_batch = batch.id, request = id,
+                    upstream = %batch.upstream, model = %batch.model, lane = lane.as_str(),
+                    "request in a submitted batch escalated for its deadline; the first answer wins"
+                );
+                super::spawn_driver(app.clone(), one, false, shutdown.clone());
+            }
+            self.due.pop();
+        }
+        Ok(())
+    }
+}
+
+/// Counts an answer paid for and thrown away, on `lane`, for a request
+/// already answered on another (see [`crate::store::lifecycle::spent_twice`]),
+/// with its estimated cost when the model has a price in config.
+pub(super) fn count_spent_twice(
+    app: &App,
+    up: &crate::Upstream,
+    endpoint: crate::endpoint::Endpoint,
+    model: &str,
+    lane: Lane,
+    body: &[u8],
+) {
+    app.metrics
+        .spent_twice
+        .with_label_values(&[lane.as_str()])
+        .inc();
+    /// Only `usage` is read.
+    #[derive(serde::Deserialize)]
+    struct Usage {
+        #[serde(default)]
+        usage: serde_json::Value,
+    }
+    let Ok(Usage { usage }) = serde_json::from_slice::<Usage>(body) else {
+        return;
+    };
+    let Some(price) = app.config.prices.get(app.model_labels.label(model)) else {
+        return;
+    };
+    if usage.is_null() {
+        return;
+    }
+    let (prompt, completion) = endpoint.usage_tokens(&usage);
+    let list = (prompt as f64 * price.prompt_per_mtok
+        + completion as f64 * price.completion_per_mtok)
+        / 1e6;
+    app.metrics
+        .spent_twice_usd
+        .with_label_values(&[lane.as_str()])
+        .inc_by(lanes::lane_cost(list, lane, up.settings.batch_discount));
+}
+
 /// Sends the one member of `batch` on its lane until it is answered, then
 /// stores the answer and finishes the batch.
 pub(super) async fn send(
@@ -177,7 +302,13 @@ pub(super) async fn send(
         return finish(app, batch).await;
     };
     if rec.status.is_terminal() {
-        // Answered before a crash, the batch not yet marked done.
+        // Answered before a crash, the batch not yet marked done; or, for
+        // a request escalated out of a submitted batch, by that batch.
+        return finish(app, batch).await;
+    }
+    if !app.store.holds(batch.id, rec.id).await? {
+        // An escalation out of a submitted batch that a crash cut short
+        // before the request named it: never sent, and now never will be.
         return finish(app, batch).await;
     }
     // Sent upstream from here on, for the status object and for recovery.
@@ -193,7 +324,7 @@ pub(super) async fn send(
                 code: "body_unreadable".into(),
                 message: "Ferry could not read the stored request body".into(),
             };
-            return answer(app, batch, rec.id, Outcome::Failed(error)).await;
+            return answer(app, up, batch, &rec, Outcome::Failed(error)).await;
         };
         let (op, timeout) = match lane {
             Lane::Flex => ("respond_flex", FLEX_TIMEOUT),
@@ -220,7 +351,7 @@ pub(super) async fn send(
                             ),
                         })
                     };
-                return answer(app, batch, rec.id, outcome).await;
+                return answer(app, up, batch, &rec, outcome).await;
             }
             Err(e) if lane == Lane::Flex && e.is_transient() => {
                 if matches!(&e, crate::upstream::UpstreamError::Status { status: 429, code: Some(c), .. } if c == "resource_unavailable")
@@ -267,18 +398,34 @@ pub(super) async fn send(
 /// still pending in this batch), tells its waiters, and finishes the batch.
 async fn answer(
     app: &Arc<App>,
+    up: &crate::Upstream,
     batch: &mut BatchRecord,
-    id: u64,
+    rec: &RequestRecord,
     outcome: Outcome,
 ) -> Result<(), StepError> {
+    let kept = outcome.clone();
     let done = app
         .store
         .apply_outcomes(
             batch.id,
-            vec![(id, outcome)],
+            vec![(rec.id, outcome)],
             crate::delivery::webhook_payload,
         )
         .await?;
+    if done.is_empty()
+        && let Outcome::Completed(r) = &kept
+        && let Some(now) = app.store.get(rec.id).await?
+        && lifecycle::spent_twice(now.status, now.batch, batch.id, &kept)
+    {
+        // Answered meanwhile by the batch it was escalated out of.
+        info!(
+            ferry_batch = batch.id,
+            request = rec.id,
+            lane = batch.lane.as_str(),
+            "escalated request already answered by its batch; this answer is discarded"
+        );
+        count_spent_twice(app, up, rec.endpoint, &rec.model, batch.lane, &r.body);
+    }
     for rec in &done {
         app.on_terminal(rec);
         let late = rec.deadline_at.is_some_and(|d| now_secs() > d);

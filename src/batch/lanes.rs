@@ -96,6 +96,16 @@ pub fn flex_retry_in_time(
         <= escalation_at_ms(deadline_at, Lane::Standard, model, estimate, margin)
 }
 
+/// What an answer on `lane` cost, given what it costs at real-time
+/// (list) prices: standard is billed at list, batch and flex at the
+/// upstream's batch discount (flex is billed at batch prices).
+pub fn lane_cost(list: f64, lane: Lane, batch_discount: f64) -> f64 {
+    match lane {
+        Lane::Standard => list,
+        Lane::Batch | Lane::Flex => list * (1.0 - batch_discount),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +148,14 @@ mod tests {
         let at = |model| escalation_at_ms(DEADLINE, Lane::Flex, model, &Observed, MARGIN);
         assert_eq!(at("slow"), (DEADLINE - 330) * 1000);
         assert_eq!(at("fast"), (DEADLINE - 40) * 1000);
+    }
+
+    #[test]
+    fn flex_and_batch_cost_the_batch_price_standard_the_list_price() {
+        assert_eq!(lane_cost(2.0, Lane::Standard, 0.5), 2.0);
+        assert_eq!(lane_cost(2.0, Lane::Flex, 0.5), 1.0);
+        assert_eq!(lane_cost(2.0, Lane::Batch, 0.5), 1.0);
+        assert_eq!(lane_cost(2.0, Lane::Batch, 0.0), 2.0);
     }
 
     #[test]

@@ -649,7 +649,11 @@ async fn poll_and_ingest(
 ) -> Result<(), StepError> {
     let submitted = Instant::now();
     let mut first = true;
+    // Members whose deadlines come before the batch answers are sent on a
+    // synchronous lane too, at their escalation times, between polls.
+    let mut watch = escalate::Watch::load(app, up, batch).await?;
     let obj = loop {
+        watch.escalate_due(app, batch, shutdown).await?;
         if !(first && resumed) {
             let interval = up.settings.poll_interval;
             // ±20 % jitter keeps many batches from polling in lock-step.
@@ -659,10 +663,21 @@ async fn poll_and_ingest(
             } else {
                 wait
             };
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = up.ownership.released() => return Err(StepError::NotOwner),
-                _ = shutdown.changed() => return Ok(()),
+            let poll_at = tokio::time::Instant::now() + wait;
+            loop {
+                let wake = watch.next_at_ms().map_or(poll_at, |at| {
+                    let until = Duration::from_millis(at.saturating_sub(now_millis()));
+                    poll_at.min(tokio::time::Instant::now() + until)
+                });
+                tokio::select! {
+                    _ = tokio::time::sleep_until(wake) => {}
+                    _ = up.ownership.released() => return Err(StepError::NotOwner),
+                    _ = shutdown.changed() => return Ok(()),
+                }
+                watch.escalate_due(app, batch, shutdown).await?;
+                if tokio::time::Instant::now() >= poll_at {
+                    break;
+                }
             }
         }
         first = false;
@@ -769,7 +784,11 @@ async fn wait_for_room(app: &Arc<App>, shutdown: &mut watch::Receiver<bool>) -> 
 /// [`Store::apply_outcomes`](crate::store::Store::apply_outcomes)).
 struct Ingest<'a> {
     app: &'a Arc<App>,
+    up: &'a crate::Upstream,
     batch: u64,
+    /// The batch's endpoint and model, for the cost of an answer discarded.
+    endpoint: crate::endpoint::Endpoint,
+    model: String,
     /// `Some(max_attempts)` when expired lines are sent again.
     requeue_expired: Option<u32>,
     /// Cancelled members are sent again up to this many batches.
@@ -780,12 +799,15 @@ struct Ingest<'a> {
 }
 
 impl<'a> Ingest<'a> {
-    fn new(app: &'a Arc<App>, up: &crate::Upstream, batch: u64) -> Self {
+    fn new(app: &'a Arc<App>, up: &'a crate::Upstream, batch: &BatchRecord) -> Self {
         let requeue_expired = (up.settings.expired_policy == crate::config::ExpiredPolicy::Requeue)
             .then_some(up.settings.max_attempts);
         Ingest {
             app,
-            batch,
+            up,
+            batch: batch.id,
+            endpoint: batch.endpoint,
+            model: batch.model.clone(),
             requeue_expired,
             max_attempts: up.settings.max_attempts,
             pending: Vec::new(),
@@ -826,6 +848,13 @@ impl<'a> Ingest<'a> {
             return Ok(());
         }
         let (slice, batch) = (std::mem::take(&mut self.pending), self.batch);
+        // Answers that may find their request answered already, by the
+        // escalation of a member whose deadline came first.
+        let answers: Vec<(u64, Outcome)> = slice
+            .iter()
+            .filter(|(_, o)| matches!(o, Outcome::Completed(_)))
+            .cloned()
+            .collect();
         let done = self
             .app
             .store
@@ -835,6 +864,40 @@ impl<'a> Ingest<'a> {
             self.app.on_terminal(rec);
         }
         self.finished += done.len();
+        if answers.len() > done.len() {
+            let applied: std::collections::HashSet<u64> = done.iter().map(|r| r.id).collect();
+            for (id, answer) in answers.iter().filter(|(id, _)| !applied.contains(id)) {
+                self.count_if_spent_twice(*id, answer).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts `answer` as money spent twice if its request was answered
+    /// by another lane first (see [`crate::store::lifecycle::spent_twice`]).
+    async fn count_if_spent_twice(&self, id: u64, answer: &Outcome) -> Result<(), StepError> {
+        let Some(rec) = self.app.store.get(id).await? else {
+            return Ok(());
+        };
+        if !crate::store::lifecycle::spent_twice(rec.status, rec.batch, self.batch, answer) {
+            return Ok(());
+        }
+        if let Outcome::Completed(r) = answer {
+            info!(
+                ferry_batch = self.batch,
+                request = id,
+                answered_by = ?rec.lane.map(|l| l.as_str()),
+                "batch line for a request already answered on another lane; discarded"
+            );
+            escalate::count_spent_twice(
+                self.app,
+                self.up,
+                self.endpoint,
+                &self.model,
+                crate::store::Lane::Batch,
+                &r.body,
+            );
+        }
         Ok(())
     }
 }
@@ -848,7 +911,7 @@ async fn ingest_batch(
     shutdown: &watch::Receiver<bool>,
 ) -> Result<usize, StepError> {
     let members = member_ids(app, batch.id).await?;
-    let mut ingest = Ingest::new(app, up, batch.id);
+    let mut ingest = Ingest::new(app, up, batch);
     if obj.status == "failed" {
         let mut outcomes = HashMap::with_capacity(members.len());
         failed_batch_outcomes(obj, &members, up.settings.max_attempts, &mut outcomes);
@@ -1065,7 +1128,7 @@ async fn fail_all(
         message: message.to_owned(),
     };
     // Stored (and its callers woken) a slice at a time.
-    let mut ingest = Ingest::new(app, up, batch.id);
+    let mut ingest = Ingest::new(app, up, batch);
     for id in member_ids(app, batch.id).await? {
         ingest.add(id, Outcome::Failed(err.clone())).await?;
     }
