@@ -137,6 +137,27 @@ impl Default for RawWebhooks {
     }
 }
 
+/// A tenant's `lanes`: known names, no repeats, `batch` among them (a
+/// deferred call always starts in a batch).
+fn tenant_lanes(names: &[String]) -> Result<crate::batch::lanes::TenantLanes, String> {
+    let mut seen = Vec::new();
+    for n in names {
+        let lane = crate::store::Lane::parse(n)
+            .ok_or_else(|| format!("unknown lane `{n}` (batch, flex, standard)"))?;
+        if seen.contains(&lane) {
+            return Err(format!("lane `{n}` given twice"));
+        }
+        seen.push(lane);
+    }
+    if !seen.contains(&crate::store::Lane::Batch) {
+        return Err("must include `batch`: a deferred call starts in a batch".into());
+    }
+    Ok(crate::batch::lanes::TenantLanes {
+        flex: seen.contains(&crate::store::Lane::Flex),
+        standard: seen.contains(&crate::store::Lane::Standard),
+    })
+}
+
 /// Real-time list prices of a model in USD per million tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -257,6 +278,11 @@ struct RawTenant {
     /// The deadline of a deferred call without `X-Ferry-Deadline`; none by
     /// default.
     default_deadline_secs: Option<u64>,
+    /// The lanes the tenant's requests may take, of `batch`, `flex`,
+    /// `standard`; all three by default. `batch` is required.
+    lanes: Option<Vec<String>>,
+    /// At most this many standard-lane calls per hour; no cap by default.
+    max_standard_per_hour: Option<u32>,
     /// `scheme://host[:port]` entries; host may be `*` or `*.domain`, port `*`.
     #[serde(default)]
     callback_allow: Vec<String>,
@@ -422,6 +448,12 @@ pub struct Tenant {
     /// Seconds after acceptance a deferred call without `X-Ferry-Deadline`
     /// is due; `None`: no deadline.
     pub default_deadline: Option<u64>,
+    /// The synchronous lanes a request of the tenant may step up to for
+    /// its deadline (batch is always allowed).
+    pub lanes: crate::batch::lanes::TenantLanes,
+    /// At most this many standard-lane calls per hour (this node's count);
+    /// `None`: no cap.
+    pub max_standard_per_hour: Option<NonZeroU32>,
 }
 
 /// Where Ferry keeps its state.
@@ -999,6 +1031,17 @@ impl RawConfig {
                     ),
                 ));
             }
+            let lanes = match &t.lanes {
+                None => crate::batch::lanes::TenantLanes::default(),
+                Some(names) => tenant_lanes(names).map_err(|m| invalid(key("lanes"), m))?,
+            };
+            let max_standard_per_hour = t
+                .max_standard_per_hour
+                .map(|n| {
+                    NonZeroU32::new(n)
+                        .ok_or_else(|| invalid(key("max_standard_per_hour"), "must be at least 1"))
+                })
+                .transpose()?;
             let tenant = Arc::new(Tenant {
                 name: t.name,
                 default_mode: t.default_mode,
@@ -1008,6 +1051,8 @@ impl RawConfig {
                 deferred_rate: rate(t.intake_rps, t.intake_burst, "intake_rps")?,
                 passthrough_rate: rate(t.passthrough_rps, t.passthrough_burst, "passthrough_rps")?,
                 default_deadline: t.default_deadline_secs,
+                lanes,
+                max_standard_per_hour,
             });
             let mut hashes = Vec::new();
             for k in t.keys {
@@ -1290,6 +1335,43 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(key), "{to}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_tenant_chooses_its_lanes_and_caps_standard() {
+        let c = Config::parse_with_env(MIN, &no_env).unwrap();
+        let t = c.tenant_for_key("k1").unwrap();
+        assert_eq!(t.lanes, crate::batch::lanes::TenantLanes::default());
+        assert_eq!(t.max_standard_per_hour, None);
+        let nightly = MIN.replace(
+            "keys = [\"k1\"]",
+            "keys = [\"k1\"]\nlanes = [\"batch\", \"flex\"]\nmax_standard_per_hour = 10",
+        );
+        let c = Config::parse_with_env(&nightly, &no_env).unwrap();
+        let t = c.tenant_for_key("k1").unwrap();
+        assert_eq!(
+            t.lanes,
+            crate::batch::lanes::TenantLanes {
+                flex: true,
+                standard: false
+            }
+        );
+        assert_eq!(t.max_standard_per_hour, NonZeroU32::new(10));
+        for bad in [
+            "lanes = [\"flex\"]",
+            "lanes = [\"batch\", \"turbo\"]",
+            "lanes = [\"batch\", \"batch\"]",
+            "max_standard_per_hour = 0",
+        ] {
+            let err = Config::parse_with_env(
+                &MIN.replace("keys = [\"k1\"]", &format!("keys = [\"k1\"]\n{bad}")),
+                &no_env,
+            )
+            .unwrap_err()
+            .to_string();
+            let key = bad.split(' ').next().unwrap();
+            assert!(err.contains(&format!("tenants[0].{key}")), "{bad}: {err}");
         }
     }
 

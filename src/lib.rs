@@ -204,6 +204,10 @@ pub struct App {
     /// The cluster's members as last seen (empty with sled): upstreams are
     /// spread over them.
     pub members: std::sync::RwLock<Vec<String>>,
+    /// Each tenant's standard-lane calls this hour, for its
+    /// `max_standard_per_hour` (this node's count).
+    pub standard_budgets:
+        std::sync::Mutex<std::collections::HashMap<String, batch::lanes::StandardBudget>>,
 }
 
 impl App {

@@ -62,6 +62,8 @@ pub struct Metrics {
     /// submitted batch was answered by the other lane first.
     pub spent_twice: IntCounterVec,
     pub spent_twice_usd: CounterVec,
+    /// Escalations a tenant's lanes or standard cap held back.
+    pub escalations_withheld: IntCounterVec,
     pub flex_unavailable: IntCounter,
 }
 
@@ -278,6 +280,11 @@ impl Metrics {
                 "Estimated cost of the discarded answers counted in ferry_spent_twice_total, from the price table in config (batch and flex at the batch discount), by lane.",
                 &["lane"],
             ),
+            escalations_withheld: counter_vec(
+                "ferry_escalations_withheld_total",
+                "Requests due to step up for their deadline that stayed on a cheaper lane, by reason: lanes (the tenant's lanes allow none) or standard_cap (its standard calls this hour are used up).",
+                &["reason"],
+            ),
             flex_unavailable: {
                 let c = must(IntCounter::new(
                     "ferry_flex_unavailable_total",
@@ -361,6 +368,9 @@ impl Metrics {
             if lane != "batch" {
                 self.escalations.with_label_values(&[lane]);
             }
+        }
+        for reason in ["lanes", "standard_cap"] {
+            self.escalations_withheld.with_label_values(&[reason]);
         }
         for kind in PURGED_KINDS {
             self.retention_purged.with_label_values(&[*kind]);

@@ -21,9 +21,21 @@ async fn defer_model(
     custom_id: &str,
     prefer: &str,
 ) -> reqwest::Response {
+    defer_as(s, "alice-key", model, deadline, custom_id, prefer).await
+}
+
+/// [`defer_model`] as the tenant of `key`.
+async fn defer_as(
+    s: &Stack,
+    key: &str,
+    model: &str,
+    deadline: &str,
+    custom_id: &str,
+    prefer: &str,
+) -> reqwest::Response {
     s.http
         .post(s.url("/v1/chat/completions"))
-        .bearer_auth("alice-key")
+        .bearer_auth(key)
         .header("prefer", prefer)
         .header("x-ferry-custom-id", custom_id)
         .header("x-ferry-deadline", deadline)
@@ -327,7 +339,7 @@ async fn a_batch_that_answers_during_the_flex_call_wins_and_the_flex_answer_is_d
     backend: Backend,
 ) {
     let s = held_batch_stack(backend).await;
-    s.emulator_config(json!({"flex_latency_ms": 4000})).await;
+    s.emulator_config(json!({"flex_latency_ms": 8000})).await;
     let held = defer_held_into_a_batch(&s, "raced");
     let release = async {
         // Once the flex call is under way, the batch finishes.
@@ -405,11 +417,98 @@ async fn an_escalation_out_of_a_batch_cut_short_by_a_crash_resumes_and_is_not_re
     let (_, after) = s.status("alice-key", "cut", 0).await;
     assert_eq!(after["completed_at"], st["completed_at"], "answered once");
     assert_eq!(after["lane"], "flex", "{after}");
-    // One flex call served (the emulator drops the one cut short, unserved,
-    // when its caller goes), one batch line.
+    // The resumed flex call, and the one cut short if the emulator counted
+    // it before Ferry died (documented: a call cut short may be paid
+    // twice); one batch line.
     let stats = s.emulator_stats().await;
-    assert_eq!(stats["realtime_requests"], 1, "{stats}");
+    let calls = stats["realtime_requests"].as_u64().unwrap();
+    assert!((1..=2).contains(&calls), "{stats}");
     assert_eq!(stats["lines_submitted"], 1, "{stats}");
+}
+
+/// Two more tenants: one that never pays full price, one allowed a
+/// single standard call an hour.
+const LANE_TENANTS: &str = r#"
+[[tenants]]
+name = "nightly"
+keys = ["nightly-key"]
+lanes = ["batch", "flex"]
+
+[[tenants]]
+name = "capped"
+keys = ["capped-key"]
+max_standard_per_hour = 1
+"#;
+
+#[tokio::test]
+async fn a_tenants_lanes_and_standard_cap_keep_requests_on_cheaper_lanes() {
+    let s = Stack::start(&format!("{FLEX_UPSTREAM}{LANE_TENANTS}"), "");
+    s.emulator_config(json!({"flex_models": ["gpt-4o-mini"]}))
+        .await;
+    // gpt-4o has no flex and nightly takes no standard: it stays queued.
+    let r = defer_as(&s, "nightly-key", "gpt-4o", "1", "n", "respond-async").await;
+    assert_eq!(r.status(), 202);
+    until_metric(&s, r#"ferry_escalations_withheld_total{reason="lanes"} 1"#).await;
+    // Its flex model still goes flex.
+    let r = defer_as(
+        &s,
+        "nightly-key",
+        "gpt-4o-mini",
+        "1",
+        "nf",
+        "respond-async, wait=30",
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["service_tier"], "flex", "{answer}");
+
+    // capped: one standard call this hour, then none.
+    let r = defer_as(
+        &s,
+        "capped-key",
+        "gpt-4o",
+        "1",
+        "c1",
+        "respond-async, wait=30",
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let r = defer_as(&s, "capped-key", "gpt-4o", "1", "c2", "respond-async").await;
+    assert_eq!(r.status(), 202);
+    until_metric(
+        &s,
+        r#"ferry_escalations_withheld_total{reason="standard_cap"} 1"#,
+    )
+    .await;
+    for (key, id) in [("nightly-key", "n"), ("capped-key", "c2")] {
+        let (_, st) = s.status(key, id, 0).await;
+        assert_eq!(st["status"], "queued", "{id}: {st}");
+    }
+    let (_, c1) = s.status("capped-key", "c1", 0).await;
+    assert_eq!(c1["lane"], "standard", "{c1}");
+    let stats = s.emulator_stats().await;
+    assert_eq!(
+        stats["realtime_requests"], 2,
+        "one flex, one standard: {stats}"
+    );
+    let metrics = s.metrics().await;
+    for line in [
+        r#"ferry_escalations_total{lane="standard"} 1"#,
+        r#"ferry_escalations_total{lane="flex"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line}");
+    }
+    // A flush still answers them, by batch (late: counted as misses).
+    s.flush().await;
+    for (key, id) in [("nightly-key", "n"), ("capped-key", "c2")] {
+        let (_, st) = s.status(key, id, 30).await;
+        assert_eq!(
+            (&st["status"], &st["lane"]),
+            (&json!("completed"), &json!("batch")),
+            "{id}: {st}"
+        );
+    }
 }
 
 on_both_backends!(

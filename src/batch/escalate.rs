@@ -43,6 +43,60 @@ pub fn lane_body(stored: &[u8], lane: Lane) -> Option<Vec<u8>> {
     serde_json::to_vec(&v).ok()
 }
 
+/// The lane a request of `tenant` due to step up onto `next` goes on now,
+/// or why it stays where it is: the tenant's `lanes`, then its standard
+/// budget (taken here when standard is chosen).
+pub(super) fn lane_for(
+    app: &App,
+    tenant: &str,
+    next: Lane,
+    now_ms: u64,
+) -> Result<Lane, lanes::Withheld> {
+    let t = app.config.tenants.iter().find(|t| t.name == tenant);
+    let allowed = t.map(|t| t.lanes).unwrap_or_default();
+    let cap = t.and_then(|t| t.max_standard_per_hour);
+    let wants_standard = lanes::choose_lane(next, allowed, true) == Ok(Lane::Standard);
+    let room = !wants_standard || {
+        let mut budgets = app
+            .standard_budgets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        budgets
+            .entry(tenant.to_owned())
+            .or_default()
+            .try_take(now_ms, cap)
+    };
+    let chosen = lanes::choose_lane(next, allowed, room);
+    if let Err(why) = chosen {
+        app.metrics
+            .escalations_withheld
+            .with_label_values(&[why.as_str()])
+            .inc();
+    }
+    chosen
+}
+
+/// When a request of `tenant` held back for `why` is looked at again
+/// (unix millis): at the end of the tenant's standard window for its cap;
+/// never for its lanes.
+pub(super) fn recheck_at_ms(app: &App, tenant: &str, why: lanes::Withheld) -> u64 {
+    match why {
+        lanes::Withheld::Lanes => u64::MAX,
+        lanes::Withheld::StandardCap => app
+            .standard_budgets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tenant)
+            .map_or(0, |b| b.window_end_ms()),
+    }
+}
+
+/// Requests held back by their tenant's lanes or standard cap, by id,
+/// with when to look at each again (unix millis): kept by the flush loop
+/// across passes, so they are not read again each pass, and forgotten
+/// once they leave the scan (flushed, cancelled).
+pub(super) type Withheld = HashMap<u64, u64>;
+
 /// Requests looked at per pass of the flush loop (soonest deadline first);
 /// more wait for the next pass, a second later at most.
 const SCAN_LIMIT: usize = 1_000;
@@ -61,13 +115,19 @@ pub struct Due {
 /// loop's horizon ([`lanes::scan_horizon`]), soonest deadline first, with
 /// their escalation times. Empty when the store cannot be read (the next
 /// pass tries again).
-pub(super) async fn scan(app: &App, up: &crate::Upstream, now_ms: u64) -> Vec<Due> {
+pub(super) async fn scan(
+    app: &App,
+    up: &crate::Upstream,
+    now_ms: u64,
+    withheld: &Withheld,
+) -> Vec<Due> {
     let settings = &up.settings;
     let horizon = lanes::scan_horizon(&settings.lane_priors, settings.escalation_margin);
     let before = (now_ms / 1000).saturating_add(horizon.as_secs() + 1);
     let due = match app
         .store
-        .due_by_deadline(&settings.name, before, SCAN_LIMIT)
+        // Those held back stay due: read past them.
+        .due_by_deadline(&settings.name, before, SCAN_LIMIT + withheld.len())
         .await
     {
         Ok(due) => due,
@@ -113,12 +173,15 @@ pub(super) async fn escalate_due(
     app: &Arc<App>,
     up: &crate::Upstream,
     due: Vec<Due>,
+    withheld: &mut Withheld,
     token: u64,
     shutdown: &watch::Receiver<bool>,
 ) -> Option<Duration> {
     let now_ms = now_millis();
     let lease = super::ownership::lease_name(&up.settings.name);
     let mut next: Option<Duration> = None;
+    let seen: std::collections::HashSet<u64> = due.iter().map(|d| d.id).collect();
+    withheld.retain(|id, _| seen.contains(id));
     for Due {
         queue: qk,
         id,
@@ -126,14 +189,35 @@ pub(super) async fn escalate_due(
         escalate_at_ms: at,
     } in due
     {
+        let at = at.max(withheld.get(&id).copied().unwrap_or(0));
         if at > now_ms {
-            let wait = Duration::from_millis(at - now_ms);
-            next = Some(next.map_or(wait, |n| n.min(wait)));
+            if at != u64::MAX {
+                let wait = Duration::from_millis(at - now_ms);
+                next = Some(next.map_or(wait, |n| n.min(wait)));
+            }
             continue;
         }
         if !up.ownership.holds(token) || *shutdown.borrow() {
             return None;
         }
+        let tenant = match app.store.get(id).await {
+            Ok(Some(rec)) => rec.tenant,
+            // Gone meanwhile.
+            Ok(None) => continue,
+            Err(e) => {
+                warn!(request = id, error = %e, "cannot read a request due for its deadline; will retry");
+                continue;
+            }
+        };
+        let lane = match lane_for(app, &tenant, lane, now_ms) {
+            Ok(lane) => lane,
+            Err(why) => {
+                info!(request = id, tenant = %tenant, reason = why.as_str(), "request due for its deadline stays in its queue");
+                withheld.insert(id, recheck_at_ms(app, &tenant, why));
+                continue;
+            }
+        };
+        withheld.remove(&id);
         match app
             .store
             .claim_request(&qk, id, lane, (&lease, token))
@@ -222,6 +306,23 @@ impl Watch {
             if at > now_ms {
                 break;
             }
+            self.due.pop();
+            let Some(rec) = app.store.get(id).await? else {
+                continue;
+            };
+            let lane = match lane_for(app, &rec.tenant, lane, now_ms) {
+                Ok(lane) => lane,
+                Err(why) => {
+                    info!(ferry_batch = batch.id, request = id, tenant = %rec.tenant, reason = why.as_str(), "request due for its deadline stays in its batch alone");
+                    let again = recheck_at_ms(app, &rec.tenant, why);
+                    if again != u64::MAX {
+                        self.due.push((again, id, lane));
+                        self.due
+                            .sort_unstable_by_key(|&(at, id, _)| std::cmp::Reverse((at, id)));
+                    }
+                    continue;
+                }
+            };
             let (lease, token) = super::fence(app, &batch.upstream)?;
             if let Some(one) = app
                 .store
@@ -239,7 +340,6 @@ impl Watch {
                 );
                 super::spawn_driver(app.clone(), one, false, shutdown.clone());
             }
-            self.due.pop();
         }
         Ok(())
     }
@@ -317,6 +417,8 @@ pub(super) async fn send(
     let deadline = rec.deadline_at.unwrap_or(0);
     let margin = up.settings.escalation_margin;
     let mut refusals = 0u32;
+    // The step up to standard was refused (the tenant's lanes or cap).
+    let mut standard_refused = false;
     loop {
         let lane = batch.lane;
         let Some(body) = lane_body(&stored, lane) else {
@@ -368,14 +470,22 @@ pub(super) async fn send(
                 });
                 refusals += 1;
                 let priors = &up.settings.lane_priors;
-                if lanes::flex_retry_in_time(
+                let in_time = lanes::flex_retry_in_time(
                     now_millis(),
                     wait,
                     deadline,
                     &rec.model,
                     priors,
                     margin,
-                ) {
+                );
+                // Standard only if the tenant takes it and has room for it
+                // this hour (asked once); else flex is tried until it
+                // answers, late if need be (counted as a miss).
+                if !in_time && !standard_refused {
+                    standard_refused =
+                        lane_for(app, &rec.tenant, Lane::Standard, now_millis()).is_err();
+                }
+                if in_time || standard_refused {
                     warn!(ferry_batch = batch.id, error = %e, retry_in_ms = wait.as_millis() as u64, "flex call refused; will retry on flex");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => continue,

@@ -54,6 +54,7 @@ pub async fn run_flusher(app: Arc<App>, upstream: usize, mut shutdown: watch::Re
     };
     let renew_every = ownership::renew_every(app.config.storage.lease());
     let mut renewed: Option<(Instant, Option<u64>)> = None;
+    let mut withheld = escalate::Withheld::new();
     loop {
         let mut sleep = MAX_IDLE.min(renew_every);
         // A node shutting down hands its upstreams over as soon as their
@@ -90,7 +91,7 @@ pub async fn run_flusher(app: Arc<App>, upstream: usize, mut shutdown: watch::Re
         app.publish_queue_metrics(&up.settings.name, &queues);
         // Published at zero just now: empty queues' counts may go.
         app.store.prune_idle_queues(&up.settings.name);
-        let due = escalate::scan(&app, up, now_millis()).await;
+        let due = escalate::scan(&app, up, now_millis(), &withheld).await;
         let earliest = escalate::earliest_by_queue(&due);
         for (qk, stats) in queues {
             if qk.upstream != up.settings.name {
@@ -121,7 +122,9 @@ pub async fn run_flusher(app: Arc<App>, upstream: usize, mut shutdown: watch::Re
                 }
             }
         }
-        if let Some(d) = escalate::escalate_due(&app, up, due, token, &shutdown).await {
+        if let Some(d) =
+            escalate::escalate_due(&app, up, due, &mut withheld, token, &shutdown).await
+        {
             sleep = sleep.min(d);
         }
         tokio::select! {
