@@ -111,6 +111,9 @@ pub struct Upstream {
     /// Whether this node owns the upstream's batches (one node at a time
     /// does; with sled, always this one).
     pub ownership: batch::ownership::Ownership,
+    /// How long its flex and standard calls take, learned per model from
+    /// the priors on: what escalation times are computed from.
+    pub latencies: batch::latency::Observed,
 }
 
 impl Upstream {
@@ -121,6 +124,7 @@ impl Upstream {
         api_key: &str,
     ) -> Upstream {
         Upstream {
+            latencies: batch::latency::Observed::new(settings.lane_priors),
             settings,
             client,
             passthrough,
@@ -230,7 +234,8 @@ impl App {
         let s = &upstream.settings;
         // A deadline within the flush loop's horizon may call for a flush or
         // an escalation before its next pass.
-        let horizon = batch::lanes::scan_horizon(&s.lane_priors, s.escalation_margin);
+        let horizon =
+            batch::lanes::scan_horizon(&upstream.latencies.longest(), s.escalation_margin);
         let near = rec
             .deadline_at
             .is_some_and(|d| d.saturating_sub(now_secs()) <= horizon.as_secs());

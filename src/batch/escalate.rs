@@ -122,7 +122,7 @@ pub(super) async fn scan(
     withheld: &Withheld,
 ) -> Vec<Due> {
     let settings = &up.settings;
-    let horizon = lanes::scan_horizon(&settings.lane_priors, settings.escalation_margin);
+    let horizon = lanes::scan_horizon(&up.latencies.longest(), settings.escalation_margin);
     let before = (now_ms / 1000).saturating_add(horizon.as_secs() + 1);
     let due = match app
         .store
@@ -143,7 +143,7 @@ pub(super) async fn scan(
                 deadline,
                 lane,
                 &queue.model,
-                &settings.lane_priors,
+                &up.latencies,
                 settings.escalation_margin,
             );
             Due {
@@ -278,7 +278,7 @@ impl Watch {
                     deadline,
                     lane,
                     &batch.model,
-                    &settings.lane_priors,
+                    &up.latencies,
                     settings.escalation_margin,
                 );
                 (at, id, lane)
@@ -432,6 +432,7 @@ pub(super) async fn send(
             Lane::Flex => ("respond_flex", FLEX_TIMEOUT),
             _ => ("respond_standard", app.config.server.upstream_read_timeout),
         };
+        let started = std::time::Instant::now();
         let called = tokio::select! {
             r = up.client.respond(op, rec.endpoint, body, timeout) => r,
             // Left to the next start, which sends it again on this lane.
@@ -439,6 +440,7 @@ pub(super) async fn send(
         };
         match called {
             Ok((status, answer_body)) => {
+                up.latencies.record(lane, &rec.model, started.elapsed());
                 let outcome =
                     if serde_json::from_slice::<serde::de::IgnoredAny>(&answer_body).is_ok() {
                         Outcome::Completed(StoredResult {
@@ -469,7 +471,7 @@ pub(super) async fn send(
                     )
                 });
                 refusals += 1;
-                let priors = &up.settings.lane_priors;
+                let priors = &up.latencies;
                 let in_time = lanes::flex_retry_in_time(
                     now_millis(),
                     wait,

@@ -4,9 +4,9 @@
 //!
 //! A request's escalation time is its deadline minus the time the next lane
 //! is expected to take, minus a margin. The expected time comes from a
-//! [`LatencyEstimate`]: the configured priors today ([`LanePriors`]); the
-//! latencies Ferry observes per upstream and model can stand in later
-//! without changing the decision.
+//! [`LatencyEstimate`]: the configured priors ([`LanePriors`]), or the
+//! latencies Ferry observed per upstream and model, falling back to them
+//! ([`super::latency::Observed`]).
 
 use std::time::Duration;
 

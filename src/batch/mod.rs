@@ -11,6 +11,7 @@ pub mod escalate;
 pub mod ingest;
 pub mod jsonl;
 pub mod lanes;
+pub mod latency;
 pub mod lost;
 pub mod ownership;
 pub mod policy;
