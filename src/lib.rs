@@ -114,6 +114,9 @@ pub struct Upstream {
     /// How long its flex and standard calls take, learned per model from
     /// the priors on: what escalation times are computed from.
     pub latencies: batch::latency::Observed,
+    /// The drivers polling a submitted batch on this node, by upstream
+    /// batch id, for OpenAI's batch events to wake (see [`batch::events`]).
+    pub polling: dashmap::DashMap<String, Arc<tokio::sync::Notify>>,
 }
 
 impl Upstream {
@@ -125,6 +128,7 @@ impl Upstream {
     ) -> Upstream {
         Upstream {
             latencies: batch::latency::Observed::new(settings.lane_priors),
+            polling: dashmap::DashMap::new(),
             settings,
             client,
             passthrough,

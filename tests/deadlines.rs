@@ -511,6 +511,82 @@ async fn a_tenants_lanes_and_standard_cap_keep_requests_on_cheaper_lanes() {
     }
 }
 
+/// The secret OpenAI signs this test's batch events with.
+const EVENTS_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// Posts a batch event to Ferry's events route, signed with `secret`
+/// (Standard Webhooks, as OpenAI signs them); `None` posts it unsigned.
+async fn post_event(s: &Stack, body: &Value, secret: Option<&str>) -> reqwest::Response {
+    let body = body.to_string();
+    let mut req = s
+        .http
+        .post(s.url("/openai/events"))
+        .header("content-type", "application/json");
+    if let Some(secret) = secret {
+        let key = ferry::delivery::webhooks::decode_secret(secret).unwrap();
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let signature = ferry::delivery::webhooks::sign(&key, "msg_1", ts, &body);
+        req = req
+            .header("webhook-id", "msg_1")
+            .header("webhook-timestamp", ts.to_string())
+            .header("webhook-signature", signature);
+    }
+    req.body(body).send().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_batch_event_makes_the_driver_poll_at_once() {
+    // An hour between polls: only the event can bring the result in time.
+    let s = Stack::start(
+        &format!(
+            "poll_interval_secs = 3600\nlost_after_secs = 36000\n\
+             batch_events_path = \"/openai/events\"\n\
+             batch_events_secret = \"{EVENTS_SECRET}\""
+        ),
+        "",
+    );
+    s.emulator_config(json!({"validating_seconds": 3600})).await;
+    let r = s
+        .defer("alice-key", &chat("gpt-4o-mini", "hi"), None, Some("evt"))
+        .await;
+    assert_eq!(r.status(), 202);
+    s.flush().await;
+    let st = until_status(&s, "evt", "submitted").await;
+    let batch_id = st["batch_id"].as_str().unwrap().to_owned();
+    // The first poll (within a second of submission) finds it validating.
+    let calls = |stats: &Value| stats["api_calls"].as_u64().unwrap();
+    let before = calls(&s.emulator_stats().await);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while calls(&s.emulator_stats().await) <= before {
+        assert!(tokio::time::Instant::now() < deadline, "never polled");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let r = s
+        .http
+        .post(s.emu("/_emulator/clock"))
+        .json(&json!({"advance_seconds": 4000}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let event = json!({"id": "evt_1", "object": "event", "type": "batch.completed",
+                       "created_at": 1, "data": {"id": batch_id}});
+    // Unsigned, or signed with another secret: refused, nothing polled.
+    assert_eq!(post_event(&s, &event, None).await.status(), 400);
+    let other = "whsec_dGhpcyBpcyBub3QgdGhlIHNlY3JldA==";
+    assert_eq!(post_event(&s, &event, Some(other)).await.status(), 401);
+    let (_, st) = s.status("alice-key", "evt", 0).await;
+    assert_eq!(st["status"], "submitted", "{st}");
+    // Signed: the driver polls now and the result arrives.
+    let r = post_event(&s, &event, Some(EVENTS_SECRET)).await;
+    assert_eq!(r.status(), 200);
+    let (_, st) = s.status("alice-key", "evt", 20).await;
+    assert_eq!(st["status"], "completed", "{st}");
+}
+
 on_both_backends!(
     a_request_in_a_held_batch_is_answered_on_flex_and_its_batch_line_discarded,
     an_escalation_out_of_a_batch_cut_short_by_a_crash_resumes_and_is_not_repeated,

@@ -8,6 +8,7 @@ pub mod adopt;
 #[cfg(test)]
 mod driver_tests;
 pub mod escalate;
+pub mod events;
 pub mod ingest;
 pub mod jsonl;
 pub mod lanes;
@@ -656,6 +657,8 @@ async fn poll_and_ingest(
     // Members whose deadlines come before the batch answers are sent on a
     // synchronous lane too, at their escalation times, between polls.
     let mut watch = escalate::Watch::load(app, up, batch).await?;
+    // An event saying the batch ended upstream cuts the wait short.
+    let poked = events::Poked::register(up, batch_id);
     let obj = loop {
         watch.escalate_due(app, batch, shutdown).await?;
         if !(first && resumed) {
@@ -675,6 +678,10 @@ async fn poll_and_ingest(
                 });
                 tokio::select! {
                     _ = tokio::time::sleep_until(wake) => {}
+                    _ = poked.notify.notified() => {
+                        info!(ferry_batch = batch.id, batch_id, "batch event received; polling now");
+                        break;
+                    }
                     _ = up.ownership.released() => return Err(StepError::NotOwner),
                     _ = shutdown.changed() => return Ok(()),
                 }
