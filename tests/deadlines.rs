@@ -537,9 +537,11 @@ async fn post_event(s: &Stack, body: &Value, secret: Option<&str>) -> reqwest::R
     req.body(body).send().await.unwrap()
 }
 
-#[tokio::test]
-async fn a_batch_event_makes_the_driver_poll_at_once() {
-    // An hour between polls: only the event can bring the result in time.
+/// A stack polling its batches hourly, that takes batch events on
+/// `/openai/events`, with `evt` submitted in a batch the emulator holds
+/// `validating` and polled once already (the first poll comes within a
+/// second); returns the stack and the upstream batch id.
+async fn events_stack() -> (Stack, String) {
     let s = Stack::start(
         &format!(
             "poll_interval_secs = 3600\nlost_after_secs = 36000\n\
@@ -556,7 +558,6 @@ async fn a_batch_event_makes_the_driver_poll_at_once() {
     s.flush().await;
     let st = until_status(&s, "evt", "submitted").await;
     let batch_id = st["batch_id"].as_str().unwrap().to_owned();
-    // The first poll (within a second of submission) finds it validating.
     let calls = |stats: &Value| stats["api_calls"].as_u64().unwrap();
     let before = calls(&s.emulator_stats().await);
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -564,6 +565,11 @@ async fn a_batch_event_makes_the_driver_poll_at_once() {
         assert!(tokio::time::Instant::now() < deadline, "never polled");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    (s, batch_id)
+}
+
+/// Ends every batch the emulator holds: its clock moves past them.
+async fn end_batches(s: &Stack) {
     let r = s
         .http
         .post(s.emu("/_emulator/clock"))
@@ -572,6 +578,13 @@ async fn a_batch_event_makes_the_driver_poll_at_once() {
         .await
         .unwrap();
     assert!(r.status().is_success());
+}
+
+#[tokio::test]
+async fn a_batch_event_makes_the_driver_poll_at_once() {
+    // An hour between polls: only the event can bring the result in time.
+    let (s, batch_id) = events_stack().await;
+    end_batches(&s).await;
     let event = json!({"id": "evt_1", "object": "event", "type": "batch.completed",
                        "created_at": 1, "data": {"id": batch_id}});
     // Unsigned, or signed with another secret: refused, nothing polled.
@@ -583,6 +596,20 @@ async fn a_batch_event_makes_the_driver_poll_at_once() {
     // Signed: the driver polls now and the result arrives.
     let r = post_event(&s, &event, Some(EVENTS_SECRET)).await;
     assert_eq!(r.status(), 200);
+    let (_, st) = s.status("alice-key", "evt", 20).await;
+    assert_eq!(st["status"], "completed", "{st}");
+}
+
+#[tokio::test]
+async fn the_emulator_pushes_signed_batch_events_and_ferry_polls_at_once() {
+    // The emulator announces the end of the batch to Ferry's route itself.
+    let (s, _) = events_stack().await;
+    s.emulator_config(json!({
+        "events_url": s.url("/openai/events"),
+        "events_secret": EVENTS_SECRET,
+    }))
+    .await;
+    end_batches(&s).await;
     let (_, st) = s.status("alice-key", "evt", 20).await;
     assert_eq!(st["status"], "completed", "{st}");
 }
