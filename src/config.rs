@@ -137,6 +137,89 @@ impl Default for RawWebhooks {
     }
 }
 
+/// An upstream's batch events route: a path outside Ferry's and the
+/// API's namespaces, and a secret, both or neither. `Err` names the key.
+fn batch_events(
+    path: Option<String>,
+    secret: Option<String>,
+    secret_env: Option<String>,
+    anthropic: bool,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<BatchEventsSettings>, (&'static str, String)> {
+    let secret = match (secret, secret_env) {
+        (Some(s), None) => Some(s),
+        (None, Some(name)) => Some(env(&name).ok_or_else(|| {
+            (
+                "batch_events_secret_env",
+                format!("environment variable `{name}` is not set"),
+            )
+        })?),
+        (None, None) => None,
+        (Some(_), Some(_)) => {
+            return Err((
+                "batch_events_secret",
+                "give batch_events_secret or batch_events_secret_env, not both".into(),
+            ));
+        }
+    };
+    let (path, secret) = match (path, secret) {
+        (None, None) => return Ok(None),
+        (Some(p), Some(s)) => (p, s),
+        (Some(_), None) => {
+            return Err((
+                "batch_events_secret",
+                "batch_events_path needs a secret".into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err((
+                "batch_events_path",
+                "a batch events secret needs a path".into(),
+            ));
+        }
+    };
+    if anthropic {
+        return Err((
+            "batch_events_path",
+            "batch events are OpenAI's; an Anthropic upstream has none".into(),
+        ));
+    }
+    if !path.starts_with('/')
+        || path == "/v1"
+        || path.starts_with("/v1/")
+        || path == "/healthz"
+        || path == "/readyz"
+    {
+        return Err((
+            "batch_events_path",
+            "must start with `/` and lie outside `/v1/`, `/healthz` and `/readyz`".into(),
+        ));
+    }
+    let key = decode_secret(&secret).map_err(|m| ("batch_events_secret", m))?;
+    Ok(Some(BatchEventsSettings { path, key }))
+}
+
+/// A tenant's `lanes`: known names, no repeats, `batch` among them (a
+/// deferred call always starts in a batch).
+fn tenant_lanes(names: &[String]) -> Result<crate::batch::lanes::TenantLanes, String> {
+    let mut seen = Vec::new();
+    for n in names {
+        let lane = crate::store::Lane::parse(n)
+            .ok_or_else(|| format!("unknown lane `{n}` (batch, flex, standard)"))?;
+        if seen.contains(&lane) {
+            return Err(format!("lane `{n}` given twice"));
+        }
+        seen.push(lane);
+    }
+    if !seen.contains(&crate::store::Lane::Batch) {
+        return Err("must include `batch`: a deferred call starts in a batch".into());
+    }
+    Ok(crate::batch::lanes::TenantLanes {
+        flex: seen.contains(&crate::store::Lane::Flex),
+        standard: seen.contains(&crate::store::Lane::Standard),
+    })
+}
+
 /// Real-time list prices of a model in USD per million tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -220,6 +303,13 @@ struct RawUpstream {
     batch_latency_prior_secs: Option<f64>,
     standard_latency_prior_secs: Option<f64>,
     escalation_margin_secs: Option<f64>,
+    /// A path on the proxy port where OpenAI's batch events for this
+    /// upstream's account arrive; off by default.
+    batch_events_path: Option<String>,
+    /// The `whsec_...` secret the events are signed with, or the
+    /// environment variable holding it.
+    batch_events_secret: Option<String>,
+    batch_events_secret_env: Option<String>,
 }
 
 /// Why [`openai_only_key`]s are refused on an Anthropic upstream.
@@ -282,6 +372,11 @@ struct RawTenant {
     /// The deadline of a deferred call without `X-Ferry-Deadline`; none by
     /// default.
     default_deadline_secs: Option<u64>,
+    /// The lanes the tenant's requests may take, of `batch`, `flex`,
+    /// `standard`; all three by default. `batch` is required.
+    lanes: Option<Vec<String>>,
+    /// At most this many standard-lane calls per hour; no cap by default.
+    max_standard_per_hour: Option<u32>,
     /// `scheme://host[:port]` entries; host may be `*` or `*.domain`, port `*`.
     #[serde(default)]
     callback_allow: Vec<String>,
@@ -400,6 +495,18 @@ pub struct UpstreamSettings {
     pub lane_priors: crate::batch::lanes::LanePriors,
     /// Time kept in hand beyond a lane's expected time when escalating.
     pub escalation_margin: Duration,
+    /// Where OpenAI's batch events arrive, and the key they are signed
+    /// with (see [`crate::batch::events`]); `None`: not received.
+    pub batch_events: Option<BatchEventsSettings>,
+}
+
+/// The route that receives an upstream's batch events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchEventsSettings {
+    /// A path on the proxy port, outside `/v1/`.
+    pub path: String,
+    /// The decoded `whsec_` secret.
+    pub key: Vec<u8>,
 }
 
 impl UpstreamSettings {
@@ -447,6 +554,12 @@ pub struct Tenant {
     /// Seconds after acceptance a deferred call without `X-Ferry-Deadline`
     /// is due; `None`: no deadline.
     pub default_deadline: Option<u64>,
+    /// The synchronous lanes a request of the tenant may step up to for
+    /// its deadline (batch is always allowed).
+    pub lanes: crate::batch::lanes::TenantLanes,
+    /// At most this many standard-lane calls per hour (this node's count);
+    /// `None`: no cap.
+    pub max_standard_per_hour: Option<NonZeroU32>,
 }
 
 /// Where Ferry keeps its state.
@@ -900,7 +1013,27 @@ impl RawConfig {
                     &key("escalation_margin_secs"),
                     u.escalation_margin_secs.unwrap_or(30.0),
                 )?,
+                batch_events: batch_events(
+                    u.batch_events_path,
+                    u.batch_events_secret,
+                    u.batch_events_secret_env,
+                    u.kind.is_anthropic(),
+                    env,
+                )
+                .map_err(|(k, m)| invalid(key(k), m))?,
             });
+            if let Some(e) = &upstreams.last().and_then(|u| u.batch_events.clone())
+                && upstreams
+                    .iter()
+                    .rev()
+                    .skip(1)
+                    .any(|u| u.batch_events.as_ref().is_some_and(|o| o.path == e.path))
+            {
+                return Err(invalid(
+                    key("batch_events_path"),
+                    "already used by another upstream",
+                ));
+            }
         }
         let uses_emulator = upstreams
             .iter()
@@ -1029,6 +1162,17 @@ impl RawConfig {
                     ),
                 ));
             }
+            let lanes = match &t.lanes {
+                None => crate::batch::lanes::TenantLanes::default(),
+                Some(names) => tenant_lanes(names).map_err(|m| invalid(key("lanes"), m))?,
+            };
+            let max_standard_per_hour = t
+                .max_standard_per_hour
+                .map(|n| {
+                    NonZeroU32::new(n)
+                        .ok_or_else(|| invalid(key("max_standard_per_hour"), "must be at least 1"))
+                })
+                .transpose()?;
             let tenant = Arc::new(Tenant {
                 name: t.name,
                 default_mode: t.default_mode,
@@ -1038,6 +1182,8 @@ impl RawConfig {
                 deferred_rate: rate(t.intake_rps, t.intake_burst, "intake_rps")?,
                 passthrough_rate: rate(t.passthrough_rps, t.passthrough_burst, "passthrough_rps")?,
                 default_deadline: t.default_deadline_secs,
+                lanes,
+                max_standard_per_hour,
             });
             let mut hashes = Vec::new();
             for k in t.keys {
@@ -1320,6 +1466,86 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(key), "{to}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_tenant_chooses_its_lanes_and_caps_standard() {
+        let c = Config::parse_with_env(MIN, &no_env).unwrap();
+        let t = c.tenant_for_key("k1").unwrap();
+        assert_eq!(t.lanes, crate::batch::lanes::TenantLanes::default());
+        assert_eq!(t.max_standard_per_hour, None);
+        let nightly = MIN.replace(
+            "keys = [\"k1\"]",
+            "keys = [\"k1\"]\nlanes = [\"batch\", \"flex\"]\nmax_standard_per_hour = 10",
+        );
+        let c = Config::parse_with_env(&nightly, &no_env).unwrap();
+        let t = c.tenant_for_key("k1").unwrap();
+        assert_eq!(
+            t.lanes,
+            crate::batch::lanes::TenantLanes {
+                flex: true,
+                standard: false
+            }
+        );
+        assert_eq!(t.max_standard_per_hour, NonZeroU32::new(10));
+        for bad in [
+            "lanes = [\"flex\"]",
+            "lanes = [\"batch\", \"turbo\"]",
+            "lanes = [\"batch\", \"batch\"]",
+            "max_standard_per_hour = 0",
+        ] {
+            let err = Config::parse_with_env(
+                &MIN.replace("keys = [\"k1\"]", &format!("keys = [\"k1\"]\n{bad}")),
+                &no_env,
+            )
+            .unwrap_err()
+            .to_string();
+            let key = bad.split(' ').next().unwrap();
+            assert!(err.contains(&format!("tenants[0].{key}")), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn batch_events_need_a_path_outside_v1_and_a_secret() {
+        let c = Config::parse_with_env(MIN, &no_env).unwrap();
+        assert_eq!(c.upstreams[0].batch_events, None, "off by default");
+        let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let with =
+            |lines: &str| MIN.replace("emulator = true", &format!("emulator = true\n{lines}"));
+        let on = with(&format!(
+            "batch_events_path = \"/openai/events\"\nbatch_events_secret = \"{secret}\""
+        ));
+        let c = Config::parse_with_env(&on, &no_env).unwrap();
+        let e = c.upstreams[0].batch_events.as_ref().unwrap();
+        assert_eq!(e.path, "/openai/events");
+        assert_eq!(e.key, decode_secret(secret).unwrap());
+        for (bad, key) in [
+            (
+                "batch_events_path = \"/e\"".to_owned(),
+                "batch_events_secret",
+            ),
+            (
+                format!("batch_events_secret = \"{secret}\""),
+                "batch_events_path",
+            ),
+            (
+                format!("batch_events_path = \"/v1/events\"\nbatch_events_secret = \"{secret}\""),
+                "batch_events_path",
+            ),
+            (
+                "batch_events_path = \"/e\"\nbatch_events_secret = \"nope\"".to_owned(),
+                "batch_events_secret",
+            ),
+            (
+                "batch_events_path = \"/e\"\nbatch_events_secret_env = \"UNSET\"".to_owned(),
+                "batch_events_secret_env",
+            ),
+        ] {
+            let err = Config::parse_with_env(&with(&bad), &no_env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("upstreams[0].{key}")), "{bad}: {err}");
         }
     }
 

@@ -111,6 +111,12 @@ pub struct Upstream {
     /// Whether this node owns the upstream's batches (one node at a time
     /// does; with sled, always this one).
     pub ownership: batch::ownership::Ownership,
+    /// How long its flex and standard calls take, learned per model from
+    /// the priors on: what escalation times are computed from.
+    pub latencies: batch::latency::Observed,
+    /// The drivers polling a submitted batch on this node, by upstream
+    /// batch id, for OpenAI's batch events to wake (see [`batch::events`]).
+    pub polling: dashmap::DashMap<String, Arc<tokio::sync::Notify>>,
 }
 
 impl Upstream {
@@ -121,6 +127,8 @@ impl Upstream {
         api_key: &str,
     ) -> Upstream {
         Upstream {
+            latencies: batch::latency::Observed::new(settings.lane_priors),
+            polling: dashmap::DashMap::new(),
             settings,
             client,
             passthrough,
@@ -204,6 +212,10 @@ pub struct App {
     /// The cluster's members as last seen (empty with sled): upstreams are
     /// spread over them.
     pub members: std::sync::RwLock<Vec<String>>,
+    /// Each tenant's standard-lane calls this hour, for its
+    /// `max_standard_per_hour` (this node's count).
+    pub standard_budgets:
+        std::sync::Mutex<std::collections::HashMap<String, batch::lanes::StandardBudget>>,
 }
 
 impl App {
@@ -226,7 +238,8 @@ impl App {
         let s = &upstream.settings;
         // A deadline within the flush loop's horizon may call for a flush or
         // an escalation before its next pass.
-        let horizon = batch::lanes::scan_horizon(&s.lane_priors, s.escalation_margin);
+        let horizon =
+            batch::lanes::scan_horizon(&upstream.latencies.longest(), s.escalation_margin);
         let near = rec
             .deadline_at
             .is_some_and(|d| d.saturating_sub(now_secs()) <= horizon.as_secs());

@@ -58,6 +58,12 @@ pub struct Metrics {
     pub lane_results: IntCounterVec,
     pub escalations: IntCounterVec,
     pub deadline_misses: IntCounterVec,
+    /// Answers paid for and thrown away: a request escalated out of a
+    /// submitted batch was answered by the other lane first.
+    pub spent_twice: IntCounterVec,
+    pub spent_twice_usd: CounterVec,
+    /// Escalations a tenant's lanes or standard cap held back.
+    pub escalations_withheld: IntCounterVec,
     pub flex_unavailable: IntCounter,
 }
 
@@ -264,6 +270,21 @@ impl Metrics {
                 "Requests with a deadline answered after it, by the lane that answered.",
                 &["lane"],
             ),
+            spent_twice: counter_vec(
+                "ferry_spent_twice_total",
+                "Answers paid for and discarded because the request was already answered on another lane (an escalation out of a submitted batch), by the lane of the discarded answer.",
+                &["lane"],
+            ),
+            spent_twice_usd: float_counter(
+                "ferry_spent_twice_usd_total",
+                "Estimated cost of the discarded answers counted in ferry_spent_twice_total, from the price table in config (batch and flex at the batch discount), by lane.",
+                &["lane"],
+            ),
+            escalations_withheld: counter_vec(
+                "ferry_escalations_withheld_total",
+                "Requests due to step up for their deadline that stayed on a cheaper lane, by reason: lanes (the tenant's lanes allow none) or standard_cap (its standard calls this hour are used up).",
+                &["reason"],
+            ),
             flex_unavailable: {
                 let c = must(IntCounter::new(
                     "ferry_flex_unavailable_total",
@@ -342,9 +363,14 @@ impl Metrics {
         for lane in ["batch", "flex", "standard"] {
             self.lane_results.with_label_values(&[lane]);
             self.deadline_misses.with_label_values(&[lane]);
+            self.spent_twice.with_label_values(&[lane]);
+            self.spent_twice_usd.with_label_values(&[lane]);
             if lane != "batch" {
                 self.escalations.with_label_values(&[lane]);
             }
+        }
+        for reason in ["lanes", "standard_cap"] {
+            self.escalations_withheld.with_label_values(&[reason]);
         }
         for kind in PURGED_KINDS {
             self.retention_purged.with_label_values(&[*kind]);

@@ -220,6 +220,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         shutting_down: AtomicBool::new(false),
         release_waiters: tokio::sync::Notify::new(),
         members: Default::default(),
+        standard_budgets: Default::default(),
         config,
     });
 

@@ -21,9 +21,21 @@ async fn defer_model(
     custom_id: &str,
     prefer: &str,
 ) -> reqwest::Response {
+    defer_as(s, "alice-key", model, deadline, custom_id, prefer).await
+}
+
+/// [`defer_model`] as the tenant of `key`.
+async fn defer_as(
+    s: &Stack,
+    key: &str,
+    model: &str,
+    deadline: &str,
+    custom_id: &str,
+    prefer: &str,
+) -> reqwest::Response {
     s.http
         .post(s.url("/v1/chat/completions"))
-        .bearer_auth("alice-key")
+        .bearer_auth(key)
         .header("prefer", prefer)
         .header("x-ferry-custom-id", custom_id)
         .header("x-ferry-deadline", deadline)
@@ -216,7 +228,396 @@ async fn a_near_deadline_flushes_its_queue_while_a_batch_can_still_make_it() {
     assert_eq!(stats["realtime_requests"], 0, "{stats}");
 }
 
+/// A price for `gpt-4o-mini`, so discarded answers have a cost: a dollar
+/// a token (list), half that in a batch or on flex.
+const PRICED: &str = r#"
+[prices."gpt-4o-mini"]
+prompt_per_mtok = 1000000.0
+completion_per_mtok = 1000000.0
+"#;
+
+/// Waits until the metrics show `line` (counters move after the answer a
+/// caller sees, so this polls the admin port briefly).
+async fn until_metric(s: &Stack, line: &str) -> String {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let m = s.metrics().await;
+        if m.lines().any(|l| l == line) {
+            return m;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never saw {line}:\n{m}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// The value of the series `name` in `metrics`.
+fn series(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name}"))
+}
+
+/// A stack whose emulator serves flex for `gpt-4o-mini` and holds every
+/// batch `validating` for an hour of its clock.
+async fn held_batch_stack(backend: Backend) -> Stack {
+    let s = Stack::start_on(backend, &format!("{FLEX_UPSTREAM}{PRICED}"), "");
+    s.emulator_config(json!({"flex_models": ["gpt-4o-mini"], "validating_seconds": 3600}))
+        .await;
+    s
+}
+
+/// Defers `custom_id` with a 7 s deadline, held for its answer, and
+/// flushes it into a batch as soon as it is queued: flex (5 s, no margin)
+/// is due 2 s after acceptance, while the batch is held upstream.
+async fn defer_held_into_a_batch(s: &Stack, custom_id: &str) -> reqwest::Response {
+    let held = defer_model(s, "gpt-4o-mini", "7", custom_id, "respond-async, wait=30");
+    let flush = async {
+        until_status(s, custom_id, "queued").await;
+        s.flush().await;
+    };
+    tokio::join!(held, flush).0
+}
+
+async fn a_request_in_a_held_batch_is_answered_on_flex_and_its_batch_line_discarded(
+    backend: Backend,
+) {
+    let s = held_batch_stack(backend).await;
+    let r = defer_held_into_a_batch(&s, "held").await;
+    assert_eq!(r.status(), 200, "the held caller gets the flex answer");
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["service_tier"], "flex", "{answer}");
+    let (_, st) = s.status("alice-key", "held", 0).await;
+    assert_eq!(
+        (&st["status"], &st["lane"]),
+        (&json!("completed"), &json!("flex")),
+        "{st}"
+    );
+    assert!(
+        st["batch_id"].is_null(),
+        "answered by no Batch API job: {st}"
+    );
+
+    // The batch finishes after all: its line for the request is paid for
+    // and thrown away.
+    let r = s
+        .http
+        .post(s.emu("/_emulator/clock"))
+        .json(&json!({"advance_seconds": 4000}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    s.until_no_live_batches().await;
+    let metrics = until_metric(&s, r#"ferry_spent_twice_total{lane="batch"} 1"#).await;
+    for line in [
+        r#"ferry_spent_twice_total{lane="flex"} 0"#,
+        r#"ferry_escalations_total{lane="flex"} 1"#,
+        r#"ferry_lane_results_total{lane="flex"} 1"#,
+        r#"ferry_lane_results_total{lane="batch"} 0"#,
+        r#"ferry_deadline_misses_total{lane="flex"} 0"#,
+    ] {
+        assert!(metrics.contains(line), "{line}");
+    }
+    assert!(
+        series(&metrics, r#"ferry_spent_twice_usd_total{lane="batch"}"#) > 0.0,
+        "the discarded line has a cost"
+    );
+    let (_, after) = s.status("alice-key", "held", 0).await;
+    assert_eq!(after["lane"], "flex", "{after}");
+    assert_eq!(after["completed_at"], st["completed_at"], "answered once");
+    assert_eq!(after["result"]["body"]["service_tier"], "flex", "{after}");
+    let stats = s.emulator_stats().await;
+    assert_eq!(stats["lines_submitted"], 1, "{stats}");
+    assert_eq!(stats["realtime_requests"], 1, "{stats}");
+}
+
+async fn a_batch_that_answers_during_the_flex_call_wins_and_the_flex_answer_is_discarded(
+    backend: Backend,
+) {
+    let s = held_batch_stack(backend).await;
+    s.emulator_config(json!({"flex_latency_ms": 8000})).await;
+    let held = defer_held_into_a_batch(&s, "raced");
+    let release = async {
+        // Once the flex call is under way, the batch finishes.
+        until_metric(&s, r#"ferry_escalations_total{lane="flex"} 1"#).await;
+        let r = s
+            .http
+            .post(s.emu("/_emulator/clock"))
+            .json(&json!({"advance_seconds": 4000}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    };
+    let (r, ()) = tokio::join!(held, release);
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(
+        answer["service_tier"], "default",
+        "the batch's answer: {answer}"
+    );
+    let metrics = until_metric(&s, r#"ferry_spent_twice_total{lane="flex"} 1"#).await;
+    for line in [
+        r#"ferry_spent_twice_total{lane="batch"} 0"#,
+        r#"ferry_lane_results_total{lane="batch"} 1"#,
+        r#"ferry_lane_results_total{lane="flex"} 0"#,
+    ] {
+        assert!(metrics.contains(line), "{line}");
+    }
+    let (_, st) = s.status("alice-key", "raced", 0).await;
+    assert_eq!(
+        (&st["status"], &st["lane"]),
+        (&json!("completed"), &json!("batch")),
+        "{st}"
+    );
+    assert!(st["batch_id"].is_string(), "{st}");
+}
+
+async fn an_escalation_out_of_a_batch_cut_short_by_a_crash_resumes_and_is_not_repeated(
+    backend: Backend,
+) {
+    let mut s = held_batch_stack(backend).await;
+    // The flex call hangs until Ferry is killed.
+    s.emulator_config(json!({"flex_latency_ms": 60_000})).await;
+    let r = defer_model(&s, "gpt-4o-mini", "7", "cut", "respond-async").await;
+    assert_eq!(r.status(), 202);
+    until_status(&s, "cut", "queued").await;
+    s.flush().await;
+    until_metric(&s, r#"ferry_escalations_total{lane="flex"} 1"#).await;
+    s.emulator_config(json!({"flex_latency_ms": 0})).await;
+    s.restart_ferry();
+    let (_, st) = s.status("alice-key", "cut", 30).await;
+    assert_eq!(
+        (&st["status"], &st["lane"]),
+        (&json!("completed"), &json!("flex")),
+        "{st}"
+    );
+    // Resumed on flex from what was recorded: not escalated again.
+    let metrics = s.metrics().await;
+    for line in [
+        r#"ferry_escalations_total{lane="flex"} 0"#,
+        r#"ferry_escalations_total{lane="standard"} 0"#,
+    ] {
+        assert!(metrics.contains(line), "{line}");
+    }
+    let r = s
+        .http
+        .post(s.emu("/_emulator/clock"))
+        .json(&json!({"advance_seconds": 4000}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    s.until_no_live_batches().await;
+    until_metric(&s, r#"ferry_spent_twice_total{lane="batch"} 1"#).await;
+    let (_, after) = s.status("alice-key", "cut", 0).await;
+    assert_eq!(after["completed_at"], st["completed_at"], "answered once");
+    assert_eq!(after["lane"], "flex", "{after}");
+    // The resumed flex call, and the one cut short if the emulator counted
+    // it before Ferry died (documented: a call cut short may be paid
+    // twice); one batch line.
+    let stats = s.emulator_stats().await;
+    let calls = stats["realtime_requests"].as_u64().unwrap();
+    assert!((1..=2).contains(&calls), "{stats}");
+    assert_eq!(stats["lines_submitted"], 1, "{stats}");
+}
+
+/// Two more tenants: one that never pays full price, one allowed a
+/// single standard call an hour.
+const LANE_TENANTS: &str = r#"
+[[tenants]]
+name = "nightly"
+keys = ["nightly-key"]
+lanes = ["batch", "flex"]
+
+[[tenants]]
+name = "capped"
+keys = ["capped-key"]
+max_standard_per_hour = 1
+"#;
+
+#[tokio::test]
+async fn a_tenants_lanes_and_standard_cap_keep_requests_on_cheaper_lanes() {
+    let s = Stack::start(&format!("{FLEX_UPSTREAM}{LANE_TENANTS}"), "");
+    s.emulator_config(json!({"flex_models": ["gpt-4o-mini"]}))
+        .await;
+    // gpt-4o has no flex and nightly takes no standard: it stays queued.
+    let r = defer_as(&s, "nightly-key", "gpt-4o", "1", "n", "respond-async").await;
+    assert_eq!(r.status(), 202);
+    until_metric(&s, r#"ferry_escalations_withheld_total{reason="lanes"} 1"#).await;
+    // Its flex model still goes flex.
+    let r = defer_as(
+        &s,
+        "nightly-key",
+        "gpt-4o-mini",
+        "1",
+        "nf",
+        "respond-async, wait=30",
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["service_tier"], "flex", "{answer}");
+
+    // capped: one standard call this hour, then none.
+    let r = defer_as(
+        &s,
+        "capped-key",
+        "gpt-4o",
+        "1",
+        "c1",
+        "respond-async, wait=30",
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let r = defer_as(&s, "capped-key", "gpt-4o", "1", "c2", "respond-async").await;
+    assert_eq!(r.status(), 202);
+    until_metric(
+        &s,
+        r#"ferry_escalations_withheld_total{reason="standard_cap"} 1"#,
+    )
+    .await;
+    for (key, id) in [("nightly-key", "n"), ("capped-key", "c2")] {
+        let (_, st) = s.status(key, id, 0).await;
+        assert_eq!(st["status"], "queued", "{id}: {st}");
+    }
+    let (_, c1) = s.status("capped-key", "c1", 0).await;
+    assert_eq!(c1["lane"], "standard", "{c1}");
+    let stats = s.emulator_stats().await;
+    assert_eq!(
+        stats["realtime_requests"], 2,
+        "one flex, one standard: {stats}"
+    );
+    let metrics = s.metrics().await;
+    for line in [
+        r#"ferry_escalations_total{lane="standard"} 1"#,
+        r#"ferry_escalations_total{lane="flex"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line}");
+    }
+    // A flush still answers them, by batch (late: counted as misses).
+    s.flush().await;
+    for (key, id) in [("nightly-key", "n"), ("capped-key", "c2")] {
+        let (_, st) = s.status(key, id, 30).await;
+        assert_eq!(
+            (&st["status"], &st["lane"]),
+            (&json!("completed"), &json!("batch")),
+            "{id}: {st}"
+        );
+    }
+}
+
+/// The secret OpenAI signs this test's batch events with.
+const EVENTS_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// Posts a batch event to Ferry's events route, signed with `secret`
+/// (Standard Webhooks, as OpenAI signs them); `None` posts it unsigned.
+async fn post_event(s: &Stack, body: &Value, secret: Option<&str>) -> reqwest::Response {
+    let body = body.to_string();
+    let mut req = s
+        .http
+        .post(s.url("/openai/events"))
+        .header("content-type", "application/json");
+    if let Some(secret) = secret {
+        let key = ferry::delivery::webhooks::decode_secret(secret).unwrap();
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let signature = ferry::delivery::webhooks::sign(&key, "msg_1", ts, &body);
+        req = req
+            .header("webhook-id", "msg_1")
+            .header("webhook-timestamp", ts.to_string())
+            .header("webhook-signature", signature);
+    }
+    req.body(body).send().await.unwrap()
+}
+
+/// A stack polling its batches hourly, that takes batch events on
+/// `/openai/events`, with `evt` submitted in a batch the emulator holds
+/// `validating` and polled once already (the first poll comes within a
+/// second); returns the stack and the upstream batch id.
+async fn events_stack() -> (Stack, String) {
+    let s = Stack::start(
+        &format!(
+            "poll_interval_secs = 3600\nlost_after_secs = 36000\n\
+             batch_events_path = \"/openai/events\"\n\
+             batch_events_secret = \"{EVENTS_SECRET}\""
+        ),
+        "",
+    );
+    s.emulator_config(json!({"validating_seconds": 3600})).await;
+    let r = s
+        .defer("alice-key", &chat("gpt-4o-mini", "hi"), None, Some("evt"))
+        .await;
+    assert_eq!(r.status(), 202);
+    s.flush().await;
+    let st = until_status(&s, "evt", "submitted").await;
+    let batch_id = st["batch_id"].as_str().unwrap().to_owned();
+    let calls = |stats: &Value| stats["api_calls"].as_u64().unwrap();
+    let before = calls(&s.emulator_stats().await);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while calls(&s.emulator_stats().await) <= before {
+        assert!(tokio::time::Instant::now() < deadline, "never polled");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    (s, batch_id)
+}
+
+/// Ends every batch the emulator holds: its clock moves past them.
+async fn end_batches(s: &Stack) {
+    let r = s
+        .http
+        .post(s.emu("/_emulator/clock"))
+        .json(&json!({"advance_seconds": 4000}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+}
+
+#[tokio::test]
+async fn a_batch_event_makes_the_driver_poll_at_once() {
+    // An hour between polls: only the event can bring the result in time.
+    let (s, batch_id) = events_stack().await;
+    end_batches(&s).await;
+    let event = json!({"id": "evt_1", "object": "event", "type": "batch.completed",
+                       "created_at": 1, "data": {"id": batch_id}});
+    // Unsigned, or signed with another secret: refused, nothing polled.
+    assert_eq!(post_event(&s, &event, None).await.status(), 400);
+    let other = "whsec_dGhpcyBpcyBub3QgdGhlIHNlY3JldA==";
+    assert_eq!(post_event(&s, &event, Some(other)).await.status(), 401);
+    let (_, st) = s.status("alice-key", "evt", 0).await;
+    assert_eq!(st["status"], "submitted", "{st}");
+    // Signed: the driver polls now and the result arrives.
+    let r = post_event(&s, &event, Some(EVENTS_SECRET)).await;
+    assert_eq!(r.status(), 200);
+    let (_, st) = s.status("alice-key", "evt", 20).await;
+    assert_eq!(st["status"], "completed", "{st}");
+}
+
+#[tokio::test]
+async fn the_emulator_pushes_signed_batch_events_and_ferry_polls_at_once() {
+    // The emulator announces the end of the batch to Ferry's route itself.
+    let (s, _) = events_stack().await;
+    s.emulator_config(json!({
+        "events_url": s.url("/openai/events"),
+        "events_secret": EVENTS_SECRET,
+    }))
+    .await;
+    end_batches(&s).await;
+    let (_, st) = s.status("alice-key", "evt", 20).await;
+    assert_eq!(st["status"], "completed", "{st}");
+}
+
 on_both_backends!(
+    a_request_in_a_held_batch_is_answered_on_flex_and_its_batch_line_discarded,
+    an_escalation_out_of_a_batch_cut_short_by_a_crash_resumes_and_is_not_repeated,
+    a_batch_that_answers_during_the_flex_call_wins_and_the_flex_answer_is_discarded,
     a_deadline_sends_a_queued_request_on_flex_to_its_held_caller,
     flex_refused_for_capacity_steps_up_to_standard_and_no_flex_model_goes_straight_there,
     a_flex_call_cut_short_by_a_crash_is_resumed_on_flex_and_answered_once,

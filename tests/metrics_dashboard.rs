@@ -340,6 +340,11 @@ fn touched_metrics() -> Metrics {
     m.lane_results.with_label_values(&["flex"]).inc();
     m.escalations.with_label_values(&["flex"]).inc();
     m.deadline_misses.with_label_values(&["standard"]).inc();
+    m.spent_twice.with_label_values(&["batch"]).inc();
+    m.spent_twice_usd.with_label_values(&["batch"]).inc_by(0.5);
+    m.escalations_withheld
+        .with_label_values(&["standard_cap"])
+        .inc();
     m.flex_unavailable.inc();
     m.accept_to_result.observe(60.0);
     m.waiters.set(1);

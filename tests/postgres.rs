@@ -1943,3 +1943,150 @@ async fn a_request_due_by_its_deadline_is_claimed_alone_and_never_also_flushed()
     s.cancel("t", "b", &payload).await.unwrap();
     assert!(due(1000).await.is_empty());
 }
+
+/// A completed answer whose body is `text`.
+fn answer(text: &'static str) -> Outcome {
+    Outcome::Completed(StoredResult {
+        status_code: 200,
+        body: bytes::Bytes::from_static(text.as_bytes()),
+    })
+}
+
+/// A submitted batch of three: `a` (deadline 100), `b` (deadline 200) and
+/// `c` (none); the batch, its members, and the upstream's lease.
+async fn submitted_with_deadlines(s: &PgStore) -> (BatchRecord, Vec<u64>, (String, u64)) {
+    for (cid, deadline_at) in [("a", Some(100)), ("b", Some(200)), ("c", None)] {
+        let r = RequestRecord {
+            deadline_at,
+            ..rec("t", cid, "h")
+        };
+        created(s, r).await;
+    }
+    let (job, ids) = submitted_batch(s).await;
+    let lease = "upstream/u".to_owned();
+    let token = s
+        .acquire_lease(&lease, Duration::from_secs(60), true)
+        .await
+        .unwrap()
+        .unwrap()
+        .token;
+    (job, ids, (lease, token))
+}
+
+#[tokio::test]
+async fn a_request_in_a_submitted_batch_escalates_once_and_the_first_answer_wins() {
+    let (_config, s) = store("a").await;
+    let (job, ids, (lease, token)) = submitted_with_deadlines(&s).await;
+    let fence = (lease.as_str(), token);
+    assert_eq!(
+        s.pending_deadlines(job.id).await.unwrap(),
+        vec![(ids[0], 100), (ids[1], 200)]
+    );
+    // A stale token escalates nothing.
+    let stale = s
+        .escalate_submitted_fenced(job.id, ids[0], Lane::Flex, "deadline", (&lease, token + 1))
+        .await
+        .unwrap();
+    assert!(stale.is_none());
+    let one = s
+        .escalate_submitted_fenced(job.id, ids[0], Lane::Flex, "deadline", fence)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (one.lane, one.request_count, one.state.clone()),
+        (Lane::Flex, 1, BatchState::Claimed)
+    );
+    assert_eq!(s.members(one.id).await.unwrap(), vec![ids[0]]);
+    // Still in its job, and escalated once only.
+    let a = s.get(ids[0]).await.unwrap().unwrap();
+    assert_eq!(
+        (a.status, a.batch),
+        (RequestStatus::Submitted, Some(job.id))
+    );
+    assert!(s.holds(one.id, ids[0]).await.unwrap() && s.holds(job.id, ids[0]).await.unwrap());
+    assert!(!s.holds(one.id, ids[1]).await.unwrap());
+    let again = s
+        .escalate_submitted_fenced(job.id, ids[0], Lane::Standard, "deadline", fence)
+        .await
+        .unwrap();
+    assert!(again.is_none());
+    assert_eq!(
+        s.pending_deadlines(job.id).await.unwrap(),
+        vec![(ids[1], 200)]
+    );
+
+    // The job's failures leave an escalated request to its escalation.
+    let done = s
+        .apply_outcomes(
+            job.id,
+            vec![(ids[0], Outcome::Expired(err("batch_expired")))],
+            &payload,
+        )
+        .await
+        .unwrap();
+    assert!(done.is_empty());
+    // The escalation answers first: its answer and lane are the request's.
+    s.apply_submitted(one.id).await.unwrap();
+    let done = s
+        .apply_outcomes(one.id, vec![(ids[0], answer("flex"))], &payload)
+        .await
+        .unwrap();
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].answered_by(), Some(Lane::Flex));
+    // The job's line comes later: discarded; the other members apply.
+    let done = s
+        .apply_outcomes(
+            job.id,
+            vec![
+                (ids[0], answer("batch")),
+                (ids[1], answer("batch")),
+                (ids[2], answer("batch")),
+            ],
+            &payload,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        done.iter().map(|r| r.id).collect::<Vec<_>>(),
+        ids[1..].to_vec()
+    );
+    let a = s.get(ids[0]).await.unwrap().unwrap();
+    assert_eq!((a.answered_by(), a.batch), (Some(Lane::Flex), Some(one.id)));
+    assert!(a.batch_id.is_none(), "no Batch API job answered it");
+    assert_eq!(&s.result(ids[0]).await.unwrap().unwrap().body[..], b"flex");
+}
+
+#[tokio::test]
+async fn the_job_may_answer_first_and_the_escalation_is_then_discarded() {
+    let (_config, s) = store("a").await;
+    let (job, ids, (lease, token)) = submitted_with_deadlines(&s).await;
+    let fence = (lease.as_str(), token);
+    let one = s
+        .escalate_submitted_fenced(job.id, ids[1], Lane::Standard, "deadline", fence)
+        .await
+        .unwrap()
+        .unwrap();
+    let done = s
+        .apply_outcomes(job.id, vec![(ids[1], answer("batch"))], &payload)
+        .await
+        .unwrap();
+    assert_eq!(done[0].answered_by(), Some(Lane::Batch));
+    let done = s
+        .apply_outcomes(one.id, vec![(ids[1], answer("standard"))], &payload)
+        .await
+        .unwrap();
+    assert!(done.is_empty(), "answered once");
+    let b = s.get(ids[1]).await.unwrap().unwrap();
+    assert_eq!(
+        (b.answered_by(), b.batch),
+        (Some(Lane::Batch), Some(job.id))
+    );
+    assert_eq!(&s.result(ids[1]).await.unwrap().unwrap().body[..], b"batch");
+    // A request no longer waiting on its job is not escalated.
+    let late = s
+        .escalate_submitted_fenced(job.id, ids[1], Lane::Flex, "deadline", fence)
+        .await
+        .unwrap();
+    assert!(late.is_none());
+}

@@ -114,6 +114,7 @@ async fn harness_with(
         shutting_down: AtomicBool::new(false),
         release_waiters: tokio::sync::Notify::new(),
         members: Default::default(),
+        standard_budgets: Default::default(),
     });
     // One node on sled: it owns the upstream, as its flush loop finds.
     let owned = crate::batch::ownership::renew(&app, 0, &shutdown).await;

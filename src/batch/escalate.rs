@@ -22,8 +22,8 @@ use tracing::{info, warn};
 use super::{StepError, advance, lanes, member_ids};
 use crate::App;
 use crate::store::{
-    BatchRecord, BatchState, Lane, Outcome, QueueKey, RequestError, StoredResult, now_millis,
-    now_secs,
+    BatchRecord, BatchState, Lane, Outcome, QueueKey, RequestError, RequestRecord, StoredResult,
+    lifecycle, now_millis, now_secs,
 };
 
 /// How long a flex call may take: OpenAI asks clients to allow up to 15
@@ -43,6 +43,60 @@ pub fn lane_body(stored: &[u8], lane: Lane) -> Option<Vec<u8>> {
     serde_json::to_vec(&v).ok()
 }
 
+/// The lane a request of `tenant` due to step up onto `next` goes on now,
+/// or why it stays where it is: the tenant's `lanes`, then its standard
+/// budget (taken here when standard is chosen).
+pub(super) fn lane_for(
+    app: &App,
+    tenant: &str,
+    next: Lane,
+    now_ms: u64,
+) -> Result<Lane, lanes::Withheld> {
+    let t = app.config.tenants.iter().find(|t| t.name == tenant);
+    let allowed = t.map(|t| t.lanes).unwrap_or_default();
+    let cap = t.and_then(|t| t.max_standard_per_hour);
+    let wants_standard = lanes::choose_lane(next, allowed, true) == Ok(Lane::Standard);
+    let room = !wants_standard || {
+        let mut budgets = app
+            .standard_budgets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        budgets
+            .entry(tenant.to_owned())
+            .or_default()
+            .try_take(now_ms, cap)
+    };
+    let chosen = lanes::choose_lane(next, allowed, room);
+    if let Err(why) = chosen {
+        app.metrics
+            .escalations_withheld
+            .with_label_values(&[why.as_str()])
+            .inc();
+    }
+    chosen
+}
+
+/// When a request of `tenant` held back for `why` is looked at again
+/// (unix millis): at the end of the tenant's standard window for its cap;
+/// never for its lanes.
+pub(super) fn recheck_at_ms(app: &App, tenant: &str, why: lanes::Withheld) -> u64 {
+    match why {
+        lanes::Withheld::Lanes => u64::MAX,
+        lanes::Withheld::StandardCap => app
+            .standard_budgets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tenant)
+            .map_or(0, |b| b.window_end_ms()),
+    }
+}
+
+/// Requests held back by their tenant's lanes or standard cap, by id,
+/// with when to look at each again (unix millis): kept by the flush loop
+/// across passes, so they are not read again each pass, and forgotten
+/// once they leave the scan (flushed, cancelled).
+pub(super) type Withheld = HashMap<u64, u64>;
+
 /// Requests looked at per pass of the flush loop (soonest deadline first);
 /// more wait for the next pass, a second later at most.
 const SCAN_LIMIT: usize = 1_000;
@@ -61,13 +115,19 @@ pub struct Due {
 /// loop's horizon ([`lanes::scan_horizon`]), soonest deadline first, with
 /// their escalation times. Empty when the store cannot be read (the next
 /// pass tries again).
-pub(super) async fn scan(app: &App, up: &crate::Upstream, now_ms: u64) -> Vec<Due> {
+pub(super) async fn scan(
+    app: &App,
+    up: &crate::Upstream,
+    now_ms: u64,
+    withheld: &Withheld,
+) -> Vec<Due> {
     let settings = &up.settings;
-    let horizon = lanes::scan_horizon(&settings.lane_priors, settings.escalation_margin);
+    let horizon = lanes::scan_horizon(&up.latencies.longest(), settings.escalation_margin);
     let before = (now_ms / 1000).saturating_add(horizon.as_secs() + 1);
     let due = match app
         .store
-        .due_by_deadline(&settings.name, before, SCAN_LIMIT)
+        // Those held back stay due: read past them.
+        .due_by_deadline(&settings.name, before, SCAN_LIMIT + withheld.len())
         .await
     {
         Ok(due) => due,
@@ -83,7 +143,7 @@ pub(super) async fn scan(app: &App, up: &crate::Upstream, now_ms: u64) -> Vec<Du
                 deadline,
                 lane,
                 &queue.model,
-                &settings.lane_priors,
+                &up.latencies,
                 settings.escalation_margin,
             );
             Due {
@@ -113,12 +173,15 @@ pub(super) async fn escalate_due(
     app: &Arc<App>,
     up: &crate::Upstream,
     due: Vec<Due>,
+    withheld: &mut Withheld,
     token: u64,
     shutdown: &watch::Receiver<bool>,
 ) -> Option<Duration> {
     let now_ms = now_millis();
     let lease = super::ownership::lease_name(&up.settings.name);
     let mut next: Option<Duration> = None;
+    let seen: std::collections::HashSet<u64> = due.iter().map(|d| d.id).collect();
+    withheld.retain(|id, _| seen.contains(id));
     for Due {
         queue: qk,
         id,
@@ -126,14 +189,35 @@ pub(super) async fn escalate_due(
         escalate_at_ms: at,
     } in due
     {
+        let at = at.max(withheld.get(&id).copied().unwrap_or(0));
         if at > now_ms {
-            let wait = Duration::from_millis(at - now_ms);
-            next = Some(next.map_or(wait, |n| n.min(wait)));
+            if at != u64::MAX {
+                let wait = Duration::from_millis(at - now_ms);
+                next = Some(next.map_or(wait, |n| n.min(wait)));
+            }
             continue;
         }
         if !up.ownership.holds(token) || *shutdown.borrow() {
             return None;
         }
+        let tenant = match app.store.get(id).await {
+            Ok(Some(rec)) => rec.tenant,
+            // Gone meanwhile.
+            Ok(None) => continue,
+            Err(e) => {
+                warn!(request = id, error = %e, "cannot read a request due for its deadline; will retry");
+                continue;
+            }
+        };
+        let lane = match lane_for(app, &tenant, lane, now_ms) {
+            Ok(lane) => lane,
+            Err(why) => {
+                info!(request = id, tenant = %tenant, reason = why.as_str(), "request due for its deadline stays in its queue");
+                withheld.insert(id, recheck_at_ms(app, &tenant, why));
+                continue;
+            }
+        };
+        withheld.remove(&id);
         match app
             .store
             .claim_request(&qk, id, lane, (&lease, token))
@@ -160,6 +244,147 @@ pub(super) async fn escalate_due(
     next
 }
 
+/// The members of a submitted Batch API job that escalate for their
+/// deadlines while the job runs, soonest first: read once when its driver
+/// starts polling (a restart reads them again, so nothing is lost), then
+/// taken as their times come. A member escalates once; the store refuses
+/// a second escalation, or one of a member no longer waiting on the job.
+#[derive(Debug, Default)]
+pub(super) struct Watch {
+    /// (escalation time in unix millis, request id, lane), soonest last.
+    due: Vec<(u64, u64, Lane)>,
+}
+
+impl Watch {
+    /// The members of `batch` to watch: none for an escalation's own batch
+    /// of one, which is already on a synchronous lane.
+    pub(super) async fn load(
+        app: &App,
+        up: &crate::Upstream,
+        batch: &BatchRecord,
+    ) -> Result<Watch, StepError> {
+        if !batch.lane.is_batch() {
+            return Ok(Watch::default());
+        }
+        let settings = &up.settings;
+        let lane = lanes::next_lane(&batch.model, &settings.flex_models);
+        let mut due: Vec<(u64, u64, Lane)> = app
+            .store
+            .pending_deadlines(batch.id)
+            .await?
+            .into_iter()
+            .map(|(id, deadline)| {
+                let at = lanes::escalation_at_ms(
+                    deadline,
+                    lane,
+                    &batch.model,
+                    &up.latencies,
+                    settings.escalation_margin,
+                );
+                (at, id, lane)
+            })
+            .collect();
+        due.sort_unstable_by_key(|&(at, id, _)| std::cmp::Reverse((at, id)));
+        Ok(Watch { due })
+    }
+
+    /// When the next member escalates (unix millis).
+    pub(super) fn next_at_ms(&self) -> Option<u64> {
+        self.due.last().map(|(at, _, _)| *at)
+    }
+
+    /// Escalates every member whose time has come, each in a batch of one
+    /// recorded before its driver starts, while the job stays submitted.
+    pub(super) async fn escalate_due(
+        &mut self,
+        app: &Arc<App>,
+        batch: &BatchRecord,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<(), StepError> {
+        let now_ms = now_millis();
+        while let Some(&(at, id, lane)) = self.due.last() {
+            if at > now_ms {
+                break;
+            }
+            self.due.pop();
+            let Some(rec) = app.store.get(id).await? else {
+                continue;
+            };
+            let lane = match lane_for(app, &rec.tenant, lane, now_ms) {
+                Ok(lane) => lane,
+                Err(why) => {
+                    info!(ferry_batch = batch.id, request = id, tenant = %rec.tenant, reason = why.as_str(), "request due for its deadline stays in its batch alone");
+                    let again = recheck_at_ms(app, &rec.tenant, why);
+                    if again != u64::MAX {
+                        self.due.push((again, id, lane));
+                        self.due
+                            .sort_unstable_by_key(|&(at, id, _)| std::cmp::Reverse((at, id)));
+                    }
+                    continue;
+                }
+            };
+            let (lease, token) = super::fence(app, &batch.upstream)?;
+            if let Some(one) = app
+                .store
+                .escalate_submitted(batch.id, id, lane, (&lease, token))
+                .await?
+            {
+                app.metrics
+                    .escalations
+                    .with_label_values(&[lane.as_str()])
+                    .inc();
+                info!(
+                    ferry_batch = one.id, from_batch = batch.id, request = id,
+                    upstream = %batch.upstream, model = %batch.model, lane = lane.as_str(),
+                    "request in a submitted batch escalated for its deadline; the first answer wins"
+                );
+                super::spawn_driver(app.clone(), one, false, shutdown.clone());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Counts an answer paid for and thrown away, on `lane`, for a request
+/// already answered on another (see [`crate::store::lifecycle::spent_twice`]),
+/// with its estimated cost when the model has a price in config.
+pub(super) fn count_spent_twice(
+    app: &App,
+    up: &crate::Upstream,
+    endpoint: crate::endpoint::Endpoint,
+    model: &str,
+    lane: Lane,
+    body: &[u8],
+) {
+    app.metrics
+        .spent_twice
+        .with_label_values(&[lane.as_str()])
+        .inc();
+    /// Only `usage` is read.
+    #[derive(serde::Deserialize)]
+    struct Usage {
+        #[serde(default)]
+        usage: serde_json::Value,
+    }
+    let Ok(Usage { usage }) = serde_json::from_slice::<Usage>(body) else {
+        return;
+    };
+    let Some(price) = app.config.prices.get(app.model_labels.label(model)) else {
+        return;
+    };
+    if usage.is_null() {
+        return;
+    }
+    let (prompt, completion) = endpoint.usage_tokens(&usage);
+    let list = (prompt as f64 * price.prompt_per_mtok
+        + completion as f64 * price.completion_per_mtok)
+        / 1e6;
+    app.metrics
+        .spent_twice_usd
+        .with_label_values(&[lane.as_str()])
+        .inc_by(lanes::lane_cost(list, lane, up.settings.batch_discount));
+}
+
 /// Sends the one member of `batch` on its lane until it is answered, then
 /// stores the answer and finishes the batch.
 pub(super) async fn send(
@@ -177,7 +402,13 @@ pub(super) async fn send(
         return finish(app, batch).await;
     };
     if rec.status.is_terminal() {
-        // Answered before a crash, the batch not yet marked done.
+        // Answered before a crash, the batch not yet marked done; or, for
+        // a request escalated out of a submitted batch, by that batch.
+        return finish(app, batch).await;
+    }
+    if !app.store.holds(batch.id, rec.id).await? {
+        // An escalation out of a submitted batch that a crash cut short
+        // before the request named it: never sent, and now never will be.
         return finish(app, batch).await;
     }
     // Sent upstream from here on, for the status object and for recovery.
@@ -186,6 +417,8 @@ pub(super) async fn send(
     let deadline = rec.deadline_at.unwrap_or(0);
     let margin = up.settings.escalation_margin;
     let mut refusals = 0u32;
+    // The step up to standard was refused (the tenant's lanes or cap).
+    let mut standard_refused = false;
     loop {
         let lane = batch.lane;
         let Some(body) = lane_body(&stored, lane) else {
@@ -193,12 +426,13 @@ pub(super) async fn send(
                 code: "body_unreadable".into(),
                 message: "Ferry could not read the stored request body".into(),
             };
-            return answer(app, batch, rec.id, Outcome::Failed(error)).await;
+            return answer(app, up, batch, &rec, Outcome::Failed(error)).await;
         };
         let (op, timeout) = match lane {
             Lane::Flex => ("respond_flex", FLEX_TIMEOUT),
             _ => ("respond_standard", app.config.server.upstream_read_timeout),
         };
+        let started = std::time::Instant::now();
         let called = tokio::select! {
             r = up.client.respond(op, rec.endpoint, body, timeout) => r,
             // Left to the next start, which sends it again on this lane.
@@ -206,6 +440,7 @@ pub(super) async fn send(
         };
         match called {
             Ok((status, answer_body)) => {
+                up.latencies.record(lane, &rec.model, started.elapsed());
                 let outcome =
                     if serde_json::from_slice::<serde::de::IgnoredAny>(&answer_body).is_ok() {
                         Outcome::Completed(StoredResult {
@@ -220,7 +455,7 @@ pub(super) async fn send(
                             ),
                         })
                     };
-                return answer(app, batch, rec.id, outcome).await;
+                return answer(app, up, batch, &rec, outcome).await;
             }
             Err(e) if lane == Lane::Flex && e.is_transient() => {
                 if matches!(&e, crate::upstream::UpstreamError::Status { status: 429, code: Some(c), .. } if c == "resource_unavailable")
@@ -236,15 +471,23 @@ pub(super) async fn send(
                     )
                 });
                 refusals += 1;
-                let priors = &up.settings.lane_priors;
-                if lanes::flex_retry_in_time(
+                let priors = &up.latencies;
+                let in_time = lanes::flex_retry_in_time(
                     now_millis(),
                     wait,
                     deadline,
                     &rec.model,
                     priors,
                     margin,
-                ) {
+                );
+                // Standard only if the tenant takes it and has room for it
+                // this hour (asked once); else flex is tried until it
+                // answers, late if need be (counted as a miss).
+                if !in_time && !standard_refused {
+                    standard_refused =
+                        lane_for(app, &rec.tenant, Lane::Standard, now_millis()).is_err();
+                }
+                if in_time || standard_refused {
                     warn!(ferry_batch = batch.id, error = %e, retry_in_ms = wait.as_millis() as u64, "flex call refused; will retry on flex");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => continue,
@@ -267,18 +510,34 @@ pub(super) async fn send(
 /// still pending in this batch), tells its waiters, and finishes the batch.
 async fn answer(
     app: &Arc<App>,
+    up: &crate::Upstream,
     batch: &mut BatchRecord,
-    id: u64,
+    rec: &RequestRecord,
     outcome: Outcome,
 ) -> Result<(), StepError> {
+    let kept = outcome.clone();
     let done = app
         .store
         .apply_outcomes(
             batch.id,
-            vec![(id, outcome)],
+            vec![(rec.id, outcome)],
             crate::delivery::webhook_payload,
         )
         .await?;
+    if done.is_empty()
+        && let Outcome::Completed(r) = &kept
+        && let Some(now) = app.store.get(rec.id).await?
+        && lifecycle::spent_twice(now.status, now.batch, batch.id, &kept)
+    {
+        // Answered meanwhile by the batch it was escalated out of.
+        info!(
+            ferry_batch = batch.id,
+            request = rec.id,
+            lane = batch.lane.as_str(),
+            "escalated request already answered by its batch; this answer is discarded"
+        );
+        count_spent_twice(app, up, rec.endpoint, &rec.model, batch.lane, &r.body);
+    }
     for rec in &done {
         app.on_terminal(rec);
         let late = rec.deadline_at.is_some_and(|d| now_secs() > d);

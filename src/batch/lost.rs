@@ -54,7 +54,7 @@ pub(super) async fn lose_batch(
                   and the request has been sent in max_attempts batches"
             .into(),
     };
-    let mut ingest = Ingest::new(app, up, batch.id);
+    let mut ingest = Ingest::new(app, up, batch);
     for id in members {
         let outcome = Outcome::Retry {
             error: error.clone(),

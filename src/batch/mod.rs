@@ -8,9 +8,11 @@ pub mod adopt;
 #[cfg(test)]
 mod driver_tests;
 pub mod escalate;
+pub mod events;
 pub mod ingest;
 pub mod jsonl;
 pub mod lanes;
+pub mod latency;
 pub mod lost;
 pub mod ownership;
 pub mod policy;
@@ -54,6 +56,7 @@ pub async fn run_flusher(app: Arc<App>, upstream: usize, mut shutdown: watch::Re
     };
     let renew_every = ownership::renew_every(app.config.storage.lease());
     let mut renewed: Option<(Instant, Option<u64>)> = None;
+    let mut withheld = escalate::Withheld::new();
     loop {
         let mut sleep = MAX_IDLE.min(renew_every);
         // A node shutting down hands its upstreams over as soon as their
@@ -90,7 +93,7 @@ pub async fn run_flusher(app: Arc<App>, upstream: usize, mut shutdown: watch::Re
         app.publish_queue_metrics(&up.settings.name, &queues);
         // Published at zero just now: empty queues' counts may go.
         app.store.prune_idle_queues(&up.settings.name);
-        let due = escalate::scan(&app, up, now_millis()).await;
+        let due = escalate::scan(&app, up, now_millis(), &withheld).await;
         let earliest = escalate::earliest_by_queue(&due);
         for (qk, stats) in queues {
             if qk.upstream != up.settings.name {
@@ -121,7 +124,9 @@ pub async fn run_flusher(app: Arc<App>, upstream: usize, mut shutdown: watch::Re
                 }
             }
         }
-        if let Some(d) = escalate::escalate_due(&app, up, due, token, &shutdown).await {
+        if let Some(d) =
+            escalate::escalate_due(&app, up, due, &mut withheld, token, &shutdown).await
+        {
             sleep = sleep.min(d);
         }
         tokio::select! {
@@ -649,7 +654,13 @@ async fn poll_and_ingest(
 ) -> Result<(), StepError> {
     let submitted = Instant::now();
     let mut first = true;
+    // Members whose deadlines come before the batch answers are sent on a
+    // synchronous lane too, at their escalation times, between polls.
+    let mut watch = escalate::Watch::load(app, up, batch).await?;
+    // An event saying the batch ended upstream cuts the wait short.
+    let poked = events::Poked::register(up, batch_id);
     let obj = loop {
+        watch.escalate_due(app, batch, shutdown).await?;
         if !(first && resumed) {
             let interval = up.settings.poll_interval;
             // ±20 % jitter keeps many batches from polling in lock-step.
@@ -659,10 +670,25 @@ async fn poll_and_ingest(
             } else {
                 wait
             };
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = up.ownership.released() => return Err(StepError::NotOwner),
-                _ = shutdown.changed() => return Ok(()),
+            let poll_at = tokio::time::Instant::now() + wait;
+            loop {
+                let wake = watch.next_at_ms().map_or(poll_at, |at| {
+                    let until = Duration::from_millis(at.saturating_sub(now_millis()));
+                    poll_at.min(tokio::time::Instant::now() + until)
+                });
+                tokio::select! {
+                    _ = tokio::time::sleep_until(wake) => {}
+                    _ = poked.notify.notified() => {
+                        info!(ferry_batch = batch.id, batch_id, "batch event received; polling now");
+                        break;
+                    }
+                    _ = up.ownership.released() => return Err(StepError::NotOwner),
+                    _ = shutdown.changed() => return Ok(()),
+                }
+                watch.escalate_due(app, batch, shutdown).await?;
+                if tokio::time::Instant::now() >= poll_at {
+                    break;
+                }
             }
         }
         first = false;
@@ -769,7 +795,11 @@ async fn wait_for_room(app: &Arc<App>, shutdown: &mut watch::Receiver<bool>) -> 
 /// [`Store::apply_outcomes`](crate::store::Store::apply_outcomes)).
 struct Ingest<'a> {
     app: &'a Arc<App>,
+    up: &'a crate::Upstream,
     batch: u64,
+    /// The batch's endpoint and model, for the cost of an answer discarded.
+    endpoint: crate::endpoint::Endpoint,
+    model: String,
     /// `Some(max_attempts)` when expired lines are sent again.
     requeue_expired: Option<u32>,
     /// Cancelled members are sent again up to this many batches.
@@ -780,12 +810,15 @@ struct Ingest<'a> {
 }
 
 impl<'a> Ingest<'a> {
-    fn new(app: &'a Arc<App>, up: &crate::Upstream, batch: u64) -> Self {
+    fn new(app: &'a Arc<App>, up: &'a crate::Upstream, batch: &BatchRecord) -> Self {
         let requeue_expired = (up.settings.expired_policy == crate::config::ExpiredPolicy::Requeue)
             .then_some(up.settings.max_attempts);
         Ingest {
             app,
-            batch,
+            up,
+            batch: batch.id,
+            endpoint: batch.endpoint,
+            model: batch.model.clone(),
             requeue_expired,
             max_attempts: up.settings.max_attempts,
             pending: Vec::new(),
@@ -826,6 +859,13 @@ impl<'a> Ingest<'a> {
             return Ok(());
         }
         let (slice, batch) = (std::mem::take(&mut self.pending), self.batch);
+        // Answers that may find their request answered already, by the
+        // escalation of a member whose deadline came first.
+        let answers: Vec<(u64, Outcome)> = slice
+            .iter()
+            .filter(|(_, o)| matches!(o, Outcome::Completed(_)))
+            .cloned()
+            .collect();
         let done = self
             .app
             .store
@@ -835,6 +875,40 @@ impl<'a> Ingest<'a> {
             self.app.on_terminal(rec);
         }
         self.finished += done.len();
+        if answers.len() > done.len() {
+            let applied: std::collections::HashSet<u64> = done.iter().map(|r| r.id).collect();
+            for (id, answer) in answers.iter().filter(|(id, _)| !applied.contains(id)) {
+                self.count_if_spent_twice(*id, answer).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts `answer` as money spent twice if its request was answered
+    /// by another lane first (see [`crate::store::lifecycle::spent_twice`]).
+    async fn count_if_spent_twice(&self, id: u64, answer: &Outcome) -> Result<(), StepError> {
+        let Some(rec) = self.app.store.get(id).await? else {
+            return Ok(());
+        };
+        if !crate::store::lifecycle::spent_twice(rec.status, rec.batch, self.batch, answer) {
+            return Ok(());
+        }
+        if let Outcome::Completed(r) = answer {
+            info!(
+                ferry_batch = self.batch,
+                request = id,
+                answered_by = ?rec.lane.map(|l| l.as_str()),
+                "batch line for a request already answered on another lane; discarded"
+            );
+            escalate::count_spent_twice(
+                self.app,
+                self.up,
+                self.endpoint,
+                &self.model,
+                crate::store::Lane::Batch,
+                &r.body,
+            );
+        }
         Ok(())
     }
 }
@@ -848,7 +922,7 @@ async fn ingest_batch(
     shutdown: &watch::Receiver<bool>,
 ) -> Result<usize, StepError> {
     let members = member_ids(app, batch.id).await?;
-    let mut ingest = Ingest::new(app, up, batch.id);
+    let mut ingest = Ingest::new(app, up, batch);
     if obj.status == "failed" {
         let mut outcomes = HashMap::with_capacity(members.len());
         failed_batch_outcomes(obj, &members, up.settings.max_attempts, &mut outcomes);
@@ -1065,7 +1139,7 @@ async fn fail_all(
         message: message.to_owned(),
     };
     // Stored (and its callers woken) a slice at a time.
-    let mut ingest = Ingest::new(app, up, batch.id);
+    let mut ingest = Ingest::new(app, up, batch);
     for id in member_ids(app, batch.id).await? {
         ingest.add(id, Outcome::Failed(err.clone())).await?;
     }

@@ -140,6 +140,12 @@ pub struct EmulatorConfig {
     /// Fraction (0..=1) of flex calls refused with 429 `resource_unavailable`,
     /// drawn from the generator `seed` seeds. Default 0.
     pub flex_unavailable_rate: f64,
+    /// Where to push OpenAI's batch events (`batch.completed`, `.failed`,
+    /// `.expired`, `.cancelled`) as each batch ends; `null` (default): none.
+    pub events_url: Option<String>,
+    /// The `whsec_...` secret the events are signed with (Standard
+    /// Webhooks); required with `events_url`.
+    pub events_secret: Option<String>,
 }
 
 impl Default for EmulatorConfig {
@@ -163,6 +169,8 @@ impl Default for EmulatorConfig {
             flex_models: vec!["gpt-5".to_owned(), "gpt-5-mini".to_owned()],
             flex_latency_ms: 0,
             flex_unavailable_rate: 0.0,
+            events_url: None,
+            events_secret: None,
         }
     }
 }
@@ -194,6 +202,14 @@ impl EmulatorConfig {
                 "`flex_unavailable_rate` must be between 0 and 1, got {}",
                 self.flex_unavailable_rate
             ));
+        }
+        match (&self.events_url, &self.events_secret) {
+            (None, _) => {}
+            (Some(_), None) => return Err("`events_url` needs `events_secret`".into()),
+            (Some(_), Some(secret)) => {
+                crate::delivery::webhooks::decode_secret(secret)
+                    .map_err(|m| format!("`events_secret`: {m}"))?;
+            }
         }
         if !(self.error_rate.is_finite() && (0.0..=1.0).contains(&self.error_rate)) {
             return Err(format!(

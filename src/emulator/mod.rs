@@ -31,6 +31,7 @@ mod anthropic;
 mod cli;
 pub mod config;
 mod error;
+mod events;
 mod flex;
 pub mod journal;
 pub mod model;
@@ -93,9 +94,13 @@ impl Service {
         let addr = listener.local_addr()?;
         let profile = self.state.config().profile;
         tracing::info!(%addr, %profile, "emulator serving");
-        axum::serve(listener, self.router())
+        // Pushes batch events while `events_url` is set; ends with the server.
+        let pusher = tokio::spawn(events::push_events(self.state.clone()));
+        let served = axum::serve(listener, self.router())
             .with_graceful_shutdown(shutdown)
-            .await
+            .await;
+        pusher.abort();
+        served
     }
 }
 

@@ -536,6 +536,8 @@ mod tests {
             deferred_rate: None,
             passthrough_rate: None,
             default_deadline: None,
+            lanes: Default::default(),
+            max_standard_per_hour: None,
         }
     }
 

@@ -259,6 +259,12 @@ fn ferry_header<'a>(req: &'a RequestHeader, name: &str) -> Result<Option<&'a str
 /// answered by the caller, [`FerryProxy::request_filter`].
 async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<bool, ProxyError> {
     let req = session.req_header();
+    if let Some(upstream) = batch_events_route(app, req) {
+        ctx.route = "batch_events";
+        ctx.mode = "batch_events";
+        batch_events(app, session, upstream).await?;
+        return Ok(true);
+    }
     let route = classify(&req.method, req.uri.path());
     ctx.route = route.label();
     ctx.anthropic = match &route {
@@ -370,6 +376,80 @@ async fn handle(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> Result<
             Ok(go_on)
         }
     }
+}
+
+/// The upstream whose batch events route `req` is a `POST` to, if any.
+fn batch_events_route(app: &App, req: &RequestHeader) -> Option<usize> {
+    if req.method != http::Method::POST {
+        return None;
+    }
+    let path = req.uri.path();
+    app.upstreams.iter().position(|u| {
+        u.settings
+            .batch_events
+            .as_ref()
+            .is_some_and(|e| e.path == path)
+    })
+}
+
+/// The largest batch event taken (OpenAI's are a few hundred bytes).
+const MAX_EVENT_BYTES: u64 = 64 * 1024;
+
+/// Receives one of OpenAI's batch events for `upstream`: refused `400`
+/// or `401` unless signed with its secret; a batch's end wakes the driver
+/// polling it on this node (see [`crate::batch::events`]).
+async fn batch_events(
+    app: &Arc<App>,
+    session: &mut Session,
+    upstream: usize,
+) -> Result<(), ProxyError> {
+    let up = &app.upstreams[upstream];
+    let Some(settings) = &up.settings.batch_events else {
+        return Err(ProxyError::UnknownRoute);
+    };
+    let req = session.req_header();
+    let [id, ts, sigs] = ["webhook-id", "webhook-timestamp", "webhook-signature"]
+        .map(|h| header(req, h).map(str::to_owned));
+    let body = read_body(
+        session,
+        MAX_EVENT_BYTES,
+        app.config.server.body_read_timeout,
+    )
+    .await?;
+    let verdict = crate::batch::events::verify(
+        &settings.key,
+        id.as_deref(),
+        ts.as_deref(),
+        sigs.as_deref(),
+        &body,
+        crate::store::now_secs(),
+    )
+    .and_then(|()| crate::batch::events::ended_batch(&body));
+    match verdict {
+        Ok(ended) => {
+            if let Some(batch_id) = ended {
+                let polling = crate::batch::events::poke(up, &batch_id);
+                tracing::info!(upstream = %up.settings.name, batch_id, polling, "batch event received");
+            }
+            respond::value(session, 200, &[], &serde_json::json!({"received": true})).await?;
+        }
+        Err(refusal) => {
+            warn!(upstream = %up.settings.name, reason = refusal.message(), "batch event refused");
+            let code = if refusal.status() == 401 {
+                "invalid_signature"
+            } else {
+                "invalid_event"
+            };
+            let error = serde_json::json!({"error": {
+                "message": refusal.message(),
+                "type": "invalid_request_error",
+                "param": null,
+                "code": code,
+            }});
+            respond::value(session, refusal.status(), &[], &error).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Lets a passthrough call go on (`false`) to its API family's upstream,

@@ -81,11 +81,42 @@ pub fn outcome_effect(outcome: Outcome, attempts: u32) -> Effect {
     }
 }
 
-/// Whether an outcome for `batch` may still change a request in `status`,
-/// claimed by `in_batch`: only a member of that batch that is not yet
-/// terminal, so applying a batch's outcomes twice changes nothing.
-pub fn outcome_applies(status: RequestStatus, in_batch: Option<u64>, batch: u64) -> bool {
-    in_batch == Some(batch) && !status.is_terminal()
+/// Whether `outcome`, from `batch`, may still change a request in `status`,
+/// claimed by `in_batch` and, if it was escalated out of that submitted
+/// batch for its deadline, also sent in the batch of one `escalation`:
+/// only a member of that batch that is not yet terminal, so applying a
+/// batch's outcomes twice changes nothing, and a request in two batches is
+/// answered once, by the first answer stored. While the escalation is
+/// pending, the Batch API job's failures, expiries and re-queues change
+/// nothing: the escalation answers instead (it was sent because the job
+/// would answer too late).
+pub fn outcome_applies(
+    status: RequestStatus,
+    in_batch: Option<u64>,
+    escalation: Option<u64>,
+    batch: u64,
+    outcome: &Outcome,
+) -> bool {
+    if status.is_terminal() {
+        return false;
+    }
+    if escalation == Some(batch) {
+        return true;
+    }
+    in_batch == Some(batch) && (escalation.is_none() || matches!(outcome, Outcome::Completed(_)))
+}
+
+/// Whether `outcome`, from `batch`, for a request now in `status` and
+/// last held by `in_batch` was an answer paid for and thrown away: the
+/// request was already answered by another of the batches it was sent in
+/// (a deadline's escalation, or the job it escalated out of).
+pub fn spent_twice(
+    status: RequestStatus,
+    in_batch: Option<u64>,
+    batch: u64,
+    outcome: &Outcome,
+) -> bool {
+    status.is_terminal() && in_batch != Some(batch) && matches!(outcome, Outcome::Completed(_))
 }
 
 /// What a cancel does to a request in `status`, claimed by `batch`.
@@ -326,13 +357,75 @@ mod tests {
     #[test]
     fn outcomes_apply_only_to_pending_members_of_their_batch() {
         use RequestStatus::*;
-        assert!(outcome_applies(Submitted, Some(7), 7));
-        assert!(outcome_applies(Queued, Some(7), 7));
-        assert!(!outcome_applies(Submitted, Some(8), 7));
-        assert!(!outcome_applies(Queued, None, 7));
+        let o = Outcome::Requeue;
+        assert!(outcome_applies(Submitted, Some(7), None, 7, &o));
+        assert!(outcome_applies(Queued, Some(7), None, 7, &o));
+        assert!(!outcome_applies(Submitted, Some(8), None, 7, &o));
+        assert!(!outcome_applies(Queued, None, None, 7, &o));
         for t in [Completed, Failed, Expired, Cancelled] {
-            assert!(!outcome_applies(t, Some(7), 7));
+            assert!(!outcome_applies(t, Some(7), None, 7, &o));
+            assert!(!outcome_applies(t, Some(7), Some(9), 9, &o));
         }
+    }
+
+    #[test]
+    fn an_escalated_request_takes_the_first_answer_of_either_batch() {
+        use RequestStatus::*;
+        let answer = Outcome::Completed(StoredResult {
+            status_code: 200,
+            body: bytes::Bytes::from_static(b"{}"),
+        });
+        // The escalation's outcome, whatever it is, applies.
+        assert!(outcome_applies(Submitted, Some(7), Some(9), 9, &answer));
+        assert!(outcome_applies(
+            Submitted,
+            Some(7),
+            Some(9),
+            9,
+            &Outcome::Failed(err("f"))
+        ));
+        // The job's answer applies too: the first stored wins.
+        assert!(outcome_applies(Submitted, Some(7), Some(9), 7, &answer));
+        // Its failures and re-queues leave the request to the escalation.
+        for o in [
+            Outcome::Requeue,
+            Outcome::Expired(err("x")),
+            Outcome::Failed(err("f")),
+            Outcome::Retry {
+                error: err("r"),
+                max_attempts: 3,
+            },
+        ] {
+            assert!(
+                !outcome_applies(Submitted, Some(7), Some(9), 7, &o),
+                "{o:?}"
+            );
+        }
+        // A third batch changes nothing.
+        assert!(!outcome_applies(Submitted, Some(7), Some(9), 8, &answer));
+    }
+
+    #[test]
+    fn an_answer_thrown_away_is_money_spent_twice() {
+        use RequestStatus::*;
+        let answer = Outcome::Completed(StoredResult {
+            status_code: 200,
+            body: bytes::Bytes::from_static(b"{}"),
+        });
+        // Answered by the escalation (9): the job's (7) line was paid for.
+        assert!(spent_twice(Completed, Some(9), 7, &answer));
+        // The other way round.
+        assert!(spent_twice(Completed, Some(7), 9, &answer));
+        // Applied again after a crash: its own answer, not a second one.
+        assert!(!spent_twice(Completed, Some(7), 7, &answer));
+        // Not answered yet, or nothing paid for.
+        assert!(!spent_twice(Submitted, Some(7), 9, &answer));
+        assert!(!spent_twice(
+            Completed,
+            Some(9),
+            7,
+            &Outcome::Expired(err("x"))
+        ));
     }
 
     #[test]

@@ -488,6 +488,56 @@ impl Store {
         }
     }
 
+    /// The members of the submitted `batch` still waiting on it, not yet
+    /// escalated, that have a deadline: (id, deadline) each.
+    pub async fn pending_deadlines(&self, batch: u64) -> Result<Vec<(u64, u64)>, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.blocking(move |s| s.pending_deadlines(batch)).await,
+            Backend::Postgres(p) => Ok(p.db.pending_deadlines(batch).await?),
+        }
+    }
+
+    /// Sends request `id`, still waiting on the submitted `batch`, also on
+    /// `lane`, in a new batch of one: an escalation for its deadline. The
+    /// request stays in `batch`; whichever answers first is stored (see
+    /// [`lifecycle::outcome_applies`]). Durable when it returns, before any
+    /// call on the lane. `None` when the request is no longer waiting on
+    /// `batch`, was escalated already, or (PostgreSQL) `token` is no longer
+    /// the newest of lease `lease`.
+    pub async fn escalate_submitted(
+        &self,
+        batch: u64,
+        id: u64,
+        lane: Lane,
+        (lease, token): (&str, u64),
+    ) -> Result<Option<BatchRecord>, StoreError> {
+        self.room_for(space::Need::Growth)?;
+        match &self.backend {
+            Backend::Sled(s) => {
+                let one = s
+                    .blocking(move |s| s.escalate_submitted(batch, id, lane, "deadline"))
+                    .await?;
+                if let Some(b) = &one {
+                    commit_until_durable(s, b.id).await;
+                }
+                Ok(one)
+            }
+            Backend::Postgres(p) => {
+                p.write(p.db.escalate_submitted_fenced(batch, id, lane, "deadline", (lease, token)))
+                    .await
+            }
+        }
+    }
+
+    /// Whether request `id` is in `batch` or escalated into it: false for a
+    /// batch of one whose escalation a crash cut short.
+    pub async fn holds(&self, batch: u64, id: u64) -> Result<bool, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.blocking(move |s| s.holds(batch, id)).await,
+            Backend::Postgres(p) => Ok(p.db.holds(batch, id).await?),
+        }
+    }
+
     /// Requests of `upstream` still queued whose deadline is at or before
     /// `before` (unix seconds), soonest first, at most `limit`: (queue, id,
     /// deadline) each.

@@ -228,6 +228,7 @@ impl RequestRecord {
             batch: self.batch,
             submitted_at: self.submitted_at,
             completed_at: self.completed_at,
+            escalation: None,
         }
     }
 
@@ -243,7 +244,9 @@ impl RequestRecord {
 /// The part of a request that changes while it moves through batches,
 /// stored in the `states` tree as [`RequestState::LEN`] bytes:
 /// status (1), attempts (4), batch (8), submitted_at (8), completed_at (8),
-/// big-endian, 0 for "none" (ids and unix times are never 0).
+/// big-endian, 0 for "none" (ids and unix times are never 0); then, only
+/// for a request escalated out of a submitted batch, the escalation's batch
+/// (8), so every other state keeps the layout it had.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RequestState {
     pub status: RequestStatus,
@@ -251,10 +254,16 @@ pub struct RequestState {
     pub batch: Option<u64>,
     pub submitted_at: Option<u64>,
     pub completed_at: Option<u64>,
+    /// The batch of one that sends the request on a synchronous lane while
+    /// it is still in `batch`, a submitted Batch API job (issue #17): the
+    /// first of the two to answer wins. `None` for every other request.
+    pub escalation: Option<u64>,
 }
 
 impl RequestState {
     pub const LEN: usize = 29;
+    /// With an escalation.
+    pub const ESCALATED_LEN: usize = Self::LEN + 8;
 
     /// The stored status byte is the status's index here; append only.
     const STATUSES: [RequestStatus; 6] = [
@@ -266,8 +275,8 @@ impl RequestState {
         RequestStatus::Cancelled,
     ];
 
-    pub fn encode(&self) -> [u8; Self::LEN] {
-        let mut v = [0u8; Self::LEN];
+    pub fn encode(&self) -> StateBytes {
+        let mut v = [0u8; Self::ESCALATED_LEN];
         v[0] = Self::STATUSES
             .iter()
             .position(|s| *s == self.status)
@@ -276,11 +285,18 @@ impl RequestState {
         v[5..13].copy_from_slice(&self.batch.unwrap_or(0).to_be_bytes());
         v[13..21].copy_from_slice(&self.submitted_at.unwrap_or(0).to_be_bytes());
         v[21..29].copy_from_slice(&self.completed_at.unwrap_or(0).to_be_bytes());
-        v
+        let len = match self.escalation {
+            Some(e) => {
+                v[29..37].copy_from_slice(&e.to_be_bytes());
+                Self::ESCALATED_LEN
+            }
+            None => Self::LEN,
+        };
+        StateBytes { bytes: v, len }
     }
 
     pub fn decode(v: &[u8]) -> Option<RequestState> {
-        if v.len() != Self::LEN {
+        if v.len() != Self::LEN && v.len() != Self::ESCALATED_LEN {
             return None;
         }
         let u64_at = |at: usize| {
@@ -293,7 +309,33 @@ impl RequestState {
             batch: u64_at(5)?,
             submitted_at: u64_at(13)?,
             completed_at: u64_at(21)?,
+            escalation: if v.len() == Self::ESCALATED_LEN {
+                u64_at(29)?
+            } else {
+                None
+            },
         })
+    }
+}
+
+/// An encoded [`RequestState`]: [`RequestState::LEN`] bytes, or
+/// [`RequestState::ESCALATED_LEN`] with an escalation.
+#[derive(Debug, Clone, Copy)]
+pub struct StateBytes {
+    bytes: [u8; RequestState::ESCALATED_LEN],
+    len: usize,
+}
+
+impl std::ops::Deref for StateBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+impl From<&StateBytes> for sled::IVec {
+    fn from(s: &StateBytes) -> sled::IVec {
+        sled::IVec::from(&**s)
     }
 }
 
@@ -623,8 +665,16 @@ mod tests {
                 batch: Some(u64::MAX),
                 submitted_at: Some(1_700_000_000),
                 completed_at: None,
+                escalation: None,
             };
+            assert_eq!(s.encode().len(), RequestState::LEN, "the layout it had");
             assert_eq!(RequestState::decode(&s.encode()), Some(s));
+            let escalated = RequestState {
+                escalation: Some(42),
+                ..s
+            };
+            assert_eq!(escalated.encode().len(), RequestState::ESCALATED_LEN);
+            assert_eq!(RequestState::decode(&escalated.encode()), Some(escalated));
         }
         assert_eq!(
             RequestState::decode(&RequestState::default().encode()),

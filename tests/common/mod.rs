@@ -193,7 +193,7 @@ threads = 1
 name = "emu"
 kind = "openai"
 {target}
-poll_interval_secs = 0.05
+{poll}
 {max_wait}
 {upstream_extra}
 {TENANTS}
@@ -203,6 +203,11 @@ poll_interval_secs = 0.05
             ""
         } else {
             "shutdown_grace_secs = 0"
+        },
+        poll = if upstream_extra.contains("poll_interval_secs") {
+            ""
+        } else {
+            "poll_interval_secs = 0.05"
         },
         // Nothing flushes by time unless a test asks for it.
         max_wait = if upstream_extra.contains("max_wait_secs") {

@@ -30,7 +30,8 @@
 //! Files: `census` (rows and bytes per tree), `encoding` (keys and
 //! values, the JSONL line's fixed parts),
 //! `durability` (the group commit and the blocking pool), `intake_writer`
-//! (deferred calls in, durable on return), `requests` (intake's writes,
+//! (deferred calls in, durable on return), `escalations` (requests also
+//! sent on a synchronous lane out of a submitted batch), `requests` (intake's writes,
 //! reads, cancel), `queues` (the in-memory counts, claims), `batches`
 //! (records, members, recovery, submission), `outcomes` (a finished
 //! batch's results applied), `outbox` (webhook deliveries), `retention`
@@ -41,6 +42,7 @@ mod batches;
 mod census;
 mod durability;
 pub(crate) mod encoding;
+mod escalations;
 mod intake_writer;
 mod outbox;
 mod outcomes;

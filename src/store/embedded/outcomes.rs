@@ -32,12 +32,22 @@ impl SledStore {
         let mut done = Vec::new();
         let mut requeued: Vec<(QueueKey, u64, u64, u64, u64, Option<u64>)> = Vec::new();
         for (id, outcome) in outcomes {
-            let Some(mut rec) = self.get_with_state(id)? else {
+            let Some(state) = self.state(id)? else {
                 continue;
             };
-            if !lifecycle::outcome_applies(rec.status, rec.batch, batch) {
+            if !lifecycle::outcome_applies(
+                state.status,
+                state.batch,
+                state.escalation,
+                batch,
+                &outcome,
+            ) {
                 continue;
             }
+            let Some(mut rec) = self.get_fixed(id)? else {
+                continue;
+            };
+            rec.set_state(state);
             let (status, error, stored) = match lifecycle::outcome_effect(outcome, rec.attempts) {
                 lifecycle::Effect::Finish {
                     status,
@@ -71,6 +81,8 @@ impl SledStore {
                 rec.error = error;
             }
             rec.completed_at = Some(now);
+            // The batch that answered: an escalation's, if it was first.
+            rec.batch = Some(batch);
             terminal.insert(&encoding::terminal_key(now, id), &[]);
             rec.batch_id.clone_from(&batch_id);
             rec.lane = lane;

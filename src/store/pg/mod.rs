@@ -6,7 +6,8 @@
 //! `intake_writer` (intakes grouped into shared transactions), `intake_rows`
 //! (a round's intakes written as sets), `queues` (queue
 //! counters and claims), `batches` (batch records and their members'
-//! steps), `outcomes` (a finished batch's results), `outbox` (webhook
+//! steps), `escalations` (requests also sent on a synchronous lane out
+//! of a submitted batch), `outcomes` (a finished batch's results), `outbox` (webhook
 //! deliveries, leased per node), `leases` (named leases with fencing
 //! tokens), `nodes` (the cluster's members), `retention` (purging finished
 //! work in bounded slices), [`events`] (LISTEN/NOTIFY between nodes). The decisions
@@ -15,6 +16,7 @@
 //! one transaction (intakes arriving together share one), durable on return.
 
 mod batches;
+mod escalations;
 pub mod events;
 mod intake_rows;
 mod intake_writer;

@@ -8,8 +8,12 @@ use super::PgError;
 use super::outbox::write_deliveries;
 use super::queues::{Moved, add_to_counters};
 use super::store::{
-    PgStore, REQUEST_COLUMNS, REQUEST_FROM, SyncPayloadFn, json_opt_text, request_from, to_i64,
+    PgStore, REQUEST_COLUMNS, REQUEST_FROM, SyncPayloadFn, json_opt_text, lane_from, request_from,
+    to_i64, to_u64,
 };
+
+/// The index of `r.escalation`, read after [`REQUEST_COLUMNS`] (22 of them).
+const ESCALATION_COLUMN: usize = 22;
 use crate::store::lifecycle::{self, Effect};
 use crate::store::{
     Outcome, QueueKey, RequestRecord, RequestStatus, line_len, now_millis, now_secs,
@@ -34,24 +38,43 @@ impl PgStore {
             .collect::<Result<Vec<i64>, _>>()?;
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        // A member of this batch, or escalated into it (see
+        // [`lifecycle::outcome_applies`]).
         let sql = format!(
-            "SELECT {REQUEST_COLUMNS} FROM {REQUEST_FROM} \
-             WHERE r.id = ANY($1) AND r.batch = $2 ORDER BY r.id FOR UPDATE OF r"
+            "SELECT {REQUEST_COLUMNS}, r.escalation FROM {REQUEST_FROM} \
+             WHERE r.id = ANY($1) AND (r.batch = $2 OR r.escalation = $2) \
+             ORDER BY r.id FOR UPDATE OF r"
         );
-        let mut members: HashMap<u64, RequestRecord> = HashMap::new();
+        let mut members: HashMap<u64, (RequestRecord, Option<u64>)> = HashMap::new();
         for row in tx.query(&sql, &[&ids, &batch_i]).await? {
             let rec = request_from(&row)?;
-            members.insert(rec.id, rec);
+            let escalation = row
+                .try_get::<_, Option<i64>>(ESCALATION_COLUMN)?
+                .map(|e| to_u64(e, "escalation"))
+                .transpose()?;
+            members.insert(rec.id, (rec, escalation));
         }
+        // What the status object shows of the batch that answers, read
+        // once: an escalation's lane, or the job's upstream batch id.
+        let answering = tx
+            .query_opt(
+                "SELECT upstream_batch_id, record ->> 'lane' FROM batches WHERE id = $1",
+                &[&batch_i],
+            )
+            .await?;
+        let (batch_id, lane) = match &answering {
+            Some(row) => (row.try_get(0)?, lane_from(Some(batch_i), row.try_get(1)?)?),
+            None => (None, None),
+        };
         let now = now_secs();
         let now_ms = now_millis();
         let mut w = Writes::default();
         for (id, outcome) in outcomes {
             // An id given twice is applied once, as its first outcome.
-            let Some(mut rec) = members.remove(&id) else {
+            let Some((mut rec, escalation)) = members.remove(&id) else {
                 continue;
             };
-            if !lifecycle::outcome_applies(rec.status, rec.batch, batch) {
+            if !lifecycle::outcome_applies(rec.status, rec.batch, escalation, batch, &outcome) {
                 continue;
             }
             let id_i = to_i64(id, "request id")?;
@@ -90,6 +113,10 @@ impl PgStore {
                 rec.error = error;
             }
             rec.completed_at = Some(now);
+            // The batch that answered: an escalation's, if it was first.
+            rec.batch = Some(batch);
+            rec.batch_id.clone_from(&batch_id);
+            rec.lane = lane;
             w.deliveries.extend(lifecycle::delivery_for(
                 &mut rec,
                 result.as_ref(),
@@ -104,7 +131,7 @@ impl PgStore {
                 .push(json_opt_text(&rec.webhook, "webhook state")?);
             w.done.push(rec);
         }
-        w.write(&tx, to_i64(now, "now")?).await?;
+        w.write(&tx, to_i64(now, "now")?, batch_i).await?;
         tx.commit().await?;
         Ok(w.done)
     }
@@ -137,6 +164,7 @@ impl Writes {
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
         now: i64,
+        batch: i64,
     ) -> Result<(), PgError> {
         if !self.result_ids.is_empty() {
             tx.execute(
@@ -152,7 +180,7 @@ impl Writes {
             // A terminal request's error and webhook change only when the
             // decision set them; its body is no longer needed.
             tx.execute(
-                "UPDATE requests r SET status = u.status, completed_at = $2, \
+                "UPDATE requests r SET status = u.status, completed_at = $2, batch = $6, \
                  error = coalesce(u.error::jsonb, r.error), \
                  webhook = coalesce(u.webhook::jsonb, r.webhook) \
                  FROM unnest($1::bigint[], $3::text[], $4::text[], $5::text[]) \
@@ -164,6 +192,7 @@ impl Writes {
                     &self.done_status,
                     &self.done_error,
                     &self.done_webhook,
+                    &batch,
                 ],
             )
             .await?;

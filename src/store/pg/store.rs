@@ -357,7 +357,7 @@ pub(super) fn request_from(row: &Row) -> Result<RequestRecord, PgError> {
 
 /// The lane of a request's batch, from the batch record's `lane` (absent:
 /// a Batch API job); none without a batch.
-fn lane_from(batch: Option<i64>, lane: Option<String>) -> Result<Option<Lane>, PgError> {
+pub(super) fn lane_from(batch: Option<i64>, lane: Option<String>) -> Result<Option<Lane>, PgError> {
     match (batch, lane) {
         (None, _) => Ok(None),
         (Some(_), None) => Ok(Some(Lane::Batch)),
