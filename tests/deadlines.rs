@@ -588,9 +588,15 @@ async fn a_batch_event_makes_the_driver_poll_at_once() {
     let event = json!({"id": "evt_1", "object": "event", "type": "batch.completed",
                        "created_at": 1, "data": {"id": batch_id}});
     // Unsigned, or signed with another secret: refused, nothing polled.
-    assert_eq!(post_event(&s, &event, None).await.status(), 400);
+    let refused =
+        |code: &'static str| move |body: Value| assert_eq!(body["error"]["code"], code, "{body}");
+    let r = post_event(&s, &event, None).await;
+    assert_eq!(r.status(), 400);
+    refused("invalid_event")(r.json().await.unwrap());
     let other = "whsec_dGhpcyBpcyBub3QgdGhlIHNlY3JldA==";
-    assert_eq!(post_event(&s, &event, Some(other)).await.status(), 401);
+    let r = post_event(&s, &event, Some(other)).await;
+    assert_eq!(r.status(), 401);
+    refused("invalid_signature")(r.json().await.unwrap());
     let (_, st) = s.status("alice-key", "evt", 0).await;
     assert_eq!(st["status"], "submitted", "{st}");
     // Signed: the driver polls now and the result arrives.

@@ -79,6 +79,10 @@ pub enum ProxyError {
     /// Passthrough: no connection to the upstream.
     #[error("the upstream could not be reached")]
     UpstreamUnreachable,
+    /// An OpenAI batch event refused: unsigned or malformed (`400`), or
+    /// signed with another secret or too old (`401`).
+    #[error("{}", .0.message())]
+    BatchEvent(crate::batch::events::Refusal),
     /// Writing to the caller failed: there is nobody left to answer, so the
     /// edge hands the failure back to pingora as it is.
     #[error("writing to the caller failed: {0}")]
@@ -118,6 +122,8 @@ impl ProxyError {
             UpstreamTimeout => (504, None, "upstream_timeout"),
             UnreadableRequest(status) => (status, None, "bad_request"),
             UpstreamUnreachable => (502, None, "upstream_unreachable"),
+            BatchEvent(r) if r.status() == 401 => (401, None, "invalid_signature"),
+            BatchEvent(_) => (400, None, "invalid_event"),
             // Intake's errors keep their own table, pinned by intake's
             // unit tests; the edge takes it whole.
             Intake(ref e) => {

@@ -435,18 +435,7 @@ async fn batch_events(
         }
         Err(refusal) => {
             warn!(upstream = %up.settings.name, reason = refusal.message(), "batch event refused");
-            let code = if refusal.status() == 401 {
-                "invalid_signature"
-            } else {
-                "invalid_event"
-            };
-            let error = serde_json::json!({"error": {
-                "message": refusal.message(),
-                "type": "invalid_request_error",
-                "param": null,
-                "code": code,
-            }});
-            respond::value(session, refusal.status(), &[], &error).await?;
+            return Err(ProxyError::BatchEvent(refusal));
         }
     }
     Ok(())
