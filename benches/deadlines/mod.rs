@@ -222,15 +222,30 @@ pub async fn deadlines(o: &Opts, rows: &mut Rows) {
             r.cost() / reference * 100.0,
             "%",
         );
-    }
-    for lane in [Lane::Batch, Lane::Flex, Lane::Standard] {
-        let k = with.answers.iter().filter(|a| a.lane == Some(lane)).count();
+        // In unscaled minutes: how late the latest answer past its deadline was.
+        let late = r
+            .answers
+            .iter()
+            .zip(calls.iter())
+            .filter_map(|(a, c)| Some(a.secs? - c.deadline as f64))
+            .fold(0.0_f64, f64::max);
         rows.add(
             FIGURE,
-            format!("with deadlines: answered on {}", lane.as_str()),
-            k as f64 / n as f64 * 100.0,
-            "%",
+            format!("{name}: latest answer past its deadline (unscaled)"),
+            late * SCALE / 60.0,
+            "min",
         );
+        if case != Case::AllStandard {
+            for lane in [Lane::Batch, Lane::Flex, Lane::Standard] {
+                let k = r.answers.iter().filter(|a| a.lane == Some(lane)).count();
+                rows.add(
+                    FIGURE,
+                    format!("{name}: answered on {}", lane.as_str()),
+                    k as f64 / n as f64 * 100.0,
+                    "%",
+                );
+            }
+        }
     }
     rows.add(
         FIGURE,
