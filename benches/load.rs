@@ -8,7 +8,7 @@
 //! cargo bench --bench load -- --runs 3          # every figure 3 times, medians reported
 //! cargo bench --bench load -- --only intake,batch
 //! cargo bench --bench load -- --only intake-default,stall   # flushing on; passthrough beside a claim
-//! cargo bench --bench load -- --only deadlines   # #17's figure D, ~1.5 min
+//! cargo bench --bench load -- --only deadlines   # #17's figure D, ~30 s
 //! FERRY_TEST_PG_URL=postgres://… cargo bench --bench load -- --only cluster --duration 8
 //! FERRY_BENCH_SOAK_REQUESTS=2000000 cargo bench --bench load -- --only soak   # long
 //! ```
