@@ -8,6 +8,7 @@
 //! cargo bench --bench load -- --runs 3          # every figure 3 times, medians reported
 //! cargo bench --bench load -- --only intake,batch
 //! cargo bench --bench load -- --only intake-default,stall   # flushing on; passthrough beside a claim
+//! cargo bench --bench load -- --only deadlines   # #17's figure D, ~30 s
 //! FERRY_TEST_PG_URL=postgres://… cargo bench --bench load -- --only cluster --duration 8
 //! FERRY_BENCH_SOAK_REQUESTS=2000000 cargo bench --bench load -- --only soak   # long
 //! ```
@@ -20,7 +21,10 @@
 //! rows, measured with `benches/pg_ceiling.sh`), `buffer` (3),
 //! `batch` (4, 5 and 6), `e2e` (E: Ferry's CPU per deferred call through
 //! the whole cycle, held and ticket + lookup, beside passthrough; see
-//! [`e2e`]) and `cluster` (C1-C3, also on `FERRY_TEST_PG_URL`:
+//! [`e2e`]), `deadlines` (D: a workload with deadlines from an hour to a
+//! day, time scaled 1,440 ×: share answered in time, lanes, cost beside
+//! all-batch and all-standard, money spent twice; see [`deadlines`]) and
+//! `cluster` (C1-C3, also on `FERRY_TEST_PG_URL`:
 //! aggregate intake on 1, 2 and 3 nodes, takeover after SIGKILL of the
 //! upstream's owner, and the wake-up of callers held away from the owner;
 //! see [`cluster`]), and `soak` (S: the retention soak, millions of
@@ -110,7 +114,7 @@ impl Opts {
                 "-h" | "--help" => {
                     eprintln!(
                         "usage: cargo bench --bench load -- [--large] [--runs N] \
-                         [--only passthrough,intake,intake-pg,intake-default,stall,buffer,batch,e2e,cluster,soak] [--duration SECS]\n\
+                         [--only passthrough,intake,intake-pg,intake-default,stall,buffer,batch,e2e,deadlines,cluster,soak] [--duration SECS]\n\
                          env: FERRY_BIN, FERRY_BENCH_NGINX, FERRY_BENCH_LARGE, FERRY_BENCH_RUNS, \
                          FERRY_BENCH_ONLY, FERRY_BENCH_DURATION, FERRY_TEST_PG_URL (intake-pg, cluster), and sizes FERRY_BENCH_BUFFER, \
                          FERRY_BENCH_BATCH_LINES, FERRY_BENCH_HELD, FERRY_BENCH_SOAK_REQUESTS, \
@@ -173,6 +177,10 @@ mod soak;
 
 /// Cost per deferred call, end to end (`e2e`), in `benches/e2e/`.
 mod e2e;
+
+/// Deadlines: answered in time, and what it cost (`deadlines`), in
+/// `benches/deadlines/`.
+mod deadlines;
 
 #[path = "../tests/common/process.rs"]
 mod process;
@@ -2668,6 +2676,9 @@ async fn main() {
         }
         if o.wants("e2e") {
             e2e::e2e(&o, &mut rows).await;
+        }
+        if o.wants("deadlines") {
+            deadlines::deadlines(&o, &mut rows).await;
         }
         if o.wants("cluster") {
             // Not asked for by name and no server: skipped, as nginx's rows are.

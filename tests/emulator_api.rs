@@ -455,6 +455,47 @@ async fn clock_walks_a_batch_through_every_phase() {
 }
 
 #[tokio::test]
+async fn turnaround_draws_decide_each_batch_time_in_validating_and_repeat() {
+    let emu = start(EmulatorConfig {
+        validating_seconds: 5.0,
+        turnaround_median_seconds: Some(100.0),
+        turnaround_spread: 1.0,
+        seed: 9,
+        ..Default::default()
+    })
+    .await;
+    let drawn: Vec<f64> = (0..3)
+        .map(|rank| ferry::emulator::timeline::drawn_turnaround(100.0, 1.0, 9, rank))
+        .collect();
+    let mut batches = Vec::new();
+    for _ in 0..3 {
+        batches.push(emu.batch_of(&good_lines(2)).await);
+    }
+    // After a `seed` change the ranks start again: the same draw as the first.
+    emu.configure(json!({"seed": 9})).await;
+    batches.push(emu.batch_of(&good_lines(2)).await);
+    let expected = [drawn[0], drawn[1], drawn[2], drawn[0]];
+
+    let shortest = drawn.iter().copied().fold(f64::INFINITY, f64::min);
+    emu.advance(shortest - 1.5).await;
+    for b in &batches {
+        let b = emu.batch(b["id"].as_str().unwrap()).await;
+        assert_eq!(b["status"], "validating", "{b}");
+    }
+    emu.advance(drawn.iter().copied().fold(0.0, f64::max)).await;
+    for (b, want) in batches.iter().zip(expected) {
+        let b = emu.batch(b["id"].as_str().unwrap()).await;
+        assert_eq!(b["status"], "completed", "{b}");
+        let took =
+            (b["in_progress_at"].as_i64().unwrap() - b["created_at"].as_i64().unwrap()) as f64;
+        assert!(
+            (took - want).abs() <= 1.0,
+            "validating took {took} s, drawn {want}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn failed_validation_lists_every_bad_line_in_order() {
     let emu = openai().await;
     let chat = |custom_id: &str, body: Value| json!({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body});

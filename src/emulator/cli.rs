@@ -72,6 +72,13 @@ pub struct EmulatorArgs {
     /// [default: 0].
     #[arg(long, value_name = "FRACTION")]
     pub flex_unavailable_rate: Option<f64>,
+    /// Median seconds of a log-normal draw of each batch's time in
+    /// `validating`, in place of `--validating-seconds` [default: none].
+    #[arg(long, value_name = "S")]
+    pub turnaround_median_seconds: Option<f64>,
+    /// Standard deviation of the log of those draws [default: 1].
+    #[arg(long, value_name = "SIGMA")]
+    pub turnaround_spread: Option<f64>,
     /// Most request lines per input file [default: 50000].
     #[arg(long, value_name = "N")]
     pub max_lines: Option<u64>,
@@ -173,6 +180,12 @@ impl EmulatorArgs {
         }
         if let Some(v) = self.flex_unavailable_rate {
             c.flex_unavailable_rate = v;
+        }
+        if let Some(v) = self.turnaround_median_seconds {
+            c.turnaround_median_seconds = Some(v);
+        }
+        if let Some(v) = self.turnaround_spread {
+            c.turnaround_spread = v;
         }
         if let Some(v) = self.max_lines {
             c.max_lines = Some(v);

@@ -105,6 +105,17 @@ pub struct EmulatorConfig {
     pub per_request_seconds: f64,
     /// Seconds a batch stays `finalizing`. Default 0.
     pub finalizing_seconds: f64,
+    /// Median of a log-normal distribution each batch's time in
+    /// `validating` is drawn from, in place of `validating_seconds`, so
+    /// that turnarounds vary as real ones do (the lines and `finalizing`
+    /// still add their time). Drawn from `seed` and the batch's rank since
+    /// start or the last `seed` change, so a run repeats. `null` (default):
+    /// every batch takes `validating_seconds`.
+    pub turnaround_median_seconds: Option<f64>,
+    /// Spread of that distribution: the standard deviation of the log of the
+    /// drawn seconds (0: every batch at the median; 1: a quarter of batches
+    /// take under half the median, a quarter over twice it). Default 1.
+    pub turnaround_spread: f64,
     /// Seconds a batch stays `cancelling` before it is `cancelled`. Default 0.
     pub cancel_seconds: f64,
     /// Expire every batch this many seconds after creation instead of at the
@@ -157,6 +168,8 @@ impl Default for EmulatorConfig {
             validating_seconds: 0.0,
             per_request_seconds: 0.0,
             finalizing_seconds: 0.0,
+            turnaround_median_seconds: None,
+            turnaround_spread: 1.0,
             cancel_seconds: 0.0,
             expire_after_seconds: None,
             fail_next_batches_token_limit: 0,
@@ -185,6 +198,8 @@ impl EmulatorConfig {
             ("finalizing_seconds", Some(self.finalizing_seconds)),
             ("cancel_seconds", Some(self.cancel_seconds)),
             ("expire_after_seconds", self.expire_after_seconds),
+            ("turnaround_median_seconds", self.turnaround_median_seconds),
+            ("turnaround_spread", Some(self.turnaround_spread)),
         ];
         for (key, value) in durations {
             if let Some(v) = value
@@ -245,6 +260,18 @@ impl EmulatorConfig {
             Profile::Openai => None,
             Profile::Moonshot => Some(MOONSHOT_MAX_BATCH_FILES),
         })
+    }
+
+    /// Seconds the batch of rank `rank` (0 for the first created since start
+    /// or the last `seed` change) stays `validating`: `validating_seconds`,
+    /// or a draw when `turnaround_median_seconds` is set.
+    pub fn validating_seconds_for(&self, rank: u64) -> f64 {
+        match self.turnaround_median_seconds {
+            None => self.validating_seconds,
+            Some(median) => {
+                super::timeline::drawn_turnaround(median, self.turnaround_spread, self.seed, rank)
+            }
+        }
     }
 
     /// Whether `model` may be used: any model when the list is empty.
@@ -315,6 +342,29 @@ mod tests {
         assert!(c.merged(&json!({"error_rate": 2.0})).is_err());
         assert!(c.merged(&json!({"validating_seconds": -1})).is_err());
         assert!(c.merged(&json!([1])).is_err());
+    }
+
+    #[test]
+    fn turnaround_draws_replace_validating_seconds_only_when_asked() {
+        let c = EmulatorConfig {
+            validating_seconds: 7.0,
+            ..Default::default()
+        };
+        assert_eq!(c.validating_seconds_for(0), 7.0);
+        assert_eq!(c.validating_seconds_for(9), 7.0);
+        let m = c
+            .merged(&json!({"turnaround_median_seconds": 60, "turnaround_spread": 0.5, "seed": 3}))
+            .unwrap();
+        let drawn: Vec<f64> = (0..4).map(|r| m.validating_seconds_for(r)).collect();
+        assert!(drawn.iter().all(|s| *s > 0.0 && *s != 7.0), "{drawn:?}");
+        assert_ne!(drawn[0], drawn[1]);
+        assert_eq!(
+            drawn[2],
+            m.validating_seconds_for(2),
+            "a rank draws the same"
+        );
+        assert!(c.merged(&json!({"turnaround_median_seconds": -1})).is_err());
+        assert!(c.merged(&json!({"turnaround_spread": "wide"})).is_err());
     }
 
     #[test]

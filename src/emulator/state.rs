@@ -223,6 +223,9 @@ struct Faults {
     /// Draws `flex_unavailable_rate`, apart from `rng` so that flex calls
     /// do not shift the sequence of `error_rate` faults.
     flex: StdRng,
+    /// Batches created since start or the last `seed` change: the rank
+    /// each turnaround draw is made for.
+    batches_drawn: u64,
 }
 
 impl Faults {
@@ -231,6 +234,7 @@ impl Faults {
             rng: StdRng::seed_from_u64(seed),
             next_is_503: false,
             flex: StdRng::seed_from_u64(seed ^ FLEX_STREAM),
+            batches_drawn: 0,
         }
     }
 }
@@ -477,6 +481,15 @@ impl Emulator {
         }
         tracing::info!(config = ?merged, "emulator config changed");
         Ok(merged)
+    }
+
+    /// Seconds a batch created now stays `validating` (drawn when
+    /// `turnaround_median_seconds` is set; each call is the next batch).
+    fn next_validating_seconds(&self, config: &EmulatorConfig) -> f64 {
+        let mut faults = lock(&self.faults);
+        let rank = faults.batches_drawn;
+        faults.batches_drawn += 1;
+        config.validating_seconds_for(rank)
     }
 
     /// The clock, in fractional unix seconds.
@@ -779,7 +792,7 @@ impl Emulator {
             output_ttl,
             created: Exact(created),
             deadline: Exact(deadline),
-            validating: Exact(config.validating_seconds),
+            validating: Exact(self.next_validating_seconds(&config)),
             per_request: Exact(config.per_request_seconds),
             finalizing: Exact(config.finalizing_seconds),
             cancel: Exact(config.cancel_seconds),

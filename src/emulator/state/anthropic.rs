@@ -45,7 +45,7 @@ impl Emulator {
             output_ttl: None,
             created: Exact(created),
             deadline: Exact(created + config.expire_after_seconds.unwrap_or(WINDOW_SECONDS)),
-            validating: Exact(config.validating_seconds),
+            validating: Exact(self.next_validating_seconds(&config)),
             per_request: Exact(config.per_request_seconds),
             finalizing: Exact(config.finalizing_seconds),
             cancel: Exact(config.cancel_seconds),
