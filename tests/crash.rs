@@ -28,7 +28,14 @@
 //!    harness reads every Message Batch's results and counts those by the
 //!    last segment; the chat lines are the rest of the emulator's counts;
 //! 4. every batch finishes (`ferry_live_batches` drops to 0) and no
-//!    `purpose=batch` input file is left upstream.
+//!    `purpose=batch` input file is left upstream;
+//! 5. one chat request in four carries `X-Ferry-Deadline` (1 or 2 s, a
+//!    third upstream, see [`RUSH_MODELS`]): it is answered on a lane its
+//!    policy allows, with that lane's answer, and is in at most one batch
+//!    (one answered in real time may have left its queue before any);
+//!    by the emulator's `realtime_answers_by_prompt` (standalone and
+//!    PostgreSQL shapes), only such a request is sent in real time, only
+//!    on its model's lane, at most once plus once per kill.
 //!
 //! A call cut off by a kill may have been stored without its `202` reaching
 //! the client: such a request is not counted as accepted, but if Ferry has it
