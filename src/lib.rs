@@ -282,14 +282,19 @@ impl App {
             .observe(now_secs().saturating_sub(rec.created_at) as f64);
     }
 
-    /// Adds a batch completion's `usage` to the token counters and, when the
-    /// model has a price in config, its saving versus real time. `model` is
-    /// the queue's (config-routed) model, which keeps label values bounded.
+    /// Adds the `usage` of the answer kept for a request, on `lane`, to the
+    /// token counters and, when the model has a price in config, its saving
+    /// versus real time (none on `standard`, which is real time). Called
+    /// once per request, for the stored answer only: an answer discarded
+    /// because another lane answered first is counted in
+    /// `ferry_spent_twice_*` instead. `model` is the queue's (config-routed)
+    /// model, which keeps label values bounded.
     pub fn count_tokens(
         &self,
         upstream: &Upstream,
         endpoint: endpoint::Endpoint,
         model: &str,
+        lane: store::Lane,
         body: &[u8],
     ) {
         /// Only `usage` is read; the rest of the body is skipped, not built.
@@ -319,10 +324,11 @@ impl App {
             let list = (prompt as f64 * p.prompt_per_mtok
                 + completion as f64 * p.completion_per_mtok)
                 / 1e6;
+            let paid = batch::lanes::lane_cost(list, lane, upstream.settings.batch_discount);
             self.metrics
                 .savings_usd
                 .with_label_values(&[model, label])
-                .inc_by(list * upstream.settings.batch_discount);
+                .inc_by(list - paid);
         }
     }
 

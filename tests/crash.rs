@@ -28,7 +28,14 @@
 //!    harness reads every Message Batch's results and counts those by the
 //!    last segment; the chat lines are the rest of the emulator's counts;
 //! 4. every batch finishes (`ferry_live_batches` drops to 0) and no
-//!    `purpose=batch` input file is left upstream.
+//!    `purpose=batch` input file is left upstream;
+//! 5. one chat request in four carries `X-Ferry-Deadline` (1 or 2 s, a
+//!    third upstream, see [`RUSH_MODELS`]): it is answered on a lane its
+//!    policy allows, with that lane's answer, and is in at most one batch
+//!    (one answered in real time may have left its queue before any);
+//!    by the emulator's `realtime_answers_by_prompt` (standalone and
+//!    PostgreSQL shapes), only such a request is sent in real time, only
+//!    on its model's lane, at most once plus once per kill.
 //!
 //! A call cut off by a kill may have been stored without its `202` reaching
 //! the client: such a request is not counted as accepted, but if Ferry has it
@@ -51,7 +58,7 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -92,12 +99,38 @@ calls_per_second = 1000
 batches_per_hour = 1000000
 "#;
 
+/// One chat request in four carries `X-Ferry-Deadline` of 1 or 2 s and
+/// names one of these models, routed to a third upstream, `rush`, on the
+/// same emulator: the first has flex (here and in the emulator), the
+/// second only standard. Their queues wait up to a second, and escalation
+/// comes 0.9 s (the priors, then the learned latency of a few
+/// milliseconds, plus the margin) before the deadline: a 1 s request
+/// escalates about 0.1-0.2 s after acceptance, mostly from its queue; a 2 s
+/// one about 1.1-1.2 s after, while its batch (flushed within the second,
+/// living ~0.4 s) is submitted, or after the batch answered it.
+const RUSH_MODELS: [&str; 2] = ["gpt-4.1-mini", "gpt-4.1-nano"];
+const RUSH_EXTRA: &str = r#"
+poll_interval_secs = 0.05
+max_requests = 25
+max_wait_secs = 1.0
+calls_per_second = 1000
+batches_per_hour = 1000000
+flex_models = ["gpt-4.1-mini"]
+flex_latency_prior_secs = 0.1
+standard_latency_prior_secs = 0.1
+escalation_margin_secs = 0.8
+"#;
+
 /// The OpenAI upstream's lines, then a second upstream, Anthropic, on the
-/// same emulator (`target`: `emulator = true`, or its `base_url`), with the
-/// same batch settings.
-fn upstreams(target: &str) -> String {
+/// same emulator (`claude`: `emulator = true`, or its `base_url`), with the
+/// same batch settings, and a third, OpenAI, for the requests with a
+/// deadline (`rush`: its target), routed by model.
+fn upstreams(claude: &str, rush: &str) -> String {
+    let [flex, standard] = RUSH_MODELS;
     format!(
-        "{UPSTREAM_EXTRA}\n[[upstreams]]\nname = \"claude\"\nkind = \"anthropic\"\n{target}\npoll_interval_secs = 0.05\n{UPSTREAM_EXTRA}"
+        "{UPSTREAM_EXTRA}\n[[upstreams]]\nname = \"claude\"\nkind = \"anthropic\"\n{claude}\npoll_interval_secs = 0.05\n{UPSTREAM_EXTRA}\n\
+         [[upstreams]]\nname = \"rush\"\nkind = \"openai\"\n{rush}\n{RUSH_EXTRA}\n\
+         [[routes]]\nmodel = \"{flex}\"\nupstream = \"rush\"\n\n[[routes]]\nmodel = \"{standard}\"\nupstream = \"rush\"\n"
     )
 }
 /// JSON logs, so the harness can tell what a killed Ferry was doing.
@@ -111,6 +144,7 @@ validating_seconds = 0.2
 per_request_seconds = 0.004
 finalizing_seconds = 0.15
 latency_ms = 2
+flex_models = ["gpt-4.1-mini"]
 "#;
 
 /// Where the emulator runs, and the store.
@@ -190,7 +224,21 @@ impl Req {
         }
     }
 
+    /// `X-Ferry-Deadline`, in seconds, of one chat request in four.
+    fn deadline(self) -> Option<u64> {
+        (self.family() == Family::OpenAi && (self.0 / 3).is_multiple_of(4))
+            .then_some(1 + self.0 / 12 % 2)
+    }
+
+    /// Whether its model has flex (only requests with a deadline name it).
+    fn flex(self) -> bool {
+        self.deadline().is_some() && self.model() == RUSH_MODELS[0]
+    }
+
     fn model(self) -> &'static str {
+        if self.deadline().is_some() {
+            return RUSH_MODELS[(self.0 % 2) as usize];
+        }
         let models = match self.family() {
             Family::OpenAi => MODELS,
             Family::Anthropic => CLAUDE_MODELS,
@@ -216,6 +264,10 @@ impl Req {
                     "messages": [{"role": "user", "content": prompt}],
                 })),
         };
+        let call = match self.deadline() {
+            Some(secs) => call.header("x-ferry-deadline", secs.to_string()),
+            None => call,
+        };
         call.header("prefer", "respond-async")
             .header("x-ferry-custom-id", self.id())
     }
@@ -230,6 +282,12 @@ impl Req {
 
     fn prompt(self, seed: u64) -> String {
         format!("crash run {seed}, request {}", self.0)
+    }
+
+    /// The request whose prompt this is.
+    fn of_prompt(prompt: &str, seed: u64) -> Option<Req> {
+        let n = prompt.strip_prefix(&format!("crash run {seed}, request "))?;
+        n.parse().ok().map(Req)
     }
 }
 
@@ -515,6 +573,157 @@ async fn live_batches(s: &Stack) -> Option<u64> {
         .map(|v| v as u64)
 }
 
+/// Ferry's log lines about requests with a deadline, by what they say.
+const ESCALATED_FROM_QUEUE: &str = "request escalated for its deadline";
+const ESCALATED_FROM_BATCH: &str =
+    "request in a submitted batch escalated for its deadline; the first answer wins";
+const DISCARDED: [&str; 2] = [
+    "batch line for a request already answered on another lane; discarded",
+    "escalated request already answered by its batch; this answer is discarded",
+];
+
+/// The distinct requests (Ferry's ids) each message of `messages` was
+/// logged for, over every Ferry run in `dir`.
+fn logged_requests(dir: &Path, messages: &[&str]) -> HashMap<String, HashSet<u64>> {
+    let mut out: HashMap<String, HashSet<u64>> = HashMap::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("ferry-") && name.ends_with(".log")) {
+            continue;
+        }
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            let fields = &v["fields"];
+            let message = fields["message"].as_str().unwrap_or_default();
+            if let (true, Some(request)) = (messages.contains(&message), fields["request"].as_u64())
+            {
+                out.entry(message.to_owned()).or_default().insert(request);
+            }
+        }
+    }
+    out
+}
+
+/// What is wrong, if anything, with the lane a completed request was
+/// answered on: a request without a deadline only by a batch; one with a
+/// deadline by a batch or the one lane its model steps up to (flex if it
+/// has flex, else standard: flex is never refused here, so never left for
+/// standard), and the answer must be that lane's.
+fn lane_problem(req: Req, st: &Value) -> Option<String> {
+    let lane = st["lane"].as_str().unwrap_or("none");
+    let allowed: &[&str] = match (req.deadline(), req.flex()) {
+        (None, _) => &["batch"],
+        (Some(_), true) => &["batch", "flex"],
+        (Some(_), false) => &["batch", "standard"],
+    };
+    if !allowed.contains(&lane) {
+        return Some(format!(
+            "{} (deadline {:?}, {}) answered on lane {lane}, not one of {allowed:?}",
+            req.id(),
+            req.deadline(),
+            req.model()
+        ));
+    }
+    let flex_answer = st["result"]["body"]["service_tier"] == "flex";
+    (flex_answer != (lane == "flex")).then(|| {
+        format!(
+            "{} answered on lane {lane} with another lane's answer: {st}",
+            req.id()
+        )
+    })
+}
+
+/// The emulator's real-time chat answers, checked per request: only a
+/// request with a deadline, only on its model's lane (`flex`, or
+/// `default`: standard), and at most once plus once per kill (a call whose
+/// answer a kill cut off is sent again when its escalation resumes).
+#[derive(Debug, Default, PartialEq)]
+struct Realtime {
+    /// Answers, over every request.
+    answers: u64,
+    /// Answers beyond one per request.
+    again: u64,
+    /// Requests with at least one answer.
+    requests: HashSet<u64>,
+    problems: Vec<String>,
+}
+
+fn realtime_books(by_prompt: &Value, seed: u64, kills: u64) -> Realtime {
+    let mut books = Realtime::default();
+    for (prompt, tiers) in by_prompt.as_object().into_iter().flatten() {
+        let Some(req) = Req::of_prompt(prompt, seed) else {
+            books
+                .problems
+                .push(format!("real-time answer for an unknown prompt {prompt:?}"));
+            continue;
+        };
+        let want = if req.flex() { "flex" } else { "default" };
+        let mut n = 0;
+        for (tier, count) in tiers.as_object().into_iter().flatten() {
+            let count = count.as_u64().unwrap_or(0);
+            n += count;
+            if req.deadline().is_none() || tier != want {
+                books.problems.push(format!(
+                    "{} (deadline {:?}, {}) answered {count}× in real time on tier {tier}: a lane the policy does not allow",
+                    req.id(),
+                    req.deadline(),
+                    req.model()
+                ));
+            }
+        }
+        if n > 1 + kills {
+            books.problems.push(format!(
+                "{} answered {n}× in real time, over {kills} kills",
+                req.id()
+            ));
+        }
+        books.answers += n;
+        books.again += n.saturating_sub(1);
+        if n > 0 {
+            books.requests.insert(req.0);
+        }
+    }
+    books
+}
+
+#[test]
+fn a_request_sent_on_a_lane_the_policy_does_not_allow_is_reported() {
+    let seed = 5;
+    // Request 0: deadline, flex model; 1: deadline, standard model; 2: Claude;
+    // 3: chat without a deadline.
+    assert_eq!((Req(0).deadline(), Req(0).flex()), (Some(1), true));
+    assert_eq!((Req(1).deadline(), Req(1).flex()), (Some(1), false));
+    assert_eq!(Req(3).deadline(), None);
+    assert_eq!(
+        Req::of_prompt(&Req(13).prompt(seed), seed).map(|r| r.0),
+        Some(13)
+    );
+    let p = |n: u64| Req(n).prompt(seed);
+    let fine = serde_json::json!({ p(0): {"flex": 2}, p(1): {"default": 1} });
+    let books = realtime_books(&fine, seed, 1);
+    assert_eq!((books.answers, books.again), (3, 1));
+    assert!(books.problems.is_empty(), "{:?}", books.problems);
+    assert_eq!(
+        realtime_books(&fine, seed, 0).problems.len(),
+        1,
+        "twice with no kill"
+    );
+    let wrong =
+        serde_json::json!({ p(0): {"default": 1}, p(1): {"flex": 1}, p(3): {"default": 1} });
+    assert_eq!(realtime_books(&wrong, seed, 1).problems.len(), 3);
+
+    let st = |lane: &str, tier: &str| serde_json::json!({"lane": lane, "result": {"body": {"service_tier": tier}}});
+    assert_eq!(lane_problem(Req(0), &st("flex", "flex")), None);
+    assert_eq!(lane_problem(Req(0), &st("batch", "default")), None);
+    assert!(lane_problem(Req(0), &st("standard", "default")).is_some());
+    assert!(lane_problem(Req(0), &st("flex", "default")).is_some());
+    assert_eq!(lane_problem(Req(1), &st("standard", "default")), None);
+    assert!(lane_problem(Req(3), &st("standard", "default")).is_some());
+}
+
 /// Warnings and errors of every Ferry run in `dir`, for a failure message.
 fn ferry_complaints(dir: &Path, max: usize) -> Vec<String> {
     let mut logs: Vec<_> = std::fs::read_dir(dir)
@@ -748,9 +957,11 @@ async fn crash_harness(shape: Shape) {
             let s = Stack::start_on_with(
                 backend,
                 &|emulator| {
-                    upstreams(&format!(
-                        "base_url = \"http://{emulator}\"\napi_key_env = \"FERRY_TEST_UPSTREAM_KEY\""
-                    ))
+                    let key = "api_key_env = \"FERRY_TEST_UPSTREAM_KEY\"";
+                    upstreams(
+                        &format!("base_url = \"http://{emulator}\"\n{key}"),
+                        &format!("base_url = \"http://{emulator}/v1\"\n{key}"),
+                    )
                 },
                 SERVER_EXTRA,
             );
@@ -758,9 +969,11 @@ async fn crash_harness(shape: Shape) {
             s.emulator_config(knobs).await;
             s
         }
-        Shape::Embedded => {
-            Stack::start_embedded(EMULATOR_KNOBS, &upstreams("emulator = true"), SERVER_EXTRA)
-        }
+        Shape::Embedded => Stack::start_embedded(
+            EMULATOR_KNOBS,
+            &upstreams("emulator = true", "emulator = true"),
+            SERVER_EXTRA,
+        ),
     };
 
     let load = Arc::new(Load {
@@ -885,6 +1098,10 @@ async fn crash_harness(shape: Shape) {
         .collect();
     let mut lost = Vec::new();
     let mut stored_unacked = Vec::new();
+    // The lane each completed request with a deadline was answered on.
+    let mut lanes: BTreeMap<String, u64> = BTreeMap::new();
+    let mut real_time_lanes: HashSet<u64> = HashSet::new();
+    let mut wrong_lanes = Vec::new();
     for (n, acked, code, st) in &lookups {
         let req = Req(*n);
         if *code == 404 && !acked {
@@ -895,6 +1112,18 @@ async fn crash_harness(shape: Shape) {
         }
         let want = format!("echo: {}", req.prompt(knobs.seed));
         let got = req.answer(&st["result"]["body"]);
+        if st["status"] == "completed" {
+            if let Some(problem) = lane_problem(req, st) {
+                wrong_lanes.push(problem);
+            }
+            if req.deadline().is_some() {
+                let lane = st["lane"].as_str().unwrap_or("none");
+                *lanes.entry(lane.to_owned()).or_default() += 1;
+                if lane != "batch" {
+                    real_time_lanes.insert(*n);
+                }
+            }
+        }
         if *code != 200 || st["status"] != "completed" || got != want.as_str() {
             let what = if *acked {
                 "accepted"
@@ -914,6 +1143,19 @@ async fn crash_harness(shape: Shape) {
             lost.iter()
                 .take(20)
                 .map(|(_, l)| l.as_str())
+                .collect::<Vec<_>>()
+                .join("\n  ")
+        ));
+    }
+
+    if !wrong_lanes.is_empty() {
+        problems.push(format!(
+            "{} requests answered on a lane the policy does not allow:\n  {}",
+            wrong_lanes.len(),
+            wrong_lanes
+                .iter()
+                .take(20)
+                .cloned()
                 .collect::<Vec<_>>()
                 .join("\n  ")
         ));
@@ -982,6 +1224,12 @@ async fn crash_harness(shape: Shape) {
             .filter(|n| family_of(n) == *family)
             .count() as u64;
         let held = accepted + unacked;
+        // A request with a deadline answered in real time may have left its
+        // queue before any batch: in no batch, or in one.
+        let may_skip_batches = real_time_lanes
+            .iter()
+            .filter(|n| family_of(n) == *family)
+            .count() as u64;
         if b.twice != 0 {
             problems.push(format!(
                 "{family:?}: {} requests executed upstream more than once",
@@ -994,9 +1242,9 @@ async fn crash_harness(shape: Shape) {
                 b.lines, b.requests
             ));
         }
-        if b.requests != held {
+        if b.requests > held || b.requests + may_skip_batches < held {
             problems.push(format!(
-                "{family:?}: {} distinct requests upstream, but Ferry holds {held} requests ({accepted} accepted, {unacked} stored without a 202)",
+                "{family:?}: {} distinct requests upstream in batches, but Ferry holds {held} requests ({accepted} accepted, {unacked} stored without a 202; {may_skip_batches} answered in real time, which may have left their queue before a batch)",
                 b.requests
             ));
         }
@@ -1004,6 +1252,47 @@ async fn crash_harness(shape: Shape) {
     if stats["batches_by_status"]["failed"] != 0 {
         problems.push("a batch failed upstream, with no fault injected".into());
     }
+
+    // Real-time answers per request, from the emulator's counts: those of an
+    // embedded emulator die with it at every kill, so only the standalone
+    // one's span the run.
+    let realtime = match shape {
+        Shape::Embedded => None,
+        Shape::Standalone | Shape::Postgres => {
+            let books = realtime_books(
+                &stats["realtime_answers_by_prompt"],
+                knobs.seed,
+                kills.len() as u64,
+            );
+            problems.extend(books.problems.iter().take(20).cloned());
+            let unseen: Vec<u64> = real_time_lanes
+                .difference(&books.requests)
+                .copied()
+                .collect();
+            if !unseen.is_empty() {
+                problems.push(format!(
+                    "{} requests answered in real time by their status, with no real-time answer upstream: {:?}",
+                    unseen.len(),
+                    unseen.iter().take(20).collect::<Vec<_>>()
+                ));
+            }
+            Some(books)
+        }
+    };
+    let logged = logged_requests(
+        s.dir.path(),
+        &[
+            ESCALATED_FROM_QUEUE,
+            ESCALATED_FROM_BATCH,
+            DISCARDED[0],
+            DISCARDED[1],
+        ],
+    );
+    let logged_count = |m: &str| logged.get(m).map_or(0, HashSet::len);
+    let with_deadline = lookups
+        .iter()
+        .filter(|(n, acked, code, _)| Req(*n).deadline().is_some() && (*acked || *code != 404))
+        .count();
 
     let kinds = |f: fn(&Activity) -> bool| kills.iter().filter(|a| f(a)).count();
     eprintln!(
@@ -1036,6 +1325,16 @@ async fn crash_harness(shape: Shape) {
             b.in_two_batches()
         );
     }
+    eprintln!(
+        "crash harness ({shape:?}, deadlines): {with_deadline} held with a deadline, answered on lanes {lanes:?}; escalated (as logged) {} from the queue, {} from a batch; {} answers discarded (spent twice); real-time answers upstream: {}",
+        logged_count(ESCALATED_FROM_QUEUE),
+        logged_count(ESCALATED_FROM_BATCH),
+        DISCARDED.iter().map(|m| logged_count(m)).sum::<usize>(),
+        realtime.as_ref().map_or_else(
+            || "not counted (the embedded emulator's counts die with it)".to_owned(),
+            |r| format!("{}, {} of them sent again after a kill", r.answers, r.again)
+        ),
+    );
     eprintln!(
         "crash harness ({shape:?}): {} SIGKILLs over {sent} requests ({} accepted): {} lost, {} executed twice, {} in two batches, {stuck} batches stuck, {leftover} input files left ({:.1} s, seed {})",
         kills.len(),

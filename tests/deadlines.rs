@@ -377,6 +377,103 @@ async fn a_batch_that_answers_during_the_flex_call_wins_and_the_flex_answer_is_d
     assert!(st["batch_id"].is_string(), "{st}");
 }
 
+/// The tokens an answer's `usage` counts.
+fn used(answer: &Value) -> f64 {
+    let usage = &answer["usage"];
+    let tokens = usage["prompt_tokens"].as_f64().unwrap_or(0.0)
+        + usage["completion_tokens"].as_f64().unwrap_or(0.0);
+    assert!(tokens > 0.0, "{answer}");
+    tokens
+}
+
+/// The sum of every `ferry_tokens_total` series of `model`.
+fn tokens_of(metrics: &str, model: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("ferry_tokens_total{") && l.contains(&format!("model=\"{model}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The sum of every `ferry_estimated_savings_usd_total` series of `model`.
+fn savings_of(metrics: &str, model: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("ferry_estimated_savings_usd_total{")
+                && l.contains(&format!("model=\"{model}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn savings_count_the_kept_answer_once_and_nothing_for_standard() {
+    // Both models priced at a dollar a token; gpt-4o-mini has flex,
+    // gpt-4o only standard (2 s, no margin). Every batch is held upstream.
+    let s = Stack::start_on(
+        Backend::Sled,
+        &format!(
+            "{FLEX_UPSTREAM}{PRICED}\n[prices.\"gpt-4o\"]\nprompt_per_mtok = 1000000.0\ncompletion_per_mtok = 1000000.0\n"
+        ),
+        "",
+    );
+    s.emulator_config(json!({"flex_models": ["gpt-4o-mini"], "validating_seconds": 3600}))
+        .await;
+    // gpt-4o, due in 4 s: flushed into a held batch, then on standard at 2 s.
+    let held = defer_model(&s, "gpt-4o", "4", "std", "respond-async, wait=30");
+    let flush = async {
+        until_status(&s, "std", "queued").await;
+        s.flush().await;
+    };
+    let r = tokio::join!(held, flush).0;
+    assert_eq!(r.status(), 200);
+    let standard_tokens = used(&r.json().await.unwrap());
+    let (_, st) = s.status("alice-key", "std", 0).await;
+    assert_eq!(st["lane"], "standard", "{st}");
+    // gpt-4o-mini, due in 7 s: flushed into a held batch, then on flex.
+    let r = defer_held_into_a_batch(&s, "flex").await;
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["service_tier"], "flex", "{answer}");
+    let tokens = used(&answer);
+    until_metric(&s, r#"ferry_lane_results_total{lane="flex"} 1"#).await;
+    // The kept answers count at once: the flex one saved half its list
+    // price, the standard one nothing.
+    let before = s.metrics().await;
+    assert_eq!(tokens_of(&before, "gpt-4o-mini"), tokens, "flex tokens");
+    assert_eq!(
+        savings_of(&before, "gpt-4o-mini"),
+        tokens * 0.5,
+        "flex saving"
+    );
+    assert_eq!(
+        tokens_of(&before, "gpt-4o"),
+        standard_tokens,
+        "standard tokens"
+    );
+    assert_eq!(savings_of(&before, "gpt-4o"), 0.0, "standard saves nothing");
+
+    // Both batches finish: their lines are discarded, counted as spent
+    // twice and not as tokens or savings.
+    let r = s
+        .http
+        .post(s.emu("/_emulator/clock"))
+        .json(&json!({"advance_seconds": 4000}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    s.until_no_live_batches().await;
+    let after = until_metric(&s, r#"ferry_spent_twice_total{lane="batch"} 2"#).await;
+    assert_eq!(tokens_of(&after, "gpt-4o-mini"), tokens, "tokens once");
+    assert_eq!(tokens_of(&after, "gpt-4o"), standard_tokens, "tokens once");
+    assert_eq!(savings_of(&after, "gpt-4o-mini"), tokens * 0.5);
+    assert_eq!(savings_of(&after, "gpt-4o"), 0.0);
+}
+
 async fn an_escalation_out_of_a_batch_cut_short_by_a_crash_resumes_and_is_not_repeated(
     backend: Backend,
 ) {

@@ -540,6 +540,9 @@ async fn answer(
     }
     for rec in &done {
         app.on_terminal(rec);
+        if let Outcome::Completed(r) = &kept {
+            app.count_tokens(up, rec.endpoint, &rec.model, batch.lane, &r.body);
+        }
         let late = rec.deadline_at.is_some_and(|d| now_secs() > d);
         info!(
             ferry_batch = batch.id,

@@ -859,9 +859,10 @@ impl<'a> Ingest<'a> {
             return Ok(());
         }
         let (slice, batch) = (std::mem::take(&mut self.pending), self.batch);
-        // Answers that may find their request answered already, by the
+        // Answers: their tokens and savings count only if stored (once per
+        // request); one may find its request answered already, by the
         // escalation of a member whose deadline came first.
-        let answers: Vec<(u64, Outcome)> = slice
+        let mut answers: HashMap<u64, Outcome> = slice
             .iter()
             .filter(|(_, o)| matches!(o, Outcome::Completed(_)))
             .cloned()
@@ -873,13 +874,20 @@ impl<'a> Ingest<'a> {
             .await?;
         for rec in &done {
             self.app.on_terminal(rec);
+            if let Some(Outcome::Completed(r)) = answers.remove(&rec.id) {
+                self.app.count_tokens(
+                    self.up,
+                    self.endpoint,
+                    &self.model,
+                    crate::store::Lane::Batch,
+                    &r.body,
+                );
+            }
         }
         self.finished += done.len();
-        if answers.len() > done.len() {
-            let applied: std::collections::HashSet<u64> = done.iter().map(|r| r.id).collect();
-            for (id, answer) in answers.iter().filter(|(id, _)| !applied.contains(id)) {
-                self.count_if_spent_twice(*id, answer).await?;
-            }
+        // What is left was not stored.
+        for (id, answer) in &answers {
+            self.count_if_spent_twice(*id, answer).await?;
         }
         Ok(())
     }
@@ -1099,20 +1107,14 @@ async fn read_result_file(
         )
     };
     let mut reader = ingest::ResultReader::new(members);
-    let take = |ingest: &mut Ingest<'_>, id: u64, outcome: Outcome| {
-        if let Outcome::Completed(r) = &outcome {
-            app.count_tokens(up, batch.endpoint, &batch.model, &r.body);
-        }
-        ingest.push(id, outcome);
-    };
     while let Some(chunk) = stream.next().await {
         let chunk = chunk?;
-        reader.push(&chunk, &mut |id, outcome| take(ingest, id, outcome));
+        reader.push(&chunk, &mut |id, outcome| ingest.push(id, outcome));
         if ingest.pending.len() >= OUTCOME_CHUNK {
             ingest.apply().await?;
         }
     }
-    let bad_lines = reader.finish(&mut |id, outcome| take(ingest, id, outcome));
+    let bad_lines = reader.finish(&mut |id, outcome| ingest.push(id, outcome));
     if bad_lines > 0 {
         warn!(
             file_id,

@@ -508,6 +508,16 @@ async fn chat_completions(
     if flex && status == 200 {
         super::flex::mark(&mut completion);
     }
+    if status == 200 {
+        let prompt = body
+            .get("messages")
+            .and_then(Value::as_array)
+            .and_then(|m| m.last())
+            .and_then(|m| m.get("content"))
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        emulator.count_realtime_answer(prompt, if flex { "flex" } else { "default" });
+    }
     if status != 200 {
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return Ok((status, json_response(completion)).into_response());

@@ -211,6 +211,12 @@ struct Counters {
     executions: HashMap<String, u32>,
     executed_lines: u64,
     realtime_requests: u64,
+    /// Real-time chat answers (status 200) by the last message's text, then
+    /// by tier (`flex` or `default`): lets a harness whose prompts are
+    /// unique see how many times, and on which lanes, a request was sent
+    /// outside a batch. In memory only: an embedded emulator restarted
+    /// from its journal starts it afresh.
+    realtime_answers: HashMap<String, BTreeMap<&'static str, u32>>,
     api_calls: u64,
 }
 
@@ -532,6 +538,16 @@ impl Emulator {
         lock(&self.counters).realtime_requests += 1;
     }
 
+    /// Counts a real-time chat answer of `prompt` on `tier`.
+    pub fn count_realtime_answer(&self, prompt: &str, tier: &'static str) {
+        *lock(&self.counters)
+            .realtime_answers
+            .entry(prompt.to_owned())
+            .or_default()
+            .entry(tier)
+            .or_default() += 1;
+    }
+
     /// Whether this flex call is refused for want of capacity, by
     /// `flex_unavailable_rate`.
     pub fn roll_flex_unavailable(&self) -> bool {
@@ -587,6 +603,7 @@ impl Emulator {
             "executed_lines": c.executed_lines,
             "executed_more_than_once": c.executions.values().filter(|&&n| n > 1).count(),
             "realtime_requests": c.realtime_requests,
+            "realtime_answers_by_prompt": c.realtime_answers,
             "api_calls": c.api_calls,
         }))
     }
