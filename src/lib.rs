@@ -287,8 +287,9 @@ impl App {
     /// versus real time (none on `standard`, which is real time). Called
     /// once per request, for the stored answer only: an answer discarded
     /// because another lane answered first is counted in
-    /// `ferry_spent_twice_*` instead. `model` is the queue's (config-routed)
-    /// model, which keeps label values bounded.
+    /// `ferry_spent_twice_*` instead ([`App::count_spent_twice`]). `model`
+    /// is the queue's (config-routed) model, which keeps label values
+    /// bounded.
     pub fn count_tokens(
         &self,
         upstream: &Upstream,
@@ -297,20 +298,10 @@ impl App {
         lane: store::Lane,
         body: &[u8],
     ) {
-        /// Only `usage` is read; the rest of the body is skipped, not built.
-        #[derive(serde::Deserialize)]
-        struct Usage {
-            #[serde(default)]
-            usage: serde_json::Value,
-        }
-        let Ok(Usage { usage }) = serde_json::from_slice::<Usage>(body) else {
+        let Some((prompt, completion)) = answer_usage(endpoint, body) else {
             return;
         };
-        if usage.is_null() {
-            return;
-        }
         let model = self.model_labels.label(model);
-        let (prompt, completion) = endpoint.usage_tokens(&usage);
         let label = endpoint.label();
         self.metrics
             .tokens
@@ -320,16 +311,50 @@ impl App {
             .tokens
             .with_label_values(&[model, label, "completion"])
             .inc_by(completion);
-        if let Some(p) = self.config.prices.get(model) {
-            let list = (prompt as f64 * p.prompt_per_mtok
-                + completion as f64 * p.completion_per_mtok)
-                / 1e6;
+        if let Some(list) = self.list_usd(model, prompt, completion) {
             let paid = batch::lanes::lane_cost(list, lane, upstream.settings.batch_discount);
             self.metrics
                 .savings_usd
                 .with_label_values(&[model, label])
                 .inc_by(list - paid);
         }
+    }
+
+    /// Counts an answer paid for and thrown away, on `lane`, for a request
+    /// already answered on another (see [`store::lifecycle::spent_twice`]),
+    /// with its estimated cost when the model has a price in config.
+    pub fn count_spent_twice(
+        &self,
+        upstream: &Upstream,
+        endpoint: endpoint::Endpoint,
+        model: &str,
+        lane: store::Lane,
+        body: &[u8],
+    ) {
+        self.metrics
+            .spent_twice
+            .with_label_values(&[lane.as_str()])
+            .inc();
+        let Some((prompt, completion)) = answer_usage(endpoint, body) else {
+            return;
+        };
+        if let Some(list) = self.list_usd(self.model_labels.label(model), prompt, completion) {
+            self.metrics
+                .spent_twice_usd
+                .with_label_values(&[lane.as_str()])
+                .inc_by(batch::lanes::lane_cost(
+                    list,
+                    lane,
+                    upstream.settings.batch_discount,
+                ));
+        }
+    }
+
+    /// The real-time list price of `prompt` and `completion` tokens of
+    /// the model labelled `model`, when config prices it.
+    fn list_usd(&self, model: &str, prompt: u64, completion: u64) -> Option<f64> {
+        let p = self.config.prices.get(model)?;
+        Some((prompt as f64 * p.prompt_per_mtok + completion as f64 * p.completion_per_mtok) / 1e6)
     }
 
     /// Publishes the queue gauges of one upstream. Models folded into
@@ -368,6 +393,18 @@ impl App {
                 .set(age as i64);
         }
     }
+}
+
+/// An answer's (prompt, completion) tokens, from its `usage`; `None` when
+/// the body has none. Only `usage` is read; the rest is skipped, not built.
+fn answer_usage(endpoint: endpoint::Endpoint, body: &[u8]) -> Option<(u64, u64)> {
+    #[derive(serde::Deserialize)]
+    struct Usage {
+        #[serde(default)]
+        usage: serde_json::Value,
+    }
+    let Usage { usage } = serde_json::from_slice(body).ok()?;
+    (!usage.is_null()).then(|| endpoint.usage_tokens(&usage))
 }
 
 #[cfg(test)]

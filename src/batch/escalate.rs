@@ -345,46 +345,6 @@ impl Watch {
     }
 }
 
-/// Counts an answer paid for and thrown away, on `lane`, for a request
-/// already answered on another (see [`crate::store::lifecycle::spent_twice`]),
-/// with its estimated cost when the model has a price in config.
-pub(super) fn count_spent_twice(
-    app: &App,
-    up: &crate::Upstream,
-    endpoint: crate::endpoint::Endpoint,
-    model: &str,
-    lane: Lane,
-    body: &[u8],
-) {
-    app.metrics
-        .spent_twice
-        .with_label_values(&[lane.as_str()])
-        .inc();
-    /// Only `usage` is read.
-    #[derive(serde::Deserialize)]
-    struct Usage {
-        #[serde(default)]
-        usage: serde_json::Value,
-    }
-    let Ok(Usage { usage }) = serde_json::from_slice::<Usage>(body) else {
-        return;
-    };
-    let Some(price) = app.config.prices.get(app.model_labels.label(model)) else {
-        return;
-    };
-    if usage.is_null() {
-        return;
-    }
-    let (prompt, completion) = endpoint.usage_tokens(&usage);
-    let list = (prompt as f64 * price.prompt_per_mtok
-        + completion as f64 * price.completion_per_mtok)
-        / 1e6;
-    app.metrics
-        .spent_twice_usd
-        .with_label_values(&[lane.as_str()])
-        .inc_by(lanes::lane_cost(list, lane, up.settings.batch_discount));
-}
-
 /// Sends the one member of `batch` on its lane until it is answered, then
 /// stores the answer and finishes the batch.
 pub(super) async fn send(
@@ -536,7 +496,7 @@ async fn answer(
             lane = batch.lane.as_str(),
             "escalated request already answered by its batch; this answer is discarded"
         );
-        count_spent_twice(app, up, rec.endpoint, &rec.model, batch.lane, &r.body);
+        app.count_spent_twice(up, rec.endpoint, &rec.model, batch.lane, &r.body);
     }
     for rec in &done {
         app.on_terminal(rec);

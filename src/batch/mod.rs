@@ -908,8 +908,7 @@ impl<'a> Ingest<'a> {
                 answered_by = ?rec.lane.map(|l| l.as_str()),
                 "batch line for a request already answered on another lane; discarded"
             );
-            escalate::count_spent_twice(
-                self.app,
+            self.app.count_spent_twice(
                 self.up,
                 self.endpoint,
                 &self.model,
