@@ -8,12 +8,10 @@ use super::PgError;
 use super::outbox::write_deliveries;
 use super::queues::{Moved, add_to_counters};
 use super::store::{
-    PgStore, REQUEST_COLUMNS, REQUEST_FROM, SyncPayloadFn, json_opt_text, lane_from, request_from,
-    to_i64, to_u64,
+    PgStore, REQUEST_COLUMN_COUNT, REQUEST_COLUMNS, REQUEST_FROM, SyncPayloadFn, json_opt_text,
+    lane_from, request_from, to_i64, to_u64,
 };
 
-/// The index of `r.escalation`, read after [`REQUEST_COLUMNS`] (22 of them).
-const ESCALATION_COLUMN: usize = 22;
 use crate::store::lifecycle::{self, Effect};
 use crate::store::{
     Outcome, QueueKey, RequestRecord, RequestStatus, line_len, now_millis, now_secs,
@@ -41,6 +39,7 @@ impl PgStore {
         // A member of this batch, or escalated into it (see
         // [`lifecycle::outcome_applies`]).
         let sql = format!(
+            // `r.escalation` right after the record's columns.
             "SELECT {REQUEST_COLUMNS}, r.escalation FROM {REQUEST_FROM} \
              WHERE r.id = ANY($1) AND (r.batch = $2 OR r.escalation = $2) \
              ORDER BY r.id FOR UPDATE OF r"
@@ -49,7 +48,7 @@ impl PgStore {
         for row in tx.query(&sql, &[&ids, &batch_i]).await? {
             let rec = request_from(&row)?;
             let escalation = row
-                .try_get::<_, Option<i64>>(ESCALATION_COLUMN)?
+                .try_get::<_, Option<i64>>(REQUEST_COLUMN_COUNT)?
                 .map(|e| to_u64(e, "escalation"))
                 .transpose()?;
             members.insert(rec.id, (rec, escalation));

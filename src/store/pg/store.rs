@@ -47,6 +47,10 @@ pub(super) const REQUEST_COLUMNS: &str = "r.id, r.tenant, r.custom_id, r.upstrea
      r.batch, r.submitted_at, r.completed_at, r.error::text, r.webhook::text, b.upstream_batch_id, r.endpoint, \
      r.inputs, r.deadline_at, b.record ->> 'lane'";
 
+/// How many [`REQUEST_COLUMNS`] there are: a column a query reads after
+/// them has this index.
+pub(super) const REQUEST_COLUMN_COUNT: usize = 22;
+
 /// `FROM` for [`REQUEST_COLUMNS`].
 pub(super) const REQUEST_FROM: &str = "requests r LEFT JOIN batches b ON b.id = r.batch";
 
@@ -370,6 +374,11 @@ pub(super) fn lane_from(batch: Option<i64>, lane: Option<String>) -> Result<Opti
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_column_count_counts_the_request_columns() {
+        assert_eq!(REQUEST_COLUMNS.split(',').count(), REQUEST_COLUMN_COUNT);
+    }
 
     #[test]
     fn statuses_round_trip_through_their_names() {
