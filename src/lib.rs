@@ -237,12 +237,13 @@ impl App {
         };
         let s = &upstream.settings;
         // A deadline within the flush loop's horizon may call for a flush or
-        // an escalation before its next pass.
-        let horizon =
-            batch::lanes::scan_horizon(&upstream.latencies.longest(), s.escalation_margin);
-        let near = rec
-            .deadline_at
-            .is_some_and(|d| d.saturating_sub(now_secs()) <= horizon.as_secs());
+        // an escalation before its next pass. The horizon reads every
+        // learned latency: only for a request that has a deadline.
+        let near = rec.deadline_at.is_some_and(|d| {
+            let horizon =
+                batch::lanes::scan_horizon(&upstream.latencies.longest(), s.escalation_margin);
+            d.saturating_sub(now_secs()) <= horizon.as_secs()
+        });
         if load.started || near || load.count >= s.max_requests as u64 || load.bytes >= s.max_bytes
         {
             upstream.wake.notify_one();
