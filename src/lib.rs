@@ -33,7 +33,9 @@ use std::time::Duration;
 use config::{Config, UpstreamSettings};
 use delivery::waiters::Waiters;
 use metrics::Metrics;
-use store::{QueueKey, QueueStats, RequestRecord, Store, now_millis, now_secs};
+use store::{
+    QueueKey, QueueStats, RequestRecord, RequestStatus, Store, StoredResult, now_millis, now_secs,
+};
 use upstream::BatchClient;
 
 /// Where passthrough traffic for an upstream goes.
@@ -257,9 +259,21 @@ impl App {
     }
 
     /// A request reached a terminal status and it is durable: wake its
-    /// waiters and count it.
-    pub fn on_terminal(&self, rec: &RequestRecord) {
-        self.waiters.notify(rec.id);
+    /// waiters and count it. `answer` is the upstream's answer stored with
+    /// it, when the caller has it at hand: waiters then get the record and
+    /// answer with no store read.
+    pub fn on_terminal(&self, rec: &RequestRecord, answer: Option<&StoredResult>) {
+        match (rec.status, answer) {
+            // Without the answer at hand, they read it from the store.
+            (RequestStatus::Completed, None) => self.waiters.notify(rec.id),
+            (status, answer) => self.waiters.finish(delivery::waiters::Finished {
+                record: rec.clone(),
+                // Only a completed request has an answer.
+                result: answer
+                    .filter(|_| status == RequestStatus::Completed)
+                    .cloned(),
+            }),
+        }
         self.metrics
             .requests_finished
             .with_label_values(&[rec.status.as_str()])

@@ -306,6 +306,12 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             .upstream_ca_file
             .as_ref()
             .map(|p| p.display().to_string()),
+        // Every timeout of a second or more on tokio's timer wheel. pingora's
+        // own "fast" timers need a clock thread that, once started, wakes
+        // every 10 ms for the life of the process whether or not a timer is
+        // due: 15 % of Ferry's CPU over the end-to-end held run (README,
+        // Performance, figure E). Ferry's timeouts are all whole seconds.
+        fast_timeout_to_tokio_threshold_seconds: Some(0),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);

@@ -498,9 +498,13 @@ async fn answer(
         );
         app.count_spent_twice(up, rec.endpoint, &rec.model, batch.lane, &r.body);
     }
+    let answer = match &kept {
+        Outcome::Completed(r) => Some(r),
+        _ => None,
+    };
     for rec in &done {
-        app.on_terminal(rec);
-        if let Outcome::Completed(r) = &kept {
+        app.on_terminal(rec, answer);
+        if let Some(r) = answer {
             app.count_tokens(up, rec.endpoint, &rec.model, batch.lane, &r.body);
         }
         let late = rec.deadline_at.is_some_and(|d| now_secs() > d);

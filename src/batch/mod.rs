@@ -873,8 +873,12 @@ impl<'a> Ingest<'a> {
             .apply_outcomes(batch, slice, crate::delivery::webhook_payload)
             .await?;
         for rec in &done {
-            self.app.on_terminal(rec);
-            if let Some(Outcome::Completed(r)) = answers.remove(&rec.id) {
+            let answer = match answers.remove(&rec.id) {
+                Some(Outcome::Completed(r)) => Some(r),
+                _ => None,
+            };
+            self.app.on_terminal(rec, answer.as_ref());
+            if let Some(r) = answer {
                 self.app.count_tokens(
                     self.up,
                     self.endpoint,

@@ -1,17 +1,54 @@
-//! Callers held until a request is terminal. One `Notify` per request that
-//! someone waits on; the result ingester wakes it after the result is
-//! durable. A held caller costs one small map entry and a parked future — no
-//! polling loop, no thread.
+//! Callers held until a request is terminal. One slot per request that
+//! someone waits on; the result ingester fills it with the terminal record
+//! (and the answer) and wakes it after they are durable. A held caller costs
+//! one small map entry and a parked future — no polling loop, no thread —
+//! and a wake-up that carries the record costs the caller no store read.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
 use tokio::sync::Notify;
 
+use crate::store::{RequestRecord, StoredResult};
+
+/// A request that reached a terminal status, as stored: what a woken
+/// caller answers with.
+#[derive(Debug)]
+pub struct Finished {
+    pub record: RequestRecord,
+    /// The upstream's answer; `Some` exactly when `record` is `completed`.
+    pub result: Option<StoredResult>,
+}
+
+/// How a wait ended.
+#[derive(Debug)]
+pub enum Wake {
+    /// The request finished; here it is, as stored.
+    Finished(Arc<Finished>),
+    /// Woken without the record (another node's event, a resync), or found
+    /// done by the caller's own check: re-read the store.
+    Woken,
+    /// The timeout passed first.
+    TimedOut,
+}
+
+impl Wake {
+    /// Whether the wait ended before its timeout.
+    pub fn is_woken(&self) -> bool {
+        !matches!(self, Wake::TimedOut)
+    }
+}
+
+#[derive(Default)]
+struct Slot {
+    notify: Notify,
+    finished: OnceLock<Arc<Finished>>,
+}
+
 #[derive(Default)]
 pub struct Waiters {
-    map: DashMap<u64, Arc<Notify>>,
+    map: DashMap<u64, Arc<Slot>>,
 }
 
 impl Waiters {
@@ -19,31 +56,52 @@ impl Waiters {
         Self::default()
     }
 
-    /// Wakes everyone waiting on `id`. Call after the new state is stored.
+    /// Wakes everyone waiting on `id`, to re-read it. Call after the new
+    /// state is stored.
     pub fn notify(&self, id: u64) {
-        if let Some((_, n)) = self.map.remove(&id) {
-            n.notify_waiters();
+        if let Some((_, slot)) = self.map.remove(&id) {
+            slot.notify.notify_waiters();
+        }
+    }
+
+    /// Wakes everyone waiting on `finished`'s request with it. Call after
+    /// it is stored.
+    pub fn finish(&self, finished: Finished) {
+        if let Some((_, slot)) = self.map.remove(&finished.record.id) {
+            // A slot is removed from the map before it is filled, so no
+            // other `finish` can have filled it.
+            let _ = slot.finished.set(Arc::new(finished));
+            slot.notify.notify_waiters();
         }
     }
 
     /// Waits until `id` is notified or `timeout` passes. `is_done` is awaited
     /// after registering, so a notification between the caller's own check
-    /// and this call is never missed. Returns whether it was woken (or done).
+    /// and this call is never missed.
     pub async fn wait(
         &self,
         id: u64,
         timeout: Duration,
         is_done: impl std::future::Future<Output = bool>,
-    ) -> bool {
+    ) -> Wake {
         let entry = Registered {
             waiters: self,
             id,
-            notify: self.map.entry(id).or_default().clone(),
+            slot: self.map.entry(id).or_default().clone(),
         };
-        let notified = entry.notify.notified();
+        let notified = entry.slot.notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        is_done.await || tokio::time::timeout(timeout, notified).await.is_ok()
+        if is_done.await {
+            return Wake::Woken;
+        }
+        match tokio::time::timeout(timeout, notified).await {
+            Err(_) => Wake::TimedOut,
+            Ok(()) => match entry.slot.finished.get() {
+                Some(f) => Wake::Finished(f.clone()),
+                None => Wake::Woken,
+            },
+        }
     }
 
     /// Wakes every waiter, to re-read its request (events from other nodes
@@ -70,7 +128,7 @@ impl Waiters {
 struct Registered<'a> {
     waiters: &'a Waiters,
     id: u64,
-    notify: Arc<Notify>,
+    slot: Arc<Slot>,
 }
 
 impl Drop for Registered<'_> {
@@ -78,7 +136,7 @@ impl Drop for Registered<'_> {
         // Only our own entry (a notify may have replaced it with a newer
         // waiter's), and only when ours and the map's are the last holds.
         self.waiters.map.remove_if(&self.id, |_, n| {
-            Arc::ptr_eq(n, &self.notify) && Arc::strong_count(n) <= 2
+            Arc::ptr_eq(n, &self.slot) && Arc::strong_count(n) <= 2
         });
     }
 }
@@ -98,13 +156,85 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(w.len(), 1);
         w.notify(7);
-        assert!(waiter.await.unwrap());
+        assert!(waiter.await.unwrap().is_woken());
         assert!(w.is_empty());
         // Nobody notifies: the (paused) clock runs out.
-        assert!(!w.wait(8, Duration::from_secs(5), async { false }).await);
+        assert!(matches!(
+            w.wait(8, Duration::from_secs(5), async { false }).await,
+            Wake::TimedOut
+        ));
         assert!(w.is_empty());
         // Already done: returns at once.
-        assert!(w.wait(9, Duration::from_secs(5), async { true }).await);
+        assert!(matches!(
+            w.wait(9, Duration::from_secs(5), async { true }).await,
+            Wake::Woken
+        ));
+    }
+
+    fn record(id: u64, status: crate::store::RequestStatus) -> RequestRecord {
+        RequestRecord {
+            id,
+            tenant: "t".into(),
+            custom_id: format!("c{id}"),
+            endpoint: Default::default(),
+            inputs: 1,
+            model: "gpt-4o-mini".into(),
+            upstream: "u".into(),
+            body_sha256: String::new(),
+            body_len: 0,
+            status,
+            created_at: 10,
+            submitted_at: Some(11),
+            completed_at: Some(12),
+            batch: Some(1),
+            batch_id: Some("batch_1".into()),
+            error: None,
+            callback_url: None,
+            stream: false,
+            attempts: 1,
+            webhook: None,
+            deadline_at: None,
+            lane: Some(crate::store::Lane::Batch),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn finish_hands_every_waiter_the_record_and_answer() {
+        use crate::store::RequestStatus;
+        let w = Arc::new(Waiters::new());
+        let mut tasks = Vec::new();
+        for _ in 0..2 {
+            let w = w.clone();
+            tasks.push(tokio::spawn(async move {
+                w.wait(5, Duration::from_secs(60), async { false }).await
+            }));
+        }
+        // With paused time, a sleep returns only once every other task is idle,
+        // i.e. both waiters are registered.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        w.finish(Finished {
+            record: record(5, RequestStatus::Completed),
+            result: Some(StoredResult {
+                status_code: 200,
+                body: bytes::Bytes::from_static(b"{\"ok\":1}"),
+            }),
+        });
+        for t in tasks {
+            let Wake::Finished(f) = t.await.unwrap() else {
+                panic!("woken without the record");
+            };
+            assert_eq!(f.record.id, 5);
+            assert_eq!(f.record.status, RequestStatus::Completed);
+            let r = f.result.as_ref().expect("the answer");
+            assert_eq!((r.status_code, &r.body[..]), (200, &b"{\"ok\":1}"[..]));
+        }
+        assert!(w.is_empty());
+        // Nobody waits: finishing changes nothing and keeps no entry.
+        w.finish(Finished {
+            record: record(6, RequestStatus::Failed),
+            result: None,
+        });
+        assert!(w.is_empty());
     }
 
     #[tokio::test(start_paused = true)]
@@ -143,7 +273,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1)).await;
         w.notify(1);
         for t in tasks {
-            assert!(t.await.unwrap());
+            assert!(t.await.unwrap().is_woken());
         }
     }
 }

@@ -23,10 +23,11 @@ use tracing::{debug, warn};
 use crate::App;
 use crate::config::Tenant;
 use crate::delivery::status_object;
+use crate::delivery::waiters::Wake;
 use crate::endpoint::Endpoint;
 use crate::intake::{self, Disposition, IntakeError, NewRequest};
 use crate::limits::LimitKind;
-use crate::store::{CancelOutcome, RequestRecord, RequestStatus};
+use crate::store::{CancelOutcome, RequestRecord, RequestStatus, StoredResult};
 use error::ProxyError;
 use routes::{Route, classify, object_id_candidates, query_wait};
 
@@ -610,15 +611,30 @@ async fn deferred(
         respond::value(session, 202, &ticket_headers(&rec), &ticket).await?;
         return Ok(());
     }
-    let rec = hold(app, &rec, wait).await;
-    answer_result_or_ticket(app, session, &rec).await
+    let held = hold(app, &rec, wait).await;
+    answer_result_or_ticket(app, session, held).await
+}
+
+/// What a held caller ends with: the request as last seen, and its answer
+/// when the wake-up carried it (else it is read when needed).
+struct Held {
+    rec: RequestRecord,
+    answer: Option<StoredResult>,
+}
+
+impl Held {
+    /// A record with no answer at hand.
+    fn unread(rec: RequestRecord) -> Self {
+        Held { rec, answer: None }
+    }
 }
 
 /// Holds the caller until the request is terminal, `wait` passes, or Ferry
-/// shuts down; returns the latest record.
-async fn hold(app: &Arc<App>, rec: &RequestRecord, wait: Duration) -> RequestRecord {
+/// shuts down; returns the latest record, with its answer when the
+/// wake-up carried them (a store read fewer each).
+async fn hold(app: &Arc<App>, rec: &RequestRecord, wait: Duration) -> Held {
     if wait.is_zero() || rec.status.is_terminal() || app.is_shutting_down() {
-        return rec.clone();
+        return Held::unread(rec.clone());
     }
     app.metrics.waiters.inc();
     let deadline = tokio::time::Instant::now() + wait;
@@ -637,7 +653,15 @@ async fn hold(app: &Arc<App>, rec: &RequestRecord, wait: Duration) -> RequestRec
             left
         };
         let released = tokio::select! {
-            _ = app.waiters.wait(rec.id, slice, is_done) => false,
+            wake = app.waiters.wait(rec.id, slice, is_done) => {
+                if let Wake::Finished(f) = wake {
+                    break Held {
+                        rec: f.record.clone(),
+                        answer: f.result.clone(),
+                    };
+                }
+                false
+            }
             _ = app.release_waiters.notified() => true,
         };
         let now = current(app, rec.id).await;
@@ -645,11 +669,11 @@ async fn hold(app: &Arc<App>, rec: &RequestRecord, wait: Duration) -> RequestRec
         // A wake-up that finds the request unfinished (a re-read asked for
         // by the cluster) goes back to waiting for what is left.
         if done || released || app.is_shutting_down() || tokio::time::Instant::now() >= deadline {
-            break now;
+            break Held::unread(now.unwrap_or_else(|| rec.clone()));
         }
     };
     app.metrics.waiters.dec();
-    latest.unwrap_or_else(|| rec.clone())
+    latest
 }
 
 /// How often a held caller re-reads its request when other nodes may
@@ -674,11 +698,19 @@ async fn current(app: &App, id: u64) -> Option<RequestRecord> {
 
 /// The upstream's stored answer; only `completed` requests have one, so
 /// the common case (a fresh ticket) costs no read.
-async fn stored_result(app: &App, rec: &RequestRecord) -> Option<crate::store::StoredResult> {
+async fn stored_result(app: &App, rec: &RequestRecord) -> Option<StoredResult> {
     if rec.status != RequestStatus::Completed {
         return None;
     }
     app.store.result(rec.id).await.ok().flatten()
+}
+
+/// A held request's answer: the one its wake-up carried, else as stored.
+async fn held_result(app: &App, held: &Held) -> Option<StoredResult> {
+    match &held.answer {
+        Some(a) => Some(a.clone()),
+        None => stored_result(app, &held.rec).await,
+    }
 }
 
 fn ticket_headers(rec: &RequestRecord) -> [(&'static str, String); 2] {
@@ -692,16 +724,16 @@ fn ticket_headers(rec: &RequestRecord) -> [(&'static str, String); 2] {
 async fn answer_result_or_ticket(
     app: &Arc<App>,
     session: &mut Session,
-    rec: &RequestRecord,
+    held: Held,
 ) -> Result<(), ProxyError> {
-    if rec.status.is_terminal() {
-        return answer_result(app, session, rec).await;
+    if held.rec.status.is_terminal() {
+        return answer_result(app, session, held).await;
     }
     respond::value(
         session,
         202,
-        &ticket_headers(rec),
-        &status_object(rec, None),
+        &ticket_headers(&held.rec),
+        &status_object(&held.rec, None),
     )
     .await?;
     Ok(())
@@ -713,13 +745,13 @@ async fn answer_result_or_ticket(
 async fn answer_result(
     app: &Arc<App>,
     session: &mut Session,
-    rec: &RequestRecord,
+    held: Held,
 ) -> Result<(), ProxyError> {
-    let Some(r) = stored_result(app, rec).await else {
+    let Some(r) = held_result(app, &held).await else {
         // The purge may have removed the request and its result since its
         // record was read: then it answers 404 like any purged request.
-        let still_stored = !matches!(app.store.get(rec.id).await, Ok(None));
-        return Err(ProxyError::no_result(rec, still_stored));
+        let still_stored = !matches!(app.store.get(held.rec.id).await, Ok(None));
+        return Err(ProxyError::no_result(&held.rec, still_stored));
     };
     respond::json(session, r.status_code, &[], r.body).await?;
     Ok(())
@@ -737,12 +769,12 @@ async fn stream_replay(
 ) -> Result<(), ProxyError> {
     let deadline = tokio::time::Instant::now() + wait;
     let mut started = false;
-    let mut rec = rec;
+    let mut held = Held::unread(rec);
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         // Keep-alive comments stop clients and middleboxes timing the stream out.
-        rec = hold(app, &rec, left.min(app.config.server.sse_keepalive)).await;
-        if rec.status.is_terminal() || left.is_zero() || app.is_shutting_down() {
+        held = hold(app, &held.rec, left.min(app.config.server.sse_keepalive)).await;
+        if held.rec.status.is_terminal() || left.is_zero() || app.is_shutting_down() {
             break;
         }
         if !started {
@@ -750,15 +782,16 @@ async fn stream_replay(
             started = true;
         }
         session
-            .write_response_body(Some(replay::keepalive(rec.endpoint)), false)
+            .write_response_body(Some(replay::keepalive(held.rec.endpoint)), false)
             .await?;
     }
-    let result = stored_result(app, &rec).await;
-    match (started, rec.status.is_terminal(), result) {
-        (false, false, _) => answer_result_or_ticket(app, session, &rec).await,
-        (false, true, Some(r)) if r.status_code != 200 => answer_result(app, session, &rec).await,
-        (false, true, None) => answer_result(app, session, &rec).await,
+    let result = held_result(app, &held).await;
+    match (started, held.rec.status.is_terminal(), result) {
+        (false, false, _) => answer_result_or_ticket(app, session, held).await,
+        (false, true, Some(r)) if r.status_code != 200 => answer_result(app, session, held).await,
+        (false, true, None) => answer_result(app, session, held).await,
         (started, _, result) => {
+            let rec = held.rec;
             if !started {
                 respond::sse_start(session).await?;
             }
@@ -806,12 +839,18 @@ async fn lookup(
         .find(&tenant.name, id)
         .await?
         .ok_or_else(|| ProxyError::RequestNotFound(id.to_owned()))?;
-    let rec = hold(app, &rec, wait).await;
+    let held = hold(app, &rec, wait).await;
     if want_result {
-        return answer_result_or_ticket(app, session, &rec).await;
+        return answer_result_or_ticket(app, session, held).await;
     }
-    let result = stored_result(app, &rec).await;
-    respond::value(session, 200, &[], &status_object(&rec, result.as_ref())).await?;
+    let result = held_result(app, &held).await;
+    respond::value(
+        session,
+        200,
+        &[],
+        &status_object(&held.rec, result.as_ref()),
+    )
+    .await?;
     Ok(())
 }
 
@@ -827,7 +866,7 @@ async fn cancel(
         .await?;
     let rec = match outcome {
         CancelOutcome::Cancelled(rec) => {
-            app.on_terminal(&rec);
+            app.on_terminal(&rec, None);
             rec
         }
         CancelOutcome::AlreadyCancelled(rec) => rec,
