@@ -304,12 +304,14 @@ fn bench_waiters(c: &mut Criterion) {
                 rt.block_on(async {
                     let mut total = Duration::ZERO;
                     for i in 0..iters {
-                        // As in Ferry: the new state is stored before
-                        // `notify`, and `is_done` reads it.
+                        // As in Ferry: the mark is taken before the
+                        // caller registers, the new state is stored before
+                        // `notify`; `is_done` is asked only when the kept
+                        // notifications cannot tell.
                         let done = Arc::new(AtomicBool::new(false));
-                        let (w2, d2) = (w.clone(), done.clone());
+                        let (w2, d2, mark) = (w.clone(), done.clone(), w.mark());
                         let h = tokio::spawn(async move {
-                            w2.wait(i, Duration::from_secs(60), async {
+                            w2.wait(i, Duration::from_secs(60), mark, async {
                                 d2.load(Ordering::SeqCst)
                             })
                             .await
@@ -342,9 +344,9 @@ fn bench_waiters(c: &mut Criterion) {
                         let done = Arc::new(AtomicBool::new(false));
                         let handles: Vec<_> = (0..n)
                             .map(|id| {
-                                let (w, done) = (w.clone(), done.clone());
+                                let (w, done, mark) = (w.clone(), done.clone(), w.mark());
                                 tokio::spawn(async move {
-                                    w.wait(id, Duration::from_secs(60), async {
+                                    w.wait(id, Duration::from_secs(60), mark, async {
                                         done.load(Ordering::SeqCst)
                                     })
                                     .await

@@ -3,8 +3,15 @@
 //! (and the answer) and wakes it after they are durable. A held caller costs
 //! one small map entry and a parked future — no polling loop, no thread —
 //! and a wake-up that carries the record costs the caller no store read.
+//!
+//! A caller registers after it has read its request, so a notification in
+//! between would be missed. The last [`RECENT`] notified ids are kept in
+//! order: a caller that took a [`Mark`] before its read learns from them
+//! whether its request finished since, and reads the store again only when
+//! they cannot tell (more notifications than that since its mark).
 
-use std::sync::{Arc, OnceLock};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -46,9 +53,51 @@ struct Slot {
     finished: OnceLock<Arc<Finished>>,
 }
 
+/// How many of the latest notified ids are kept for late registrations:
+/// 32 KiB, and more than a batch's answers land between a caller's read
+/// and its registration (microseconds) on any load seen.
+pub const RECENT: usize = 4096;
+
+/// Where the notifications stood when a caller took it; see [`Waiters::mark`].
+#[derive(Debug, Clone, Copy)]
+pub struct Mark(u64);
+
+/// The latest notified ids, oldest first; the last has sequence
+/// number `next - 1`.
+#[derive(Default)]
+struct Recent {
+    ids: VecDeque<u64>,
+    next: u64,
+}
+
+impl Recent {
+    fn push(&mut self, id: u64) {
+        if self.ids.len() == RECENT {
+            self.ids.pop_front();
+        }
+        self.ids.push_back(id);
+        self.next += 1;
+    }
+
+    /// Whether `id` was notified since `mark`; `None` when notifications
+    /// since then are no longer all kept.
+    fn since(&self, mark: Mark, id: u64) -> Option<bool> {
+        let oldest = self.next - self.ids.len() as u64;
+        let skip = mark.0.checked_sub(oldest)?;
+        Some(self.ids.iter().skip(skip as usize).any(|&x| x == id))
+    }
+
+    /// Forgets every id: any earlier mark can no longer be answered.
+    fn forget(&mut self) {
+        self.ids.clear();
+        self.next += 1;
+    }
+}
+
 #[derive(Default)]
 pub struct Waiters {
     map: DashMap<u64, Arc<Slot>>,
+    recent: Mutex<Recent>,
 }
 
 impl Waiters {
@@ -56,9 +105,25 @@ impl Waiters {
         Self::default()
     }
 
+    /// Take before reading a request that may then be waited on: its
+    /// [`Waiters::wait`] tells from it whether the request was notified
+    /// in between.
+    pub fn mark(&self) -> Mark {
+        Mark(self.recent().next)
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        // The ring is consistent after every statement: a panic elsewhere
+        // while holding it leaves nothing half-done.
+        self.recent.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Wakes everyone waiting on `id`, to re-read it. Call after the new
     /// state is stored.
     pub fn notify(&self, id: u64) {
+        // Kept before the slot is taken: a caller registering after that
+        // finds the id here.
+        self.recent().push(id);
         if let Some((_, slot)) = self.map.remove(&id) {
             slot.notify.notify_waiters();
         }
@@ -67,6 +132,7 @@ impl Waiters {
     /// Wakes everyone waiting on `finished`'s request with it. Call after
     /// it is stored.
     pub fn finish(&self, finished: Finished) {
+        self.recent().push(finished.record.id);
         if let Some((_, slot)) = self.map.remove(&finished.record.id) {
             // A slot is removed from the map before it is filled, so no
             // other `finish` can have filled it.
@@ -75,13 +141,15 @@ impl Waiters {
         }
     }
 
-    /// Waits until `id` is notified or `timeout` passes. `is_done` is awaited
-    /// after registering, so a notification between the caller's own check
-    /// and this call is never missed.
+    /// Waits until `id` is notified or `timeout` passes. `since` is the
+    /// mark taken before the caller last read the request: a notification
+    /// after it is never missed. `is_done` (a store read) is awaited, after
+    /// registering, only when the kept notifications cannot tell.
     pub async fn wait(
         &self,
         id: u64,
         timeout: Duration,
+        since: Mark,
         is_done: impl std::future::Future<Output = bool>,
     ) -> Wake {
         let entry = Registered {
@@ -92,21 +160,26 @@ impl Waiters {
         let notified = entry.slot.notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        if is_done.await {
-            return Wake::Woken;
+        let notified_since = self.recent().since(since, id);
+        let done = match notified_since {
+            Some(notified) => notified,
+            None => is_done.await,
+        };
+        if !done && tokio::time::timeout(timeout, notified).await.is_err() {
+            return Wake::TimedOut;
         }
-        match tokio::time::timeout(timeout, notified).await {
-            Err(_) => Wake::TimedOut,
-            Ok(()) => match entry.slot.finished.get() {
-                Some(f) => Wake::Finished(f.clone()),
-                None => Wake::Woken,
-            },
+        match entry.slot.finished.get() {
+            Some(f) => Wake::Finished(f.clone()),
+            None => Wake::Woken,
         }
     }
 
     /// Wakes every waiter, to re-read its request (events from other nodes
     /// may have been missed).
     pub fn notify_all(&self) {
+        // Requests may have finished unannounced: no mark taken before can
+        // rely on the kept ids.
+        self.recent().forget();
         let ids: Vec<u64> = self.map.iter().map(|e| *e.key()).collect();
         for id in ids {
             self.notify(id);
@@ -148,9 +221,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn wakes_on_notify_and_times_out_otherwise() {
         let w = Arc::new(Waiters::new());
-        let w2 = w.clone();
-        let waiter =
-            tokio::spawn(async move { w2.wait(7, Duration::from_secs(30), async { false }).await });
+        let (w2, mark) = (w.clone(), w.mark());
+        let waiter = tokio::spawn(async move {
+            w2.wait(7, Duration::from_secs(30), mark, async { false })
+                .await
+        });
         // With paused time, a sleep returns only once every other task is idle,
         // i.e. every waiter is registered.
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -160,15 +235,65 @@ mod tests {
         assert!(w.is_empty());
         // Nobody notifies: the (paused) clock runs out.
         assert!(matches!(
-            w.wait(8, Duration::from_secs(5), async { false }).await,
+            w.wait(8, Duration::from_secs(5), w.mark(), async { false })
+                .await,
             Wake::TimedOut
         ));
         assert!(w.is_empty());
-        // Already done: returns at once.
+    }
+
+    /// A request notified between the caller's read (its mark) and its
+    /// registration is found without a store read, however many others were
+    /// notified meanwhile; only past [`RECENT`] of them does the caller's own
+    /// check decide.
+    #[tokio::test(start_paused = true)]
+    async fn a_notification_before_registering_is_not_missed() {
+        let w = Waiters::new();
+        let never = || async { panic!("read the store although the kept ids could tell") };
+        let mark = w.mark();
+        w.notify(9);
+        for other in 100..100 + RECENT as u64 - 1 {
+            w.notify(other);
+        }
         assert!(matches!(
-            w.wait(9, Duration::from_secs(5), async { true }).await,
+            w.wait(9, Duration::from_secs(5), mark, never()).await,
             Wake::Woken
         ));
+        // Not notified since the mark: waits, and times out.
+        assert!(matches!(
+            w.wait(10, Duration::from_secs(5), mark, never()).await,
+            Wake::TimedOut
+        ));
+        // One more and the notification of 9 is no longer kept: the
+        // caller's check is asked, and its answer holds.
+        w.notify(100_000);
+        assert!(matches!(
+            w.wait(9, Duration::from_secs(5), mark, async { true })
+                .await,
+            Wake::Woken
+        ));
+        assert!(matches!(
+            w.wait(9, Duration::from_secs(5), mark, async { false })
+                .await,
+            Wake::TimedOut
+        ));
+        // A resync forgets every kept id: marks taken before it ask.
+        let mark = w.mark();
+        w.notify(11);
+        w.notify_all();
+        assert!(matches!(
+            w.wait(11, Duration::from_secs(5), mark, async { false })
+                .await,
+            Wake::TimedOut
+        ));
+        // Marks taken after it are answered again.
+        let mark = w.mark();
+        w.notify(11);
+        assert!(matches!(
+            w.wait(11, Duration::from_secs(5), mark, never()).await,
+            Wake::Woken
+        ));
+        assert!(w.is_empty());
     }
 
     fn record(id: u64, status: crate::store::RequestStatus) -> RequestRecord {
@@ -205,8 +330,10 @@ mod tests {
         let mut tasks = Vec::new();
         for _ in 0..2 {
             let w = w.clone();
+            let mark = w.mark();
             tasks.push(tokio::spawn(async move {
-                w.wait(5, Duration::from_secs(60), async { false }).await
+                w.wait(5, Duration::from_secs(60), mark, async { false })
+                    .await
             }));
         }
         // With paused time, a sleep returns only once every other task is idle,
@@ -240,11 +367,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_wait_abandoned_midway_leaves_no_entry() {
         let w = Arc::new(Waiters::new());
-        let (a, b) = (w.clone(), w.clone());
-        let first =
-            tokio::spawn(async move { a.wait(3, Duration::from_secs(60), async { false }).await });
-        let second =
-            tokio::spawn(async move { b.wait(3, Duration::from_secs(60), async { false }).await });
+        let (a, b, mark) = (w.clone(), w.clone(), w.mark());
+        let first = tokio::spawn(async move {
+            a.wait(3, Duration::from_secs(60), mark, async { false })
+                .await
+        });
+        let second = tokio::spawn(async move {
+            b.wait(3, Duration::from_secs(60), mark, async { false })
+                .await
+        });
         // With paused time, a sleep returns only once every other task is idle,
         // i.e. both waiters are registered.
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -263,9 +394,10 @@ mod tests {
         let w = Arc::new(Waiters::new());
         let mut tasks = Vec::new();
         for _ in 0..100 {
-            let w = w.clone();
+            let (w, mark) = (w.clone(), w.mark());
             tasks.push(tokio::spawn(async move {
-                w.wait(1, Duration::from_secs(60), async { false }).await
+                w.wait(1, Duration::from_secs(60), mark, async { false })
+                    .await
             }));
         }
         // With paused time, a sleep returns only once every other task is idle,

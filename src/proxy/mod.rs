@@ -23,7 +23,7 @@ use tracing::{debug, warn};
 use crate::App;
 use crate::config::Tenant;
 use crate::delivery::status_object;
-use crate::delivery::waiters::Wake;
+use crate::delivery::waiters::{Mark, Wake};
 use crate::endpoint::Endpoint;
 use crate::intake::{self, Disposition, IntakeError, NewRequest};
 use crate::limits::LimitKind;
@@ -592,6 +592,9 @@ async fn deferred(
         callback_url,
         deadline_secs: deadline,
     };
+    // Before the intake, which reads the request (an idempotent retry may
+    // find it finished) or writes it: see [`hold`].
+    let mark = app.waiters.mark();
     let accepted = intake::accept(&app.store, new).await?;
     if accepted.created {
         app.after_enqueue(up, &accepted.rec).await;
@@ -601,7 +604,7 @@ async fn deferred(
         .intake_duration
         .observe(started.elapsed().as_secs_f64());
     if rec.stream && !wait.is_zero() {
-        return stream_replay(app, session, rec, wait).await;
+        return stream_replay(app, session, Held::unread(rec, mark), wait).await;
     }
     if wait.is_zero() {
         // The ticket, also for an idempotent retry of a finished request
@@ -611,31 +614,39 @@ async fn deferred(
         respond::value(session, 202, &ticket_headers(&rec), &ticket).await?;
         return Ok(());
     }
-    let held = hold(app, &rec, wait).await;
+    let held = hold(app, Held::unread(rec, mark), wait).await;
     answer_result_or_ticket(app, session, held).await
 }
 
-/// What a held caller ends with: the request as last seen, and its answer
-/// when the wake-up carried it (else it is read when needed).
+/// A request as a held caller last saw it: the record, the waiters' mark
+/// taken before it was read, and its answer when a wake-up carried it
+/// (else it is read when needed).
 struct Held {
     rec: RequestRecord,
+    mark: Mark,
     answer: Option<StoredResult>,
 }
 
 impl Held {
-    /// A record with no answer at hand.
-    fn unread(rec: RequestRecord) -> Self {
-        Held { rec, answer: None }
+    /// A record read after `mark` was taken, with no answer at hand.
+    fn unread(rec: RequestRecord, mark: Mark) -> Self {
+        Held {
+            rec,
+            mark,
+            answer: None,
+        }
     }
 }
 
 /// Holds the caller until the request is terminal, `wait` passes, or Ferry
 /// shuts down; returns the latest record, with its answer when the
-/// wake-up carried them (a store read fewer each).
-async fn hold(app: &Arc<App>, rec: &RequestRecord, wait: Duration) -> Held {
-    if wait.is_zero() || rec.status.is_terminal() || app.is_shutting_down() {
-        return Held::unread(rec.clone());
+/// wake-up carried them (a store read fewer each). A notification since
+/// `seen.mark` is never missed.
+async fn hold(app: &Arc<App>, seen: Held, wait: Duration) -> Held {
+    if wait.is_zero() || seen.rec.status.is_terminal() || app.is_shutting_down() {
+        return seen;
     }
+    let (rec, mut mark) = (&seen.rec, seen.mark);
     app.metrics.waiters.inc();
     let deadline = tokio::time::Instant::now() + wait;
     let latest = loop {
@@ -653,10 +664,11 @@ async fn hold(app: &Arc<App>, rec: &RequestRecord, wait: Duration) -> Held {
             left
         };
         let released = tokio::select! {
-            wake = app.waiters.wait(rec.id, slice, is_done) => {
+            wake = app.waiters.wait(rec.id, slice, mark, is_done) => {
                 if let Wake::Finished(f) = wake {
                     break Held {
                         rec: f.record.clone(),
+                        mark,
                         answer: f.result.clone(),
                     };
                 }
@@ -664,12 +676,13 @@ async fn hold(app: &Arc<App>, rec: &RequestRecord, wait: Duration) -> Held {
             }
             _ = app.release_waiters.notified() => true,
         };
+        mark = app.waiters.mark();
         let now = current(app, rec.id).await;
         let done = now.as_ref().is_some_and(|r| r.status.is_terminal());
         // A wake-up that finds the request unfinished (a re-read asked for
         // by the cluster) goes back to waiting for what is left.
         if done || released || app.is_shutting_down() || tokio::time::Instant::now() >= deadline {
-            break Held::unread(now.unwrap_or_else(|| rec.clone()));
+            break Held::unread(now.unwrap_or_else(|| rec.clone()), mark);
         }
     };
     app.metrics.waiters.dec();
@@ -764,16 +777,15 @@ async fn answer_result(
 async fn stream_replay(
     app: &Arc<App>,
     session: &mut Session,
-    rec: RequestRecord,
+    mut held: Held,
     wait: Duration,
 ) -> Result<(), ProxyError> {
     let deadline = tokio::time::Instant::now() + wait;
     let mut started = false;
-    let mut held = Held::unread(rec);
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         // Keep-alive comments stop clients and middleboxes timing the stream out.
-        held = hold(app, &held.rec, left.min(app.config.server.sse_keepalive)).await;
+        held = hold(app, held, left.min(app.config.server.sse_keepalive)).await;
         if held.rec.status.is_terminal() || left.is_zero() || app.is_shutting_down() {
             break;
         }
@@ -834,12 +846,14 @@ async fn lookup(
     want_result: bool,
     wait: Duration,
 ) -> Result<(), ProxyError> {
+    // Before the read: see [`hold`].
+    let mark = app.waiters.mark();
     let rec = app
         .store
         .find(&tenant.name, id)
         .await?
         .ok_or_else(|| ProxyError::RequestNotFound(id.to_owned()))?;
-    let held = hold(app, &rec, wait).await;
+    let held = hold(app, Held::unread(rec, mark), wait).await;
     if want_result {
         return answer_result_or_ticket(app, session, held).await;
     }
