@@ -569,6 +569,14 @@ async fn outcomes_finish_or_requeue_members_once() {
         );
     }
     assert_eq!(s.result(ids[0]).await.unwrap().unwrap(), result);
+    // One query gives the record and, only when completed, its answer.
+    for (r, cid) in done.iter().zip(["done", "failed"]) {
+        let (rec, answer) = s.find_answered("t", cid).await.unwrap().unwrap();
+        assert_eq!(&rec, r);
+        let expected = (r.status == Completed).then(|| result.clone());
+        assert_eq!(answer, expected);
+    }
+    assert!(s.find_answered("t", "nobody").await.unwrap().is_none());
     assert!(done[0].error.is_none());
     let codes: Vec<_> = done[1..]
         .iter()

@@ -11,13 +11,15 @@
 //! 3,000), 300 at a time, one model, `max_requests = 1000`,
 //! `max_wait_secs = 2`, `poll_interval_secs = 1`, a standalone `ferry
 //! emulator` as the upstream (its CPU is its own process's, not Ferry's).
-//! Three cases, each on a fresh stack:
+//! Four cases, each on a fresh stack:
 //!
 //! - **held**: `Prefer: respond-async, wait=600`; the connection is held
 //!   until the result is stored and the upstream's body comes back (200).
 //! - **ticket + lookup**: `Prefer: respond-async` answers 202 at once;
 //!   then the caller long-polls `GET /v1/ferry/requests/{id}/result?wait=600`
 //!   until the result (200). Two HTTP exchanges per call.
+//! - **one exchange, nothing stored** (floor): `GET /healthz`, answered
+//!   by Ferry itself; a held call is one exchange, a ticket + lookup two.
 //! - **passthrough** (reference): the same number of ordinary calls
 //!   relayed to the emulator's real-time route, same concurrency.
 //!
@@ -99,6 +101,28 @@ pub async fn e2e(o: &Opts, rows: &mut Rows) {
                 t.check("tickets", 202);
                 let l = closed_loop(addr, CONCURRENCY, Stop::Count(n), lookups).await;
                 l.check("lookups", 200);
+            },
+        )
+        .await;
+    }
+
+    // The floor under both: one exchange that Ferry answers itself and
+    // that stores nothing. A deferred call is one such exchange (held) or
+    // two (ticket + lookup) plus its share of the batch.
+    {
+        let dir = workdir();
+        let (_emu, fer) = stack(o, dir.path(), &[], "", UPSTREAM);
+        let addr = fer.addr("proxy");
+        let make: MakeReq =
+            Arc::new(move |_| request("GET", addr, "/healthz", &[], bytes::Bytes::new()));
+        measure(
+            rows,
+            &fer,
+            "one exchange, nothing stored (GET /healthz)",
+            n,
+            || async {
+                let l = closed_loop(addr, CONCURRENCY, Stop::Count(n), make).await;
+                l.check("healthz", 200);
             },
         )
         .await;

@@ -848,12 +848,13 @@ async fn lookup(
 ) -> Result<(), ProxyError> {
     // Before the read: see [`hold`].
     let mark = app.waiters.mark();
-    let rec = app
+    let (rec, answer) = app
         .store
-        .find(&tenant.name, id)
+        .find_answered(&tenant.name, id)
         .await?
         .ok_or_else(|| ProxyError::RequestNotFound(id.to_owned()))?;
-    let held = hold(app, Held::unread(rec, mark), wait).await;
+    let seen = Held { rec, mark, answer };
+    let held = hold(app, seen, wait).await;
     if want_result {
         return answer_result_or_ticket(app, session, held).await;
     }

@@ -322,6 +322,23 @@ impl Store {
         }
     }
 
+    /// [`Store::find`] and, when the request is completed, the upstream's
+    /// stored answer: one trip to the store instead of two.
+    pub async fn find_answered(
+        &self,
+        tenant: &str,
+        custom_id: &str,
+    ) -> Result<Option<(RequestRecord, Option<StoredResult>)>, StoreError> {
+        let (tenant, custom_id) = (tenant.to_owned(), custom_id.to_owned());
+        match &self.backend {
+            Backend::Sled(s) => {
+                s.blocking(move |s| s.find_answered(&tenant, &custom_id))
+                    .await
+            }
+            Backend::Postgres(p) => Ok(p.db.find_answered(&tenant, &custom_id).await?),
+        }
+    }
+
     /// The upstream's stored answer to a completed request.
     pub async fn result(&self, id: u64) -> Result<Option<StoredResult>, StoreError> {
         match &self.backend {

@@ -173,6 +173,22 @@ impl SledStore {
         }
     }
 
+    /// [`SledStore::find`] and, when the request is completed, its answer.
+    pub fn find_answered(
+        &self,
+        tenant: &str,
+        custom_id: &str,
+    ) -> Result<Option<(RequestRecord, Option<StoredResult>)>, StoreError> {
+        let Some(rec) = self.find(tenant, custom_id)? else {
+            return Ok(None);
+        };
+        let answer = match rec.status {
+            RequestStatus::Completed => self.result(rec.id)?,
+            _ => None,
+        };
+        Ok(Some((rec, answer)))
+    }
+
     pub fn body(&self, id: u64) -> Result<Option<sled::IVec>, StoreError> {
         Ok(self.bodies.get(id.to_be_bytes())?)
     }

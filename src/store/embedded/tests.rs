@@ -319,6 +319,15 @@ fn outcomes_apply_once_and_requeue_returns_to_queue() {
         .unwrap();
     assert_eq!(done.len(), 2);
     assert_eq!(s.result(ids[0]).unwrap().unwrap(), res);
+    // One read gives the record and, only when completed, its answer.
+    let (rec, answer) = s.find_answered("t", "c0").unwrap().unwrap();
+    assert_eq!(
+        (rec, answer),
+        (s.get(ids[0]).unwrap().unwrap(), Some(res.clone()))
+    );
+    let (rec, answer) = s.find_answered("t", "c2").unwrap().unwrap();
+    assert_eq!((rec.status, answer), (RequestStatus::Expired, None));
+    assert!(s.find_answered("t", "nobody").unwrap().is_none());
     assert_eq!(
         s.get(ids[1]).unwrap().unwrap().status,
         RequestStatus::Queued

@@ -140,6 +140,30 @@ impl PgStore {
             .transpose()
     }
 
+    /// [`PgStore::find`] and, when the request is completed, its answer:
+    /// one query.
+    pub async fn find_answered(
+        &self,
+        tenant: &str,
+        custom_id: &str,
+    ) -> Result<Option<(RequestRecord, Option<StoredResult>)>, PgError> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT {REQUEST_COLUMNS}, res.status_code, res.body FROM {REQUEST_FROM} \
+             LEFT JOIN results res ON res.id = r.id \
+             WHERE r.tenant = $1 AND r.custom_id = $2"
+        );
+        let Some(row) = client.query_opt(&sql, &[&tenant, &custom_id]).await? else {
+            return Ok(None);
+        };
+        let rec = request_from(&row)?;
+        let answer = match rec.status {
+            RequestStatus::Completed => result_from(&row, REQUEST_COLUMN_COUNT)?,
+            _ => None,
+        };
+        Ok(Some((rec, answer)))
+    }
+
     /// The body as it goes into the JSONL line; gone once the request is
     /// terminal.
     pub async fn body(&self, id: u64) -> Result<Option<Vec<u8>>, PgError> {
@@ -258,23 +282,33 @@ impl PgStore {
 
     pub async fn result(&self, id: u64) -> Result<Option<StoredResult>, PgError> {
         let client = self.client().await?;
-        let Some(row) = client
+        match client
             .query_opt(
                 "SELECT status_code, body FROM results WHERE id = $1",
                 &[&to_i64(id, "request id")?],
             )
             .await?
-        else {
-            return Ok(None);
-        };
-        let code: i32 = row.try_get(0)?;
-        let body: Vec<u8> = row.try_get(1)?;
-        Ok(Some(StoredResult {
-            status_code: u16::try_from(code)
-                .map_err(|_| PgError::Corrupt(format!("result status code {code}")))?,
-            body: body.into(),
-        }))
+        {
+            Some(row) => result_from(&row, 0),
+            None => Ok(None),
+        }
     }
+}
+
+/// The result in `row`'s columns `at` (status code) and `at + 1` (body);
+/// `None` when they are null (a left join that found none).
+fn result_from(row: &tokio_postgres::Row, at: usize) -> Result<Option<StoredResult>, PgError> {
+    let (Some(code), Some(body)) = (
+        row.try_get::<_, Option<i32>>(at)?,
+        row.try_get::<_, Option<Vec<u8>>>(at + 1)?,
+    ) else {
+        return Ok(None);
+    };
+    Ok(Some(StoredResult {
+        status_code: u16::try_from(code)
+            .map_err(|_| PgError::Corrupt(format!("result status code {code}")))?,
+        body: body.into(),
+    }))
 }
 
 // ------------------------------------------------------------ conversions
