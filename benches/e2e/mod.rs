@@ -91,19 +91,31 @@ pub async fn e2e(o: &Opts, rows: &mut Rows) {
                 bytes::Bytes::new(),
             )
         });
+        // The 202s' share: Ferry's CPU up to the last ticket (the batches
+        // that fill meanwhile are flushed in it too).
+        let tickets_cpu = std::cell::Cell::new(0.0);
+        let pid = fer.pid();
         measure(
             rows,
             &fer,
             "ticket + lookup (202, then /result?wait=600)",
             n,
             || async {
+                let before = cpu_secs(pid, false);
                 let t = closed_loop(addr, CONCURRENCY, Stop::Count(n), tickets).await;
+                tickets_cpu.set(cpu_secs(pid, false) - before);
                 t.check("tickets", 202);
                 let l = closed_loop(addr, CONCURRENCY, Stop::Count(n), lookups).await;
                 l.check("lookups", 200);
             },
         )
         .await;
+        rows.add(
+            FIGURE,
+            "ticket + lookup: of it, up to the last 202",
+            tickets_cpu.get() / n as f64 * 1e6,
+            "µs",
+        );
     }
 
     // The floor under both: one exchange that Ferry answers itself and
