@@ -53,7 +53,8 @@ mod tests {
     use super::*;
     use crate::store::{RequestError, RequestStatus};
 
-    fn record() -> RequestRecord {
+    /// A finished request; also the waiters' tests' record.
+    pub(super) fn record() -> RequestRecord {
         RequestRecord {
             id: 5,
             tenant: "t".into(),

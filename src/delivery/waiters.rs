@@ -121,22 +121,25 @@ impl Waiters {
     /// Wakes everyone waiting on `id`, to re-read it. Call after the new
     /// state is stored.
     pub fn notify(&self, id: u64) {
-        // Kept before the slot is taken: a caller registering after that
-        // finds the id here.
-        self.recent().push(id);
-        if let Some((_, slot)) = self.map.remove(&id) {
-            slot.notify.notify_waiters();
-        }
+        self.wake(id, None);
     }
 
     /// Wakes everyone waiting on `finished`'s request with it. Call after
     /// it is stored.
     pub fn finish(&self, finished: Finished) {
-        self.recent().push(finished.record.id);
-        if let Some((_, slot)) = self.map.remove(&finished.record.id) {
-            // A slot is removed from the map before it is filled, so no
-            // other `finish` can have filled it.
-            let _ = slot.finished.set(Arc::new(finished));
+        self.wake(finished.record.id, Some(finished));
+    }
+
+    fn wake(&self, id: u64, finished: Option<Finished>) {
+        // Kept before the slot is taken: a caller registering after that
+        // finds the id here.
+        self.recent().push(id);
+        if let Some((_, slot)) = self.map.remove(&id) {
+            if let Some(f) = finished {
+                // A slot is removed from the map before it is filled, so
+                // no other wake-up can have filled it.
+                let _ = slot.finished.set(Arc::new(f));
+            }
             slot.notify.notify_waiters();
         }
     }
@@ -296,30 +299,12 @@ mod tests {
         assert!(w.is_empty());
     }
 
+    /// The delivery tests' record, as request `id` with `status`.
     fn record(id: u64, status: crate::store::RequestStatus) -> RequestRecord {
         RequestRecord {
             id,
-            tenant: "t".into(),
-            custom_id: format!("c{id}"),
-            endpoint: Default::default(),
-            inputs: 1,
-            model: "gpt-4o-mini".into(),
-            upstream: "u".into(),
-            body_sha256: String::new(),
-            body_len: 0,
             status,
-            created_at: 10,
-            submitted_at: Some(11),
-            completed_at: Some(12),
-            batch: Some(1),
-            batch_id: Some("batch_1".into()),
-            error: None,
-            callback_url: None,
-            stream: false,
-            attempts: 1,
-            webhook: None,
-            deadline_at: None,
-            lane: Some(crate::store::Lane::Batch),
+            ..crate::delivery::tests::record()
         }
     }
 
